@@ -1,0 +1,227 @@
+//! Types shared by the kernel programs (`shunt-ebpf`) and userspace
+//! (`shunt-agent`). Every map key and value is `#[repr(C)]` with explicit
+//! padding so that both sides, and `bpftool`, agree on the layout byte for
+//! byte. Ports are stored in host byte order so that map dumps read naturally.
+//!
+//! Addresses are always 16 bytes: IPv4 is stored IPv4-mapped
+//! (`::ffff:a.b.c.d`), so one key type covers both families and a
+//! v4-mapped IPv6 connect finds the same entry as a plain IPv4 connect.
+#![no_std]
+
+/// Version of every pinned map layout below. Bump on any change to a key or
+/// value type; the agent refuses to reuse pins written with another version.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// IPv4 VIP prefix 240.240.0.0/16, network order bytes.
+pub const VIP4_PREFIX: [u8; 2] = [240, 240];
+/// IPv6 VIP prefix 2001:2::/48, first six bytes.
+pub const VIP6_PREFIX: [u8; 6] = [0x20, 0x01, 0x00, 0x02, 0x00, 0x00];
+
+/// Names of the pinned maps (file names under the pin directory).
+pub mod map_names {
+    pub const SERVICES: &str = "services";
+    pub const ENROLLED: &str = "enrolled";
+    pub const CAPTURE: &str = "capture";
+    pub const COUNTERS: &str = "counters";
+    pub const META: &str = "meta";
+}
+
+/// Names of the kernel programs in the object file.
+pub mod prog_names {
+    pub const SK_LOOKUP: &str = "shunt_sk_lookup";
+    pub const CONNECT4: &str = "shunt_connect4";
+    pub const CONNECT6: &str = "shunt_connect6";
+}
+
+/// Key of the `services` map: one entry per (VIP, port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// VIP, IPv4-mapped for IPv4.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// L4 protocol (IPPROTO_TCP = 6). Only TCP is steered today.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the `services` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Stable id of the ServiceEntry (index in the agent's service table).
+    pub service_id: u32,
+    /// `SVC_F_*` flags.
+    pub flags: u32,
+    /// Waypoint HBONE address, IPv4-mapped for IPv4; zero when none.
+    pub waypoint_addr: [u8; 16],
+    /// Waypoint HBONE port, host order (15008); zero when none.
+    pub waypoint_port: u16,
+    /// ServiceEntry port's targetPort, host order.
+    pub target_port: u16,
+    pub _pad: [u8; 4],
+}
+
+/// The service is bound to a waypoint (`waypoint_addr` is valid).
+pub const SVC_F_WAYPOINT: u32 = 1 << 0;
+/// The ServiceEntry port speaks HTTP (protocol HTTP/HTTP2/GRPC).
+pub const SVC_F_HTTP: u32 = 1 << 1;
+
+/// Value of the `enrolled` map, keyed by cgroup id (u64).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EnrolledValue {
+    /// Stable id of the workload in the agent's workload table.
+    pub workload_id: u32,
+    /// `ENR_F_*` flags.
+    pub flags: u32,
+}
+
+/// Capture this workload's DNS queries (issue #4).
+pub const ENR_F_DNS_CAPTURE: u32 = 1 << 0;
+
+/// Value of the single-entry `meta` array: layout version and global modes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Meta {
+    pub layout_version: u32,
+    /// `EGRESS_*` mode for enrolled workloads.
+    pub egress_mode: u32,
+}
+
+pub const EGRESS_ALLOW_ANY: u32 = 0;
+pub const EGRESS_REGISTRY_ONLY: u32 = 1;
+
+/// Indices into the per-CPU `counters` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// sk_lookup assigned a connection to the capture socket.
+    Steered = 0,
+    /// sk_lookup dropped a packet to a VIP prefix (no service or no socket).
+    Dropped = 1,
+    /// connect4/6 refused a VIP:port without a service.
+    Refused = 2,
+    /// sk_lookup found a service but no capture socket (agent down).
+    NoSocket = 3,
+}
+
+pub const COUNTER_SLOTS: u32 = 16;
+
+impl Counter {
+    pub const ALL: [Counter; 4] = [
+        Counter::Steered,
+        Counter::Dropped,
+        Counter::Refused,
+        Counter::NoSocket,
+    ];
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Steered => "steered",
+            Counter::Dropped => "dropped",
+            Counter::Refused => "refused",
+            Counter::NoSocket => "no_socket",
+        }
+    }
+}
+
+/// IPv4 address (network order bytes) as the 16-byte mapped form.
+#[inline(always)]
+pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+/// True when a 16-byte address is IPv4-mapped (`::ffff:0:0/96`).
+#[inline(always)]
+pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+}
+
+/// True when a 16-byte (mapped) address lies in one of the VIP prefixes.
+#[inline(always)]
+pub fn is_vip(a: &[u8; 16]) -> bool {
+    if is_v4_mapped(a) {
+        a[12] == VIP4_PREFIX[0] && a[13] == VIP4_PREFIX[1]
+    } else {
+        a[0] == VIP6_PREFIX[0]
+            && a[1] == VIP6_PREFIX[1]
+            && a[2] == VIP6_PREFIX[2]
+            && a[3] == VIP6_PREFIX[3]
+            && a[4] == VIP6_PREFIX[4]
+            && a[5] == VIP6_PREFIX[5]
+    }
+}
+
+// Layouts are part of the pinned-map ABI: catch accidental changes at compile
+// time on both sides.
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 32);
+const _: () = assert!(core::mem::size_of::<EnrolledValue>() == 8);
+const _: () = assert!(core::mem::size_of::<Meta>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are repr(C), Copy, with explicit padding and no
+    // invalid bit patterns.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for EnrolledValue {}
+    unsafe impl aya::Pod for Meta {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::{align_of, offset_of};
+
+    #[test]
+    fn service_key_layout() {
+        assert_eq!(offset_of!(ServiceKey, addr), 0);
+        assert_eq!(offset_of!(ServiceKey, port), 16);
+        assert_eq!(offset_of!(ServiceKey, proto), 18);
+        assert_eq!(align_of::<ServiceKey>(), 2);
+    }
+
+    #[test]
+    fn service_value_layout() {
+        assert_eq!(offset_of!(ServiceValue, service_id), 0);
+        assert_eq!(offset_of!(ServiceValue, flags), 4);
+        assert_eq!(offset_of!(ServiceValue, waypoint_addr), 8);
+        assert_eq!(offset_of!(ServiceValue, waypoint_port), 24);
+        assert_eq!(offset_of!(ServiceValue, target_port), 26);
+    }
+
+    #[test]
+    fn port_is_host_order_in_key_bytes() {
+        let k = ServiceKey {
+            addr: v4_mapped([240, 240, 0, 1]),
+            port: 80,
+            proto: 6,
+            _pad: 0,
+        };
+        // SAFETY: repr(C) plain data.
+        let bytes: [u8; 20] = unsafe { core::mem::transmute(k) };
+        assert_eq!(&bytes[16..18], &80u16.to_ne_bytes());
+        assert_eq!(&bytes[10..16], &[0xff, 0xff, 240, 240, 0, 1]);
+    }
+
+    #[test]
+    fn vip_prefixes() {
+        assert!(is_vip(&v4_mapped([240, 240, 3, 4])));
+        assert!(!is_vip(&v4_mapped([240, 241, 0, 1])));
+        assert!(!is_vip(&v4_mapped([10, 0, 0, 1])));
+        let mut v6 = [0u8; 16];
+        v6[..6].copy_from_slice(&VIP6_PREFIX);
+        v6[15] = 1;
+        assert!(is_vip(&v6));
+        v6[5] = 1; // 2001:2:1::1 is outside the /48
+        assert!(!is_vip(&v6));
+        assert!(is_v4_mapped(&v4_mapped([1, 2, 3, 4])));
+        assert!(!is_v4_mapped(&v6));
+    }
+}

@@ -1,0 +1,21 @@
+//! shunt's kernel programs. One file per program; maps and the shared
+//! connect-time decision live in their own modules.
+#![no_std]
+#![no_main]
+
+mod connect4;
+mod connect6;
+mod maps;
+mod sk_lookup;
+mod verdict;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// GPL-compatible: bpf_sk_assign and the cgroup helpers are GPL-only.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

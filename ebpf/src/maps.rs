@@ -1,0 +1,44 @@
+//! Maps shared with userspace. Every one is a BTF map so that
+//! `bpftool map dump pinned /sys/fs/bpf/shunt/<name>` prints field names;
+//! the agent pins them under its pin directory by these (lower-case) names.
+#![allow(non_upper_case_globals)]
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, PerCpuArray, SockMap},
+    macros::btf_map,
+};
+use shunt_common::{Counter, EnrolledValue, Meta, ServiceKey, ServiceValue, COUNTER_SLOTS};
+
+/// (VIP, port, proto) → service and waypoint. Written only by the agent's
+/// reconciler, by difference (never flushed).
+#[btf_map]
+pub static services: HashMap<ServiceKey, ServiceValue, 262_144, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+/// cgroup id → enrolled workload. Only sockets of these cgroups are acted on
+/// by the cgroup programs.
+#[btf_map]
+pub static enrolled: HashMap<u64, EnrolledValue, 65_536, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+/// Index 0: the agent's TCP capture socket. A new agent replaces it to take
+/// over; an empty slot means "agent down" and VIP traffic is dropped.
+#[btf_map]
+pub static capture: SockMap<2> = SockMap::new();
+
+/// Per-CPU event counters, indexed by `shunt_common::Counter`.
+#[btf_map]
+pub static counters: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
+
+/// Index 0: layout version and global modes, written by the agent.
+#[btf_map]
+pub static meta: Array<Meta, 1> = Array::new();
+
+#[inline(always)]
+pub fn count(c: Counter) {
+    if let Some(p) = counters.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *p += 1 };
+    }
+}
