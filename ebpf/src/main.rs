@@ -3,6 +3,15 @@
 #![no_std]
 #![no_main]
 
+/// Volatile load of a context field at its own width and offset.
+#[macro_export]
+macro_rules! ctx_load {
+    ($ptr:expr, $($field:tt)+) => {
+        // SAFETY: the kernel passes a valid context pointer.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ptr).$($field)+)) }
+    };
+}
+
 mod connect4;
 mod connect6;
 mod maps;

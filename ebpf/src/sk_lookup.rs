@@ -13,7 +13,11 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use shunt_common::{is_vip, v4_mapped, Counter, ServiceKey};
 
-use crate::maps::{capture, count, services};
+use crate::{
+    ctx_load,
+    maps::{capture, count, services},
+    verdict::words_to_bytes,
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -21,37 +25,37 @@ const IPPROTO_TCP: u32 = 6;
 
 #[sk_lookup]
 pub fn shunt_sk_lookup(ctx: SkLookupContext) -> u32 {
-    // SAFETY: the kernel passes a valid bpf_sk_lookup.
-    let l = unsafe { &*ctx.lookup };
-    let addr = match l.family {
-        AF_INET => v4_mapped(l.local_ip4.to_ne_bytes()),
-        AF_INET6 => {
-            let w = [l.local_ip6[0], l.local_ip6[1], l.local_ip6[2], l.local_ip6[3]];
-            let mut a = [0u8; 16];
-            let mut i = 0;
-            while i < 4 {
-                let b = w[i].to_ne_bytes();
-                a[i * 4] = b[0];
-                a[i * 4 + 1] = b[1];
-                a[i * 4 + 2] = b[2];
-                a[i * 4 + 3] = b[3];
-                i += 1;
-            }
-            a
-        }
+    let l = ctx.lookup;
+    // Context fields are read with volatile loads of their exact width: the
+    // verifier rejects loads through a ctx pointer the compiler has offset.
+    // All loads happen up front, unconditionally, so the compiler cannot
+    // merge per-branch ctx pointers into one offset pointer.
+    let family = ctx_load!(l, family);
+    let protocol = ctx_load!(l, protocol);
+    let ip4 = ctx_load!(l, local_ip4);
+    let ip6 = [
+        ctx_load!(l, local_ip6[0]),
+        ctx_load!(l, local_ip6[1]),
+        ctx_load!(l, local_ip6[2]),
+        ctx_load!(l, local_ip6[3]),
+    ];
+    let local_port = ctx_load!(l, local_port);
+    let addr = match family {
+        AF_INET => v4_mapped(ip4.to_ne_bytes()),
+        AF_INET6 => words_to_bytes(ip6),
         _ => return SK_PASS,
     };
     if !is_vip(&addr) {
         return SK_PASS;
     }
-    if l.protocol != IPPROTO_TCP {
+    if protocol != IPPROTO_TCP {
         count(Counter::Dropped);
         return SK_DROP;
     }
     let key = ServiceKey {
         addr,
         // local_port is host order in bpf_sk_lookup.
-        port: l.local_port as u16,
+        port: local_port as u16,
         proto: IPPROTO_TCP as u8,
         _pad: 0,
     };

@@ -43,3 +43,19 @@ pub fn connect_verdict(addr: &[u8; 16], port: u16, protocol: u32) -> i32 {
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     REJECT
 }
+
+/// Four network-order u32 words (as in the ctx structs) to 16 address bytes.
+#[inline(always)]
+pub fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        a[i * 4] = b[0];
+        a[i * 4 + 1] = b[1];
+        a[i * 4 + 2] = b[2];
+        a[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    a
+}
