@@ -8,4 +8,5 @@ pub mod maps;
 pub mod prereq;
 
 /// The kernel object built by `build.rs` (aya-build) from `ebpf/`.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shunt"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shunt-ebpf"));

@@ -1,1 +1,145 @@
-fn main() {}
+//! `cargo xtask`: the project's build, test and benchmark entry points.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "shunt's build, test and benchmark tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install prerequisites (apt packages, pinned toolchains, bpf-linker, bpffs). Idempotent.
+    Setup,
+    /// Build the kernel object (through agent/build.rs, the one build path) and print its path.
+    BuildEbpf {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build everything and run all tests, including the kernel tests (root required).
+    Test {
+        /// Extra arguments passed to `cargo test` after `--` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run the criterion benchmarks.
+    Bench {
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn setup() -> Result<()> {
+    run(&mut Command::new(root().join("scripts/setup.sh")))
+}
+
+/// Build the agent (whose build script builds the kernel crate with
+/// aya-build) and report where the object landed.
+fn build_ebpf(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "shunt-agent", "--message-format=json"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let out = cmd
+        .current_dir(root())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo build")?;
+    if !out.status.success() {
+        bail!("building shunt-agent (and with it the kernel object) failed");
+    }
+    let mut obj = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["reason"] == "build-script-executed"
+            && v["package_id"]
+                .as_str()
+                .is_some_and(|p| p.contains("shunt-agent") || p.contains("/agent#"))
+        {
+            if let Some(dir) = v["out_dir"].as_str() {
+                obj = Some(Path::new(dir).join("shunt-ebpf"));
+            }
+        }
+    }
+    let obj = obj.context("cargo did not report shunt-agent's build script output directory")?;
+    if !obj.exists() {
+        bail!("kernel object not found at {}", obj.display());
+    }
+    Ok(obj)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf { release } => {
+            let obj = build_ebpf(release)?;
+            println!("{}", obj.display());
+            Ok(())
+        }
+        Cmd::Test { args } => {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc_geteuid() } != 0 {
+                bail!("the test suite loads kernel programs and creates network namespaces: run it as root");
+            }
+            setup()?;
+            run(cargo().args(["fmt", "--all", "--check"]))
+                .context("code is not formatted: run `cargo fmt --all`")?;
+            // Binaries first: kernel tests spawn them.
+            run(cargo().args(["build", "--bins"]))?;
+            let mut t = cargo();
+            t.args(["test", "--no-fail-fast"]);
+            if !args.is_empty() {
+                t.arg("--").args(&args);
+            }
+            run(&mut t)
+        }
+        Cmd::Bench { args } => {
+            setup()?;
+            let mut b = cargo();
+            b.args(["bench", "-p", "shunt-agent"]);
+            if !args.is_empty() {
+                b.arg("--").args(&args);
+            }
+            run(&mut b)
+        }
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}

@@ -1,0 +1,85 @@
+//! `shunt-echo-agent`: the real node agent with a test handler plugged in
+//! instead of HBONE. For every steered connection it writes
+//! `dst=<original destination>\n` and then echoes the bytes back, so kernel
+//! tests can check steering, the original destination and both directions
+//! without a waypoint. It exists only in the test crate: no production path
+//! sends bytes anywhere but to a waypoint.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use shunt_agent::{
+    agent::{enter_netns, Agent, AgentOptions, BoxFuture, Handler, Steered},
+    capture::KernelPaths,
+};
+use tokio::io::AsyncWriteExt;
+
+struct Echo;
+
+impl Handler for Echo {
+    fn handle(&self, conn: Steered) -> BoxFuture {
+        Box::pin(async move {
+            let mut s = conn.stream;
+            if s.write_all(format!("dst={}\n", conn.dst).as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        })
+    }
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+fn main() {
+    tracing_subscriber_init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let need = |n: &str| {
+        arg(&args, n).unwrap_or_else(|| {
+            eprintln!("shunt-echo-agent: missing {n}");
+            std::process::exit(2)
+        })
+    };
+    if let Some(ns) = arg(&args, "--netns") {
+        enter_netns(&PathBuf::from(ns)).expect("netns");
+    }
+    let opts = AgentOptions {
+        paths: KernelPaths {
+            pin_dir: need("--pin-dir").into(),
+            cgroup_root: need("--cgroup-root").into(),
+        },
+        state_dir: need("--state-dir").into(),
+        capture_addr: "[::ffff:127.0.0.1]:0".parse().unwrap(),
+        drain_timeout: Duration::from_secs(10),
+        egress_mode: shunt_common::EGRESS_ALLOW_ANY,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let r = rt.block_on(async {
+        let agent = Agent::start(opts).await?;
+        agent.serve(Arc::new(Echo)).await
+    });
+    if let Err(e) = r {
+        eprintln!("shunt-echo-agent: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn tracing_subscriber_init() {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let _ = fmt()
+        .with_env_filter(EnvFilter::new("info"))
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
