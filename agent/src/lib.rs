@@ -5,6 +5,7 @@ pub mod agent;
 pub mod capture;
 pub mod config;
 pub mod maps;
+pub mod policy;
 pub mod prereq;
 
 /// The kernel object built by `build.rs` (aya-build) from `ebpf/`.

@@ -21,7 +21,8 @@ pub struct AuthorizationPolicySpec {
     pub action: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<ExtensionProvider>,
-    /// `None` and `Some([])` differ in Istio: absent rules match nothing.
+    /// Absent and empty rules are the same in Istio: the policy matches
+    /// nothing (so `spec: {}`, an ALLOW without rules, denies everything).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<Vec<Rule>>,
 }
@@ -82,6 +83,7 @@ pub struct Source {
     pub namespaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_namespaces: Vec<String>,
+    /// `<namespace>/<serviceaccount>` of the peer certificate.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub service_accounts: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
