@@ -100,7 +100,9 @@ pub struct AgentOptions {
     pub capture_addr: SocketAddr,
     /// How long open connections may run after the agent stops accepting.
     pub drain_timeout: Duration,
-    pub egress_mode: u32,
+    /// Initial `meta` (egress mode, DNS proxy); the layout version is
+    /// filled in by the loader.
+    pub meta: shunt_common::Meta,
 }
 
 /// Enter the node's network namespace. Must run before any thread is
@@ -159,7 +161,7 @@ impl Agent {
             signal(SignalKind::interrupt()).map_err(AgentError::Signal)?,
             signal(SignalKind::user_defined2()).map_err(AgentError::Signal)?,
         ];
-        let mut installed = capture::install(&opts.paths, opts.egress_mode)?;
+        let mut installed = capture::install(&opts.paths, opts.meta)?;
         if !installed.reused_links.is_empty() {
             info!(links = ?installed.reused_links, "reusing pinned links");
         }

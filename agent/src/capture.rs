@@ -27,12 +27,15 @@ use tracing::{info, warn};
 /// aya-log's ring buffer, pinned too so that reused links keep logging into
 /// a map the next agent can read.
 const AYA_LOGS: &str = "AYA_LOGS";
-const PINNED_MAPS: [&str; 5] = [
+const PINNED_MAPS: [&str; 8] = [
     map_names::SERVICES,
     map_names::ENROLLED,
     map_names::CAPTURE,
     map_names::COUNTERS,
     map_names::META,
+    map_names::EGRESS_ALLOW,
+    map_names::DNS_ORIG,
+    map_names::EVENTS,
 ];
 const RT_TABLE_LOCAL: u32 = 255;
 const LOOPBACK_IFINDEX: u32 = 1;
@@ -91,10 +94,10 @@ pub struct Installed {
 }
 
 /// Load the object with every map pinned under `paths.pin_dir` (reusing
-/// existing pins), write the layout version, and attach each program unless
-/// its link is already pinned. The sk_lookup link is attached to the current
-/// network namespace (the node's).
-pub fn install(paths: &KernelPaths, egress_mode: u32) -> Result<Installed, CaptureError> {
+/// existing pins), write `meta` (layout version, egress mode, DNS proxy),
+/// and attach each program unless its link is already pinned. The sk_lookup
+/// link is attached to the current network namespace (the node's).
+pub fn install(paths: &KernelPaths, meta_value: Meta) -> Result<Installed, CaptureError> {
     std::fs::create_dir_all(&paths.pin_dir)
         .map_err(|e| CaptureError::PinDir(paths.pin_dir.clone(), e))?;
     check_layout(paths)?;
@@ -119,7 +122,7 @@ pub fn install(paths: &KernelPaths, egress_mode: u32) -> Result<Installed, Captu
         0,
         &Meta {
             layout_version: LAYOUT_VERSION,
-            egress_mode,
+            ..meta_value
         },
         0,
     )

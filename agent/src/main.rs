@@ -141,7 +141,7 @@ fn run(cli: Cli) -> Result<()> {
                 state_dir: args.state_dir,
                 capture_addr: args.capture_addr,
                 drain_timeout: args.drain_timeout,
-                egress_mode: shunt_common::EGRESS_ALLOW_ANY,
+                meta: shunt_common::Meta::default(),
             };
             runtime()?.block_on(async {
                 let agent = Agent::start(opts).await?;

@@ -10,7 +10,7 @@
 
 /// Version of every pinned map layout below. Bump on any change to a key or
 /// value type; the agent refuses to reuse pins written with another version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// IPv4 VIP prefix 240.240.0.0/16, network order bytes.
 pub const VIP4_PREFIX: [u8; 2] = [240, 240];
@@ -24,6 +24,9 @@ pub mod map_names {
     pub const CAPTURE: &str = "capture";
     pub const COUNTERS: &str = "counters";
     pub const META: &str = "meta";
+    pub const EGRESS_ALLOW: &str = "egress_allow";
+    pub const DNS_ORIG: &str = "dns_orig";
+    pub const EVENTS: &str = "events";
 }
 
 /// Names of the kernel programs in the object file.
@@ -31,6 +34,23 @@ pub mod prog_names {
     pub const SK_LOOKUP: &str = "shunt_sk_lookup";
     pub const CONNECT4: &str = "shunt_connect4";
     pub const CONNECT6: &str = "shunt_connect6";
+    pub const SENDMSG4: &str = "shunt_sendmsg4";
+    pub const SENDMSG6: &str = "shunt_sendmsg6";
+    pub const RECVMSG4: &str = "shunt_recvmsg4";
+    pub const RECVMSG6: &str = "shunt_recvmsg6";
+    pub const GETPEERNAME4: &str = "shunt_getpeername4";
+    pub const GETPEERNAME6: &str = "shunt_getpeername6";
+    /// Every cgroup sock_addr program, attached once at the cgroup root.
+    pub const CGROUP: [&str; 8] = [
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        RECVMSG4,
+        RECVMSG6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+    ];
 }
 
 /// Key of the `services` map: one entry per (VIP, port).
@@ -88,7 +108,54 @@ pub struct Meta {
     pub layout_version: u32,
     /// `EGRESS_*` mode for enrolled workloads.
     pub egress_mode: u32,
+    /// DNS proxy port, host order; 0 disables DNS capture.
+    pub dns_port: u16,
+    pub _pad: u16,
+    /// DNS proxy IPv4 address, network order bytes.
+    pub dns_addr4: [u8; 4],
+    /// DNS proxy IPv6 address.
+    pub dns_addr6: [u8; 16],
 }
+
+/// What a DNS-captured socket originally asked for, kept per socket in
+/// `bpf_sk_storage` so recvmsg/getpeername can show it back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DnsOrig {
+    /// The resolver address the application used (IPv4-mapped for IPv4).
+    pub addr: [u8; 16],
+    /// Its port, host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Key data of the `egress_allow` LPM trie: an IPv4-mapped or IPv6 address
+/// (IPv4 prefixes are stored with prefix length 96 + len).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CidrAddr {
+    pub addr: [u8; 16],
+}
+
+/// Egress report from the connect hooks (ring buffer `events`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct EgressEvent {
+    pub cgroup_id: u64,
+    pub workload_id: u32,
+    /// `EV_*`.
+    pub kind: u32,
+    pub addr: [u8; 16],
+    /// Destination port, host order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+
+/// An enrolled socket connected outside the mesh (ALLOW_ANY passthrough).
+pub const EV_PASSTHROUGH: u32 = 1;
+/// An enrolled socket's connect was refused by REGISTRY_ONLY.
+pub const EV_DENIED: u32 = 2;
 
 pub const EGRESS_ALLOW_ANY: u32 = 0;
 pub const EGRESS_REGISTRY_ONLY: u32 = 1;
@@ -105,16 +172,28 @@ pub enum Counter {
     Refused = 2,
     /// sk_lookup found a service but no capture socket (agent down).
     NoSocket = 3,
+    /// A DNS query was steered to the DNS proxy.
+    DnsCaptured = 4,
+    /// REGISTRY_ONLY refused a destination outside the registry.
+    EgressDenied = 5,
+    /// ALLOW_ANY let a destination outside the mesh pass (and reported it).
+    Passthrough = 6,
+    /// An egress report was lost because the ring buffer was full.
+    EventsLost = 7,
 }
 
 pub const COUNTER_SLOTS: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 4] = [
+    pub const ALL: [Counter; 8] = [
         Counter::Steered,
         Counter::Dropped,
         Counter::Refused,
         Counter::NoSocket,
+        Counter::DnsCaptured,
+        Counter::EgressDenied,
+        Counter::Passthrough,
+        Counter::EventsLost,
     ];
     pub const fn name(self) -> &'static str {
         match self {
@@ -122,6 +201,10 @@ impl Counter {
             Counter::Dropped => "dropped",
             Counter::Refused => "refused",
             Counter::NoSocket => "no_socket",
+            Counter::DnsCaptured => "dns_captured",
+            Counter::EgressDenied => "egress_denied",
+            Counter::Passthrough => "passthrough",
+            Counter::EventsLost => "events_lost",
         }
     }
 }
@@ -140,6 +223,31 @@ pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
     a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0
         && a[10] == 0xff
         && a[11] == 0xff
+}
+
+/// Loopback (127.0.0.0/8 mapped, or ::1): a pod talking to itself.
+#[inline(always)]
+pub fn is_loopback(a: &[u8; 16]) -> bool {
+    if is_v4_mapped(a) {
+        a[12] == 127
+    } else {
+        a[0] | a[1]
+            | a[2]
+            | a[3]
+            | a[4]
+            | a[5]
+            | a[6]
+            | a[7]
+            | a[8]
+            | a[9]
+            | a[10]
+            | a[11]
+            | a[12]
+            | a[13]
+            | a[14]
+            == 0
+            && a[15] == 1
+    }
 }
 
 /// True when a 16-byte (mapped) address lies in one of the VIP prefixes.
@@ -162,7 +270,10 @@ pub fn is_vip(a: &[u8; 16]) -> bool {
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 32);
 const _: () = assert!(core::mem::size_of::<EnrolledValue>() == 8);
-const _: () = assert!(core::mem::size_of::<Meta>() == 8);
+const _: () = assert!(core::mem::size_of::<Meta>() == 32);
+const _: () = assert!(core::mem::size_of::<DnsOrig>() == 24);
+const _: () = assert!(core::mem::size_of::<CidrAddr>() == 16);
+const _: () = assert!(core::mem::size_of::<EgressEvent>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -173,6 +284,9 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for EnrolledValue {}
     unsafe impl aya::Pod for Meta {}
+    unsafe impl aya::Pod for DnsOrig {}
+    unsafe impl aya::Pod for CidrAddr {}
+    unsafe impl aya::Pod for EgressEvent {}
 }
 
 #[cfg(test)]
@@ -210,6 +324,25 @@ mod tests {
         let bytes: [u8; 20] = unsafe { core::mem::transmute(k) };
         assert_eq!(&bytes[16..18], &80u16.to_ne_bytes());
         assert_eq!(&bytes[10..16], &[0xff, 0xff, 240, 240, 0, 1]);
+    }
+
+    #[test]
+    fn meta_and_event_layout() {
+        assert_eq!(offset_of!(Meta, dns_port), 8);
+        assert_eq!(offset_of!(Meta, dns_addr4), 12);
+        assert_eq!(offset_of!(Meta, dns_addr6), 16);
+        assert_eq!(offset_of!(EgressEvent, addr), 16);
+        assert_eq!(offset_of!(EgressEvent, port), 32);
+        assert_eq!(offset_of!(DnsOrig, port), 16);
+    }
+
+    #[test]
+    fn loopback() {
+        assert!(is_loopback(&v4_mapped([127, 0, 0, 53])));
+        let mut v6 = [0u8; 16];
+        v6[15] = 1;
+        assert!(is_loopback(&v6));
+        assert!(!is_loopback(&v4_mapped([10, 0, 0, 1])));
     }
 
     #[test]

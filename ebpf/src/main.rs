@@ -12,11 +12,27 @@ macro_rules! ctx_load {
     };
 }
 
+/// Volatile store to a context field at its own width and offset.
+#[macro_export]
+macro_rules! ctx_store {
+    ($ptr:expr, $val:expr, $($field:tt)+) => {
+        // SAFETY: the kernel passes a valid context pointer; the field is
+        // writable for this program type.
+        unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*$ptr).$($field)+), $val) }
+    };
+}
+
 mod connect4;
 mod connect6;
+mod getpeername4;
+mod getpeername6;
 mod maps;
+mod recvmsg4;
+mod recvmsg6;
+mod sendmsg4;
+mod sendmsg6;
 mod sk_lookup;
-mod verdict;
+mod sockaddr;
 
 #[cfg(not(test))]
 #[panic_handler]

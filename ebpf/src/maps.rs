@@ -5,10 +5,13 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, PerCpuArray, SockMap},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, SkStorage, SockMap},
     macros::btf_map,
 };
-use shunt_common::{Counter, EnrolledValue, Meta, ServiceKey, ServiceValue, COUNTER_SLOTS};
+use shunt_common::{
+    CidrAddr, Counter, DnsOrig, EgressEvent, EnrolledValue, Meta, ServiceKey, ServiceValue,
+    COUNTER_SLOTS,
+};
 
 /// (VIP, port, proto) → service and waypoint. Written only by the agent's
 /// reconciler, by difference (never flushed).
@@ -34,6 +37,19 @@ pub static counters: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray:
 /// Index 0: layout version and global modes, written by the agent.
 #[btf_map]
 pub static meta: Array<Meta, 1> = Array::new();
+
+/// CIDRs enrolled workloads may reach besides VIPs (cluster ranges, the
+/// DNS proxy). Outside them: reported (ALLOW_ANY) or refused (REGISTRY_ONLY).
+#[btf_map]
+pub static egress_allow: LpmTrie<CidrAddr, u8, 4096> = LpmTrie::new();
+
+/// Per socket: the resolver address a DNS-captured socket asked for.
+#[btf_map]
+pub static dns_orig: SkStorage<DnsOrig> = SkStorage::new();
+
+/// Egress reports for the agent's log (passthrough and denials).
+#[btf_map]
+pub static events: RingBuf<EgressEvent, { 256 * 1024 }> = RingBuf::new();
 
 #[inline(always)]
 pub fn count(c: Counter) {

@@ -14,9 +14,8 @@ use aya_log_ebpf::warn;
 use shunt_common::{is_vip, v4_mapped, Counter, ServiceKey};
 
 use crate::{
-    ctx_load,
     maps::{capture, count, services},
-    verdict::words_to_bytes,
+    sockaddr::words_to_bytes,
 };
 
 const AF_INET: u32 = 2;

@@ -59,7 +59,7 @@ fn main() {
         state_dir: need("--state-dir").into(),
         capture_addr: "[::ffff:127.0.0.1]:0".parse().unwrap(),
         drain_timeout: Duration::from_secs(10),
-        egress_mode: shunt_common::EGRESS_ALLOW_ANY,
+        meta: shunt_common::Meta::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
