@@ -2,6 +2,9 @@
 //! its own error type; `anyhow` is used only in the binary (`main.rs`).
 
 pub mod config;
+pub mod hbone;
+pub mod identity;
+pub mod upstream;
 
 /// The kernel object built by `build.rs` (aya-build) from `ebpf/`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shunt"));
