@@ -337,6 +337,9 @@ impl HboneClient {
             .initial_window_size(s.stream_window)
             .initial_connection_window_size(s.connection_window)
             .max_frame_size(s.max_frame_size)
+            // h2 stops granting send capacity past this much buffered per
+            // stream (400 KiB by default); a full stream window keeps the pipe full.
+            .max_send_buffer_size(s.stream_window as usize)
             .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await

@@ -370,5 +370,5 @@ impl AsyncWrite for H2Stream {
     }
 }
 
-/// Lets `Relay` be awaited in a `select!` by value if a caller wants to.
+/// The boxed future a `Decision::Serve` handler returns.
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
