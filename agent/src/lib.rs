@@ -4,9 +4,12 @@
 pub mod agent;
 pub mod capture;
 pub mod config;
+pub mod hbone;
+pub mod identity;
 pub mod maps;
 pub mod policy;
 pub mod prereq;
+pub mod upstream;
 
 /// The kernel object built by `build.rs` (aya-build) from `ebpf/`.
 pub static EBPF_OBJECT: &[u8] =

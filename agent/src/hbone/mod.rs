@@ -1,0 +1,65 @@
+//! HBONE: HTTP/2 CONNECT tunnels over mutual TLS, as ztunnel speaks them.
+//! `client` is the node agent's side (pooled connections to waypoints),
+//! `server` the waypoint's (port 15008), `relay` moves the bytes.
+
+pub mod client;
+pub mod headers;
+pub mod relay;
+pub mod server;
+
+use std::net::SocketAddr;
+
+pub use client::{ClientSettings, ConnectRequest, HboneClient, Tunnel};
+pub use headers::{format_forwarded, new_traceparent, parse_forwarded, Baggage};
+pub use relay::{relay, H2Stream, RelayIo, RelayStats};
+pub use server::{Decision, HboneHandler, HboneServer, InboundRequest, ServerSettings};
+
+use crate::identity::IdentityError;
+
+/// HTTP/2 settings from ztunnel (reference.md).
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+pub const HBONE_PORT: u16 = 15008;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, #[source] std::io::Error),
+    #[error("TLS handshake with {0}: {1}")]
+    Tls(SocketAddr, #[source] std::io::Error),
+    #[error("peer {0} did not negotiate ALPN h2")]
+    NoAlpn(SocketAddr),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("HTTP/2: {0}")]
+    H2(#[source] h2::Error),
+    #[error("stream reset by peer ({0:?})")]
+    StreamReset(h2::Reason),
+    #[error("stream closed by peer")]
+    StreamClosed,
+    #[error("tunnel refused with HTTP status {0}")]
+    Status(http::StatusCode),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("socket: {0}")]
+    Socket(#[source] std::io::Error),
+}
+
+impl HboneError {
+    pub(crate) fn from_h2(e: h2::Error) -> Self {
+        match e.reason() {
+            Some(r) if e.is_reset() && e.is_remote() => HboneError::StreamReset(r),
+            _ => HboneError::H2(e),
+        }
+    }
+    /// The HTTP status a refused tunnel carried.
+    pub fn status(&self) -> Option<http::StatusCode> {
+        match self {
+            HboneError::Status(s) => Some(*s),
+            _ => None,
+        }
+    }
+}

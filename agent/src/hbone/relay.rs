@@ -1,0 +1,374 @@
+//! Byte relay between a socket and an HTTP/2 stream, and `H2Stream`, an
+//! `AsyncRead + AsyncWrite` view of an h2 stream.
+//!
+//! The relay is one future polling both directions (no task per direction,
+//! no lock around a split socket). Reads land in a `BytesMut` whose read size
+//! grows while reads fill it, and are handed to h2 as `Bytes` without a copy;
+//! data from h2 is written straight from the received `Bytes`. Flow-control
+//! capacity is released as soon as bytes are written to the socket.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::HboneError;
+
+/// First read size; doubled while reads fill it, up to `MAX_READ`.
+const MIN_READ: usize = 16 * 1024;
+/// One h2 frame at our max frame size.
+const MAX_READ: usize = 1024 * 1024;
+
+/// A socket-like thing the relay can drive, and reset when the peer resets.
+pub trait RelayIo: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Make the next close a reset (RST) rather than a FIN.
+    fn set_reset_on_close(&self) {}
+}
+
+impl RelayIo for tokio::net::TcpStream {
+    fn set_reset_on_close(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl<T: RelayIo + ?Sized> RelayIo for Box<T> {
+    fn set_reset_on_close(&self) {
+        (**self).set_reset_on_close()
+    }
+}
+
+impl RelayIo for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    fn set_reset_on_close(&self) {
+        self.get_ref().0.set_reset_on_close()
+    }
+}
+
+impl RelayIo for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    fn set_reset_on_close(&self) {
+        self.get_ref().0.set_reset_on_close()
+    }
+}
+
+/// What a finished relay did, for the access log.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Bytes read from the socket and sent into the tunnel.
+    pub bytes_sent: u64,
+    /// Bytes received from the tunnel and written to the socket.
+    pub bytes_received: u64,
+    /// Why the relay ended early, if it did.
+    pub error: Option<HboneError>,
+}
+
+struct Up {
+    buf: BytesMut,
+    next_read: usize,
+    pending: Bytes,
+    eof: bool,
+    done: bool,
+    bytes: u64,
+}
+
+struct Down {
+    pending: Bytes,
+    eos: bool,
+    done: bool,
+    bytes: u64,
+}
+
+/// Copies both ways until both sides have ended: socket EOF becomes
+/// END_STREAM; the peer's END_STREAM becomes `shutdown(Write)` on the socket;
+/// a reset from the peer resets the socket; a socket error resets the stream.
+pub async fn relay<S: RelayIo>(
+    io: &mut S,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+) -> RelayStats {
+    let mut r = Relay {
+        io,
+        send,
+        recv,
+        up: Up {
+            buf: BytesMut::new(),
+            next_read: MIN_READ,
+            pending: Bytes::new(),
+            eof: false,
+            done: false,
+            bytes: 0,
+        },
+        down: Down {
+            pending: Bytes::new(),
+            eos: false,
+            done: false,
+            bytes: 0,
+        },
+    };
+    let res = std::future::poll_fn(|cx| r.poll(cx)).await;
+    let mut stats = RelayStats {
+        bytes_sent: r.up.bytes,
+        bytes_received: r.down.bytes,
+        error: None,
+    };
+    if let Err(e) = res {
+        match &e {
+            HboneError::StreamReset(_) => r.io.set_reset_on_close(),
+            _ => r.send.send_reset(Reason::CANCEL),
+        }
+        stats.error = Some(e);
+    }
+    stats
+}
+
+struct Relay<'a, S> {
+    io: &'a mut S,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    up: Up,
+    down: Down,
+}
+
+impl<S: RelayIo> Relay<'_, S> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HboneError>> {
+        let up = if self.up.done {
+            Poll::Ready(Ok(()))
+        } else {
+            self.poll_up(cx)
+        };
+        if let Poll::Ready(Err(e)) = up {
+            return Poll::Ready(Err(e));
+        }
+        let down = if self.down.done {
+            Poll::Ready(Ok(()))
+        } else {
+            self.poll_down(cx)
+        };
+        if let Poll::Ready(Err(e)) = down {
+            return Poll::Ready(Err(e));
+        }
+        if self.up.done && self.down.done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Socket → tunnel.
+    fn poll_up(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HboneError>> {
+        let up = &mut self.up;
+        loop {
+            if !up.pending.is_empty() {
+                ready!(poll_send_capacity(&mut self.send, up.pending.len(), cx))?;
+                let n = self.send.capacity().min(up.pending.len());
+                let chunk = up.pending.split_to(n);
+                self.send
+                    .send_data(chunk, false)
+                    .map_err(HboneError::from_h2)?;
+                continue;
+            }
+            if up.eof {
+                self.send
+                    .send_data(Bytes::new(), true)
+                    .map_err(HboneError::from_h2)?;
+                up.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            if up.buf.capacity() < up.next_read {
+                up.buf.reserve(up.next_read);
+            }
+            let n = ready!(tokio_util_poll_read_buf(&mut *self.io, cx, &mut up.buf))
+                .map_err(HboneError::Socket)?;
+            if n == 0 {
+                up.eof = true;
+                continue;
+            }
+            up.bytes += n as u64;
+            if n >= up.next_read && up.next_read < MAX_READ {
+                up.next_read *= 2;
+            }
+            up.pending = up.buf.split().freeze();
+        }
+    }
+
+    /// Tunnel → socket.
+    fn poll_down(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HboneError>> {
+        let down = &mut self.down;
+        loop {
+            if !down.pending.is_empty() {
+                let n = ready!(Pin::new(&mut *self.io).poll_write(cx, &down.pending))
+                    .map_err(HboneError::Socket)?;
+                if n == 0 {
+                    return Poll::Ready(Err(HboneError::Socket(io::ErrorKind::WriteZero.into())));
+                }
+                down.pending.advance(n);
+                let _ = self.recv.flow_control().release_capacity(n);
+                continue;
+            }
+            if down.eos {
+                ready!(Pin::new(&mut *self.io).poll_shutdown(cx)).map_err(HboneError::Socket)?;
+                down.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(b)) => {
+                    down.bytes += b.len() as u64;
+                    down.pending = b;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(HboneError::from_h2(e))),
+                None => down.eos = true,
+            }
+        }
+    }
+}
+
+/// Waits until the stream has send capacity for (part of) `want` bytes.
+fn poll_send_capacity(
+    send: &mut SendStream<Bytes>,
+    want: usize,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), HboneError>> {
+    send.reserve_capacity(want);
+    loop {
+        if send.capacity() > 0 {
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(send.poll_capacity(cx)) {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Poll::Ready(Err(HboneError::from_h2(e))),
+            None => return Poll::Ready(Err(HboneError::StreamClosed)),
+        }
+    }
+}
+
+/// Reads into the spare capacity of `buf` (tokio-util's `poll_read_buf`,
+/// without the extra dependency).
+fn tokio_util_poll_read_buf<R: AsyncRead + Unpin + ?Sized>(
+    io: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    use bytes::BufMut;
+    let dst = buf.chunk_mut();
+    // SAFETY: `UninitSlice` is the spare capacity of `buf`; ReadBuf tracks
+    // initialisation and we only advance by what the reader filled.
+    let dst = unsafe { &mut *(dst as *mut _ as *mut [std::mem::MaybeUninit<u8>]) };
+    let mut rb = ReadBuf::uninit(dst);
+    ready!(Pin::new(io).poll_read(cx, &mut rb))?;
+    let n = rb.filled().len();
+    unsafe { buf.advance_mut(n) };
+    Poll::Ready(Ok(n))
+}
+
+/// An h2 stream as a byte stream: reads release flow control as they are
+/// consumed, `shutdown` sends END_STREAM. Used when the waypoint parses
+/// HTTP inside a tunnel.
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    rbuf: Bytes,
+    read_eof: bool,
+    write_closed: bool,
+    /// Whatever must live as long as the stream (a client's pool slot).
+    pub(crate) guard: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl H2Stream {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        H2Stream {
+            send,
+            recv,
+            rbuf: Bytes::new(),
+            read_eof: false,
+            write_closed: false,
+            guard: None,
+        }
+    }
+    /// Aborts the stream (RST_STREAM CANCEL).
+    pub fn reset(&mut self) {
+        self.send.send_reset(Reason::CANCEL);
+    }
+}
+
+fn h2_io_error(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::ErrorKind::BrokenPipe.into());
+    }
+    let kind = if e.reason().is_some() {
+        io::ErrorKind::ConnectionReset
+    } else {
+        io::ErrorKind::BrokenPipe
+    };
+    io::Error::new(kind, e)
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.rbuf.is_empty() {
+            if this.read_eof {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(b)) => this.rbuf = b,
+                Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
+                None => this.read_eof = true,
+            }
+        }
+        let n = this.rbuf.len().min(buf.remaining());
+        buf.put_slice(&this.rbuf[..n]);
+        this.rbuf.advance(n);
+        let _ = this.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let this = &mut *self;
+        if this.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let want = buf.len().min(MAX_READ);
+        ready!(poll_send_capacity(&mut this.send, want, cx))
+            .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e))?;
+        let n = this.send.capacity().min(want);
+        this.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_io_error)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2 flushes frames from the connection task.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.write_closed {
+            self.write_closed = true;
+            self.send
+                .send_data(Bytes::new(), true)
+                .map_err(h2_io_error)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The boxed future a `Decision::Serve` handler returns.
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

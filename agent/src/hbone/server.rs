@@ -1,0 +1,253 @@
+//! The HBONE server (the waypoint's port 15008): mTLS with trust-domain
+//! check, HTTP/2, one `CONNECT` per stream handed to a handler.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+
+use super::headers::parse_forwarded;
+use super::relay::{relay, BoxFuture, H2Stream, RelayIo, RelayStats};
+use super::{HboneError, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
+use crate::identity::{peer_identity, SpiffeId};
+
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    pub max_concurrent_streams: u32,
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            stream_window: STREAM_WINDOW,
+            connection_window: CONNECTION_WINDOW,
+            max_frame_size: MAX_FRAME_SIZE,
+            max_concurrent_streams: 200,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A verified `CONNECT` request.
+#[derive(Clone, Debug)]
+pub struct InboundRequest {
+    /// The client's verified SPIFFE identity (the principal).
+    pub peer_identity: SpiffeId,
+    /// The TCP peer of the HBONE connection.
+    pub peer_addr: SocketAddr,
+    /// Where the HBONE connection arrived.
+    pub local_addr: SocketAddr,
+    /// `:authority` (the original VIP:port).
+    pub authority: SocketAddr,
+    /// `Forwarded: for=`, or the TCP peer when absent.
+    pub source_addr: SocketAddr,
+    /// `Forwarded: host=` when present.
+    pub forwarded_host: Option<String>,
+    pub headers: HeaderMap,
+}
+
+/// What to do with a tunnel.
+pub enum Decision {
+    /// Answer with this status (401, 403, 503...) and end the stream.
+    Refuse(StatusCode),
+    /// Answer 200 and relay to this upstream connection (already
+    /// connected: 200 only after the upstream connect succeeded).
+    Forward(Box<dyn RelayIo>),
+    /// Answer 200 at once and give the stream to this function (HTTP ports:
+    /// the waypoint parses requests inside the tunnel).
+    Serve(Box<dyn FnOnce(H2Stream) -> BoxFuture<()> + Send>),
+}
+
+impl Decision {
+    pub fn serve<F, Fut>(f: F) -> Self
+    where
+        F: FnOnce(H2Stream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Decision::Serve(Box::new(move |s| Box::pin(f(s))))
+    }
+}
+
+pub trait HboneHandler: Send + Sync + 'static {
+    /// Decides on one tunnel; may connect upstream before answering.
+    fn handle(&self, req: InboundRequest) -> impl Future<Output = Decision> + Send;
+    /// Called when a `Forward` relay ends (for the access log and metrics).
+    fn completed(&self, _req: &InboundRequest, _stats: &RelayStats) {}
+    /// Called when a stream was answered 400 before reaching `handle`.
+    fn rejected(&self, _peer: &SpiffeId, _peer_addr: SocketAddr, _why: &str) {}
+}
+
+pub struct HboneServer {
+    tls: tokio_rustls::TlsAcceptor,
+    settings: ServerSettings,
+}
+
+impl HboneServer {
+    /// `tls` is typically `IdentityManager::server_config(&waypoint_id)`.
+    pub fn new(tls: Arc<ServerConfig>, settings: ServerSettings) -> Self {
+        HboneServer {
+            tls: tokio_rustls::TlsAcceptor::from(tls),
+            settings,
+        }
+    }
+
+    /// Accepts connections until the listener fails.
+    pub async fn serve<H: HboneHandler>(
+        self: Arc<Self>,
+        listener: TcpListener,
+        handler: Arc<H>,
+    ) -> Result<(), HboneError> {
+        loop {
+            let (tcp, peer) = listener.accept().await.map_err(HboneError::Socket)?;
+            let this = self.clone();
+            let handler = handler.clone();
+            let span = tracing::info_span!("hbone_inbound", peer = %peer);
+            tokio::spawn(
+                async move {
+                    if let Err(e) = this.serve_connection(tcp, peer, handler).await {
+                        tracing::info!(error = %e, "HBONE connection ended with error");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    /// Serves one accepted TCP connection.
+    pub async fn serve_connection<H: HboneHandler>(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        handler: Arc<H>,
+    ) -> Result<(), HboneError> {
+        let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().map_err(HboneError::Socket)?;
+        let tls = tokio::time::timeout(self.settings.handshake_timeout, self.tls.accept(tcp))
+            .await
+            .map_err(|_| HboneError::Timeout(format!("TLS handshake from {peer}")))?
+            .map_err(|e| HboneError::Tls(peer, e))?;
+        let (_, session) = tls.get_ref();
+        if session.alpn_protocol() != Some(crate::identity::tls::ALPN_H2) {
+            return Err(HboneError::NoAlpn(peer));
+        }
+        let identity = peer_identity(session.peer_certificates())?;
+        tracing::debug!(identity = %identity, "HBONE connection accepted");
+        let s = &self.settings;
+        let mut conn = h2::server::Builder::new()
+            .initial_window_size(s.stream_window)
+            .initial_connection_window_size(s.connection_window)
+            .max_frame_size(s.max_frame_size)
+            // h2 stops granting send capacity past this much buffered per
+            // stream (400 KiB by default); a full stream window keeps the pipe full.
+            .max_send_buffer_size(s.stream_window as usize)
+            .max_concurrent_streams(s.max_concurrent_streams)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(HboneError::H2)?;
+        while let Some(r) = conn.accept().await {
+            let (req, respond) = r.map_err(HboneError::H2)?;
+            let handler = handler.clone();
+            let identity = identity.clone();
+            tokio::spawn(
+                async move { stream(req, respond, identity, peer, local, handler).await }
+                    .in_current_span(),
+            );
+        }
+        Ok(())
+    }
+}
+
+fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let resp = Response::builder()
+        .status(status)
+        .body(())
+        .expect("static response");
+    let _ = respond.send_response(resp, true);
+}
+
+async fn stream<H: HboneHandler>(
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    identity: SpiffeId,
+    peer: SocketAddr,
+    local: SocketAddr,
+    handler: Arc<H>,
+) {
+    let (parts, recv) = req.into_parts();
+    let parsed = (|| {
+        if parts.method != Method::CONNECT {
+            return Err(format!("method {} is not CONNECT", parts.method));
+        }
+        let auth = parts.uri.authority().map(|a| a.as_str()).unwrap_or("");
+        let authority: SocketAddr = auth
+            .parse()
+            .map_err(|_| format!("authority {auth:?} is not ip:port"))?;
+        let (source, host) = match parts.headers.get(http::header::FORWARDED) {
+            None => (peer, None),
+            Some(v) => {
+                let v = v
+                    .to_str()
+                    .map_err(|_| "Forwarded header is not text".to_string())?;
+                let host = v.split(',').next().unwrap_or("").split(';').find_map(|p| {
+                    let (k, v) = p.trim().split_once('=')?;
+                    k.eq_ignore_ascii_case("host")
+                        .then(|| v.trim_matches('"').to_string())
+                });
+                (parse_forwarded(v)?.unwrap_or(peer), host)
+            }
+        };
+        Ok((authority, source, host))
+    })();
+    let (authority, source_addr, forwarded_host) = match parsed {
+        Ok(p) => p,
+        Err(why) => {
+            tracing::info!(identity = %identity, reason = %why, "bad HBONE request, answering 400");
+            handler.rejected(&identity, peer, &why);
+            respond_status(&mut respond, StatusCode::BAD_REQUEST);
+            return;
+        }
+    };
+    let inbound = InboundRequest {
+        peer_identity: identity,
+        peer_addr: peer,
+        local_addr: local,
+        authority,
+        source_addr,
+        forwarded_host,
+        headers: parts.headers,
+    };
+    match handler.handle(inbound.clone()).await {
+        Decision::Refuse(status) => respond_status(&mut respond, status),
+        Decision::Forward(mut upstream) => {
+            let send = match respond.send_response(Response::new(()), false) {
+                Ok(s) => s,
+                Err(e) => {
+                    let stats = RelayStats {
+                        error: Some(HboneError::from_h2(e)),
+                        ..Default::default()
+                    };
+                    handler.completed(&inbound, &stats);
+                    return;
+                }
+            };
+            let stats = relay(&mut upstream, send, recv).await;
+            handler.completed(&inbound, &stats);
+        }
+        Decision::Serve(f) => match respond.send_response(Response::new(()), false) {
+            Ok(send) => f(H2Stream::new(send, recv)).await,
+            Err(e) => tracing::debug!(error = %e, "stream gone before 200"),
+        },
+    }
+}

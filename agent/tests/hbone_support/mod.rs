@@ -1,0 +1,168 @@
+//! Shared pieces for the HBONE integration tests: a CA in a temp dir, an
+//! echo upstream, a waypoint with a recording handler.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shunt_agent::hbone::{ClientSettings, ConnectRequest};
+use shunt_agent::hbone::{
+    Decision, HboneClient, HboneHandler, HboneServer, InboundRequest, RelayStats, ServerSettings,
+};
+use shunt_agent::identity::{Ca, IdentityConfig, IdentityManager, SpiffeId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    pub ca: Arc<Ca>,
+    pub ids: IdentityManager,
+}
+
+impl Mesh {
+    pub fn new(trust_domain: &str) -> Mesh {
+        Self::with_config(trust_domain, IdentityConfig::default())
+    }
+    pub fn with_config(trust_domain: &str, cfg: IdentityConfig) -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(Ca::init(dir.path(), trust_domain, false).unwrap());
+        let ids = IdentityManager::new(ca.clone(), trust_domain, cfg).unwrap();
+        Mesh { dir, ca, ids }
+    }
+    /// Another trust domain under the same root (same CA).
+    pub fn other_domain(&self, trust_domain: &str) -> IdentityManager {
+        IdentityManager::new(self.ca.clone(), trust_domain, IdentityConfig::default()).unwrap()
+    }
+}
+
+pub fn id(s: &str) -> SpiffeId {
+    s.parse().unwrap()
+}
+
+/// Echoes each connection until EOF, then half-closes.
+pub async fn echo_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Forward,
+    Refuse(u16),
+}
+
+/// Connects every tunnel to `upstream` (or refuses), recording requests.
+pub struct TestHandler {
+    pub upstream: SocketAddr,
+    pub mode: Mode,
+    pub seen: Mutex<Vec<InboundRequest>>,
+    pub completed: Mutex<Vec<(u64, u64, bool)>>,
+}
+
+impl TestHandler {
+    pub fn new(upstream: SocketAddr, mode: Mode) -> Arc<Self> {
+        Arc::new(TestHandler {
+            upstream,
+            mode,
+            seen: Mutex::new(vec![]),
+            completed: Mutex::new(vec![]),
+        })
+    }
+    pub fn seen(&self) -> Vec<InboundRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl HboneHandler for TestHandler {
+    async fn handle(&self, req: InboundRequest) -> Decision {
+        self.seen.lock().unwrap().push(req);
+        match self.mode {
+            Mode::Refuse(s) => Decision::Refuse(http::StatusCode::from_u16(s).unwrap()),
+            Mode::Forward => match TcpStream::connect(self.upstream).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    Decision::Forward(Box::new(s))
+                }
+                Err(_) => Decision::Refuse(http::StatusCode::SERVICE_UNAVAILABLE),
+            },
+        }
+    }
+    fn completed(&self, _req: &InboundRequest, stats: &RelayStats) {
+        self.completed.lock().unwrap().push((
+            stats.bytes_sent,
+            stats.bytes_received,
+            stats.error.is_none(),
+        ));
+    }
+}
+
+/// Starts a waypoint presenting `identity` from `ids`.
+pub async fn start_waypoint<H: HboneHandler>(
+    ids: &IdentityManager,
+    identity: &SpiffeId,
+    handler: Arc<H>,
+) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = Arc::new(HboneServer::new(
+        ids.server_config(identity).unwrap(),
+        ServerSettings::default(),
+    ));
+    tokio::spawn(server.serve(l, handler));
+    addr
+}
+
+pub fn request(src: &SpiffeId, waypoint: SocketAddr, waypoint_id: &SpiffeId) -> ConnectRequest {
+    ConnectRequest {
+        source_identity: src.clone(),
+        source_addr: "10.1.2.3:45678".parse().unwrap(),
+        waypoint_addr: waypoint,
+        waypoint_identity: waypoint_id.clone(),
+        authority: "240.240.0.2:80".parse().unwrap(),
+        host: Some("httpbin.org".into()),
+        baggage: None,
+        traceparent: None,
+    }
+}
+
+pub fn client(ids: &IdentityManager) -> HboneClient {
+    HboneClient::new(ids.clone(), ClientSettings::default())
+}
+
+/// A connected socket pair: (app side, agent side).
+pub async fn socket_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (b, _) = l.accept().await.unwrap();
+    let _ = a.set_nodelay(true);
+    let _ = b.set_nodelay(true);
+    (a, b)
+}
+
+/// Writes `msg` on `app`, reads the same number of bytes back.
+pub async fn roundtrip(app: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    app.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(30), app.read_exact(&mut back))
+        .await
+        .expect("echo timed out")
+        .unwrap();
+    back
+}
+
+pub const SRC: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+pub const WAYPOINT: &str = "spiffe://cluster.local/ns/istio-egress/sa/egress-gateway";
