@@ -1,14 +1,17 @@
 //! shunt's node agent, waypoint and tooling. One module per stage, each with
 //! its own error type; `anyhow` is used only in the binary (`main.rs`).
 
+pub mod admin;
 pub mod agent;
 pub mod capture;
 pub mod config;
+pub mod dns;
 pub mod hbone;
 pub mod identity;
 pub mod maps;
 pub mod policy;
 pub mod prereq;
+pub mod telemetry;
 pub mod upstream;
 
 /// The kernel object built by `build.rs` (aya-build) from `ebpf/`.

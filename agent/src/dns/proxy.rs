@@ -1,0 +1,513 @@
+//! The proxy: listeners, local answers, forwarding.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn, Instrument};
+
+use super::{DnsError, HostAddrs, SharedHostTable, SERVICE_ENTRY_TTL};
+use crate::telemetry::DnsMetrics;
+
+/// Plain inputs of the proxy.
+#[derive(Clone, Debug)]
+pub struct DnsConfig {
+    /// Each address gets a UDP and a TCP listener on the same port (port 0:
+    /// one ephemeral port shared by both).
+    pub listen: Vec<SocketAddr>,
+    /// Tried in order; the next one on timeout or failure.
+    pub upstreams: Vec<SocketAddr>,
+    /// Per upstream attempt (UDP exchange, or TCP exchange after TC).
+    pub upstream_timeout: Duration,
+    /// Largest UDP answer the proxy sends whatever the client advertises
+    /// (1232: the DNS flag day 2020 value, safe from fragmentation).
+    pub max_udp_payload: u16,
+    /// A TCP client idle this long between queries is disconnected.
+    pub tcp_idle_timeout: Duration,
+    /// UDP queries being answered at once; beyond that, packets are dropped
+    /// (the client retries) rather than queued without bound.
+    pub max_inflight_udp: usize,
+}
+
+impl DnsConfig {
+    pub fn new(listen: Vec<SocketAddr>, upstreams: Vec<SocketAddr>) -> Self {
+        DnsConfig {
+            listen,
+            upstreams,
+            upstream_timeout: Duration::from_secs(2),
+            max_udp_payload: 1232,
+            tcp_idle_timeout: Duration::from_secs(10),
+            max_inflight_udp: 4096,
+        }
+    }
+}
+
+/// Smallest UDP payload any DNS client accepts (RFC 1035).
+const MIN_UDP_PAYLOAD: u16 = 512;
+
+struct Inner {
+    hosts: SharedHostTable,
+    upstreams: Vec<SocketAddr>,
+    upstream_timeout: Duration,
+    max_udp_payload: u16,
+    tcp_idle_timeout: Duration,
+    metrics: DnsMetrics,
+}
+
+/// A running proxy; dropping it stops every listener.
+#[derive(Debug)]
+pub struct DnsProxy {
+    local_addrs: Vec<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for DnsProxy {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl DnsProxy {
+    /// Binds every listen address (UDP and TCP) and starts serving.
+    pub async fn start(
+        config: DnsConfig,
+        hosts: SharedHostTable,
+        metrics: DnsMetrics,
+    ) -> Result<Self, DnsError> {
+        if config.listen.is_empty() {
+            return Err(DnsError::NoListenAddress);
+        }
+        if config.upstreams.is_empty() {
+            return Err(DnsError::NoUpstream);
+        }
+        if let Some(u) = config.upstreams.iter().find(|u| config.listen.contains(u)) {
+            return Err(DnsError::UpstreamIsSelf(*u));
+        }
+        let inner = Arc::new(Inner {
+            hosts,
+            upstreams: config.upstreams.clone(),
+            upstream_timeout: config.upstream_timeout,
+            max_udp_payload: config.max_udp_payload.max(MIN_UDP_PAYLOAD),
+            tcp_idle_timeout: config.tcp_idle_timeout,
+            metrics,
+        });
+        let mut local_addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for addr in &config.listen {
+            let (udp, tcp) = bind_pair(*addr).await?;
+            let local = udp.local_addr().map_err(|source| DnsError::Bind {
+                proto: "udp",
+                addr: *addr,
+                source,
+            })?;
+            local_addrs.push(local);
+            let limit = Arc::new(Semaphore::new(config.max_inflight_udp.max(1)));
+            tasks.push(tokio::spawn(
+                udp_loop(Arc::new(udp), inner.clone(), limit)
+                    .instrument(tracing::info_span!("dns_udp", %local)),
+            ));
+            tasks.push(tokio::spawn(
+                tcp_loop(tcp, inner.clone()).instrument(tracing::info_span!("dns_tcp", %local)),
+            ));
+        }
+        Ok(DnsProxy { local_addrs, tasks })
+    }
+
+    /// The bound addresses (UDP and TCP share each one).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+}
+
+/// UDP and TCP on the same address and port. With port 0 the kernel picks
+/// the UDP port; TCP may find it taken, so retry a few times.
+async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
+    let attempts = if addr.port() == 0 { 16 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| DnsError::Bind {
+                proto: "udp",
+                addr,
+                source,
+            })?;
+        let port = udp
+            .local_addr()
+            .map_err(|source| DnsError::Bind {
+                proto: "udp",
+                addr,
+                source,
+            })?
+            .port();
+        let tcp_addr = SocketAddr::new(addr.ip(), port);
+        match TcpListener::bind(tcp_addr).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(source) => {
+                last = Some(DnsError::Bind {
+                    proto: "tcp",
+                    addr: tcp_addr,
+                    source,
+                })
+            }
+        }
+    }
+    Err(last.unwrap_or(DnsError::NoListenAddress))
+}
+
+async fn udp_loop(sock: Arc<UdpSocket>, inner: Arc<Inner>, limit: Arc<Semaphore>) {
+    // One receive buffer for the listener; each query is copied out into
+    // its own Vec (the message) for its task.
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (n, peer) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "udp recv");
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            inner.metrics.requests.inc();
+            warn!(%peer, "DNS proxy saturated; dropping UDP query");
+            continue;
+        };
+        let query = buf[..n].to_vec();
+        let sock = sock.clone();
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            if let Some(resp) = inner.handle(&query, true).await {
+                if let Err(e) = sock.send_to(&resp, peer).await {
+                    debug!(%peer, error = %e, "udp send");
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn tcp_loop(listener: TcpListener, inner: Arc<Inner>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "tcp accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let inner = inner.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = tcp_conn(stream, &inner).await {
+                    debug!(error = %e, "dns tcp connection");
+                }
+            }
+            .instrument(tracing::debug_span!("dns_tcp_conn", %peer)),
+        );
+    }
+}
+
+/// Several length-prefixed queries per connection (RFC 7766), answered in
+/// order; TCP answers are never truncated.
+async fn tcp_conn(mut stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(inner.tcp_idle_timeout, stream.read_exact(&mut len)).await {
+            Err(_) => return Ok(()), // idle
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(r) => r?,
+        };
+        let len = u16::from_be_bytes(len) as usize;
+        if len == 0 {
+            return Ok(());
+        }
+        let mut query = vec![0u8; len];
+        tokio::time::timeout(inner.tcp_idle_timeout, stream.read_exact(&mut query))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "partial query"))??;
+        let Some(resp) = inner.handle(&query, false).await else {
+            return Ok(());
+        };
+        let mut out = Vec::with_capacity(resp.len() + 2);
+        out.extend_from_slice(&(resp.len() as u16).to_be_bytes());
+        out.extend_from_slice(&resp);
+        stream.write_all(&out).await?;
+    }
+}
+
+/// A header-only error answer for a message hickory could not parse: id and
+/// opcode copied from the raw header.
+fn raw_error(query: &[u8], rcode: ResponseCode) -> Vec<u8> {
+    let mut h = [0u8; 12];
+    h[0] = query[0];
+    h[1] = query[1];
+    h[2] = 0x80 | (query[2] & 0x79); // QR, opcode, RD
+    h[3] = u16::from(rcode) as u8 & 0x0f;
+    h.to_vec()
+}
+
+/// The OPT record the answer carries when the query had one: payload size
+/// echoed, clamped to [512, cap].
+fn answer_edns(req: &Message, cap: u16) -> Option<Edns> {
+    req.edns.as_ref().map(|e| {
+        let mut out = Edns::new();
+        out.set_max_payload(e.max_payload().clamp(MIN_UDP_PAYLOAD, cap));
+        out.set_version(0);
+        out
+    })
+}
+
+impl Inner {
+    /// One query in, at most one answer out (`None`: drop silently).
+    async fn handle(&self, query: &[u8], udp: bool) -> Option<Vec<u8>> {
+        self.metrics.requests.inc();
+        if query.len() < 12 {
+            return None; // not even a header to answer to
+        }
+        let req = match Message::from_vec(query) {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(error = %e, "unparsable DNS query");
+                return Some(raw_error(query, ResponseCode::FormErr));
+            }
+        };
+        let limit = if udp {
+            req.edns
+                .as_ref()
+                .map(|e| e.max_payload().clamp(MIN_UDP_PAYLOAD, self.max_udp_payload))
+                .unwrap_or(MIN_UDP_PAYLOAD) as usize
+        } else {
+            u16::MAX as usize
+        };
+        if req.message_type == MessageType::Response {
+            return Some(self.error(&req, ResponseCode::FormErr, limit));
+        }
+        if req.op_code != OpCode::Query {
+            return Some(self.error(&req, ResponseCode::NotImp, limit));
+        }
+        if req.queries.len() != 1 {
+            return Some(self.error(&req, ResponseCode::FormErr, limit));
+        }
+        if req.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            return Some(self.error(&req, ResponseCode::BADVERS, limit));
+        }
+        let q = &req.queries[0];
+        if q.query_class() == DNSClass::IN
+            && matches!(q.query_type(), RecordType::A | RecordType::AAAA)
+        {
+            let table = self.hosts.load();
+            if let Some(addrs) = table.lookup_name(q.name()) {
+                return Some(self.local_answer(&req, q, addrs, limit));
+            }
+        }
+        Some(self.forward(&req, query, limit).await)
+    }
+
+    fn base_response(&self, req: &Message, rcode: ResponseCode) -> Message {
+        let mut resp = Message::response(req.id, req.op_code);
+        resp.metadata.response_code = rcode;
+        resp.metadata.recursion_desired = req.recursion_desired;
+        resp.metadata.recursion_available = true;
+        resp.metadata.checking_disabled = req.checking_disabled;
+        if req.op_code == OpCode::Query {
+            resp.add_queries(req.queries.iter().cloned());
+        }
+        if let Some(edns) = answer_edns(req, self.max_udp_payload) {
+            resp.set_edns(edns);
+        }
+        resp
+    }
+
+    fn error(&self, req: &Message, rcode: ResponseCode, limit: usize) -> Vec<u8> {
+        fit(self.base_response(req, rcode), limit)
+    }
+
+    /// Authoritative answer from the host table. The other family of a
+    /// known host is an empty NOERROR (the name exists), never NXDOMAIN.
+    fn local_answer(&self, req: &Message, q: &Query, addrs: &HostAddrs, limit: usize) -> Vec<u8> {
+        let mut resp = self.base_response(req, ResponseCode::NoError);
+        resp.metadata.authoritative = true;
+        let name = q.name().clone();
+        match q.query_type() {
+            RecordType::A => {
+                for ip in &addrs.v4 {
+                    resp.add_answer(Record::from_rdata(
+                        name.clone(),
+                        SERVICE_ENTRY_TTL,
+                        RData::A(A(*ip)),
+                    ));
+                }
+            }
+            _ => {
+                for ip in &addrs.v6 {
+                    resp.add_answer(Record::from_rdata(
+                        name.clone(),
+                        SERVICE_ENTRY_TTL,
+                        RData::AAAA(AAAA(*ip)),
+                    ));
+                }
+            }
+        }
+        fit(resp, limit)
+    }
+
+    /// Forwards the client's bytes unchanged to each upstream in turn; UDP
+    /// first, TCP when the upstream truncated. All failed → SERVFAIL.
+    async fn forward(&self, req: &Message, raw: &[u8], limit: usize) -> Vec<u8> {
+        for &upstream in &self.upstreams {
+            self.metrics.upstream_requests.inc();
+            let mut answer =
+                match tokio::time::timeout(self.upstream_timeout, exchange_udp(upstream, raw, req))
+                    .await
+                {
+                    Ok(Ok(a)) => a,
+                    Ok(Err(e)) => {
+                        self.metrics.upstream_failures.inc();
+                        debug!(%upstream, error = %e, "upstream udp exchange failed");
+                        continue;
+                    }
+                    Err(_) => {
+                        self.metrics.upstream_failures.inc();
+                        debug!(%upstream, "upstream udp exchange timed out");
+                        continue;
+                    }
+                };
+            if answer.1.truncation {
+                self.metrics.upstream_requests.inc();
+                match tokio::time::timeout(self.upstream_timeout, exchange_tcp(upstream, raw, req))
+                    .await
+                {
+                    Ok(Ok(a)) => answer = a,
+                    Ok(Err(e)) => {
+                        // The truncated UDP answer is still a valid answer:
+                        // the client sees TC and retries over TCP itself.
+                        self.metrics.upstream_failures.inc();
+                        debug!(%upstream, error = %e, "upstream tcp retry failed");
+                    }
+                    Err(_) => {
+                        self.metrics.upstream_failures.inc();
+                        debug!(%upstream, "upstream tcp retry timed out");
+                    }
+                }
+            }
+            let (bytes, msg) = answer;
+            if bytes.len() <= limit {
+                return bytes;
+            }
+            return fit(msg, limit);
+        }
+        warn!(name = %req.queries[0].name(), "every upstream resolver failed; SERVFAIL");
+        self.error(req, ResponseCode::ServFail, limit)
+    }
+}
+
+/// Serializes `resp`; if it exceeds `limit`, sends header, question and OPT
+/// only, with TC set, so the client retries over TCP.
+fn fit(mut resp: Message, limit: usize) -> Vec<u8> {
+    match resp.to_vec() {
+        Ok(bytes) if bytes.len() <= limit => return bytes,
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "serializing DNS answer"),
+    }
+    resp.answers.clear();
+    resp.authorities.clear();
+    resp.additionals.clear();
+    resp.signature = None;
+    resp.metadata.truncation = true;
+    match resp.to_vec() {
+        Ok(b) => b,
+        Err(_) => {
+            // Only reachable with a pathological question; send a header.
+            let mut h = [0u8; 12];
+            h[..2].copy_from_slice(&resp.id.to_be_bytes());
+            h[2] = 0x82; // QR, TC
+            h[3] = 0x02; // SERVFAIL
+            h.to_vec()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("upstream answer does not match the query")]
+    Mismatch,
+    #[error("upstream answer too large")]
+    TooLarge,
+}
+
+/// Is `resp` the answer to `req` (id, QR, same question)? Anything else is
+/// a stale or spoofed packet.
+fn matches(req: &Message, resp: &Message) -> bool {
+    resp.id == req.id
+        && resp.message_type == MessageType::Response
+        && (resp.queries.is_empty()
+            || (resp.queries.len() == req.queries.len()
+                && resp.queries.iter().zip(&req.queries).all(|(a, b)| {
+                    a.query_type() == b.query_type()
+                        && a.query_class() == b.query_class()
+                        && a.name() == b.name() // case-insensitive (0x20 mixing)
+                })))
+}
+
+fn unspecified_for(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
+        IpAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
+    }
+}
+
+/// One query on a fresh connected socket: a random source port per query
+/// (spoofing resistance) and only the upstream's packets are accepted.
+async fn exchange_udp(
+    upstream: SocketAddr,
+    raw: &[u8],
+    req: &Message,
+) -> Result<(Vec<u8>, Message), ExchangeError> {
+    let sock = UdpSocket::bind(unspecified_for(upstream)).await?;
+    sock.connect(upstream).await?;
+    sock.send(raw).await?;
+    loop {
+        let mut buf = Vec::with_capacity(65535);
+        sock.recv_buf(&mut buf).await?;
+        match Message::from_vec(&buf) {
+            Ok(msg) if matches(req, &msg) => return Ok((buf, msg)),
+            _ => debug!(%upstream, "ignoring non-matching upstream packet"),
+        }
+    }
+}
+
+async fn exchange_tcp(
+    upstream: SocketAddr,
+    raw: &[u8],
+    req: &Message,
+) -> Result<(Vec<u8>, Message), ExchangeError> {
+    let mut stream = TcpStream::connect(upstream).await?;
+    let _ = stream.set_nodelay(true);
+    let len = u16::try_from(raw.len()).map_err(|_| ExchangeError::TooLarge)?;
+    let mut out = Vec::with_capacity(raw.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(raw);
+    stream.write_all(&out).await?;
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await?;
+    let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+    stream.read_exact(&mut buf).await?;
+    let msg = Message::from_vec(&buf).map_err(|_| ExchangeError::Mismatch)?;
+    if !matches(req, &msg) {
+        return Err(ExchangeError::Mismatch);
+    }
+    Ok((buf, msg))
+}
