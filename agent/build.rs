@@ -10,7 +10,10 @@ const EBPF_TOOLCHAIN: &str = "nightly-2026-07-15";
 
 fn main() -> anyhow::Result<()> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../ebpf");
-    println!("cargo:rerun-if-changed={}", concat!(env!("CARGO_MANIFEST_DIR"), "/../common/src"));
+    println!(
+        "cargo:rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../common/src")
+    );
     aya_build::build_ebpf(
         [Package {
             name: "shunt-ebpf",

@@ -1,7 +1,9 @@
 //! shunt's node agent, waypoint and tooling. One module per stage, each with
 //! its own error type; `anyhow` is used only in the binary (`main.rs`).
 
+pub mod alloc;
 pub mod config;
+pub mod desired;
 
 /// The kernel object built by `build.rs` (aya-build) from `ebpf/`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shunt"));

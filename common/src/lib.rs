@@ -129,7 +129,9 @@ impl Counter {
 /// IPv4 address (network order bytes) as the 16-byte mapped form.
 #[inline(always)]
 pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
 }
 
 /// True when a 16-byte address is IPv4-mapped (`::ffff:0:0/96`).

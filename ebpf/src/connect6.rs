@@ -10,7 +10,12 @@ use crate::verdict::connect_verdict;
 pub fn shunt_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr.
     let sa = unsafe { &*ctx.sock_addr };
-    let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let w = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
     let mut addr = [0u8; 16];
     let mut i = 0;
     while i < 4 {

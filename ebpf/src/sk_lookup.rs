@@ -26,7 +26,12 @@ pub fn shunt_sk_lookup(ctx: SkLookupContext) -> u32 {
     let addr = match l.family {
         AF_INET => v4_mapped(l.local_ip4.to_ne_bytes()),
         AF_INET6 => {
-            let w = [l.local_ip6[0], l.local_ip6[1], l.local_ip6[2], l.local_ip6[3]];
+            let w = [
+                l.local_ip6[0],
+                l.local_ip6[1],
+                l.local_ip6[2],
+                l.local_ip6[3],
+            ];
             let mut a = [0u8; 16];
             let mut i = 0;
             while i < 4 {
