@@ -664,3 +664,289 @@ fn assign_ids(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A config directory built from `(file, yaml)` pairs.
+    pub(crate) fn cfg(files: &[(&str, &str)]) -> Config {
+        let d = tempfile::tempdir().unwrap();
+        for (n, t) in files {
+            std::fs::write(d.path().join(n), t).unwrap();
+        }
+        Config::load_dir(d.path()).unwrap()
+    }
+
+    pub(crate) fn se(name: &str, hosts: &[&str], extra: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: ns\n{extra}spec:\n  hosts: [{}]\n  ports: [{{number: 80, name: http}}]\n  resolution: DNS\n---\n",
+            hosts.join(", ")
+        )
+    }
+
+    fn v4(a: &Allocation, host: &str) -> Option<Ipv4Addr> {
+        a.hosts.get(host).and_then(|h| h.v4)
+    }
+    fn v6(a: &Allocation, host: &str) -> Option<Ipv6Addr> {
+        a.hosts.get(host).and_then(|h| h.v6)
+    }
+
+    #[test]
+    fn first_addresses_are_prefix_plus_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut al = Allocator::open(dir.path()).unwrap();
+        let a = al
+            .allocate(&cfg(&[(
+                "a.yaml",
+                &se("httpbin.org", &["httpbin.org"], ""),
+            )]))
+            .unwrap();
+        assert_eq!(v4(a, "httpbin.org"), Some("240.240.0.1".parse().unwrap()));
+        assert_eq!(v6(a, "httpbin.org"), Some("2001:2::1".parse().unwrap()));
+        let k = ObjectKey::new("ns", "httpbin.org");
+        let addrs: Vec<_> = a
+            .addresses_of(&k, &["httpbin.org".to_string()])
+            .map(|(_, ip)| ip.to_string())
+            .collect();
+        assert_eq!(addrs, ["240.240.0.1", "2001:2::1"]);
+    }
+
+    #[test]
+    fn stable_across_restart_and_edits() {
+        let dir = tempfile::tempdir().unwrap();
+        let c1 = cfg(&[(
+            "a.yaml",
+            &(se("a", &["a.example"], "") + &se("b", &["b.example"], "")),
+        )]);
+        let (a1, b1) = {
+            let mut al = Allocator::open(dir.path()).unwrap();
+            let a = al.allocate(&c1).unwrap();
+            (a.hosts["a.example"].clone(), a.hosts["b.example"].clone())
+        };
+        // Restart, with `a` deleted and a new entry listed first.
+        let c2 = cfg(&[(
+            "a.yaml",
+            &(se("c", &["c.example"], "") + &se("b", &["b.example"], "")),
+        )]);
+        let mut al = Allocator::open(dir.path()).unwrap();
+        assert_eq!(
+            load(dir.path()).unwrap().hosts["a.example"],
+            a1,
+            "reader sees persisted state"
+        );
+        let a = al.allocate(&c2).unwrap().clone();
+        assert_eq!(a.hosts["b.example"], b1);
+        assert!(!a.hosts.contains_key("a.example"), "deleted host released");
+        // The released .1 is not handed out again at once (cursor moves on).
+        assert_eq!(v4(&a, "c.example"), Some("240.240.0.3".parse().unwrap()));
+        // Ids: b keeps its id, c gets a new one.
+        let bid = a.service_id(&ObjectKey::new("ns", "b")).unwrap();
+        let cid = a.service_id(&ObjectKey::new("ns", "c")).unwrap();
+        assert_ne!(bid, cid);
+        // Reload again: identical.
+        let again = Allocator::open(dir.path())
+            .unwrap()
+            .allocate(&c2)
+            .unwrap()
+            .clone();
+        assert_eq!(again.hosts, a.hosts);
+        assert_eq!(again.service_ids, a.service_ids);
+        // A reader's load equals the allocator's result.
+        let r = load(dir.path()).unwrap();
+        assert_eq!(r.hosts, a.hosts);
+        assert_eq!(r.service_ids, a.service_ids);
+    }
+
+    #[test]
+    fn same_host_in_two_entries_older_creation_timestamp_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let young = se(
+            "young",
+            &["shared.example"],
+            "  creationTimestamp: \"2024-10-28T00:00:00Z\"\n",
+        );
+        let old = se(
+            "old",
+            &["shared.example"],
+            "  creationTimestamp: \"2024-10-27T00:45:08.374915129Z\"\n",
+        );
+        // `young` comes first in file order; age decides.
+        let c = cfg(&[("a.yaml", &(young + &old))]);
+        let mut al = Allocator::open(dir.path()).unwrap();
+        let a = al.allocate(&c).unwrap();
+        assert_eq!(a.hosts["shared.example"].owner, ObjectKey::new("ns", "old"));
+        assert_eq!(
+            a.warnings,
+            vec![AllocWarning::HostConflict {
+                entry: ObjectKey::new("ns", "young"),
+                host: "shared.example".into(),
+                owner: ObjectKey::new("ns", "old"),
+            }]
+        );
+        let yk = ObjectKey::new("ns", "young");
+        assert_eq!(a.addresses_of(&yk, &["shared.example".into()]).count(), 0);
+    }
+
+    #[test]
+    fn same_host_without_timestamps_first_in_file_order_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(&[
+            ("a.yaml", &se("first", &["h.example"], "")),
+            ("b.yaml", &se("second", &["h.example"], "")),
+        ]);
+        let a = Allocator::open(dir.path())
+            .unwrap()
+            .allocate(&c)
+            .unwrap()
+            .clone();
+        assert_eq!(a.hosts["h.example"].owner, ObjectKey::new("ns", "first"));
+    }
+
+    #[test]
+    fn persisted_address_collision_older_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(&[(
+            "a.yaml",
+            &(se(
+                "young",
+                &["y.example"],
+                "  creationTimestamp: \"2024-10-28T00:00:00Z\"\n",
+            ) + &se(
+                "old",
+                &["o.example"],
+                "  creationTimestamp: \"2024-01-01T00:00:00Z\"\n",
+            )),
+        )]);
+        Allocator::open(dir.path()).unwrap().allocate(&c).unwrap();
+        // Corrupt the state by hand: both hosts claim the same addresses.
+        let p = dir.path().join(STATE_FILE);
+        let mut st: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        let hosts = st["hosts"].as_array_mut().unwrap();
+        let o = hosts
+            .iter()
+            .find(|h| h["host"] == "o.example")
+            .unwrap()
+            .clone();
+        for h in hosts.iter_mut() {
+            h["v4"] = o["v4"].clone();
+            h["v6"] = o["v6"].clone();
+        }
+        std::fs::write(&p, serde_json::to_vec(&st).unwrap()).unwrap();
+        let mut al = Allocator::open(dir.path()).unwrap();
+        let a = al.allocate(&c).unwrap();
+        let ov4: Ipv4Addr = o["v4"].as_str().unwrap().parse().unwrap();
+        assert_eq!(v4(a, "o.example"), Some(ov4));
+        assert!(v4(a, "y.example").is_some());
+        assert_ne!(v4(a, "y.example"), Some(ov4));
+        assert!(a
+            .warnings
+            .iter()
+            .any(|w| matches!(w, AllocWarning::Reassigned { entry, .. } if entry.name == "young")));
+    }
+
+    #[test]
+    fn exhaustion_is_a_warning_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // /30: offsets 1 and 2 usable (IPv4 excludes the last address).
+        let pf = Prefixes {
+            v4: "10.9.0.0/30".parse().unwrap(),
+            v6: "fd00::/126".parse().unwrap(),
+        };
+        let yaml: String = (0..4)
+            .map(|i| se(&format!("s{i}"), &[&format!("h{i}.example")], ""))
+            .collect();
+        let c = cfg(&[("a.yaml", &yaml)]);
+        let mut al = Allocator::open_with(dir.path(), pf).unwrap();
+        let a = al.allocate(&c).unwrap().clone();
+        assert_eq!(v4(&a, "h0.example"), Some("10.9.0.1".parse().unwrap()));
+        assert_eq!(v4(&a, "h1.example"), Some("10.9.0.2".parse().unwrap()));
+        assert_eq!(v4(&a, "h2.example"), None);
+        assert_eq!(v6(&a, "h2.example"), Some("fd00::3".parse().unwrap()));
+        assert_eq!(v6(&a, "h3.example"), None);
+        let ex: Vec<_> = a
+            .warnings
+            .iter()
+            .filter_map(|w| match w {
+                AllocWarning::Exhausted { host, family, .. } => Some(format!("{host} {family}")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            ex,
+            ["h2.example IPv4", "h3.example IPv4", "h3.example IPv6"]
+        );
+        // Deleting an entry frees its address for the next one (after wrap).
+        let yaml: String = [1, 2, 3]
+            .iter()
+            .map(|i| se(&format!("s{i}"), &[&format!("h{i}.example")], ""))
+            .collect();
+        let a = al.allocate(&cfg(&[("a.yaml", &yaml)])).unwrap();
+        assert_eq!(v4(a, "h1.example"), Some("10.9.0.2".parse().unwrap()));
+        assert_eq!(v4(a, "h2.example"), Some("10.9.0.1".parse().unwrap()));
+        assert_eq!(v4(a, "h3.example"), None);
+    }
+
+    #[test]
+    fn ineligible_entries_get_no_addresses_but_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = se("none", &["none.example"], "").replace("resolution: DNS", "resolution: NONE");
+        let optout = se(
+            "optout",
+            &["optout.example"],
+            "  labels: {networking.istio.io/enable-autoallocate-ip: \"false\"}\n",
+        );
+        let explicit = se("explicit", &["explicit.example"], "").replace(
+            "  resolution: DNS",
+            "  addresses: [10.1.2.3]\n  resolution: DNS",
+        );
+        let wild = se("wild", &["\"*.wild.example\"", "x.example"], "");
+        let ok = se("ok", &["ok.example"], "");
+        let c = cfg(&[("a.yaml", &(none + &optout + &explicit + &wild + &ok))]);
+        let a = Allocator::open(dir.path())
+            .unwrap()
+            .allocate(&c)
+            .unwrap()
+            .clone();
+        let hosts: Vec<_> = a.hosts.keys().cloned().collect();
+        assert_eq!(hosts, ["ok.example"]);
+        assert_eq!(v4(&a, "ok.example"), Some("240.240.0.1".parse().unwrap()));
+        assert_eq!(a.service_ids.len(), 5);
+        let mut ids: Vec<_> = a.service_ids.values().copied().collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 5);
+        assert!(!ids.contains(&0));
+    }
+
+    #[test]
+    fn hundred_thousand_entries_are_linear() {
+        // Not a timing assertion: checks the result at the scale the
+        // benchmark measures (and that it finishes).
+        let mut c = Config::default();
+        let base = cfg(&[("a.yaml", &se("x", &["x.example"], ""))]).service_entries[0].clone();
+        for i in 0..100_000 {
+            let mut s = base.clone();
+            s.metadata.name = format!("s{i}");
+            s.spec.hosts = vec![format!("h{i}.example")];
+            s.origin.seq = i;
+            c.service_entries.push(s);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allocator::open(dir.path())
+            .unwrap()
+            .allocate(&c)
+            .unwrap()
+            .clone();
+        assert_eq!(a.hosts.len(), 100_000);
+        // 65534 usable IPv4 addresses in a /16; IPv6 never runs out.
+        assert_eq!(a.hosts.values().filter(|h| h.v4.is_some()).count(), 65_534);
+        assert_eq!(a.hosts.values().filter(|h| h.v6.is_some()).count(), 100_000);
+        assert_eq!(
+            v4(&a, "h65533.example"),
+            Some("240.240.255.254".parse().unwrap())
+        );
+    }
+}
