@@ -613,3 +613,352 @@ pub fn now_rfc3339() -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alloc::Allocator;
+    use shunt_common::SVC_F_HTTP;
+
+    fn load(files: &[(&str, &str)]) -> Config {
+        let d = tempfile::tempdir().unwrap();
+        for (n, t) in files {
+            std::fs::write(d.path().join(n), t).unwrap();
+        }
+        Config::load_dir(d.path()).unwrap()
+    }
+
+    fn seed_dir() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/egress")
+    }
+
+    fn no_cgroups(_: &str) -> Option<u64> {
+        None
+    }
+
+    const GW: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wp\n  namespace: infra\n  labels: {istio.io/waypoint-for: service}\nspec:\n  gatewayClassName: istio-waypoint\n  addresses: [{value: 10.0.0.9}]\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\n";
+
+    fn se(ns: &str, name: &str, labels: &str) -> String {
+        format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{{labels}}}\nspec:\n  hosts: [{name}.example]\n  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}, {{number: 443, name: tls, protocol: TLS}}]\n  resolution: DNS\n---\n")
+    }
+
+    fn bound(d: &Desired, ns: &str, name: &str) -> (String, String, String) {
+        let c = d.status[&ObjectKey::new(ns, name)]
+            .condition(WAYPOINT_BOUND)
+            .unwrap()
+            .clone();
+        (c.status, c.reason, c.message)
+    }
+
+    #[test]
+    fn seed_desired_state() {
+        let cfg = Config::load_dir(&seed_dir()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut al = Allocator::open(dir.path()).unwrap();
+        let alloc = al.allocate(&cfg).unwrap().clone();
+        let d = build(&cfg, &alloc, |cg| match cg {
+            "shunt/curl" => Some(1001),
+            _ => None,
+        });
+        let vip4: IpAddr = "240.240.0.1".parse().unwrap();
+        let vip6: IpAddr = "2001:2::1".parse().unwrap();
+        assert_eq!(d.services.len(), 2);
+        let v = d.services[&service_key(vip4, 80)];
+        assert_eq!(v.flags, SVC_F_WAYPOINT | SVC_F_HTTP);
+        assert_eq!(v.waypoint_addr, v4_mapped([10, 244, 1, 18]));
+        assert_eq!(v.waypoint_port, 15008);
+        assert_eq!(v.target_port, 80);
+        assert_eq!(d.services[&service_key(vip6, 80)], v);
+        let svc = d.service_at(vip4, 80).unwrap();
+        assert_eq!(svc.name, "httpbin.org");
+        let wp = svc.waypoint.as_ref().unwrap();
+        assert_eq!(
+            wp.identity,
+            "spiffe://cluster.local/ns/common-infrastructure/sa/egress-gateway"
+        );
+        assert_eq!(wp.addr, "10.244.1.18:15008".parse().unwrap());
+        // Status as in the seed.
+        let st = &d.status[&ObjectKey::new("common-infrastructure", "httpbin.org")];
+        let addrs: Vec<_> = st
+            .addresses
+            .iter()
+            .map(|a| (a.host.as_str(), a.value.as_str()))
+            .collect();
+        assert_eq!(
+            addrs,
+            [("httpbin.org", "240.240.0.1"), ("httpbin.org", "2001:2::1")]
+        );
+        assert_eq!(
+            bound(&d, "common-infrastructure", "httpbin.org"),
+            (
+                "True".into(),
+                "WaypointAccepted".into(),
+                "Successfully attached to waypoint common-infrastructure/egress-gateway".into()
+            )
+        );
+        // Enrollment: curl resolves, admin's cgroup does not.
+        assert_eq!(d.enrolled.len(), 1);
+        let e = d.enrolled[&1001];
+        assert_eq!(e.flags, ENR_F_DNS_CAPTURE);
+        let w = d.workload(e.workload_id).unwrap();
+        assert_eq!(w.identity, "spiffe://cluster.local/ns/default/sa/curl");
+        assert_eq!(
+            d.workload_by_ip("10.244.1.20".parse().unwrap())
+                .unwrap()
+                .name,
+            "admin"
+        );
+        assert_eq!(
+            d.workload_by_ip("::ffff:10.244.1.19".parse().unwrap())
+                .unwrap()
+                .name,
+            "curl"
+        );
+        assert!(d.warnings.iter().any(|w| w.contains("shunt/admin")));
+        // DNS view.
+        let h = &d.hosts["httpbin.org"];
+        assert_eq!(h.v4, vec![Ipv4Addr::new(240, 240, 0, 1)]);
+        assert_eq!(d.meta.egress_mode, EGRESS_ALLOW_ANY);
+        assert_eq!(d.meta.layout_version, LAYOUT_VERSION);
+    }
+
+    #[test]
+    fn tls_origination_step() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["01-namespace.yaml", "02-waypoint.yaml"] {
+            std::fs::copy(seed_dir().join(f), dir.path().join(f)).unwrap();
+        }
+        std::fs::copy(
+            seed_dir().join("tls-origination/03-serviceentry.yaml"),
+            dir.path().join("03.yaml"),
+        )
+        .unwrap();
+        let cfg = Config::load_dir(dir.path()).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let alloc = Allocator::open(state.path())
+            .unwrap()
+            .allocate(&cfg)
+            .unwrap()
+            .clone();
+        let d = build(&cfg, &alloc, no_cgroups);
+        let v = d.services[&service_key("240.240.0.1".parse().unwrap(), 80)];
+        assert_eq!(v.target_port, 443);
+        let svc = d.service(v.service_id).unwrap();
+        assert_eq!(
+            svc.tls_for("httpbin.org", 80).unwrap().mode,
+            crate::config::TlsMode::Simple
+        );
+    }
+
+    #[test]
+    fn waypoint_binding_rules() {
+        let ns = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n  labels: {istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: infra}\n---\n\
+                  apiVersion: v1\nkind: Namespace\nmetadata:\n  name: infra\n---\n\
+                  apiVersion: v1\nkind: Namespace\nmetadata:\n  name: plain\n---\n";
+        let gw_noaddr = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: noaddr, namespace: infra}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\n\
+                         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: ingress, namespace: infra}\nspec:\n  gatewayClassName: istio\n  addresses: [{value: 10.0.0.7}]\n  listeners: [{name: http, port: 80, protocol: HTTP}]\n---\n\
+                         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wl\n  namespace: infra\n  labels: {istio.io/waypoint-for: workload}\nspec:\n  gatewayClassName: istio-waypoint\n  addresses: [{value: 10.0.0.8}]\n  listeners: [{name: mesh, port: 15009, protocol: HBONE}]\n---\n";
+        let ses = [
+            se("infra", "by-label", "istio.io/use-waypoint: wp"),
+            se("apps", "by-namespace", ""),
+            se(
+                "plain",
+                "cross",
+                "istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: infra",
+            ),
+            se("plain", "missing", "istio.io/use-waypoint: nope"),
+            se("plain", "unbound", ""),
+            se("apps", "opt-out", "istio.io/use-waypoint: none"),
+            se("infra", "no-address", "istio.io/use-waypoint: noaddr"),
+            se("infra", "not-waypoint", "istio.io/use-waypoint: ingress"),
+            se("infra", "workload-only", "istio.io/use-waypoint: wl"),
+        ]
+        .concat();
+        let cfg = load(&[
+            ("a.yaml", ns),
+            ("b.yaml", GW),
+            ("c.yaml", gw_noaddr),
+            ("d.yaml", &ses),
+        ]);
+        let state = tempfile::tempdir().unwrap();
+        let alloc = Allocator::open(state.path())
+            .unwrap()
+            .allocate(&cfg)
+            .unwrap()
+            .clone();
+        let d = build(&cfg, &alloc, no_cgroups);
+        let ok = |ns: &str, n: &str| {
+            let (s, r, m) = bound(&d, ns, n);
+            assert_eq!(
+                (s.as_str(), r.as_str()),
+                ("True", "WaypointAccepted"),
+                "{ns}/{n}: {m}"
+            );
+            assert_eq!(m, "Successfully attached to waypoint infra/wp");
+        };
+        ok("infra", "by-label");
+        ok("apps", "by-namespace");
+        ok("plain", "cross");
+        let reason = |ns: &str, n: &str| {
+            let (s, r, m) = bound(&d, ns, n);
+            assert_eq!(s, "False", "{m}");
+            (r, m)
+        };
+        assert_eq!(
+            reason("plain", "missing"),
+            (
+                "WaypointNotFound".into(),
+                "waypoint plain/nope (from the ServiceEntry label) not found".into()
+            )
+        );
+        assert_eq!(reason("plain", "unbound").0, "NotBound");
+        assert_eq!(reason("apps", "opt-out").0, "NotBound");
+        assert_eq!(reason("infra", "no-address").0, "MissingAddress");
+        assert_eq!(reason("infra", "not-waypoint").0, "WaypointNotFound");
+        assert_eq!(reason("infra", "workload-only").0, "UnsupportedTrafficType");
+        // Map values follow the binding.
+        let vip = |ns: &str, n: &str| {
+            let k = ObjectKey::new(ns, n);
+            let hosts = [format!("{n}.example")];
+            let ip = alloc.addresses_of(&k, &hosts).next().unwrap().1;
+            ip
+        };
+        let v = d.services[&service_key(vip("plain", "cross"), 80)];
+        assert_eq!(v.flags, SVC_F_WAYPOINT | SVC_F_HTTP);
+        assert_eq!(v.waypoint_addr, v4_mapped([10, 0, 0, 9]));
+        assert_eq!(v.target_port, 8080);
+        let v = d.services[&service_key(vip("plain", "cross"), 443)];
+        assert_eq!(v.flags, SVC_F_WAYPOINT);
+        assert_eq!(v.target_port, 443);
+        let v = d.services[&service_key(vip("plain", "missing"), 80)];
+        assert_eq!(
+            (v.flags, v.waypoint_addr, v.waypoint_port),
+            (SVC_F_HTTP, [0; 16], 0)
+        );
+        // 9 entries x 2 VIPs x 2 ports.
+        assert_eq!(d.services.len(), 36);
+    }
+
+    #[test]
+    fn explicit_addresses_and_stable_ids_across_reload() {
+        let explicit = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: ns}\nspec:\n  hosts: [db.example]\n  addresses: [10.1.2.3, 10.5.0.0/16, 'fd00::5/128']\n  ports: [{number: 5432, name: tcp}]\n  resolution: NONE\n---\n";
+        let state = tempfile::tempdir().unwrap();
+        let mut al = Allocator::open(state.path()).unwrap();
+        let c1 = load(&[("a.yaml", explicit), ("b.yaml", &se("ns", "web", ""))]);
+        let d1 = build(&c1, al.allocate(&c1).unwrap(), no_cgroups);
+        let keys: Vec<_> = d1
+            .services
+            .keys()
+            .filter(|k| k.port == 5432)
+            .map(|k| k.addr)
+            .collect();
+        let mut want = vec![
+            v4_mapped([10, 1, 2, 3]),
+            "fd00::5".parse::<Ipv6Addr>().unwrap().octets(),
+        ];
+        want.sort();
+        assert_eq!(keys, want, "single IPs only, CIDRs are not VIPs");
+        assert!(d1.status[&ObjectKey::new("ns", "db")].addresses.is_empty());
+
+        // Edit: add an entry before the others and change `web`'s port list;
+        // `db`'s entries stay byte-identical.
+        let c2 = load(&[
+            ("0.yaml", &se("ns", "new", "")),
+            ("a.yaml", explicit),
+            (
+                "b.yaml",
+                &se("ns", "web", "").replace("number: 443", "number: 8443"),
+            ),
+        ]);
+        let state2 = al.allocate(&c2).unwrap().clone();
+        let d2 = build(&c2, &state2, no_cgroups);
+        for (k, v) in d1.services.iter().filter(|(k, _)| k.port == 5432) {
+            assert_eq!(d2.services.get(k), Some(v));
+        }
+        let web80 = |d: &Desired| {
+            *d.services
+                .iter()
+                .find(|(k, _)| {
+                    k.port == 80 && d.service(d.services[k].service_id).unwrap().name == "web"
+                })
+                .unwrap()
+                .1
+        };
+        assert_eq!(web80(&d1), web80(&d2));
+        // After a restart too.
+        let a3 = Allocator::open(state.path())
+            .unwrap()
+            .allocate(&c2)
+            .unwrap()
+            .clone();
+        assert_eq!(build(&c2, &a3, no_cgroups).services, d2.services);
+    }
+
+    #[test]
+    fn enrollment_only_in_ambient_namespaces_and_never_waypoints() {
+        let files = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: amb\n  labels: {istio.io/dataplane-mode: ambient}\n---\n\
+            apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: a\n  namespace: amb\n  annotations: {shunt.io/cgroup: a}\nspec: {address: 10.0.0.1}\n---\n\
+            apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: b\n  namespace: other\n  annotations: {shunt.io/cgroup: b}\nspec: {address: 10.0.0.2, serviceAccount: bee}\n---\n\
+            apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: wp\n  namespace: amb\n  annotations: {shunt.io/cgroup: wp}\n  labels: {gateway.networking.k8s.io/gateway-name: wp}\nspec: {address: 10.0.0.3}\n---\n\
+            apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: amb}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\n\
+            shunt: {dnsCapture: false}\n";
+        let (objs, mesh) = files.rsplit_once("---\n").unwrap();
+        let cfg = load(&[("a.yaml", objs), ("mesh.yaml", mesh)]);
+        let state = tempfile::tempdir().unwrap();
+        let alloc = Allocator::open(state.path())
+            .unwrap()
+            .allocate(&cfg)
+            .unwrap()
+            .clone();
+        // A real resolver against a real directory tree.
+        let root = tempfile::tempdir().unwrap();
+        for n in ["a", "b", "wp"] {
+            std::fs::create_dir(root.path().join(n)).unwrap();
+        }
+        let d = build(&cfg, &alloc, cgroup_resolver(root.path().to_path_buf()));
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(root.path().join("a")).unwrap().ino();
+        assert_eq!(d.enrolled.keys().copied().collect::<Vec<_>>(), [ino]);
+        assert_eq!(d.enrolled[&ino].flags, 0, "dnsCapture: false");
+        let w = d.workload(d.enrolled[&ino].workload_id).unwrap();
+        assert_eq!(
+            (w.name.as_str(), w.service_account.as_str(), w.cgroup_id),
+            ("a", "default", Some(ino))
+        );
+        let b = d.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap();
+        assert_eq!(b.identity, "spiffe://cluster.local/ns/other/sa/bee");
+        assert_eq!(b.cgroup_id, None);
+    }
+
+    #[test]
+    fn status_clock_keeps_times_until_the_condition_changes() {
+        let cfg = Config::load_dir(&seed_dir()).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let alloc = Allocator::open(state.path())
+            .unwrap()
+            .allocate(&cfg)
+            .unwrap()
+            .clone();
+        let mut st = build(&cfg, &alloc, no_cgroups).status;
+        let mut clock = StatusClock::default();
+        assert!(clock.stamp(&mut st, "2024-10-27T00:45:08.374915129Z"));
+        clock.save(state.path()).unwrap();
+        let mut again = build(&cfg, &alloc, no_cgroups).status;
+        let mut clock = StatusClock::load(state.path());
+        assert!(!clock.stamp(&mut again, "2030-01-01T00:00:00Z"));
+        let k = ObjectKey::new("common-infrastructure", "httpbin.org");
+        assert_eq!(
+            again[&k].conditions[0].last_transition_time.as_deref(),
+            Some("2024-10-27T00:45:08.374915129Z")
+        );
+        // Unbinding changes the condition, so the time moves.
+        let mut changed = again.clone();
+        changed.get_mut(&k).unwrap().conditions[0].status = "False".into();
+        assert!(clock.stamp(&mut changed, "2030-01-01T00:00:00Z"));
+        assert_eq!(
+            changed[&k].conditions[0].last_transition_time.as_deref(),
+            Some("2030-01-01T00:00:00Z")
+        );
+        assert!(now_rfc3339().ends_with('Z'));
+    }
+}
