@@ -82,7 +82,7 @@ pub struct HostAlloc {
 }
 
 /// Something the allocator could not do; shown in status, not an error.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum AllocWarning {
     /// The prefix of `family` is full: `host` has no address of that family.
@@ -458,12 +458,13 @@ impl Allocator {
     /// it. Logs each warning that is new since the previous call.
     pub fn allocate(&mut self, cfg: &Config) -> Result<&Allocation, AllocError> {
         let next = compute(&self.current, cfg, self.prefixes);
-        for w in &next.warnings {
-            if !self.current.warnings.contains(w) {
-                tracing::warn!("{w}");
-            }
+        // Only new warnings are logged (a set: 100k entries can mean 30k
+        // exhaustion warnings).
+        let old: HashSet<&AllocWarning> = self.current.warnings.iter().collect();
+        for w in next.warnings.iter().filter(|w| !old.contains(w)) {
+            tracing::warn!("{w}");
         }
-        let bytes = serde_json::to_vec_pretty(&to_state(&next, self.prefixes))
+        let bytes = serde_json::to_vec(&to_state(&next, self.prefixes))
             .expect("allocation state serializes");
         let h = {
             use std::hash::{Hash, Hasher};
