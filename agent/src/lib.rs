@@ -3,8 +3,10 @@
 
 pub mod admin;
 pub mod agent;
+pub mod alloc;
 pub mod capture;
 pub mod config;
+pub mod desired;
 pub mod dns;
 pub mod hbone;
 pub mod identity;

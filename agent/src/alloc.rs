@@ -1,0 +1,953 @@
+//! VIP auto-allocation for ServiceEntries, following Istio's
+//! `pilot/pkg/controllers/ipallocate` rules, plus the stable service and
+//! workload ids the kernel maps carry.
+//!
+//! Rules:
+//! - Eligible entry: resolution not NONE, empty `spec.addresses`, label
+//!   `networking.istio.io/enable-autoallocate-ip` not `"false"`, and no
+//!   wildcard host (any wildcard host makes the whole entry ineligible, as in
+//!   Istio).
+//! - One IPv4 (240.240.0.0/16) and one IPv6 (2001:2::/48) address per host.
+//!   A VIP belongs to a *host name*: DNS answers one VIP per name, so a host
+//!   listed by two eligible entries is owned by the older one (older
+//!   `creationTimestamp`, entries without one after all that have one, then
+//!   directory order); the other gets no address for it and a warning.
+//! - Persisted in `<state dir>/vips.json` (temp file + rename). A host that
+//!   has an address keeps it across restarts and edits. If two hosts claim the
+//!   same address in the persisted state (hand edits, a prefix change), the
+//!   host of the older entry keeps it and the other is given a new one.
+//! - New addresses come from a cursor that starts at prefix+1 and only moves
+//!   forward, wrapping at the end of the prefix. Addresses of deleted hosts are
+//!   released at once but not handed out again until the cursor wraps, so a
+//!   client that still caches a deleted host's VIP does not reach a different
+//!   service in the meantime.
+//! - A full prefix leaves the host without an address of that family and is
+//!   reported as a warning (not a config error).
+//!
+//! There is one allocator (the agent); readers call [`load`].
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{labels, Config, ObjectKey, Resolution, ServiceEntry};
+
+/// File name of the persisted state in the state directory.
+pub const STATE_FILE: &str = "vips.json";
+const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: corrupt allocation state: {source}", path.display())]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{}: allocation state version {found}, expected {STATE_VERSION}", path.display())]
+    Version { path: PathBuf, found: u32 },
+}
+
+/// The address ranges VIPs are taken from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prefixes {
+    pub v4: Ipv4Net,
+    pub v6: Ipv6Net,
+}
+
+impl Default for Prefixes {
+    fn default() -> Self {
+        Prefixes {
+            v4: "240.240.0.0/16".parse().unwrap(),
+            v6: "2001:2::/48".parse().unwrap(),
+        }
+    }
+}
+
+/// The addresses of one host and the ServiceEntry that owns them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostAlloc {
+    pub owner: ObjectKey,
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+/// Something the allocator could not do; shown in status, not an error.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum AllocWarning {
+    /// The prefix of `family` is full: `host` has no address of that family.
+    #[serde(rename_all = "camelCase")]
+    Exhausted {
+        entry: ObjectKey,
+        host: String,
+        family: String,
+    },
+    /// `host` is owned by the older entry `owner`; `entry` gets no address.
+    #[serde(rename_all = "camelCase")]
+    HostConflict {
+        entry: ObjectKey,
+        host: String,
+        owner: ObjectKey,
+    },
+    /// The persisted `address` of `host` was taken by `owner`'s host (or lies
+    /// outside the prefix) and was replaced.
+    #[serde(rename_all = "camelCase")]
+    Reassigned {
+        entry: ObjectKey,
+        host: String,
+        address: IpAddr,
+        reason: String,
+    },
+}
+
+impl AllocWarning {
+    pub fn entry(&self) -> &ObjectKey {
+        match self {
+            AllocWarning::Exhausted { entry, .. }
+            | AllocWarning::HostConflict { entry, .. }
+            | AllocWarning::Reassigned { entry, .. } => entry,
+        }
+    }
+}
+
+impl fmt::Display for AllocWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AllocWarning::Exhausted {
+                entry,
+                host,
+                family,
+            } => write!(
+                f,
+                "ServiceEntry {entry}: no {family} address for host {host}: prefix exhausted"
+            ),
+            AllocWarning::HostConflict { entry, host, owner } => write!(
+                f,
+                "ServiceEntry {entry}: host {host} already has addresses as a host of the older ServiceEntry {owner}"
+            ),
+            AllocWarning::Reassigned {
+                entry,
+                host,
+                address,
+                reason,
+            } => write!(
+                f,
+                "ServiceEntry {entry}: host {host} lost its address {address} ({reason}) and got a new one"
+            ),
+        }
+    }
+}
+
+/// The result of allocation: what readers need, without a config.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Allocation {
+    pub hosts: HashMap<String, HostAlloc>,
+    /// Stable ids of every ServiceEntry (eligible or not); never 0.
+    pub service_ids: HashMap<ObjectKey, u32>,
+    /// Stable ids of every WorkloadEntry; never 0.
+    pub workload_ids: HashMap<ObjectKey, u32>,
+    pub warnings: Vec<AllocWarning>,
+    prefixes: Option<Prefixes>,
+    next_v4: Option<Ipv4Addr>,
+    next_v6: Option<Ipv6Addr>,
+    next_service_id: u32,
+    next_workload_id: u32,
+}
+
+impl Allocation {
+    /// The auto-allocated addresses of an entry, host by host in the entry's
+    /// host order, IPv4 before IPv6 (the order of Istio's status.addresses).
+    pub fn addresses_of<'a>(
+        &'a self,
+        entry: &'a ObjectKey,
+        hosts: &'a [String],
+    ) -> impl Iterator<Item = (&'a str, IpAddr)> + 'a {
+        hosts.iter().flat_map(move |h| {
+            let a = self.hosts.get(h).filter(|a| &a.owner == entry);
+            let v4 = a.and_then(|a| a.v4).map(IpAddr::V4);
+            let v6 = a.and_then(|a| a.v6).map(IpAddr::V6);
+            v4.into_iter().chain(v6).map(move |ip| (h.as_str(), ip))
+        })
+    }
+
+    pub fn service_id(&self, k: &ObjectKey) -> Option<u32> {
+        self.service_ids.get(k).copied()
+    }
+
+    pub fn workload_id(&self, k: &ObjectKey) -> Option<u32> {
+        self.workload_ids.get(k).copied()
+    }
+
+    pub fn warnings_for<'a>(&'a self, k: &'a ObjectKey) -> impl Iterator<Item = &'a AllocWarning> {
+        self.warnings.iter().filter(move |w| w.entry() == k)
+    }
+}
+
+/// Whether Istio would auto-allocate addresses for this entry.
+pub fn eligible(se: &ServiceEntry) -> bool {
+    se.spec.resolution() != Resolution::None
+        && se.spec.addresses.is_empty()
+        && se.label(labels::AUTOALLOCATE) != Some("false")
+        && !se.spec.hosts.iter().any(|h| h.starts_with('*'))
+}
+
+// ----------------------------------------------------------- persistence
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct State {
+    version: u32,
+    prefixes: Prefixes,
+    next_v4: Ipv4Addr,
+    next_v6: Ipv6Addr,
+    hosts: Vec<HostRecord>,
+    next_service_id: u32,
+    services: Vec<IdRecord>,
+    next_workload_id: u32,
+    workloads: Vec<IdRecord>,
+    #[serde(default)]
+    warnings: Vec<AllocWarning>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HostRecord {
+    host: String,
+    namespace: String,
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    v4: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    v6: Option<Ipv6Addr>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IdRecord {
+    namespace: String,
+    name: String,
+    id: u32,
+}
+
+fn state_path(dir: &Path) -> PathBuf {
+    dir.join(STATE_FILE)
+}
+
+/// Reads the persisted allocation without changing anything. A missing file
+/// is an empty allocation (the agent has not run yet).
+pub fn load(state_dir: &Path) -> Result<Allocation, AllocError> {
+    let path = state_path(state_dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Allocation::default()),
+        Err(source) => return Err(AllocError::Io { path, source }),
+    };
+    let st: State = serde_json::from_slice(&bytes).map_err(|source| AllocError::Corrupt {
+        path: path.clone(),
+        source,
+    })?;
+    if st.version != STATE_VERSION {
+        return Err(AllocError::Version {
+            path,
+            found: st.version,
+        });
+    }
+    let key = |ns: String, name: String| ObjectKey {
+        namespace: ns,
+        name,
+    };
+    Ok(Allocation {
+        hosts: st
+            .hosts
+            .into_iter()
+            .map(|h| {
+                (
+                    h.host,
+                    HostAlloc {
+                        owner: key(h.namespace, h.name),
+                        v4: h.v4,
+                        v6: h.v6,
+                    },
+                )
+            })
+            .collect(),
+        service_ids: st
+            .services
+            .into_iter()
+            .map(|r| (key(r.namespace, r.name), r.id))
+            .collect(),
+        workload_ids: st
+            .workloads
+            .into_iter()
+            .map(|r| (key(r.namespace, r.name), r.id))
+            .collect(),
+        warnings: st.warnings,
+        prefixes: Some(st.prefixes),
+        next_v4: Some(st.next_v4),
+        next_v6: Some(st.next_v6),
+        next_service_id: st.next_service_id,
+        next_workload_id: st.next_workload_id,
+    })
+}
+
+fn to_state(a: &Allocation, prefixes: Prefixes) -> State {
+    let mut hosts: Vec<HostRecord> = a
+        .hosts
+        .iter()
+        .map(|(h, x)| HostRecord {
+            host: h.clone(),
+            namespace: x.owner.namespace.clone(),
+            name: x.owner.name.clone(),
+            v4: x.v4,
+            v6: x.v6,
+        })
+        .collect();
+    hosts.sort_by(|a, b| a.host.cmp(&b.host));
+    let ids = |m: &HashMap<ObjectKey, u32>| {
+        let mut v: Vec<IdRecord> = m
+            .iter()
+            .map(|(k, id)| IdRecord {
+                namespace: k.namespace.clone(),
+                name: k.name.clone(),
+                id: *id,
+            })
+            .collect();
+        v.sort_by_key(|r| r.id);
+        v
+    };
+    State {
+        version: STATE_VERSION,
+        prefixes,
+        next_v4: a.next_v4.unwrap_or(nth_v4(prefixes.v4, 1)),
+        next_v6: a.next_v6.unwrap_or(nth_v6(prefixes.v6, 1)),
+        hosts,
+        next_service_id: a.next_service_id.max(1),
+        services: ids(&a.service_ids),
+        next_workload_id: a.next_workload_id.max(1),
+        workloads: ids(&a.workload_ids),
+        warnings: a.warnings.clone(),
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AllocError> {
+    let io = |source| AllocError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    // Make the rename itself durable.
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------- allocator
+
+/// Offsets inside a prefix: first usable is prefix+1; for IPv4 the last
+/// (broadcast-like) address is not used.
+struct Pool {
+    used: HashSet<u128>,
+    first: u128,
+    last: u128,
+    cursor: u128,
+}
+
+impl Pool {
+    fn new(first: u128, last: u128, cursor: u128) -> Self {
+        let cursor = if (first..=last).contains(&cursor) {
+            cursor
+        } else {
+            first
+        };
+        Pool {
+            used: HashSet::new(),
+            first,
+            last,
+            cursor,
+        }
+    }
+    fn capacity(&self) -> u128 {
+        self.last - self.first + 1
+    }
+    /// Reserves a specific offset; false when taken or outside the pool.
+    fn claim(&mut self, off: u128) -> bool {
+        (self.first..=self.last).contains(&off) && self.used.insert(off)
+    }
+    /// Next free offset at or after the cursor, wrapping once.
+    fn next(&mut self) -> Option<u128> {
+        if self.used.len() as u128 >= self.capacity() {
+            return None;
+        }
+        loop {
+            let c = self.cursor;
+            self.cursor = if c >= self.last { self.first } else { c + 1 };
+            if self.used.insert(c) {
+                return Some(c);
+            }
+        }
+    }
+}
+
+fn nth_v4(p: Ipv4Net, off: u128) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(p.network()).wrapping_add(off as u32))
+}
+fn nth_v6(p: Ipv6Net, off: u128) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(p.network()).wrapping_add(off))
+}
+fn off_v4(p: Ipv4Net, a: Ipv4Addr) -> Option<u128> {
+    p.contains(&a)
+        .then(|| (u32::from(a) - u32::from(p.network())) as u128)
+}
+fn off_v6(p: Ipv6Net, a: Ipv6Addr) -> Option<u128> {
+    p.contains(&a)
+        .then(|| u128::from(a) - u128::from(p.network()))
+}
+
+/// The one allocator: owns the state directory.
+pub struct Allocator {
+    dir: PathBuf,
+    prefixes: Prefixes,
+    current: Allocation,
+    /// Hash of the last state written, to skip identical writes.
+    written: Option<u64>,
+}
+
+impl Allocator {
+    /// Opens (or starts) the state in `state_dir` with Istio's prefixes.
+    pub fn open(state_dir: &Path) -> Result<Self, AllocError> {
+        Self::open_with(state_dir, Prefixes::default())
+    }
+
+    /// Same with other prefixes (tests use tiny ones to reach exhaustion).
+    pub fn open_with(state_dir: &Path, prefixes: Prefixes) -> Result<Self, AllocError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| AllocError::Io {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let current = load(state_dir)?;
+        Ok(Allocator {
+            dir: state_dir.to_path_buf(),
+            prefixes,
+            current,
+            written: None,
+        })
+    }
+
+    pub fn current(&self) -> &Allocation {
+        &self.current
+    }
+
+    /// Allocates for `cfg`, persists the result when it changed, and returns
+    /// it. Logs each warning that is new since the previous call.
+    pub fn allocate(&mut self, cfg: &Config) -> Result<&Allocation, AllocError> {
+        let next = compute(&self.current, cfg, self.prefixes);
+        // Only new warnings are logged (a set: 100k entries can mean 30k
+        // exhaustion warnings).
+        let old: HashSet<&AllocWarning> = self.current.warnings.iter().collect();
+        for w in next.warnings.iter().filter(|w| !old.contains(w)) {
+            tracing::warn!("{w}");
+        }
+        let bytes = serde_json::to_vec(&to_state(&next, self.prefixes))
+            .expect("allocation state serializes");
+        let h = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut h);
+            h.finish()
+        };
+        if self.written != Some(h) {
+            write_atomic(&state_path(&self.dir), &bytes)?;
+            self.written = Some(h);
+        }
+        self.current = next;
+        Ok(&self.current)
+    }
+}
+
+/// Pure allocation step: previous allocation + config -> next allocation.
+fn compute(prev: &Allocation, cfg: &Config, prefixes: Prefixes) -> Allocation {
+    let mut warnings = Vec::new();
+
+    // Eligible entries, oldest first: the order that decides collisions.
+    let mut order: Vec<&ServiceEntry> = cfg
+        .service_entries
+        .iter()
+        .filter(|se| eligible(se))
+        .collect();
+    order.sort_by_key(|se| se.age_key());
+
+    // 1. Host ownership.
+    let mut owners: HashMap<&str, (&ServiceEntry, ObjectKey)> = HashMap::new();
+    let mut owned: Vec<(&str, &ServiceEntry, ObjectKey)> = Vec::new();
+    for se in &order {
+        let key = se.key();
+        for h in &se.spec.hosts {
+            match owners.get(h.as_str()) {
+                Some((_, owner)) if *owner == key => {} // host listed twice
+                Some((_, owner)) => warnings.push(AllocWarning::HostConflict {
+                    entry: key.clone(),
+                    host: h.clone(),
+                    owner: owner.clone(),
+                }),
+                None => {
+                    owners.insert(h.as_str(), (se, key.clone()));
+                    owned.push((h.as_str(), se, key.clone()));
+                }
+            }
+        }
+    }
+
+    // 2. Keep persisted addresses, oldest entry first; note the rest.
+    let v4_last = (1u128 << (32 - prefixes.v4.prefix_len())).saturating_sub(2);
+    let v6_last = if prefixes.v6.prefix_len() == 0 {
+        u128::MAX
+    } else {
+        (1u128 << (128 - prefixes.v6.prefix_len())) - 1
+    };
+    let same_prefixes = prev.prefixes == Some(prefixes);
+    let cur4 = prev
+        .next_v4
+        .filter(|_| same_prefixes)
+        .and_then(|a| off_v4(prefixes.v4, a))
+        .unwrap_or(1);
+    let cur6 = prev
+        .next_v6
+        .filter(|_| same_prefixes)
+        .and_then(|a| off_v6(prefixes.v6, a))
+        .unwrap_or(1);
+    let mut pool4 = Pool::new(1, v4_last, cur4);
+    let mut pool6 = Pool::new(1, v6_last, cur6);
+    let mut hosts: HashMap<String, HostAlloc> = HashMap::with_capacity(owned.len());
+    let mut need: Vec<(&str, ObjectKey, bool, bool)> = Vec::new();
+    for (h, _se, key) in &owned {
+        let old = prev.hosts.get(*h);
+        let mut v4 = None;
+        let mut v6 = None;
+        if let Some(a) = old.and_then(|o| o.v4) {
+            match off_v4(prefixes.v4, a) {
+                Some(off) if pool4.claim(off) => v4 = Some(a),
+                Some(_) => warnings.push(AllocWarning::Reassigned {
+                    entry: key.clone(),
+                    host: h.to_string(),
+                    address: IpAddr::V4(a),
+                    reason: "address claimed by an older entry".into(),
+                }),
+                None => warnings.push(AllocWarning::Reassigned {
+                    entry: key.clone(),
+                    host: h.to_string(),
+                    address: IpAddr::V4(a),
+                    reason: format!("outside {}", prefixes.v4),
+                }),
+            }
+        }
+        if let Some(a) = old.and_then(|o| o.v6) {
+            match off_v6(prefixes.v6, a) {
+                Some(off) if pool6.claim(off) => v6 = Some(a),
+                Some(_) => warnings.push(AllocWarning::Reassigned {
+                    entry: key.clone(),
+                    host: h.to_string(),
+                    address: IpAddr::V6(a),
+                    reason: "address claimed by an older entry".into(),
+                }),
+                None => warnings.push(AllocWarning::Reassigned {
+                    entry: key.clone(),
+                    host: h.to_string(),
+                    address: IpAddr::V6(a),
+                    reason: format!("outside {}", prefixes.v6),
+                }),
+            }
+        }
+        if v4.is_none() || v6.is_none() {
+            need.push((h, key.clone(), v4.is_none(), v6.is_none()));
+        }
+        hosts.insert(
+            h.to_string(),
+            HostAlloc {
+                owner: key.clone(),
+                v4,
+                v6,
+            },
+        );
+    }
+
+    // 3. New addresses, oldest entry first.
+    for (h, key, want4, want6) in need {
+        let slot = hosts.get_mut(h).expect("inserted above");
+        if want4 {
+            match pool4.next() {
+                Some(off) => slot.v4 = Some(nth_v4(prefixes.v4, off)),
+                None => warnings.push(AllocWarning::Exhausted {
+                    entry: key.clone(),
+                    host: h.to_string(),
+                    family: "IPv4".into(),
+                }),
+            }
+        }
+        if want6 {
+            match pool6.next() {
+                Some(off) => slot.v6 = Some(nth_v6(prefixes.v6, off)),
+                None => warnings.push(AllocWarning::Exhausted {
+                    entry: key.clone(),
+                    host: h.to_string(),
+                    family: "IPv6".into(),
+                }),
+            }
+        }
+    }
+
+    // 4. Stable ids: kept for known objects, new ones from a counter.
+    let mut next_service_id = prev.next_service_id.max(1);
+    let service_ids = assign_ids(
+        cfg.service_entries.iter().map(|s| s.key()),
+        &prev.service_ids,
+        &mut next_service_id,
+    );
+    let mut next_workload_id = prev.next_workload_id.max(1);
+    let workload_ids = assign_ids(
+        cfg.workload_entries.iter().map(|w| w.key()),
+        &prev.workload_ids,
+        &mut next_workload_id,
+    );
+
+    Allocation {
+        hosts,
+        service_ids,
+        workload_ids,
+        warnings,
+        prefixes: Some(prefixes),
+        next_v4: Some(nth_v4(prefixes.v4, pool4.cursor)),
+        next_v6: Some(nth_v6(prefixes.v6, pool6.cursor)),
+        next_service_id,
+        next_workload_id,
+    }
+}
+
+fn assign_ids(
+    keys: impl Iterator<Item = ObjectKey>,
+    prev: &HashMap<ObjectKey, u32>,
+    next: &mut u32,
+) -> HashMap<ObjectKey, u32> {
+    let mut out = HashMap::with_capacity(prev.len());
+    let mut fresh = Vec::new();
+    for k in keys {
+        match prev.get(&k) {
+            Some(id) => {
+                out.insert(k, *id);
+            }
+            None => fresh.push(k),
+        }
+    }
+    let taken: HashSet<u32> = out.values().copied().collect();
+    for k in fresh {
+        // Skip 0 (reserved) and ids still in use after a wrap.
+        while *next == 0 || taken.contains(next) {
+            *next = next.wrapping_add(1);
+        }
+        out.insert(k, *next);
+        *next = next.wrapping_add(1);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A config directory built from `(file, yaml)` pairs.
+    pub(crate) fn cfg(files: &[(&str, &str)]) -> Config {
+        let d = tempfile::tempdir().unwrap();
+        for (n, t) in files {
+            std::fs::write(d.path().join(n), t).unwrap();
+        }
+        Config::load_dir(d.path()).unwrap()
+    }
+
+    pub(crate) fn se(name: &str, hosts: &[&str], extra: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: ns\n{extra}spec:\n  hosts: [{}]\n  ports: [{{number: 80, name: http}}]\n  resolution: DNS\n---\n",
+            hosts.join(", ")
+        )
+    }
+
+    fn v4(a: &Allocation, host: &str) -> Option<Ipv4Addr> {
+        a.hosts.get(host).and_then(|h| h.v4)
+    }
+    fn v6(a: &Allocation, host: &str) -> Option<Ipv6Addr> {
+        a.hosts.get(host).and_then(|h| h.v6)
+    }
+
+    #[test]
+    fn first_addresses_are_prefix_plus_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut al = Allocator::open(dir.path()).unwrap();
+        let a = al
+            .allocate(&cfg(&[(
+                "a.yaml",
+                &se("httpbin.org", &["httpbin.org"], ""),
+            )]))
+            .unwrap();
+        assert_eq!(v4(a, "httpbin.org"), Some("240.240.0.1".parse().unwrap()));
+        assert_eq!(v6(a, "httpbin.org"), Some("2001:2::1".parse().unwrap()));
+        let k = ObjectKey::new("ns", "httpbin.org");
+        let addrs: Vec<_> = a
+            .addresses_of(&k, &["httpbin.org".to_string()])
+            .map(|(_, ip)| ip.to_string())
+            .collect();
+        assert_eq!(addrs, ["240.240.0.1", "2001:2::1"]);
+    }
+
+    #[test]
+    fn stable_across_restart_and_edits() {
+        let dir = tempfile::tempdir().unwrap();
+        let c1 = cfg(&[(
+            "a.yaml",
+            &(se("a", &["a.example"], "") + &se("b", &["b.example"], "")),
+        )]);
+        let (a1, b1) = {
+            let mut al = Allocator::open(dir.path()).unwrap();
+            let a = al.allocate(&c1).unwrap();
+            (a.hosts["a.example"].clone(), a.hosts["b.example"].clone())
+        };
+        // Restart, with `a` deleted and a new entry listed first.
+        let c2 = cfg(&[(
+            "a.yaml",
+            &(se("c", &["c.example"], "") + &se("b", &["b.example"], "")),
+        )]);
+        let mut al = Allocator::open(dir.path()).unwrap();
+        assert_eq!(
+            load(dir.path()).unwrap().hosts["a.example"],
+            a1,
+            "reader sees persisted state"
+        );
+        let a = al.allocate(&c2).unwrap().clone();
+        assert_eq!(a.hosts["b.example"], b1);
+        assert!(!a.hosts.contains_key("a.example"), "deleted host released");
+        // The released .1 is not handed out again at once (cursor moves on).
+        assert_eq!(v4(&a, "c.example"), Some("240.240.0.3".parse().unwrap()));
+        // Ids: b keeps its id, c gets a new one.
+        let bid = a.service_id(&ObjectKey::new("ns", "b")).unwrap();
+        let cid = a.service_id(&ObjectKey::new("ns", "c")).unwrap();
+        assert_ne!(bid, cid);
+        // Reload again: identical.
+        let again = Allocator::open(dir.path())
+            .unwrap()
+            .allocate(&c2)
+            .unwrap()
+            .clone();
+        assert_eq!(again.hosts, a.hosts);
+        assert_eq!(again.service_ids, a.service_ids);
+        // A reader's load equals the allocator's result.
+        let r = load(dir.path()).unwrap();
+        assert_eq!(r.hosts, a.hosts);
+        assert_eq!(r.service_ids, a.service_ids);
+    }
+
+    #[test]
+    fn same_host_in_two_entries_older_creation_timestamp_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let young = se(
+            "young",
+            &["shared.example"],
+            "  creationTimestamp: \"2024-10-28T00:00:00Z\"\n",
+        );
+        let old = se(
+            "old",
+            &["shared.example"],
+            "  creationTimestamp: \"2024-10-27T00:45:08.374915129Z\"\n",
+        );
+        // `young` comes first in file order; age decides.
+        let c = cfg(&[("a.yaml", &(young + &old))]);
+        let mut al = Allocator::open(dir.path()).unwrap();
+        let a = al.allocate(&c).unwrap();
+        assert_eq!(a.hosts["shared.example"].owner, ObjectKey::new("ns", "old"));
+        assert_eq!(
+            a.warnings,
+            vec![AllocWarning::HostConflict {
+                entry: ObjectKey::new("ns", "young"),
+                host: "shared.example".into(),
+                owner: ObjectKey::new("ns", "old"),
+            }]
+        );
+        let yk = ObjectKey::new("ns", "young");
+        assert_eq!(a.addresses_of(&yk, &["shared.example".into()]).count(), 0);
+    }
+
+    #[test]
+    fn same_host_without_timestamps_first_in_file_order_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(&[
+            ("a.yaml", &se("first", &["h.example"], "")),
+            ("b.yaml", &se("second", &["h.example"], "")),
+        ]);
+        let a = Allocator::open(dir.path())
+            .unwrap()
+            .allocate(&c)
+            .unwrap()
+            .clone();
+        assert_eq!(a.hosts["h.example"].owner, ObjectKey::new("ns", "first"));
+    }
+
+    #[test]
+    fn persisted_address_collision_older_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(&[(
+            "a.yaml",
+            &(se(
+                "young",
+                &["y.example"],
+                "  creationTimestamp: \"2024-10-28T00:00:00Z\"\n",
+            ) + &se(
+                "old",
+                &["o.example"],
+                "  creationTimestamp: \"2024-01-01T00:00:00Z\"\n",
+            )),
+        )]);
+        Allocator::open(dir.path()).unwrap().allocate(&c).unwrap();
+        // Corrupt the state by hand: both hosts claim the same addresses.
+        let p = dir.path().join(STATE_FILE);
+        let mut st: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        let hosts = st["hosts"].as_array_mut().unwrap();
+        let o = hosts
+            .iter()
+            .find(|h| h["host"] == "o.example")
+            .unwrap()
+            .clone();
+        for h in hosts.iter_mut() {
+            h["v4"] = o["v4"].clone();
+            h["v6"] = o["v6"].clone();
+        }
+        std::fs::write(&p, serde_json::to_vec(&st).unwrap()).unwrap();
+        let mut al = Allocator::open(dir.path()).unwrap();
+        let a = al.allocate(&c).unwrap();
+        let ov4: Ipv4Addr = o["v4"].as_str().unwrap().parse().unwrap();
+        assert_eq!(v4(a, "o.example"), Some(ov4));
+        assert!(v4(a, "y.example").is_some());
+        assert_ne!(v4(a, "y.example"), Some(ov4));
+        assert!(a
+            .warnings
+            .iter()
+            .any(|w| matches!(w, AllocWarning::Reassigned { entry, .. } if entry.name == "young")));
+    }
+
+    #[test]
+    fn exhaustion_is_a_warning_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // /30: offsets 1 and 2 usable (IPv4 excludes the last address).
+        let pf = Prefixes {
+            v4: "10.9.0.0/30".parse().unwrap(),
+            v6: "fd00::/126".parse().unwrap(),
+        };
+        let yaml: String = (0..4)
+            .map(|i| se(&format!("s{i}"), &[&format!("h{i}.example")], ""))
+            .collect();
+        let c = cfg(&[("a.yaml", &yaml)]);
+        let mut al = Allocator::open_with(dir.path(), pf).unwrap();
+        let a = al.allocate(&c).unwrap().clone();
+        assert_eq!(v4(&a, "h0.example"), Some("10.9.0.1".parse().unwrap()));
+        assert_eq!(v4(&a, "h1.example"), Some("10.9.0.2".parse().unwrap()));
+        assert_eq!(v4(&a, "h2.example"), None);
+        assert_eq!(v6(&a, "h2.example"), Some("fd00::3".parse().unwrap()));
+        assert_eq!(v6(&a, "h3.example"), None);
+        let ex: Vec<_> = a
+            .warnings
+            .iter()
+            .filter_map(|w| match w {
+                AllocWarning::Exhausted { host, family, .. } => Some(format!("{host} {family}")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            ex,
+            ["h2.example IPv4", "h3.example IPv4", "h3.example IPv6"]
+        );
+        // Deleting an entry frees its address for the next one (after wrap).
+        let yaml: String = [1, 2, 3]
+            .iter()
+            .map(|i| se(&format!("s{i}"), &[&format!("h{i}.example")], ""))
+            .collect();
+        let a = al.allocate(&cfg(&[("a.yaml", &yaml)])).unwrap();
+        assert_eq!(v4(a, "h1.example"), Some("10.9.0.2".parse().unwrap()));
+        assert_eq!(v4(a, "h2.example"), Some("10.9.0.1".parse().unwrap()));
+        assert_eq!(v4(a, "h3.example"), None);
+    }
+
+    #[test]
+    fn ineligible_entries_get_no_addresses_but_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = se("none", &["none.example"], "").replace("resolution: DNS", "resolution: NONE");
+        let optout = se(
+            "optout",
+            &["optout.example"],
+            "  labels: {networking.istio.io/enable-autoallocate-ip: \"false\"}\n",
+        );
+        let explicit = se("explicit", &["explicit.example"], "").replace(
+            "  resolution: DNS",
+            "  addresses: [10.1.2.3]\n  resolution: DNS",
+        );
+        let wild = se("wild", &["\"*.wild.example\"", "x.example"], "");
+        let ok = se("ok", &["ok.example"], "");
+        let c = cfg(&[("a.yaml", &(none + &optout + &explicit + &wild + &ok))]);
+        let a = Allocator::open(dir.path())
+            .unwrap()
+            .allocate(&c)
+            .unwrap()
+            .clone();
+        let hosts: Vec<_> = a.hosts.keys().cloned().collect();
+        assert_eq!(hosts, ["ok.example"]);
+        assert_eq!(v4(&a, "ok.example"), Some("240.240.0.1".parse().unwrap()));
+        assert_eq!(a.service_ids.len(), 5);
+        let mut ids: Vec<_> = a.service_ids.values().copied().collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 5);
+        assert!(!ids.contains(&0));
+    }
+
+    #[test]
+    fn hundred_thousand_entries_are_linear() {
+        // Not a timing assertion: checks the result at the scale the
+        // benchmark measures (and that it finishes).
+        let mut c = Config::default();
+        let base = cfg(&[("a.yaml", &se("x", &["x.example"], ""))]).service_entries[0].clone();
+        for i in 0..100_000 {
+            let mut s = base.clone();
+            s.metadata.name = format!("s{i}");
+            s.spec.hosts = vec![format!("h{i}.example")];
+            s.origin.seq = i;
+            c.service_entries.push(s);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allocator::open(dir.path())
+            .unwrap()
+            .allocate(&c)
+            .unwrap()
+            .clone();
+        assert_eq!(a.hosts.len(), 100_000);
+        // 65534 usable IPv4 addresses in a /16; IPv6 never runs out.
+        assert_eq!(a.hosts.values().filter(|h| h.v4.is_some()).count(), 65_534);
+        assert_eq!(a.hosts.values().filter(|h| h.v6.is_some()).count(), 100_000);
+        assert_eq!(
+            v4(&a, "h65533.example"),
+            Some("240.240.255.254".parse().unwrap())
+        );
+    }
+}
