@@ -316,6 +316,101 @@ async fn routes(add: bool) -> Result<(), CaptureError> {
     result
 }
 
+/// Name of the dummy interface that carries the DNS proxy's addresses.
+pub const DNS_INTERFACE: &str = "shunt-dns0";
+
+/// Create (idempotently) the dummy interface owned by the agent and put the
+/// DNS proxy's link-local IPv4 and ULA IPv6 addresses on it, so pods reach
+/// the proxy through their default route to the node.
+pub async fn install_dns_interface(v4: Ipv4Addr, v6: Ipv6Addr) -> Result<(), CaptureError> {
+    use futures::TryStreamExt as _;
+    use rtnetlink::{new_connection, packet_route::address::AddressHeaderFlags, LinkDummy};
+    let nl =
+        |e: rtnetlink::Error| CaptureError::Netlink(format!("DNS interface {DNS_INTERFACE}: {e}"));
+    let (conn, handle, _) = new_connection().map_err(|e| CaptureError::Netlink(e.to_string()))?;
+    let task = tokio::spawn(conn);
+    let result = async {
+        let index = match link_index(&handle, DNS_INTERFACE).await {
+            Some(i) => i,
+            None => {
+                handle
+                    .link()
+                    .add(LinkDummy::new(DNS_INTERFACE).up().build())
+                    .execute()
+                    .await
+                    .map_err(nl)?;
+                link_index(&handle, DNS_INTERFACE)
+                    .await
+                    .ok_or_else(|| CaptureError::Netlink(format!("{DNS_INTERFACE} vanished after creation")))?
+            }
+        };
+        handle
+            .link()
+            .set(rtnetlink::LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(nl)?;
+        let existing: Vec<_> = handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl)?;
+        let has = |ip: std::net::IpAddr| {
+            existing.iter().any(|m| {
+                m.attributes.iter().any(|a| {
+                    matches!(a, rtnetlink::packet_route::address::AddressAttribute::Address(x) if *x == ip)
+                })
+            })
+        };
+        if !has(v4.into()) {
+            handle.address().add(index, v4.into(), 32).execute().await.map_err(nl)?;
+        }
+        if !has(v6.into()) {
+            let mut req = handle.address().add(index, v6.into(), 128);
+            // No duplicate address detection: the address must work at once.
+            req.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+            req.execute().await.map_err(nl)?;
+        }
+        Ok(())
+    }
+    .await;
+    task.abort();
+    result
+}
+
+async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Option<u32> {
+    use futures::TryStreamExt as _;
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    links
+        .try_next()
+        .await
+        .ok()
+        .flatten()
+        .map(|m| m.header.index)
+}
+
+/// Remove the VIP routes and the DNS interface (`shunt uninstall`).
+pub async fn uninstall_network() -> Result<(), CaptureError> {
+    remove_routes().await?;
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| CaptureError::Netlink(e.to_string()))?;
+    let task = tokio::spawn(conn);
+    let r = match link_index(&handle, DNS_INTERFACE).await {
+        Some(i) => handle
+            .link()
+            .del(i)
+            .execute()
+            .await
+            .map_err(|e| CaptureError::Netlink(format!("removing {DNS_INTERFACE}: {e}"))),
+        None => Ok(()),
+    };
+    task.abort();
+    r
+}
+
 /// Remove every pin shunt created under `pin_dir` (links first, which
 /// detaches the programs), then the directory. Other files are left alone.
 pub fn remove_pins(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {

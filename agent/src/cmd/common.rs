@@ -1,0 +1,83 @@
+//! Flags shared by several subcommands, with the same names and env vars
+//! everywhere.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Args;
+
+#[derive(Args, Clone, Debug)]
+pub struct KernelArgs {
+    /// Directory on a bpffs where maps and links are pinned.
+    #[arg(long, env = "SHUNT_PIN_DIR", default_value = "/sys/fs/bpf/shunt")]
+    pub pin_dir: PathBuf,
+    /// Network namespace (a path such as /var/run/netns/NAME) that is the
+    /// node: routes, sk_lookup, the capture socket and the DNS proxy live
+    /// there. Default: the current one.
+    #[arg(long, env = "SHUNT_NETNS")]
+    pub netns: Option<PathBuf>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct StateArgs {
+    /// Directory for shunt's state: VIP allocations, status times, pid file.
+    #[arg(long, env = "SHUNT_STATE_DIR", default_value = "/var/lib/shunt")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ConfigDirArgs {
+    /// Directory of Istio YAML (Namespace, ServiceEntry, AuthorizationPolicy,
+    /// DestinationRule, Gateway, WorkloadEntry) plus an optional mesh.yaml.
+    #[arg(long, env = "SHUNT_CONFIG_DIR", default_value = "/etc/shunt/config")]
+    pub config_dir: PathBuf,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct LogArgs {
+    /// Log format: text or json (access logs and diagnostics).
+    #[arg(long, env = "SHUNT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl LogArgs {
+    pub fn init(&self) {
+        use std::io::IsTerminal;
+        use tracing_subscriber::{fmt, EnvFilter};
+        let filter =
+            EnvFilter::try_from_env("SHUNT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+        let builder = fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .with_writer(std::io::stderr);
+        if self.log_format == "json" {
+            builder.json().init();
+        } else {
+            builder.init();
+        }
+    }
+    pub fn json(&self) -> bool {
+        self.log_format == "json"
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: use e.g. 30s, 500ms, 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration unit in {s:?}: use ms, s or m")),
+    }
+}
+
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}

@@ -1,0 +1,70 @@
+//! `shunt maps`: the pinned maps as readable tables.
+
+use std::{net::SocketAddr, process::ExitCode};
+
+use shunt_agent::maps::{addr_from_bytes, PinnedMaps};
+use shunt_common::{SVC_F_HTTP, SVC_F_WAYPOINT};
+
+use super::common::KernelArgs;
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Example:\n  shunt maps --pin-dir /sys/fs/bpf/shunt")]
+pub struct Args {
+    #[command(flatten)]
+    kernel: KernelArgs,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let pin_dir = &args.kernel.pin_dir;
+    let maps = PinnedMaps::open(pin_dir)?;
+    let meta = maps.meta()?;
+    println!(
+        "pin dir {}  layout v{}  egress {}",
+        pin_dir.display(),
+        meta.layout_version,
+        if meta.egress_mode == shunt_common::EGRESS_REGISTRY_ONLY {
+            "REGISTRY_ONLY"
+        } else {
+            "ALLOW_ANY"
+        }
+    );
+    let services = maps.read_services()?;
+    println!("\nSERVICES ({})", services.len());
+    println!(
+        "{:<28} {:>5} {:>8} {:<28} FLAGS",
+        "VIP", "PORT", "SERVICE", "WAYPOINT"
+    );
+    for (k, v) in &services {
+        let wp = if v.flags & SVC_F_WAYPOINT != 0 {
+            SocketAddr::new(addr_from_bytes(v.waypoint_addr), v.waypoint_port).to_string()
+        } else {
+            "-".to_string()
+        };
+        let mut flags = Vec::new();
+        if v.flags & SVC_F_WAYPOINT != 0 {
+            flags.push("waypoint");
+        }
+        if v.flags & SVC_F_HTTP != 0 {
+            flags.push("http");
+        }
+        println!(
+            "{:<28} {:>5} {:>8} {:<28} {}",
+            addr_from_bytes(k.addr).to_string(),
+            k.port,
+            v.service_id,
+            wp,
+            flags.join(",")
+        );
+    }
+    let enrolled = maps.read_enrolled()?;
+    println!("\nENROLLED ({})", enrolled.len());
+    println!("{:<20} {:>8} FLAGS", "CGROUP ID", "WORKLOAD");
+    for (cg, v) in &enrolled {
+        println!("{:<20} {:>8} {:#x}", cg, v.workload_id, v.flags);
+    }
+    println!("\nCOUNTERS");
+    for (c, n) in maps.counters()? {
+        println!("{:<14} {}", c.name(), n);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,31 @@
+//! `shunt uninstall`: remove what the agent installed, and nothing else.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use shunt_agent::{agent, capture};
+
+use super::common::{runtime, KernelArgs};
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Example:\n  shunt uninstall --pin-dir /sys/fs/bpf/shunt")]
+pub struct Args {
+    #[command(flatten)]
+    kernel: KernelArgs,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(ns) = &args.kernel.netns {
+        agent::enter_netns(ns)?;
+    }
+    let pin_dir = &args.kernel.pin_dir;
+    let removed = capture::remove_pins(pin_dir)
+        .with_context(|| format!("removing pins under {}", pin_dir.display()))?;
+    runtime()?.block_on(capture::uninstall_network())?;
+    println!(
+        "removed {} pins under {}, the VIP routes and the DNS interface",
+        removed.len(),
+        pin_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
