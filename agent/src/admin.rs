@@ -59,8 +59,7 @@ pub struct AdminServer {
 impl AdminServer {
     /// Binds `addr` and starts serving `endpoints` on it.
     pub async fn bind(addr: SocketAddr, endpoints: Endpoints) -> Result<Self, AdminError> {
-        let listener = TcpListener::bind(addr)
-            .await
+        let listener = crate::sockets::tcp_listener(addr)
             .map_err(|source| AdminError::Bind { addr, source })?;
         let local_addr = listener
             .local_addr()

@@ -101,8 +101,8 @@ pub struct AgentOptions {
     /// How long open connections may run after the agent stops accepting.
     pub drain_timeout: Duration,
     /// Initial `meta` (egress mode, DNS proxy); the layout version is
-    /// filled in by the loader.
-    pub meta: shunt_common::Meta,
+    /// filled in by the loader. `None` leaves a pinned `meta` as it is.
+    pub meta: Option<shunt_common::Meta>,
 }
 
 /// Enter the node's network namespace. Must run before any thread is

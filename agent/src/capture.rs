@@ -97,7 +97,7 @@ pub struct Installed {
 /// existing pins), write `meta` (layout version, egress mode, DNS proxy),
 /// and attach each program unless its link is already pinned. The sk_lookup
 /// link is attached to the current network namespace (the node's).
-pub fn install(paths: &KernelPaths, meta_value: Meta) -> Result<Installed, CaptureError> {
+pub fn install(paths: &KernelPaths, meta_value: Option<Meta>) -> Result<Installed, CaptureError> {
     std::fs::create_dir_all(&paths.pin_dir)
         .map_err(|e| CaptureError::PinDir(paths.pin_dir.clone(), e))?;
     check_layout(paths)?;
@@ -118,15 +118,24 @@ pub fn install(paths: &KernelPaths, meta_value: Meta) -> Result<Installed, Captu
             .ok_or(CaptureError::MissingMap(map_names::META))?,
     )
     .map_err(|e| CaptureError::Map(map_names::META, e))?;
-    meta.set(
-        0,
-        &Meta {
+    let current = meta
+        .get(&0, 0)
+        .map_err(|e| CaptureError::Map(map_names::META, e))?;
+    let value = match meta_value {
+        Some(m) => Meta {
             layout_version: LAYOUT_VERSION,
-            ..meta_value
+            ..m
         },
-        0,
-    )
-    .map_err(|e| CaptureError::Map(map_names::META, e))?;
+        // Keep what an earlier agent wrote; only stamp a fresh map.
+        None => Meta {
+            layout_version: LAYOUT_VERSION,
+            ..current
+        },
+    };
+    if value != current {
+        meta.set(0, &value, 0)
+            .map_err(|e| CaptureError::Map(map_names::META, e))?;
+    }
 
     let mut reused_links = Vec::new();
     for prog in [
@@ -314,6 +323,19 @@ async fn routes(add: bool) -> Result<(), CaptureError> {
     }
     task.abort();
     result
+}
+
+/// Strict reverse-path filtering (IPv4) in the node namespace: a pod cannot
+/// send with another pod's source address, which matters because the agent
+/// identifies workloads by source address.
+pub fn set_strict_rp_filter() -> Result<(), CaptureError> {
+    for p in [
+        "/proc/sys/net/ipv4/conf/all/rp_filter",
+        "/proc/sys/net/ipv4/conf/default/rp_filter",
+    ] {
+        std::fs::write(p, "1").map_err(|e| CaptureError::Open(PathBuf::from(p), e))?;
+    }
+    Ok(())
 }
 
 /// Name of the dummy interface that carries the DNS proxy's addresses.

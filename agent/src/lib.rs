@@ -11,8 +11,10 @@ pub mod dns;
 pub mod hbone;
 pub mod identity;
 pub mod maps;
+pub mod node;
 pub mod policy;
 pub mod prereq;
+pub mod sockets;
 pub mod telemetry;
 pub mod upstream;
 

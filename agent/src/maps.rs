@@ -113,6 +113,14 @@ impl PinnedMaps {
             .collect()
     }
 
+    pub fn set_meta(&mut self, m: &Meta) -> Result<(), MapsError> {
+        self.meta.set(0, m, 0).map_err(|source| MapsError::Op {
+            map: map_names::META,
+            op: "write",
+            source,
+        })
+    }
+
     pub fn meta(&self) -> Result<Meta, MapsError> {
         self.meta.get(&0, 0).map_err(|source| MapsError::Op {
             map: map_names::META,

@@ -1,27 +1,41 @@
 //! `shunt agent`: the node agent.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use shunt_agent::{
-    agent::{self, Agent, AgentOptions, RefuseHandler},
+    agent::{self, AgentOptions},
     capture::KernelPaths,
+    dns::{parse_upstream, upstreams_from_resolv_conf},
+    node::{self, AdminAddrs, DnsSettings, NodeOptions},
     prereq,
 };
 
-use super::common::{parse_duration, runtime, KernelArgs, LogArgs, StateArgs};
+use super::common::{parse_duration, runtime, ConfigDirArgs, KernelArgs, LogArgs, StateArgs};
 
 #[derive(clap::Args, Debug)]
-#[command(
-    after_help = "Example:\n  shunt agent --pin-dir /sys/fs/bpf/shunt --cgroup-root /sys/fs/cgroup/unified/kubepods"
-)]
+#[command(after_help = "Examples:
+  shunt agent --config-dir /etc/shunt/config --ca-dir /etc/shunt/ca
+  shunt agent --netns /var/run/netns/node --cgroup-root /sys/fs/cgroup/unified/kubepods \\
+      --dns-upstream 10.96.0.10 --pin-dir /sys/fs/bpf/shunt")]
 pub struct Args {
     #[command(flatten)]
     kernel: KernelArgs,
     #[command(flatten)]
     state: StateArgs,
     #[command(flatten)]
+    config: ConfigDirArgs,
+    #[command(flatten)]
     log: LogArgs,
+    /// Mesh CA (Istio plug-in layout: ca-cert.pem, ca-key.pem, root-cert.pem,
+    /// cert-chain.pem) that issues the workloads' certificates.
+    #[arg(long, env = "SHUNT_CA_DIR", default_value = "/etc/shunt/ca")]
+    ca_dir: PathBuf,
     /// cgroup v2 directory where the cgroup hooks are attached once; only
     /// enrolled cgroups below it are acted on. Default: the cgroup2 mount.
     #[arg(long, env = "SHUNT_CGROUP_ROOT")]
@@ -37,10 +51,68 @@ pub struct Args {
     /// How long open connections may finish after a shutdown or handover.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// IPv4 address of the DNS proxy (link-local, on the agent's dummy
+    /// interface, like NodeLocal DNSCache).
+    #[arg(long, env = "SHUNT_DNS_ADDR4", default_value = "169.254.20.10")]
+    dns_addr4: Ipv4Addr,
+    /// IPv6 address of the DNS proxy (a ULA on the same interface).
+    #[arg(long, env = "SHUNT_DNS_ADDR6", default_value = "fd73:6875:6e74::53")]
+    dns_addr6: Ipv6Addr,
+    /// Port of the DNS proxy.
+    #[arg(long, default_value_t = 53)]
+    dns_port: u16,
+    /// Upstream resolver for names that are not ServiceEntry hosts
+    /// (repeatable; IP or IP:PORT). Default: the nameservers in /etc/resolv.conf.
+    #[arg(
+        long = "dns-upstream",
+        env = "SHUNT_DNS_UPSTREAM",
+        value_delimiter = ','
+    )]
+    dns_upstream: Vec<String>,
+    /// Do not run the DNS proxy or capture DNS.
+    #[arg(long)]
+    no_dns: bool,
+    /// Prometheus /metrics listener.
+    #[arg(long, env = "SHUNT_METRICS_ADDR", default_value = "[::]:15020")]
+    metrics_addr: SocketAddr,
+    /// /healthz/ready listener.
+    #[arg(long, env = "SHUNT_READY_ADDR", default_value = "[::]:15021")]
+    ready_addr: SocketAddr,
+    /// /config_dump listener (keep it on localhost).
+    #[arg(long, env = "SHUNT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Lifetime of workload certificates (renewed at half-life).
+    #[arg(long, default_value = "24h", value_parser = parse_lifetime)]
+    cert_lifetime: Duration,
+}
+
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    match s.strip_suffix('h') {
+        Some(h) => h
+            .parse::<u64>()
+            .map(|h| Duration::from_secs(h * 3600))
+            .map_err(|_| format!("invalid lifetime {s:?}: use e.g. 24h, 90m, 600s")),
+        None => parse_duration(s),
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     args.log.init();
+    // Read the host's resolver before entering the node namespace.
+    let upstreams = if args.dns_upstream.is_empty() {
+        if args.no_dns {
+            Vec::new()
+        } else {
+            upstreams_from_resolv_conf(std::path::Path::new("/etc/resolv.conf")).context(
+                "reading upstream resolvers from /etc/resolv.conf (or pass --dns-upstream)",
+            )?
+        }
+    } else {
+        args.dns_upstream
+            .iter()
+            .map(|u| parse_upstream(u))
+            .collect::<Result<Vec<_>, _>>()?
+    };
     // Before the runtime starts: its threads inherit the namespace.
     if let Some(ns) = &args.kernel.netns {
         agent::enter_netns(ns)?;
@@ -52,20 +124,38 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .context("no cgroup2 filesystem is mounted: mount one or pass --cgroup-root")?,
         ),
     };
-    let opts = AgentOptions {
-        paths: KernelPaths {
-            pin_dir: args.kernel.pin_dir,
-            cgroup_root,
+    let opts = NodeOptions {
+        agent: AgentOptions {
+            paths: KernelPaths {
+                pin_dir: args.kernel.pin_dir,
+                cgroup_root,
+            },
+            state_dir: args.state.state_dir,
+            capture_addr: args.capture_addr,
+            drain_timeout: args.drain_timeout,
+            meta: None,
         },
-        state_dir: args.state.state_dir,
-        capture_addr: args.capture_addr,
-        drain_timeout: args.drain_timeout,
-        meta: shunt_common::Meta::default(),
+        config_dir: args.config.config_dir,
+        ca_dir: args.ca_dir,
+        dns: DnsSettings {
+            enabled: !args.no_dns,
+            addr4: args.dns_addr4,
+            addr6: args.dns_addr6,
+            port: args.dns_port,
+            upstreams,
+        },
+        admin: AdminAddrs {
+            metrics: Some(args.metrics_addr),
+            ready: Some(args.ready_addr),
+            config_dump: Some(args.admin_addr),
+        },
+        log_format: if args.log.json() {
+            shunt_agent::telemetry::LogFormat::Json
+        } else {
+            shunt_agent::telemetry::LogFormat::Text
+        },
+        cert_lifetime: args.cert_lifetime,
     };
-    runtime()?.block_on(async {
-        let agent = Agent::start(opts).await?;
-        agent.serve(Arc::new(RefuseHandler)).await?;
-        anyhow::Ok(())
-    })?;
+    runtime()?.block_on(node::run(opts))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -134,13 +134,11 @@ async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsErro
     let attempts = if addr.port() == 0 { 16 } else { 1 };
     let mut last = None;
     for _ in 0..attempts {
-        let udp = UdpSocket::bind(addr)
-            .await
-            .map_err(|source| DnsError::Bind {
-                proto: "udp",
-                addr,
-                source,
-            })?;
+        let udp = crate::sockets::udp_socket(addr).map_err(|source| DnsError::Bind {
+            proto: "udp",
+            addr,
+            source,
+        })?;
         let port = udp
             .local_addr()
             .map_err(|source| DnsError::Bind {
@@ -150,7 +148,7 @@ async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsErro
             })?
             .port();
         let tcp_addr = SocketAddr::new(addr.ip(), port);
-        match TcpListener::bind(tcp_addr).await {
+        match crate::sockets::tcp_listener(tcp_addr) {
             Ok(tcp) => return Ok((udp, tcp)),
             Err(source) => {
                 last = Some(DnsError::Bind {

@@ -8,8 +8,9 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use shunt_agent::{
-    agent::{enter_netns, Agent, AgentOptions, BoxFuture, Handler, Steered},
+    agent::{enter_netns, AgentOptions, BoxFuture, Handler, Steered},
     capture::KernelPaths,
+    node::{self, AdminAddrs, DnsSettings, NodeOptions},
 };
 use tokio::io::AsyncWriteExt;
 
@@ -51,24 +52,44 @@ fn main() {
     if let Some(ns) = arg(&args, "--netns") {
         enter_netns(&PathBuf::from(ns)).expect("netns");
     }
-    let opts = AgentOptions {
-        paths: KernelPaths {
-            pin_dir: need("--pin-dir").into(),
-            cgroup_root: need("--cgroup-root").into(),
+    let state_dir: PathBuf = need("--state-dir").into();
+    // Without --config-dir the config is absent, so the pinned maps are
+    // left to the test (which writes them directly).
+    let config_dir = arg(&args, "--config-dir")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| state_dir.join("no-config"));
+    let dns_upstream: Vec<std::net::SocketAddr> = arg(&args, "--dns-upstream")
+        .map(|u| vec![shunt_agent::dns::parse_upstream(&u).expect("--dns-upstream")])
+        .unwrap_or_default();
+    let opts = NodeOptions {
+        agent: AgentOptions {
+            paths: KernelPaths {
+                pin_dir: need("--pin-dir").into(),
+                cgroup_root: need("--cgroup-root").into(),
+            },
+            state_dir,
+            capture_addr: "[::ffff:127.0.0.1]:0".parse().unwrap(),
+            drain_timeout: Duration::from_secs(10),
+            meta: None,
         },
-        state_dir: need("--state-dir").into(),
-        capture_addr: "[::ffff:127.0.0.1]:0".parse().unwrap(),
-        drain_timeout: Duration::from_secs(10),
-        meta: shunt_common::Meta::default(),
+        config_dir,
+        ca_dir: PathBuf::new(),
+        dns: DnsSettings {
+            enabled: !dns_upstream.is_empty(),
+            addr4: "169.254.20.10".parse().unwrap(),
+            addr6: "fd73:6875:6e74::53".parse().unwrap(),
+            port: 53,
+            upstreams: dns_upstream,
+        },
+        admin: AdminAddrs::default(),
+        log_format: shunt_agent::telemetry::LogFormat::Text,
+        cert_lifetime: Duration::from_secs(3600),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let r = rt.block_on(async {
-        let agent = Agent::start(opts).await?;
-        agent.serve(Arc::new(Echo)).await
-    });
+    let r = rt.block_on(node::run_with(opts, Some(Arc::new(Echo))));
     if let Err(e) = r {
         eprintln!("shunt-echo-agent: {e}");
         std::process::exit(1);
