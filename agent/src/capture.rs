@@ -138,11 +138,7 @@ pub fn install(paths: &KernelPaths, meta_value: Option<Meta>) -> Result<Installe
     }
 
     let mut reused_links = Vec::new();
-    for prog in [
-        prog_names::SK_LOOKUP,
-        prog_names::CONNECT4,
-        prog_names::CONNECT6,
-    ] {
+    for prog in std::iter::once(prog_names::SK_LOOKUP).chain(prog_names::CGROUP) {
         let link_path = paths.link(prog);
         if link_path.exists() {
             match PinnedLink::from_pin(&link_path) {
@@ -354,17 +350,23 @@ pub async fn install_dns_interface(v4: Ipv4Addr, v6: Ipv6Addr) -> Result<(), Cap
     let result = async {
         let index = match link_index(&handle, DNS_INTERFACE).await {
             Some(i) => i,
-            None => {
-                handle
-                    .link()
-                    .add(LinkDummy::new(DNS_INTERFACE).up().build())
-                    .execute()
-                    .await
-                    .map_err(nl)?;
-                link_index(&handle, DNS_INTERFACE)
-                    .await
-                    .ok_or_else(|| CaptureError::Netlink(format!("{DNS_INTERFACE} vanished after creation")))?
-            }
+            None => match handle
+                .link()
+                .add(LinkDummy::new(DNS_INTERFACE).up().build())
+                .execute()
+                .await
+            {
+                Ok(()) => link_index(&handle, DNS_INTERFACE).await.ok_or_else(|| {
+                    CaptureError::Netlink(format!("{DNS_INTERFACE} vanished after creation"))
+                })?,
+                // A kernel without the dummy driver: the addresses go on
+                // lo, which delivers them locally just the same.
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EOPNOTSUPP => {
+                    warn!("no dummy interface support in this kernel; the DNS proxy's addresses go on lo");
+                    LOOPBACK_IFINDEX
+                }
+                Err(e) => return Err(nl(e)),
+            },
         };
         handle
             .link()
@@ -403,6 +405,37 @@ pub async fn install_dns_interface(v4: Ipv4Addr, v6: Ipv6Addr) -> Result<(), Cap
     result
 }
 
+async fn remove_lo_addresses(ips: &[std::net::IpAddr]) -> Result<(), CaptureError> {
+    use futures::TryStreamExt as _;
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| CaptureError::Netlink(e.to_string()))?;
+    let task = tokio::spawn(conn);
+    let nl =
+        |e: rtnetlink::Error| CaptureError::Netlink(format!("removing DNS addresses from lo: {e}"));
+    let result = async {
+        let addrs: Vec<_> = handle
+            .address()
+            .get()
+            .set_link_index_filter(LOOPBACK_IFINDEX)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl)?;
+        for m in addrs {
+            let ours = m.attributes.iter().any(|a| {
+                matches!(a, rtnetlink::packet_route::address::AddressAttribute::Address(x) if ips.contains(x))
+            });
+            if ours {
+                handle.address().del(m).execute().await.map_err(nl)?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    task.abort();
+    result
+}
+
 async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Option<u32> {
     use futures::TryStreamExt as _;
     let mut links = handle.link().get().match_name(name.to_string()).execute();
@@ -414,9 +447,13 @@ async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Option<u32> {
         .map(|m| m.header.index)
 }
 
-/// Remove the VIP routes and the DNS interface (`shunt uninstall`).
-pub async fn uninstall_network() -> Result<(), CaptureError> {
+/// Remove the VIP routes and the DNS interface, or the DNS proxy's
+/// addresses from lo where there was no dummy interface (`shunt uninstall`).
+pub async fn uninstall_network(dns: Option<(Ipv4Addr, Ipv6Addr)>) -> Result<(), CaptureError> {
     remove_routes().await?;
+    if let Some((v4, v6)) = dns {
+        remove_lo_addresses(&[v4.into(), v6.into()]).await?;
+    }
     let (conn, handle, _) =
         rtnetlink::new_connection().map_err(|e| CaptureError::Netlink(e.to_string()))?;
     let task = tokio::spawn(conn);
@@ -437,15 +474,11 @@ pub async fn uninstall_network() -> Result<(), CaptureError> {
 /// detaches the programs), then the directory. Other files are left alone.
 pub fn remove_pins(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    let names = [
-        prog_names::SK_LOOKUP,
-        prog_names::CONNECT4,
-        prog_names::CONNECT6,
-    ]
-    .iter()
-    .map(|p| format!("link_{p}"))
-    .chain(PINNED_MAPS.iter().map(|s| s.to_string()))
-    .chain(std::iter::once("aya_logs".to_string()));
+    let names = std::iter::once(prog_names::SK_LOOKUP)
+        .chain(prog_names::CGROUP)
+        .map(|p| format!("link_{p}"))
+        .chain(PINNED_MAPS.iter().map(|s| s.to_string()))
+        .chain(std::iter::once("aya_logs".to_string()));
     for name in names {
         let p = pin_dir.join(name);
         match std::fs::remove_file(&p) {

@@ -173,8 +173,23 @@ impl Drop for Proc {
 /// and the network namespace at `netns`, in that order: `ip netns exec`
 /// would remount /sys and hide the cgroup tree.
 pub fn in_pod(cmd: &mut Command, cgroup_procs: Option<&Path>, netns: Option<&Path>) {
+    in_pod_with_resolv(cmd, cgroup_procs, netns, None)
+}
+
+/// As [`in_pod`], and with `resolv` bind-mounted over /etc/resolv.conf in a
+/// private mount namespace (what `ip netns exec` does with
+/// /etc/netns/NAME/resolv.conf), so the pod has its own resolver address.
+pub fn in_pod_with_resolv(
+    cmd: &mut Command,
+    cgroup_procs: Option<&Path>,
+    netns: Option<&Path>,
+    resolv: Option<&Path>,
+) {
     let procs = cgroup_procs.map(|p| CString::new(p.as_os_str().as_bytes()).unwrap());
     let ns = netns.map(|p| CString::new(p.as_os_str().as_bytes()).unwrap());
+    let resolv = resolv.map(|p| CString::new(p.as_os_str().as_bytes()).unwrap());
+    let etc_resolv = CString::new("/etc/resolv.conf").unwrap();
+    let root = CString::new("/").unwrap();
     // SAFETY: only async-signal-safe syscalls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -197,6 +212,26 @@ pub fn in_pod(cmd: &mut Command, cgroup_procs: Option<&Path>, netns: Option<&Pat
                 let r = libc::setns(fd, libc::CLONE_NEWNET);
                 libc::close(fd);
                 if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(resolv) = &resolv {
+                if libc::unshare(libc::CLONE_NEWNS) < 0
+                    || libc::mount(
+                        std::ptr::null(),
+                        root.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) < 0
+                    || libc::mount(
+                        resolv.as_ptr(),
+                        etc_resolv.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) < 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -225,6 +260,53 @@ impl Pod {
         );
         Ok(cmd.output()?)
     }
+    /// Run a command in this pod with its own /etc/resolv.conf naming
+    /// `nameserver` (an ordinary resolver address, as a pod would have).
+    pub fn run_with_resolver(
+        &self,
+        nameserver: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Result<Output> {
+        let resolv = std::env::temp_dir().join(format!(
+            "shunt-resolv-{}-{}",
+            self.ns.name,
+            nameserver.replace(':', "_")
+        ));
+        std::fs::write(
+            &resolv,
+            format!("nameserver {nameserver}\noptions timeout:2 attempts:1\n"),
+        )?;
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        in_pod_with_resolv(
+            &mut cmd,
+            Some(&self.cgroup.path.join("cgroup.procs")),
+            Some(&self.ns.path()),
+            Some(&resolv),
+        );
+        let out = cmd.output();
+        let _ = std::fs::remove_file(&resolv);
+        Ok(out?)
+    }
+
+    /// The pod's node-side gateway address (IPv4).
+    pub fn gateway4(&self) -> String {
+        self.ip4.replace(".0.2", ".0.1")
+    }
+
+    /// A WorkloadEntry (namespace `ns`, service account `sa`) for this pod,
+    /// with its cgroup named by the `shunt.io/cgroup` annotation.
+    pub fn workload_entry(&self, ns: &str, sa: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {}\n  namespace: {ns}\n  annotations:\n    shunt.io/cgroup: {}\n  labels:\n    app: {}\nspec:\n  address: {}\n  serviceAccount: {sa}\n",
+            self.name,
+            self.cgroup.path.display(),
+            self.name,
+            self.ip4
+        )
+    }
+
     /// Run shunt-probe in this pod and return its one-line report.
     pub fn probe(&self, args: &[&str]) -> Result<String> {
         let out = self.run(&probe_bin(), args)?;
@@ -384,6 +466,17 @@ impl Node {
         self.start_agent(&echo_agent_bin(), &[], &[])
     }
 
+    /// The echo agent reading this node's config directory (and, with
+    /// `dns_upstream`, running the DNS proxy).
+    pub fn start_echo_agent_with_config(&mut self, dns_upstream: Option<&str>) -> Result<usize> {
+        let dir = self.config_dir().display().to_string();
+        let mut extra = vec!["--config-dir", dir.as_str()];
+        if let Some(u) = dns_upstream {
+            extra.extend(["--dns-upstream", u]);
+        }
+        self.start_agent(&echo_agent_bin(), &[], &extra)
+    }
+
     pub fn maps(&self) -> Result<PinnedMaps> {
         Ok(PinnedMaps::open(&self.pin_dir)?)
     }
@@ -447,6 +540,65 @@ impl Node {
             count.exists().then_some(())
         })?;
         Ok(count)
+    }
+
+    /// The config directory an agent of this node reads.
+    pub fn config_dir(&self) -> PathBuf {
+        self.work_dir.join("config")
+    }
+
+    /// Write (atomically: temp file + rename) one config file.
+    pub fn write_config(&self, name: &str, yaml: &str) -> Result<()> {
+        let dir = self.config_dir();
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, dir.join(name))?;
+        Ok(())
+    }
+
+    pub fn remove_config(&self, name: &str) -> Result<()> {
+        std::fs::remove_file(self.config_dir().join(name))?;
+        Ok(())
+    }
+
+    /// Start dnsmasq in the node namespace on `addr` (added to the node's
+    /// lo) as the upstream resolver, answering `records` (name, ip) and
+    /// logging every query it receives.
+    pub fn start_upstream_dns(&mut self, addr: &str, records: &[(&str, &str)]) -> Result<PathBuf> {
+        self.ns
+            .ip(&["addr", "add", &format!("{addr}/32"), "dev", "lo"])?;
+        let log = self.work_dir.join("dnsmasq.log");
+        let mut cmd = Command::new("dnsmasq");
+        cmd.args([
+            "--no-daemon",
+            "--no-resolv",
+            "--no-hosts",
+            "--log-queries",
+            "--bind-interfaces",
+            &format!("--listen-address={addr}"),
+            &format!("--log-facility={}", log.display()),
+            "--pid-file=",
+            "--user=root",
+        ]);
+        for (name, ip) in records {
+            cmd.arg(format!("--address=/{name}/{ip}"));
+        }
+        cmd.stdout(std::fs::File::create(self.work_dir.join("dnsmasq.out"))?)
+            .stderr(std::fs::File::create(self.work_dir.join("dnsmasq.err"))?);
+        in_pod(&mut cmd, None, Some(&self.ns.path()));
+        let child = cmd.spawn()?;
+        self.agents.push(Proc {
+            child,
+            log: log.clone(),
+        });
+        wait_for("dnsmasq started", Duration::from_secs(10), || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|l| l.contains("started"))
+                .map(|_| ())
+        })?;
+        Ok(log)
     }
 
     /// Run `shunt uninstall` for this node.

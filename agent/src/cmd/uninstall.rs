@@ -19,9 +19,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         agent::enter_netns(ns)?;
     }
     let pin_dir = &args.kernel.pin_dir;
+    // The DNS proxy's addresses are recorded in `meta`; read them before
+    // the pins go.
+    let dns = shunt_agent::maps::PinnedMaps::open(pin_dir)
+        .ok()
+        .and_then(|m| m.meta().ok())
+        .filter(|m| m.dns_port != 0)
+        .map(|m| (m.dns_addr4.into(), m.dns_addr6.into()));
     let removed = capture::remove_pins(pin_dir)
         .with_context(|| format!("removing pins under {}", pin_dir.display()))?;
-    runtime()?.block_on(capture::uninstall_network())?;
+    runtime()?.block_on(capture::uninstall_network(dns))?;
     println!(
         "removed {} pins under {}, the VIP routes and the DNS interface",
         removed.len(),
