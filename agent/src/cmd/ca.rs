@@ -258,10 +258,12 @@ fn issue(
     })?;
     let cert = ca.issue(&id, lifetime)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    // The root as the CA directory holds it, byte for byte.
+    let root = std::fs::read_to_string(dir.join(ROOT_CERT)).unwrap_or_else(|_| ca.roots_pem());
     let files = [
         ("cert-chain.pem", cert.chain_pem(), false),
         ("key.pem", cert.key_pem(), true),
-        ("root-cert.pem", ca.roots_pem(), false),
+        ("root-cert.pem", root, false),
     ];
     for (name, _, _) in &files {
         let p = out.join(name);

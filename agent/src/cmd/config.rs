@@ -65,7 +65,9 @@ fn problem_line(dir: &Path, p: &Problem) -> String {
     if let Some(f) = &p.field {
         s.push_str(&format!(": {f}"));
     }
-    s.push_str(&format!(": {}", p.message));
+    // Messages may name another file ("first defined in DIR/a.yaml").
+    let prefix = format!("{}/", dir.display());
+    s.push_str(&format!(": {}", p.message.replace(&prefix, "")));
     s
 }
 
