@@ -1,5 +1,5 @@
-//! The CLI's surface: every subcommand's `--help` carries an example,
-//! `--version` works, and `status` on a machine without the agent says so.
+//! The CLI's surface: every subcommand's `--help` carries an example
+//! and `--version` works.
 
 use std::process::Command;
 
@@ -93,89 +93,4 @@ fn env_vars_are_documented() {
         let help = String::from_utf8(shunt(&a).stdout).unwrap();
         assert!(help.contains(var), "shunt {cmd:?} --help lacks {var}");
     }
-}
-
-#[test]
-fn status_without_agent_is_one_sentence() {
-    let pins = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let out = shunt(&[
-        "status",
-        "--pin-dir",
-        pins.path().to_str().unwrap(),
-        "--state-dir",
-        state.path().to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(out.stdout.is_empty());
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.contains("the agent is not installed"), "{err}");
-    assert!(err.contains(pins.path().to_str().unwrap()), "{err}");
-    // A pin dir that does not exist at all reads the same.
-    let out = shunt(&["status", "--pin-dir", "/nonexistent/shunt-pins"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not installed"));
-}
-
-#[test]
-fn status_with_broken_pins_is_not_healthy() {
-    // Files named like shunt's pins on a non-bpf filesystem: "installed",
-    // but no live link and no readable map.
-    let pins = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    std::fs::write(pins.path().join("link_shunt_sk_lookup"), "").unwrap();
-    std::fs::write(pins.path().join("meta"), "").unwrap();
-    std::fs::write(state.path().join("agent.pid"), "999999999\n").unwrap();
-    let out = shunt(&[
-        "status",
-        "--pin-dir",
-        pins.path().to_str().unwrap(),
-        "--state-dir",
-        state.path().to_str().unwrap(),
-        "--ready",
-        "127.0.0.1:1",
-        "-o",
-        "json",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["healthy"], false);
-    assert_eq!(v["agent"]["pid"], 999999999);
-    assert_eq!(v["agent"]["running"], false);
-    assert!(v["ready"]["code"].is_null());
-    let progs = v["programs"].as_array().unwrap();
-    assert!(progs.iter().all(|p| p["alive"] == false));
-    assert!(progs.iter().any(|p| p["program"] == "shunt_sk_lookup"
-        && p["error"].as_str().unwrap().contains("not a live link")));
-    assert!(v["maps"].is_null());
-    let problems: Vec<String> = v["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().to_string())
-        .collect();
-    assert!(
-        problems.iter().any(|p| p.contains("not running")),
-        "{problems:?}"
-    );
-    assert!(
-        problems
-            .iter()
-            .any(|p| p.contains("cannot read the pinned maps")),
-        "{problems:?}"
-    );
-    // Text form: one headline that says so.
-    let out = shunt(&[
-        "status",
-        "--pin-dir",
-        pins.path().to_str().unwrap(),
-        "--state-dir",
-        state.path().to_str().unwrap(),
-        "--ready",
-        "127.0.0.1:1",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.starts_with("shunt agent: NOT HEALTHY\n"), "{text}");
 }
