@@ -15,7 +15,6 @@ fn shunt(args: &[&str]) -> Output {
         .args(args)
         .env_remove("SHUNT_CONFIG_DIR")
         .env_remove("SHUNT_STATE_DIR")
-        .env_remove("SHUNT_NAMESPACE")
         .output()
         .expect("run shunt")
 }

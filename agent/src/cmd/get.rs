@@ -63,12 +63,7 @@ struct GetArgs {
     name: Option<String>,
     /// Only objects in this namespace. Without -n, every namespace is shown
     /// (there is no current-namespace context as in kubectl).
-    #[arg(
-        short = 'n',
-        long,
-        env = "SHUNT_NAMESPACE",
-        conflicts_with = "all_namespaces"
-    )]
+    #[arg(short = 'n', long, conflicts_with = "all_namespaces")]
     namespace: Option<String>,
     /// Every namespace (the default; accepted for kubectl habits).
     #[arg(short = 'A', long)]
