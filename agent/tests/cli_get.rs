@@ -141,8 +141,48 @@ fn never_allocated_entry_shows_no_addresses_and_says_why() {
         err.contains("ServiceEntry common-infrastructure/httpbin.org has no addresses yet"),
         "{err}"
     );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("vips.json") && err.contains("shunt agent"),
+        "{err}"
+    );
     // Reading never allocates.
     assert!(!state.path().join("vips.json").exists());
+}
+
+#[test]
+fn entry_added_after_allocation_is_named() {
+    // The agent allocated for the seed; then a new entry appeared.
+    let state = allocated_state();
+    let cfg = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(seed()).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            std::fs::copy(&p, cfg.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(
+        cfg.path().join("10-new.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: new\n  namespace: default\nspec:\n  hosts: [new.example.com]\n  ports:\n  - number: 443\n    name: tls\n  resolution: DNS\n",
+    )
+    .unwrap();
+    let out = shunt(&[
+        "get",
+        "se",
+        "--config-dir",
+        cfg.path().to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("ServiceEntry default/new has no addresses yet"),
+        "{err}"
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("240.240.0.1,2001:2::1"), "{table}");
 }
 
 #[test]

@@ -182,25 +182,34 @@ fn service_entries(a: &GetArgs) -> anyhow::Result<ExitCode> {
         return Err(not_found(a, "ServiceEntry"));
     }
     // Warnings on stderr so that -o yaml/json stay machine-readable.
-    let mut never_allocated = false;
+    let mut unallocated = Vec::new();
     for (se, st) in &items {
         let key = se.key();
         for w in view.alloc.warnings_for(&key) {
             eprintln!("warning: {w}");
         }
         if st.addresses.is_empty() && no_address_reason(se).is_none() {
-            never_allocated = true;
-            eprintln!(
-                "warning: ServiceEntry {key} has no addresses yet: the agent has not allocated them (is it running with --state-dir {}?)",
-                a.state.state_dir.display()
-            );
+            unallocated.push(key);
         }
     }
-    if never_allocated && view.alloc.hosts.is_empty() {
+    if !unallocated.is_empty() && view.alloc.hosts.is_empty() {
+        // Nothing allocated at all: one line, not one per entry.
         eprintln!(
-            "warning: {} holds no VIP allocation: start `shunt agent` with this --state-dir",
+            "warning: {} ha{} no addresses yet: {} holds no VIP allocation (start `shunt agent` with this --state-dir)",
+            if unallocated.len() == 1 {
+                format!("ServiceEntry {}", unallocated[0])
+            } else {
+                format!("{} ServiceEntries", unallocated.len())
+            },
+            if unallocated.len() == 1 { "s" } else { "ve" },
             a.state.state_dir.join(alloc::STATE_FILE).display()
         );
+    } else {
+        for key in &unallocated {
+            eprintln!(
+                "warning: ServiceEntry {key} has no addresses yet: the agent has not allocated them (it allocates on its next config reload)"
+            );
+        }
     }
     match a.output.as_str() {
         "yaml" | "json" => {
