@@ -1,0 +1,235 @@
+//! `shunt get` on the seed's config with a state directory written by the
+//! real allocator (as the agent would), read back by the built binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use shunt_agent::{alloc::Allocator, config::Config};
+
+fn seed() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/egress")
+}
+
+fn shunt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shunt"))
+        .args(args)
+        .env_remove("SHUNT_CONFIG_DIR")
+        .env_remove("SHUNT_STATE_DIR")
+        .output()
+        .expect("run shunt")
+}
+
+fn allocated_state() -> tempfile::TempDir {
+    let state = tempfile::tempdir().unwrap();
+    let cfg = Config::load_dir(&seed()).unwrap();
+    Allocator::open(state.path())
+        .unwrap()
+        .allocate(&cfg)
+        .unwrap();
+    state
+}
+
+fn get(args: &[&str], state: &Path) -> (String, String, i32) {
+    let mut a = vec!["get"];
+    a.extend_from_slice(args);
+    let seed = seed();
+    a.extend(["--config-dir", seed.to_str().unwrap()]);
+    a.extend(["--state-dir", state.to_str().unwrap()]);
+    let out = shunt(&a);
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+        out.status.code().unwrap(),
+    )
+}
+
+#[test]
+fn se_yaml_shows_istio_status() {
+    let state = allocated_state();
+    let (out, err, code) = get(
+        &[
+            "se",
+            "httpbin.org",
+            "-n",
+            "common-infrastructure",
+            "-o",
+            "yaml",
+        ],
+        state.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.is_empty(), "no warnings expected: {err}");
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out).unwrap();
+    assert_eq!(v["kind"].as_str(), Some("ServiceEntry"));
+    assert_eq!(v["metadata"]["name"].as_str(), Some("httpbin.org"));
+    let addrs: Vec<(&str, &str)> = v["status"]["addresses"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| (a["host"].as_str().unwrap(), a["value"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        addrs,
+        vec![("httpbin.org", "240.240.0.1"), ("httpbin.org", "2001:2::1")]
+    );
+    let c = &v["status"]["conditions"][0];
+    assert_eq!(c["type"].as_str(), Some("istio.io/WaypointBound"));
+    assert_eq!(c["status"].as_str(), Some("True"));
+    assert_eq!(c["reason"].as_str(), Some("WaypointAccepted"));
+    assert_eq!(
+        c["message"].as_str(),
+        Some("Successfully attached to waypoint common-infrastructure/egress-gateway")
+    );
+    assert!(c["lastTransitionTime"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+    // Shaped like the seed's `kubectl get -oyaml` (status block in this order).
+    assert!(out.contains(
+        "status:\n  addresses:\n  - host: httpbin.org\n    value: 240.240.0.1\n  - host: httpbin.org\n    value: 2001:2::1\n  conditions:\n  - lastTransitionTime:"
+    ), "{out}");
+}
+
+#[test]
+fn se_list_table_json_and_alias() {
+    let state = allocated_state();
+    let (table, _, code) = get(&["serviceentries"], state.path());
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("NAMESPACE"), "{table}");
+    assert!(lines[1].contains("httpbin.org") && lines[1].contains("240.240.0.1,2001:2::1"));
+    assert!(
+        lines[1].contains("common-infrastructure/egress-gateway") && lines[1].ends_with("True")
+    );
+
+    let (json, _, code) = get(&["se", "-A", "-o", "json"], state.path());
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["kind"], "List");
+    assert_eq!(
+        v["items"][0]["status"]["addresses"][0]["value"],
+        "240.240.0.1"
+    );
+
+    let (wide, _, _) = get(&["se", "-o", "wide"], state.path());
+    assert!(
+        wide.contains("80/HTTP") && wide.contains("WaypointAccepted"),
+        "{wide}"
+    );
+
+    // A namespace without entries lists nothing; a missing name is an error.
+    let (out, err, code) = get(&["se", "-n", "default"], state.path());
+    assert_eq!((out.as_str(), code), ("", 0));
+    assert!(err.contains("No ServiceEntries found"));
+    let (_, err, code) = get(&["se", "nope"], state.path());
+    assert_eq!(code, 1);
+    assert!(err.contains("no ServiceEntry \"nope\""), "{err}");
+}
+
+#[test]
+fn never_allocated_entry_shows_no_addresses_and_says_why() {
+    let state = tempfile::tempdir().unwrap();
+    let (out, err, code) = get(&["se", "-o", "yaml"], state.path());
+    assert_eq!(code, 0);
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out).unwrap();
+    assert!(v["items"][0]["status"]["addresses"].is_null(), "{out}");
+    // Binding does not need an allocation.
+    assert_eq!(
+        v["items"][0]["status"]["conditions"][0]["reason"].as_str(),
+        Some("WaypointAccepted")
+    );
+    assert!(
+        err.contains("ServiceEntry common-infrastructure/httpbin.org has no addresses yet"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("vips.json") && err.contains("shunt agent"),
+        "{err}"
+    );
+    // Reading never allocates.
+    assert!(!state.path().join("vips.json").exists());
+}
+
+#[test]
+fn entry_added_after_allocation_is_named() {
+    // The agent allocated for the seed; then a new entry appeared.
+    let state = allocated_state();
+    let cfg = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(seed()).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            std::fs::copy(&p, cfg.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(
+        cfg.path().join("10-new.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: new\n  namespace: default\nspec:\n  hosts: [new.example.com]\n  ports:\n  - number: 443\n    name: tls\n  resolution: DNS\n",
+    )
+    .unwrap();
+    let out = shunt(&[
+        "get",
+        "se",
+        "--config-dir",
+        cfg.path().to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("ServiceEntry default/new has no addresses yet"),
+        "{err}"
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("240.240.0.1,2001:2::1"), "{table}");
+}
+
+#[test]
+fn workloads_waypoints_and_policies() {
+    let state = allocated_state();
+    let (out, _, code) = get(&["workloadentries", "-o", "wide"], state.path());
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("10.244.1.19") && out.contains("spiffe://cluster.local/ns/default/sa/curl"),
+        "{out}"
+    );
+    assert!(out.contains("shunt/admin"), "{out}");
+
+    let (out, _, code) = get(&["waypoints", "-o", "wide"], state.path());
+    assert_eq!(code, 0);
+    let row = out.lines().nth(1).unwrap();
+    assert!(
+        row.contains("egress-gateway") && row.contains("10.244.1.18:15008"),
+        "{out}"
+    );
+    assert!(row.contains("common-infrastructure/httpbin.org"), "{out}");
+    assert!(row.contains("spiffe://cluster.local/ns/common-infrastructure/sa/egress-gateway"));
+
+    let (out, _, code) = get(&["ap"], state.path());
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("httpbin")
+            && out.contains("ALLOW")
+            && out.contains("ServiceEntry/httpbin.org"),
+        "{out}"
+    );
+}
+
+#[test]
+fn invalid_config_is_one_sentence_pointing_at_config_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/config-check/bad-port");
+    let state = tempfile::tempdir().unwrap();
+    let out = shunt(&[
+        "get",
+        "se",
+        "--config-dir",
+        dir.to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("shunt config check"), "{err}");
+}
