@@ -36,10 +36,16 @@ pub struct Args {
 }
 
 /// The links the agent always pins (one per attached program).
-const REQUIRED_LINKS: [&str; 3] = [
+const REQUIRED_LINKS: [&str; 9] = [
     prog_names::SK_LOOKUP,
-    prog_names::CONNECT4,
-    prog_names::CONNECT6,
+    prog_names::CGROUP[0],
+    prog_names::CGROUP[1],
+    prog_names::CGROUP[2],
+    prog_names::CGROUP[3],
+    prog_names::CGROUP[4],
+    prog_names::CGROUP[5],
+    prog_names::CGROUP[6],
+    prog_names::CGROUP[7],
 ];
 
 #[derive(Serialize)]
