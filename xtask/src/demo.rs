@@ -423,11 +423,22 @@ struct Demo {
     vip4: Option<String>,
 }
 
-const BOLD: &str = "\x1b[1m";
-const DIM: &str = "\x1b[2m";
-const GREEN: &str = "\x1b[32m";
-const RED: &str = "\x1b[31m";
-const RESET: &str = "\x1b[0m";
+/// Terminal styles, empty when stdout is not a terminal or NO_COLOR is set.
+struct Style(&'static str);
+static COLOR: AtomicBool = AtomicBool::new(false);
+impl std::fmt::Display for Style {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if COLOR.load(Ordering::Relaxed) {
+            f.write_str(self.0)?;
+        }
+        Ok(())
+    }
+}
+const BOLD: Style = Style("\x1b[1m");
+const DIM: Style = Style("\x1b[2m");
+const GREEN: Style = Style("\x1b[32m");
+const RED: Style = Style("\x1b[31m");
+const RESET: Style = Style("\x1b[0m");
 
 impl Demo {
     fn header(&mut self, step: &'static str, title: &str) {
@@ -840,10 +851,26 @@ impl Demo {
             "1s",
         ]);
         self.spawn("agent", agent)?;
-        let proxy = format!("{DNS_PROXY4}:");
-        self.wait_listening("agent's DNS proxy", NODE_NS, "udp", DNS_PROXY4, |a| {
-            a.starts_with(&proxy)
+        // Installed: maps pinned, capture socket listening in the node.
+        let services = self.p.pin_dir.join("services");
+        let ok = self.expect("agent pinned its maps and listens", |_| {
+            let listening =
+                must(&mut in_ns(NODE_NS, &["ss", "-H", "-ltn"]))?.contains("127.0.0.1]:");
+            Ok(if services.exists() && listening {
+                Ok(String::new())
+            } else {
+                Err(format!(
+                    "pinned services map: {}, capture socket: {listening}",
+                    services.exists()
+                ))
+            })
         })?;
+        if !ok {
+            bail!(
+                "the agent did not come up; see {}",
+                self.p.log("agent").display()
+            );
+        }
         Ok(())
     }
 
@@ -856,6 +883,10 @@ impl Demo {
             put_config(&self.p, f, &fs::read_to_string(self.p.example(f))?)?;
             println!("{DIM}applied examples/egress/{f}{RESET}");
         }
+        let proxy = format!("{DNS_PROXY4}:");
+        self.wait_listening("agent's DNS proxy", NODE_NS, "udp", DNS_PROXY4, |a| {
+            a.starts_with(&proxy)
+        })?;
         let agent_log = self.p.log("agent");
         let nginx_log = self.p.work.join("nginx/access.log");
         let (a0, n0) = (mark(&agent_log), mark(&nginx_log));
@@ -1104,7 +1135,6 @@ impl Demo {
         )?;
         println!("{DIM}applied examples/egress/04-authorizationpolicy.yaml{RESET}");
         let wp_log = self.p.log("waypoint");
-        let w0 = mark(&wp_log);
         // Wait for the reload: the POST that was allowed is now refused.
         self.expect("the policy is in force (POST from curl refused)", |d| {
             let out = output(&mut in_pod(
@@ -1196,6 +1226,7 @@ impl Demo {
             );
         }
         self.say("From the admin pod:");
+        let w2 = mark(&wp_log);
         let admin = self.run_shown(
             Some("curl httpbin.org/post -X POST"),
             in_pod(
@@ -1219,15 +1250,15 @@ impl Demo {
             ok_body(&admin, "200", "\"url\": \"http://httpbin.org/post\""),
         );
         self.expect_log(
-            "waypoint saw admin's identity and let the POST through",
+            "waypoint let admin's POST through",
             &wp_log,
-            w0,
+            w2,
             &["\"POST /post HTTP/1.1\" 200"],
         )?;
         self.expect_log(
-            "waypoint's connection line names admin",
+            "waypoint's connection line names admin's identity",
             &wp_log,
-            w0,
+            w2,
             &["spiffe://cluster.local/ns/default/sa/admin"],
         )?;
         Ok(())
@@ -1516,6 +1547,13 @@ fn leftovers(p: &Paths, pids: &[u32]) -> Vec<String> {
 
 pub fn run(root: &Path, check: bool) -> Result<()> {
     install_signal_handlers();
+    {
+        use std::io::IsTerminal as _;
+        COLOR.store(
+            std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            Ordering::Relaxed,
+        );
+    }
     let started = Instant::now();
     let p = Paths::new(root)?;
     if !p.shunt.exists() {
