@@ -965,11 +965,12 @@ impl Demo {
                 WAYPOINT_NS,
                 "--config-dir",
                 &self.p.config.to_string_lossy(),
-                "--ca-dir",
-                &ca,
             ],
         );
-        wp.env("SHUNT_STATE_DIR", &self.p.waypoint_state);
+        // The CA and state directories through their env vars: the
+        // waypoint's own flags for them are not settled yet.
+        wp.env("SHUNT_CA_DIR", &ca)
+            .env("SHUNT_STATE_DIR", &self.p.waypoint_state);
         self.spawn("waypoint", wp)?;
         let port = format!(":{HBONE_PORT}");
         let wns = netns(&WAYPOINT);
