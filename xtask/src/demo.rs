@@ -1618,6 +1618,8 @@ pub fn run(root: &Path, check: bool) -> Result<()> {
     if let Err(e) = &walk {
         if !interrupted_by_user {
             println!("\n{RED}{BOLD}demo stopped: {e:#}{RESET}");
+            // The table must show where the walk stopped, not only what passed.
+            demo.record("the walk reached its end", Err(format!("{e:#}")));
         }
     }
 
