@@ -12,6 +12,7 @@ APT_PKGS=(
   "llvm-${LLVM}-dev" "libpolly-${LLVM}-dev" libzstd-dev zlib1g-dev  # bpf-linker
   bpftool iproute2                                                  # inspection, netns
   dnsutils curl openssl iperf3 python3-h2                           # test clients/peers
+  nginx-light dnsmasq-base                                          # demo: httpbin.org stand-in, its DNS
   pkg-config build-essential
 )
 
@@ -29,8 +30,19 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # Packages such as nginx start their service on install; shunt only runs
+  # them inside its demo's network namespaces. policy-rc.d (only if the
+  # machine has none) keeps the host's port 80 free.
+  own_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    own_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
 fi
 
 have_toolchain() { rustup toolchain list | grep -q "^$1"; }

@@ -8,6 +8,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod demo;
+
 #[derive(Parser)]
 #[command(name = "xtask", about = "shunt's build, test and benchmark tasks")]
 struct Cli {
@@ -29,6 +31,14 @@ enum Cmd {
         /// Extra arguments passed to `cargo test` after `--` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Stand up the seed's egress story in network namespaces and walk through
+    /// it step by step (root required); stays up until Ctrl-C.
+    Demo {
+        /// Run the walk unattended and exit non-zero unless every step is
+        /// observed (CI).
+        #[arg(long)]
+        check: bool,
     },
     /// Run the criterion benchmarks.
     Bench {
@@ -126,6 +136,15 @@ fn main() -> Result<()> {
                 t.arg("--").args(&args);
             }
             run(&mut t)
+        }
+        Cmd::Demo { check } => {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc_geteuid() } != 0 {
+                bail!("the demo creates network namespaces and cgroups and loads kernel programs: run it as root");
+            }
+            setup()?;
+            run(cargo().args(["build", "--bins"]))?;
+            demo::run(&root(), check)
         }
         Cmd::Bench { args } => {
             setup()?;
