@@ -384,3 +384,35 @@ fn missing_prerequisites_are_one_clear_error() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn spoofed_source_address_gets_nothing() -> Result<()> {
+    let mut node = node_with_pod("app")?;
+    node.add_pod("other")?;
+    node.start_echo_agent()?;
+    node.add_service("240.240.0.1:80", 1)?;
+    node.enroll("app", 1)?;
+    // The genuine source works.
+    let r = node
+        .pod("app")
+        .probe(&["connect", "240.240.0.1:80", "--echo", "1"])?;
+    assert!(r.contains("echoed=1"), "{r}");
+    let steered = node.counter(Counter::Steered)?;
+    // `app` claims `other`'s address: strict reverse-path filtering in the
+    // node namespace drops the SYN before any socket sees it, so the agent
+    // (which identifies workloads by source address) never gets it.
+    let other_ip = node.pod("other").ip4.clone();
+    node.pod("app")
+        .ns
+        .ip(&["addr", "add", &format!("{other_ip}/32"), "dev", "eth0"])?;
+    let r = node
+        .pod("app")
+        .probe(&["connect", "240.240.0.1:80", "--bind", &other_ip])?;
+    assert!(r.starts_with("err"), "spoofed connection was answered: {r}");
+    assert_eq!(
+        node.counter(Counter::Steered)?,
+        steered,
+        "a spoofed SYN reached sk_lookup"
+    );
+    Ok(())
+}

@@ -11,7 +11,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage:\n  shunt-probe connect ADDR [--echo BYTES]\n  shunt-probe loop ADDR --for-ms N\n  shunt-probe listen ADDR --count-file PATH"
+        "usage:\n  shunt-probe connect ADDR [--echo BYTES] [--bind SRC_IP]\n  shunt-probe loop ADDR --for-ms N\n  shunt-probe listen ADDR --count-file PATH"
     );
     std::process::exit(2)
 }
@@ -32,6 +32,7 @@ fn main() {
         "connect" => connect(
             addr,
             flag("--echo").map(|n| n.parse().unwrap_or_else(|_| usage())),
+            flag("--bind").map(|ip| ip.parse().unwrap_or_else(|_| usage())),
         ),
         "loop" => run_loop(
             addr,
@@ -51,8 +52,12 @@ fn errno(e: &std::io::Error) -> i32 {
 /// Connect; print `err errno=N` or `ok local=.. peer=..`; with `--echo N`,
 /// read the handler's `dst=ADDR` line, send N pattern bytes, half-close and
 /// verify the same bytes come back.
-fn connect(addr: SocketAddr, echo: Option<usize>) {
-    let s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+fn connect(addr: SocketAddr, echo: Option<usize>, bind: Option<std::net::IpAddr>) {
+    let r = match bind {
+        None => TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
+        Some(ip) => connect_from(ip, addr),
+    };
+    let s = match r {
         Ok(s) => s,
         Err(e) => {
             println!("err errno={}", errno(&e));
@@ -148,4 +153,18 @@ fn listen(addr: SocketAddr, count_file: &str) {
             std::fs::write(count_file, n.to_string()).expect("count file");
         }
     }
+}
+
+/// Connect from a given source address (tests use it to spoof another
+/// pod's address).
+fn connect_from(ip: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.set_freebind_v4(true).ok();
+    sock.bind(&SocketAddr::new(ip, 0).into())?;
+    sock.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    Ok(sock.into())
 }
