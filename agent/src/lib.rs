@@ -15,6 +15,7 @@ pub mod policy;
 pub mod prereq;
 pub mod telemetry;
 pub mod upstream;
+pub mod waypoint;
 
 /// The kernel object built by `build.rs` (aya-build) from `ebpf/`.
 pub static EBPF_OBJECT: &[u8] =
