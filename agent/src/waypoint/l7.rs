@@ -21,10 +21,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::hbone::H2Stream;
-use crate::policy::{check_framing, HttpRequest, RequestContext};
+use crate::policy::{HttpRequest, RequestContext};
 use crate::telemetry::{ConnectionLabels, Reporter, RequestLabels, RequestLog};
 
 use super::body::{CountingBody, Finish, LoggedBody};
+use super::framing::{Guard, Verdicts};
 use super::snapshot::Target;
 use super::Shared;
 
@@ -66,30 +67,36 @@ pub(crate) async fn serve(shared: Arc<Shared>, tunnel: Arc<TunnelInfo>, mut io: 
             break false;
         }
     };
-    let io = TokioIo::new(Rewind {
+    let io = Rewind {
         pre: pre.freeze(),
         io,
-    });
+    };
+    let verdicts = (!is_h2).then(Verdicts::default);
     let svc = {
         let shared = shared.clone();
         let tunnel = tunnel.clone();
+        let verdicts = verdicts.clone();
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let shared = shared.clone();
             let tunnel = tunnel.clone();
-            async move { Ok::<_, Infallible>(handle(&shared, &tunnel, req).await) }
+            let verdicts = verdicts.clone();
+            async move { Ok::<_, Infallible>(handle(&shared, &tunnel, verdicts.as_ref(), req).await) }
         })
     };
-    let res = if is_h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .serve_connection(io, svc)
-            .await
-    } else {
-        hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .keep_alive(true)
-            .serve_connection(io, svc)
-            .await
+    let res = match verdicts {
+        None => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(io), svc)
+                .await
+        }
+        Some(v) => {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(Guard::new(io, v)), svc)
+                .await
+        }
     };
     if let Err(e) = res {
         tracing::debug!(error = %e, source = %tunnel.source, "HTTP tunnel ended with error");
@@ -217,6 +224,7 @@ fn local(
 async fn handle(
     shared: &Arc<Shared>,
     tunnel: &TunnelInfo,
+    verdicts: Option<&Verdicts>,
     req: Request<Incoming>,
 ) -> Response<LoggedBody> {
     let start = Instant::now();
@@ -302,15 +310,16 @@ async fn handle(
         return finish(log, local(StatusCode::NOT_FOUND, "", false), None, "NR");
     };
 
-    // Request smuggling defence: HTTP/1 framing must be unambiguous. hyper
-    // already rejects conflicting lengths; this catches what it tolerates.
-    if parts.version <= Version::HTTP_11 {
-        if let Err(e) = check_framing(
-            parts
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_bytes())),
-        ) {
+    // Request smuggling defence: HTTP/1 framing must be unambiguous, as
+    // received (hyper normalizes some ambiguities away; see `framing`). No
+    // verdict means the guard lost track: fail closed.
+    if let Some(v) = verdicts {
+        let verdict = v.next().unwrap_or_else(|| {
+            Err(crate::policy::FramingError::BadTransferEncoding(
+                "request head not tracked".into(),
+            ))
+        });
+        if let Err(e) = verdict {
             tracing::info!(error = %e, source = %tunnel.source, "ambiguous HTTP/1.1 framing, answering 400");
             log.response_code_details = Some("http1.invalid_framing".into());
             return finish(

@@ -17,6 +17,7 @@
 //! a tunnel or request loads it once and does one hash lookup.
 
 mod body;
+mod framing;
 mod l7;
 mod pool;
 mod snapshot;
