@@ -177,11 +177,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guard<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &r {
-            let filled = buf.filled()[before..].to_vec();
-            self.feed(&filled);
+            this.feed(&buf.filled()[before..]);
         }
         r
     }

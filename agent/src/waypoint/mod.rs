@@ -50,6 +50,8 @@ use crate::upstream::UpstreamStream;
 pub use l7::RBAC_DENIED_BODY;
 pub use snapshot::{Snapshot, Target};
 
+/// Errors carry their cause in the message (no `source()` chain), so that
+/// `{:#}` at the binary's edge prints each cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum WaypointError {
     #[error("config directory {dir}: {msg}")]
@@ -57,28 +59,40 @@ pub enum WaypointError {
     #[error("{0}")]
     Config(String),
     #[error("authorization policies: {0}")]
-    Policy(#[source] crate::policy::PolicyError),
+    Policy(crate::policy::PolicyError),
     #[error("state directory: {0}")]
-    Alloc(#[from] crate::alloc::AllocError),
-    #[error("CA directory {dir}: {source}")]
+    Alloc(crate::alloc::AllocError),
+    #[error("CA directory {dir}: {err}")]
     Ca {
         dir: PathBuf,
-        #[source]
-        source: crate::identity::IdentityError,
+        err: crate::identity::IdentityError,
     },
     #[error("waypoint identity: {0}")]
-    Identity(#[from] crate::identity::IdentityError),
-    #[error("binding HBONE listener {addr}: {source}")]
+    Identity(crate::identity::IdentityError),
+    #[error("binding HBONE listener {addr}: {err}")]
     Bind {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     #[error("admin: {0}")]
-    Admin(#[from] crate::admin::AdminError),
+    Admin(crate::admin::AdminError),
     #[error("HBONE server: {0}")]
-    Server(#[from] crate::hbone::HboneError),
+    Server(crate::hbone::HboneError),
 }
+
+macro_rules! from_err {
+    ($t:ty, $v:ident) => {
+        impl From<$t> for WaypointError {
+            fn from(e: $t) -> Self {
+                WaypointError::$v(e)
+            }
+        }
+    };
+}
+from_err!(crate::alloc::AllocError, Alloc);
+from_err!(crate::identity::IdentityError, Identity);
+from_err!(crate::admin::AdminError, Admin);
+from_err!(crate::hbone::HboneError, Server);
 
 /// How to start a waypoint.
 pub struct WaypointOptions {
@@ -244,9 +258,9 @@ impl Waypoint {
         for w in &snap.warnings {
             tracing::warn!("{w}");
         }
-        let ca = Ca::load(&opts.ca_dir).map_err(|source| WaypointError::Ca {
+        let ca = Ca::load(&opts.ca_dir).map_err(|err| WaypointError::Ca {
             dir: opts.ca_dir.clone(),
-            source,
+            err,
         })?;
         let ids = IdentityManager::new(Arc::new(ca), cfg.trust_domain(), opts.identity.clone())?;
         let identity = SpiffeId::new(cfg.trust_domain(), &gateway.namespace, &gateway.name)?;
@@ -263,19 +277,16 @@ impl Waypoint {
             metrics: metrics.clone(),
         });
 
-        let listener =
-            TcpListener::bind(opts.listen)
-                .await
-                .map_err(|source| WaypointError::Bind {
-                    addr: opts.listen,
-                    source,
-                })?;
-        let hbone_addr = listener
-            .local_addr()
-            .map_err(|source| WaypointError::Bind {
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .map_err(|err| WaypointError::Bind {
                 addr: opts.listen,
-                source,
+                err,
             })?;
+        let hbone_addr = listener.local_addr().map_err(|err| WaypointError::Bind {
+            addr: opts.listen,
+            err,
+        })?;
         let ready = Arc::new(AtomicBool::new(false));
         let mut admin = Vec::new();
         let bind = |addr: Option<SocketAddr>, ep: Endpoints| async move {

@@ -164,7 +164,13 @@ pub(crate) fn build(
         },
     )
     .map_err(WaypointError::Policy)?;
-    let mut warnings: Vec<String> = desired.warnings.clone();
+    // Workload warnings concern the agent, not the waypoint.
+    let mut warnings: Vec<String> = desired
+        .warnings
+        .iter()
+        .filter(|w| w.starts_with("ServiceEntry"))
+        .cloned()
+        .collect();
     warnings.extend(policies.warnings().iter().map(|w| w.to_string()));
 
     // Reuse upstreams (and their pools) whose settings did not change.
