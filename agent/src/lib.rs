@@ -17,6 +17,7 @@ pub mod prereq;
 pub mod sockets;
 pub mod telemetry;
 pub mod upstream;
+pub mod waypoint;
 
 /// The kernel object built by `build.rs` (aya-build) from `ebpf/`.
 pub static EBPF_OBJECT: &[u8] =

@@ -1,10 +1,82 @@
-//! `shunt waypoint` (being built).
+//! `shunt waypoint`: the egress gateway.
 
-use std::process::ExitCode;
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use shunt_agent::{
+    policy::GatewayRef,
+    telemetry::{AccessLogger, LogFormat},
+    waypoint::{Waypoint, WaypointOptions},
+};
+
+use super::common::{parse_duration, runtime, ConfigDirArgs, LogArgs, StateArgs};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+#[command(
+    after_help = "Example:\n  shunt waypoint --config-dir /etc/shunt/config --ca-dir /etc/shunt/ca \\\n    --name egress-gateway --namespace common-infrastructure"
+)]
+pub struct Args {
+    #[command(flatten)]
+    config: ConfigDirArgs,
+    #[command(flatten)]
+    state: StateArgs,
+    #[command(flatten)]
+    log: LogArgs,
+    /// CA directory in Istio's plug-in layout (ca-cert.pem, ca-key.pem,
+    /// root-cert.pem, cert-chain.pem); the waypoint's certificate is issued
+    /// from it.
+    #[arg(long, env = "SHUNT_CA_DIR", default_value = "/etc/shunt/ca")]
+    ca_dir: PathBuf,
+    /// Name of this waypoint's Gateway. Default: the config's only
+    /// istio-waypoint Gateway.
+    #[arg(long, env = "SHUNT_WAYPOINT_NAME", requires = "namespace")]
+    name: Option<String>,
+    /// Namespace of this waypoint's Gateway.
+    #[arg(long, env = "SHUNT_WAYPOINT_NAMESPACE", requires = "name")]
+    namespace: Option<String>,
+    /// HBONE listener.
+    #[arg(long, env = "SHUNT_WAYPOINT_LISTEN", default_value = "[::]:15008")]
+    listen: SocketAddr,
+    /// `/config_dump` listener (keep it on localhost).
+    #[arg(long, env = "SHUNT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// `/metrics` listener.
+    #[arg(long, env = "SHUNT_METRICS_ADDR", default_value = "[::]:15020")]
+    metrics: SocketAddr,
+    /// `/healthz/ready` listener.
+    #[arg(long, env = "SHUNT_READY_ADDR", default_value = "[::]:15021")]
+    ready: SocketAddr,
+    /// Upstream resolve + connect + TLS handshake timeout.
+    #[arg(long, env = "SHUNT_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    upstream_timeout: Duration,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`shunt waypoint` is not available in this build yet")
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    args.log.init();
+    let format = if args.log.json() {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
+    let mut opts = WaypointOptions::new(args.config.config_dir, args.state.state_dir, args.ca_dir);
+    opts.gateway = match (args.name, args.namespace) {
+        (Some(name), Some(namespace)) => Some(GatewayRef { namespace, name }),
+        _ => None,
+    };
+    opts.listen = args.listen;
+    opts.admin = Some(args.admin);
+    opts.metrics_addr = Some(args.metrics);
+    opts.ready_addr = Some(args.ready);
+    opts.upstream_timeout = args.upstream_timeout;
+    opts.access_log = Arc::new(AccessLogger::stdout(format));
+    runtime()?.block_on(async {
+        let wp = Waypoint::start(opts).await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = wp.wait() => r?,
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, stopping"),
+            _ = term.recv() => tracing::info!("terminated, stopping"),
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
 }

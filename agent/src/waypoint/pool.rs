@@ -1,0 +1,340 @@
+//! Upstreams: resolution, connect with timeout, TLS origination, and a
+//! pool of HTTP client connections per (host, target port, TLS settings).
+//!
+//! HTTP/1.1 connections are kept in an idle list and handed back once their
+//! response has been read (hyper's `ready()`); an HTTP/2 upstream shares one
+//! connection. A request that a pooled connection could not even start
+//! (closed while idle) is retried once on a fresh connection.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::upstream::{UpstreamConnector, UpstreamStream};
+
+use super::body::CountingBody;
+
+/// Idle HTTP/1.1 connections kept per upstream.
+const MAX_IDLE: usize = 64;
+
+/// How an upstream's address is found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolve {
+    /// `resolution: DNS`: names (the host, or endpoint addresses) looked up
+    /// with the system resolver at connect time, so /etc/hosts applies.
+    Dns(Vec<(String, u16)>),
+    /// `resolution: STATIC`: endpoint addresses.
+    Static(Vec<SocketAddr>),
+    /// `resolution: NONE`: the client's original destination (VIP:port
+    /// from the tunnel, with the target port).
+    Original,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (HTTP2 and GRPC ports).
+    Http2,
+}
+
+/// Why an upstream connection or request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamFailure {
+    #[error("resolving {0}: {1}")]
+    Resolve(String, String),
+    #[error("connecting to {0}: {1}")]
+    Connect(String, String),
+    #[error("connect to {0} timed out")]
+    Timeout(String),
+    #[error("{0}")]
+    Tls(String),
+    #[error("HTTP: {0}")]
+    Http(String),
+}
+
+impl UpstreamFailure {
+    /// Envoy's `%UPSTREAM_TRANSPORT_FAILURE_REASON%`-like short reason.
+    pub fn is_connect(&self) -> bool {
+        !matches!(self, UpstreamFailure::Http(_))
+    }
+}
+
+/// A connected upstream socket and its addresses.
+pub struct Connected {
+    pub stream: UpstreamStream,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+type H1 = http1::SendRequest<CountingBody>;
+type H2 = http2::SendRequest<CountingBody>;
+
+struct Idle {
+    send: H1,
+    peer: SocketAddr,
+    local: SocketAddr,
+}
+
+pub struct Upstream {
+    key: String,
+    host: String,
+    port: u16,
+    resolve: Resolve,
+    connector: UpstreamConnector,
+    protocol: UpstreamProtocol,
+    timeout: Duration,
+    idle: Mutex<Vec<Idle>>,
+    h2: tokio::sync::Mutex<Option<(H2, SocketAddr, SocketAddr)>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").field("key", &self.key).finish()
+    }
+}
+
+/// A response and where it came from.
+pub struct Sent {
+    pub response: Response<Incoming>,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+impl Upstream {
+    pub fn new(
+        key: String,
+        host: String,
+        port: u16,
+        resolve: Resolve,
+        connector: UpstreamConnector,
+        protocol: UpstreamProtocol,
+        timeout: Duration,
+    ) -> Self {
+        Upstream {
+            key,
+            host,
+            port,
+            resolve,
+            connector,
+            protocol,
+            timeout,
+            idle: Mutex::new(Vec::new()),
+            h2: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+    pub fn originates_tls(&self) -> bool {
+        self.connector.originates_tls()
+    }
+    pub fn describe(&self) -> String {
+        match &self.resolve {
+            Resolve::Dns(n) => n
+                .iter()
+                .map(|(h, p)| format!("dns:{h}:{p}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            Resolve::Static(a) => a
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            Resolve::Original => format!("original-destination:{}", self.port),
+        }
+    }
+
+    /// Resolves, connects (with the timeout, trying each address) and
+    /// originates TLS when configured. `original` is the tunnel's VIP:port.
+    pub async fn connect(&self, original: SocketAddr) -> Result<Connected, UpstreamFailure> {
+        let what = || match &self.resolve {
+            Resolve::Dns(n) if n.len() == 1 => format!("{}:{}", n[0].0, n[0].1),
+            _ => format!("{}:{}", self.host, self.port),
+        };
+        let fut = async {
+            let addrs: Vec<SocketAddr> = match &self.resolve {
+                Resolve::Static(a) => a.clone(),
+                Resolve::Original => vec![SocketAddr::new(original.ip(), self.port)],
+                Resolve::Dns(names) => {
+                    let mut out = Vec::new();
+                    let mut last_err = None;
+                    for (h, p) in names {
+                        match tokio::net::lookup_host((h.as_str(), *p)).await {
+                            Ok(it) => out.extend(it),
+                            Err(e) => last_err = Some(format!("{h}: {e}")),
+                        }
+                    }
+                    if out.is_empty() {
+                        return Err(UpstreamFailure::Resolve(
+                            what(),
+                            last_err.unwrap_or_else(|| "no addresses".into()),
+                        ));
+                    }
+                    out
+                }
+            };
+            let mut last = None;
+            for a in addrs {
+                match TcpStream::connect(a).await {
+                    Ok(tcp) => {
+                        let _ = tcp.set_nodelay(true);
+                        let local = tcp.local_addr().unwrap_or(a);
+                        let stream = self
+                            .connector
+                            .connect(tcp, &self.host)
+                            .await
+                            .map_err(|e| UpstreamFailure::Tls(e.to_string()))?;
+                        return Ok(Connected {
+                            stream,
+                            peer: a,
+                            local,
+                        });
+                    }
+                    Err(e) => last = Some(format!("{a}: {e}")),
+                }
+            }
+            Err(UpstreamFailure::Connect(
+                what(),
+                last.unwrap_or_else(|| "no addresses".into()),
+            ))
+        };
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamFailure::Timeout(what())),
+        }
+    }
+
+    /// Sends one request over a pooled (or new) connection.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<CountingBody>,
+        original: SocketAddr,
+    ) -> Result<Sent, UpstreamFailure> {
+        match self.protocol {
+            UpstreamProtocol::Http1 => self.send_h1(req, original).await,
+            UpstreamProtocol::Http2 => self.send_h2(req, original).await,
+        }
+    }
+
+    fn take_idle(&self) -> Option<Idle> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(c) = idle.pop() {
+            if !c.send.is_closed() && c.send.is_ready() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    async fn new_h1(&self, original: SocketAddr) -> Result<Idle, UpstreamFailure> {
+        let c = self.connect(original).await?;
+        let (send, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(c.stream))
+            .await
+            .map_err(|e| UpstreamFailure::Http(e.to_string()))?;
+        let peer = c.peer;
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
+                }
+            }
+            .instrument(tracing::debug_span!("upstream", %peer)),
+        );
+        Ok(Idle {
+            send,
+            peer: c.peer,
+            local: c.local,
+        })
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut req: Request<CountingBody>,
+        original: SocketAddr,
+    ) -> Result<Sent, UpstreamFailure> {
+        let mut pooled = self.take_idle();
+        loop {
+            let from_pool = pooled.is_some();
+            let mut c = match pooled.take() {
+                Some(c) => c,
+                None => self.new_h1(original).await?,
+            };
+            match c.send.try_send_request(req).await {
+                Ok(response) => {
+                    let (peer, local) = (c.peer, c.local);
+                    // Back to the pool once this response has been read.
+                    let weak: Weak<Upstream> = Arc::downgrade(self);
+                    tokio::spawn(async move {
+                        if c.send.ready().await.is_ok() {
+                            if let Some(u) = weak.upgrade() {
+                                let mut idle = u.idle.lock().unwrap_or_else(|e| e.into_inner());
+                                if idle.len() < MAX_IDLE {
+                                    idle.push(c);
+                                }
+                            }
+                        }
+                    });
+                    return Ok(Sent {
+                        response,
+                        peer,
+                        local,
+                    });
+                }
+                Err(mut e) => match e.take_message() {
+                    // The idle connection died before the request started:
+                    // nothing was sent, try a fresh one.
+                    Some(r) if from_pool => req = r,
+                    _ => return Err(UpstreamFailure::Http(e.into_error().to_string())),
+                },
+            }
+        }
+    }
+
+    async fn send_h2(
+        self: &Arc<Self>,
+        req: Request<CountingBody>,
+        original: SocketAddr,
+    ) -> Result<Sent, UpstreamFailure> {
+        let (mut send, peer, local) = {
+            let mut g = self.h2.lock().await;
+            match &*g {
+                Some((s, p, l)) if !s.is_closed() => (s.clone(), *p, *l),
+                _ => {
+                    let c = self.connect(original).await?;
+                    let (s, conn) = http2::Builder::new(TokioExecutor::new())
+                        .handshake(TokioIo::new(c.stream))
+                        .await
+                        .map_err(|e| UpstreamFailure::Http(e.to_string()))?;
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                        }
+                    });
+                    *g = Some((s.clone(), c.peer, c.local));
+                    (s, c.peer, c.local)
+                }
+            }
+        };
+        let response = send
+            .send_request(req)
+            .await
+            .map_err(|e| UpstreamFailure::Http(e.to_string()))?;
+        Ok(Sent {
+            response,
+            peer,
+            local,
+        })
+    }
+}

@@ -1,0 +1,1031 @@
+//! The waypoint end to end on loopback: a real CA, a real config directory
+//! and allocation, `Waypoint::start` in-process, `HboneClient` tunnels with
+//! the `curl` and `admin` identities, real upstream HTTP / TLS / TCP
+//! servers.
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use shunt_agent::alloc::Allocator;
+use shunt_agent::config::Config;
+use shunt_agent::hbone::{ClientSettings, ConnectRequest, H2Stream, HboneClient};
+use shunt_agent::identity::{Ca, IdentityConfig, IdentityManager, SpiffeId};
+use shunt_agent::telemetry::{AccessLogger, LogFormat};
+use shunt_agent::waypoint::{Waypoint, WaypointOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const TD: &str = "cluster.local";
+const CURL: &str = "spiffe://cluster.local/ns/default/sa/curl";
+const ADMIN: &str = "spiffe://cluster.local/ns/default/sa/admin";
+const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/common-infrastructure/sa/egress-gateway";
+const T: Duration = Duration::from_secs(20);
+
+// ------------------------------------------------------------- upstreams
+
+/// What an upstream HTTP server saw: (method, path?query, host, sni).
+type Seen = Arc<Mutex<Vec<(String, String, String, Option<String>)>>>;
+
+async fn answer(req: Request<Incoming>, seen: Seen, sni: Option<String>) -> Response<Full<Bytes>> {
+    let method = req.method().to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    seen.lock()
+        .unwrap()
+        .push((method.clone(), path.clone(), host.clone(), sni));
+    let text = format!("{method} {path} host={host} body={}", body.len());
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    r.headers_mut().insert(
+        "server",
+        hyper::header::HeaderValue::from_static("gunicorn/19.9.0"),
+    );
+    r
+}
+
+/// Plain HTTP/1.1 upstream (keep-alive).
+async fn http_upstream() -> (SocketAddr, Seen) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen: Seen = Arc::default();
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            let seen = s2.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let seen = seen.clone();
+                    async move { Ok::<_, Infallible>(answer(req, seen, None).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// HTTPS upstream with a certificate for `host` from a test CA; records SNI.
+async fn tls_upstream(dir: &Path, host: &str) -> (SocketAddr, Seen, PathBuf) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = p.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(p, ca_key);
+    let sk = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![host.to_string()])
+        .unwrap()
+        .signed_by(&sk, &issuer)
+        .unwrap();
+    let ca_pem = dir.join("upstream-ca.pem");
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(sk.serialize_der())),
+        )
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen: Seen = Arc::default();
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let seen = s2.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let sni = tls.get_ref().1.server_name().map(str::to_owned);
+                let svc = hyper::service::service_fn(move |req| {
+                    let seen = seen.clone();
+                    let sni = sni.clone();
+                    async move { Ok::<_, Infallible>(answer(req, seen, sni).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen, ca_pem)
+}
+
+/// TCP echo upstream.
+async fn echo_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A port with nothing listening.
+async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+// ------------------------------------------------------------- config
+
+fn seed_policy(extra_curl_methods: &str) -> String {
+    format!(
+        r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: httpbin
+  namespace: common-infrastructure
+spec:
+  targetRefs:
+  - kind: ServiceEntry
+    group: networking.istio.io
+    name: httpbin.org
+  action: ALLOW
+  rules:
+  # Our admin application can access anything
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/admin"]
+  # Everything else is only allowed to access /get
+  - to:
+    - operation:
+        methods: ["GET"{extra_curl_methods}]
+        paths: ["/get"{paths}]
+"#,
+        paths = if extra_curl_methods.is_empty() {
+            ""
+        } else {
+            r#", "/post""#
+        }
+    )
+}
+
+fn config_text(
+    http: SocketAddr,
+    echo: SocketAddr,
+    down: SocketAddr,
+    tls: SocketAddr,
+    ca_pem: &Path,
+) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: common-infrastructure
+  labels:
+    istio.io/dataplane-mode: ambient
+    istio.io/use-waypoint: egress-gateway
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: egress-gateway
+  namespace: common-infrastructure
+  labels:
+    istio.io/waypoint-for: service
+spec:
+  gatewayClassName: istio-waypoint
+  addresses:
+  - type: IPAddress
+    value: 127.0.0.1
+  listeners:
+  - name: mesh
+    port: 15008
+    protocol: HBONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: httpbin.org
+  namespace: common-infrastructure
+spec:
+  hosts:
+  - httpbin.org
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+    targetPort: {http_port}
+  - number: 81
+    name: http-down
+    protocol: HTTP
+    targetPort: {down_port}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: echo
+  namespace: common-infrastructure
+spec:
+  hosts:
+  - echo.example
+  ports:
+  - number: 9000
+    name: tcp
+    protocol: TCP
+    targetPort: {echo_port}
+  - number: 9001
+    name: tcp-down
+    protocol: TCP
+    targetPort: {down_port}
+  resolution: DNS
+  endpoints:
+  - address: localhost
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: admin-only
+  namespace: common-infrastructure
+spec:
+  hosts:
+  - admin-only.example
+  ports:
+  - number: 9000
+    name: tcp
+    protocol: TCP
+    targetPort: {echo_port}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: admin-only
+  namespace: common-infrastructure
+spec:
+  targetRefs:
+  - kind: ServiceEntry
+    group: networking.istio.io
+    name: admin-only
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/admin"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-blocked-host
+  namespace: common-infrastructure
+spec:
+  targetRefs:
+  - kind: ServiceEntry
+    group: networking.istio.io
+    name: httpbin.org
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        hosts: ["blocked.example"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: secure.example
+  namespace: common-infrastructure
+spec:
+  hosts:
+  - secure.example
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+    targetPort: {tls_port}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: secure-tls
+  namespace: common-infrastructure
+spec:
+  host: secure.example
+  trafficPolicy:
+    tls:
+      mode: SIMPLE
+      caCertificates: {ca}
+"#,
+        http_port = http.port(),
+        echo_port = echo.port(),
+        down_port = down.port(),
+        tls_port = tls.port(),
+        ca = ca_pem.display(),
+    )
+}
+
+/// Shared sink for access-log lines.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Lines {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+    /// Polls until a line contains every needle.
+    async fn wait_for(&self, needles: &[&str]) -> String {
+        let deadline = tokio::time::Instant::now() + T;
+        loop {
+            if let Some(l) = self
+                .text()
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return l.to_string();
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("no log line with {needles:?} in:\n{}", self.text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    cfg_dir: PathBuf,
+    wp: Waypoint,
+    ids: IdentityManager,
+    client: HboneClient,
+    lines: Lines,
+    http_seen: Seen,
+    tls_seen: Seen,
+    vips: std::collections::HashMap<String, IpAddr>,
+}
+
+impl Env {
+    async fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let cfg_dir = dir.path().join("config");
+        let state_dir = dir.path().join("state");
+        for d in [&ca_dir, &cfg_dir, &state_dir] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let ca = Arc::new(Ca::init(&ca_dir, TD, false).unwrap());
+        let (http, http_seen) = http_upstream().await;
+        let echo = echo_upstream().await;
+        let down = closed_port().await;
+        let (tls, tls_seen, ca_pem) = tls_upstream(dir.path(), "secure.example").await;
+        std::fs::write(
+            cfg_dir.join("10-objects.yaml"),
+            config_text(http, echo, down, tls, &ca_pem),
+        )
+        .unwrap();
+        std::fs::write(cfg_dir.join("20-policy.yaml"), seed_policy("")).unwrap();
+        // The agent is the allocator; the waypoint only reads its result.
+        let cfg = Config::load_dir(&cfg_dir).unwrap();
+        let mut a = Allocator::open(&state_dir).unwrap();
+        let alloc = a.allocate(&cfg).unwrap().clone();
+        let vips = alloc
+            .hosts
+            .iter()
+            .map(|(h, a)| (h.clone(), IpAddr::V4(a.v4.unwrap())))
+            .collect();
+
+        let lines = Lines::default();
+        let mut opts = WaypointOptions::new(cfg_dir.clone(), state_dir, ca_dir);
+        opts.listen = "127.0.0.1:0".parse().unwrap();
+        opts.admin = Some("127.0.0.1:0".parse().unwrap());
+        opts.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+        opts.ready_addr = Some("127.0.0.1:0".parse().unwrap());
+        opts.access_log = Arc::new(AccessLogger::to_writer(
+            LogFormat::Text,
+            Box::new(lines.clone()),
+        ));
+        opts.upstream_timeout = Duration::from_secs(5);
+        opts.reload_interval = Duration::from_millis(100);
+        let wp = Waypoint::start(opts).await.unwrap();
+        let ids = IdentityManager::new(ca, TD, IdentityConfig::default()).unwrap();
+        let client = HboneClient::new(ids.clone(), ClientSettings::default());
+        Env {
+            _dir: dir,
+            cfg_dir,
+            wp,
+            ids,
+            client,
+            lines,
+            http_seen,
+            tls_seen,
+            vips,
+        }
+    }
+
+    fn vip(&self, host: &str, port: u16) -> SocketAddr {
+        SocketAddr::new(self.vips[host], port)
+    }
+
+    fn request(&self, src: &str, authority: SocketAddr) -> ConnectRequest {
+        ConnectRequest {
+            source_identity: src.parse().unwrap(),
+            source_addr: "10.244.1.19:45678".parse().unwrap(),
+            waypoint_addr: self.wp.hbone_addr(),
+            waypoint_identity: WAYPOINT_ID.parse().unwrap(),
+            authority,
+            host: None,
+            baggage: None,
+            traceparent: None,
+        }
+    }
+
+    async fn tunnel(&self, src: &str, authority: SocketAddr) -> H2Stream {
+        tokio::time::timeout(T, self.client.connect(&self.request(src, authority)))
+            .await
+            .expect("tunnel timed out")
+            .expect("tunnel refused")
+            .into_stream()
+    }
+
+    async fn h1(
+        &self,
+        src: &str,
+        host: &str,
+    ) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+        let io = self.tunnel(src, self.vip(host, 80)).await;
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+}
+
+async fn send(
+    s: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    method: &str,
+    path: &str,
+    host: &str,
+) -> (u16, String) {
+    s.ready().await.unwrap();
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .header("user-agent", "curl/8.7.1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = tokio::time::timeout(T, s.send_request(req))
+        .await
+        .expect("request timed out")
+        .unwrap();
+    let code = r.status().as_u16();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Writes raw bytes on a fresh tunnel and reads until the waypoint closes it.
+async fn raw(env: &Env, src: &str, bytes: &[u8]) -> String {
+    let mut io = env.tunnel(src, env.vip("httpbin.org", 80)).await;
+    io.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read the first response (a request per tunnel here); stop at EOF or
+    // once a complete response with a body has been seen.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let n = tokio::time::timeout_at(deadline, io.read(&mut buf))
+            .await
+            .expect("no response from the waypoint")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        let s = String::from_utf8_lossy(&out);
+        if let Some((head, body)) = s.split_once("\r\n\r\n") {
+            let cl = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+            });
+            if cl.is_some_and(|cl| body.len() >= cl) {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(resp: &str) -> u16 {
+    resp.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {resp:?}"))
+}
+
+async fn get_text(addr: SocketAddr, path: &str) -> (u16, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let r = s
+        .send_request(
+            Request::get(path)
+                .header("host", "localhost")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    let b = r.into_body().collect().await.unwrap().to_bytes();
+    (code, String::from_utf8_lossy(&b).into_owned())
+}
+
+// ------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_port_relays_and_logs_ztunnel_line() {
+    let env = Env::new().await;
+    let vip = env.vip("echo.example", 9000);
+    let mut io = env.tunnel(CURL, vip).await;
+    io.write_all(b"hello through the waypoint").await.unwrap();
+    io.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(T, io.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"hello through the waypoint");
+    let line = env
+        .lines
+        .wait_for(&[
+            "connection complete",
+            &format!("src.identity=\"{CURL}\""),
+            &format!("dst.hbone_addr={vip}"),
+        ])
+        .await;
+    assert!(line.contains(" info access "), "{line}");
+    assert!(line.contains("src.addr=10.244.1.19:45678"), "{line}");
+    assert!(line.contains("dst.service=\"echo.example\""), "{line}");
+    assert!(
+        line.contains(&format!("dst.identity=\"{WAYPOINT_ID}\"")),
+        "{line}"
+    );
+    assert!(line.contains("direction=\"inbound\""), "{line}");
+    assert!(line.contains("bytes_sent=26 bytes_recv=26"), "{line}");
+    // Metrics on the metrics listener.
+    let (code, m) = get_text(env.wp.metrics_addr().unwrap(), "/metrics").await;
+    assert_eq!(code, 200);
+    let opened = m
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("destination_service=\"echo.example\"")
+        })
+        .unwrap_or_else(|| panic!("no opened counter:\n{m}"));
+    assert!(
+        opened.contains(&format!("source_principal=\"{CURL}\"")),
+        "{opened}"
+    );
+    assert!(opened.contains("reporter=\"destination\""), "{opened}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_refusals_503_401_400() {
+    let env = Env::new().await;
+    // Upstream down: 503, and an error line.
+    let e = env
+        .client
+        .connect(&env.request(CURL, env.vip("echo.example", 9001)))
+        .await
+        .err()
+        .expect("tunnel to a dead upstream must be refused");
+    assert_eq!(e.status().map(|s| s.as_u16()), Some(503), "{e}");
+    env.lines
+        .wait_for(&[
+            " error access connection complete",
+            "dst.hbone_addr=",
+            ":9001",
+            "error=",
+        ])
+        .await;
+    // L4 policy: admin only.
+    let vip = env.vip("admin-only.example", 9000);
+    let e = env
+        .client
+        .connect(&env.request(CURL, vip))
+        .await
+        .err()
+        .expect("curl must be denied");
+    assert_eq!(e.status().map(|s| s.as_u16()), Some(401), "{e}");
+    let mut io = env.tunnel(ADMIN, vip).await;
+    io.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    io.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"x");
+    // Not a service of this waypoint: 400; a bound VIP on an undeclared port: 503.
+    let e = env
+        .client
+        .connect(&env.request(CURL, "240.240.255.254:80".parse().unwrap()))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.status().map(|s| s.as_u16()), Some(400), "{e}");
+    let e = env
+        .client
+        .connect(&env.request(CURL, env.vip("echo.example", 1234)))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.status().map(|s| s.as_u16()), Some(503), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_policy_over_http1_keepalive() {
+    let env = Env::new().await;
+    let mut curl = env.h1(CURL, "httpbin.org").await;
+    let (code, body) = send(&mut curl, "GET", "/get?x=1", "httpbin.org").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body, "GET /get?x=1 host=httpbin.org body=0");
+    let (code, body) = send(&mut curl, "POST", "/post", "httpbin.org").await;
+    assert_eq!((code, body.as_str()), (403, "RBAC: access denied"));
+    // Same connection still usable after the denial.
+    let (code, _) = send(&mut curl, "GET", "/get", "httpbin.org").await;
+    assert_eq!(code, 200);
+    let (code, _) = send(&mut curl, "HEAD", "/get", "httpbin.org").await;
+    assert_eq!(code, 403, "HEAD is not GET");
+    let mut admin = env.h1(ADMIN, "httpbin.org").await;
+    let (code, body) = send(&mut admin, "POST", "/post", "httpbin.org").await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "POST /post host=httpbin.org body=0")
+    );
+    // The upstream never saw the denied requests.
+    let seen: Vec<_> = env
+        .http_seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{} {}", s.0, s.1))
+        .collect();
+    assert_eq!(seen, ["GET /get?x=1", "GET /get", "POST /post"]);
+
+    // One Envoy line per request; the denial names no policy (no ALLOW rule matched).
+    let denied = env
+        .lines
+        .wait_for(&["\"POST /post HTTP/1.1\" 403 RBAC rbac_access_denied_matched_policy[none]"])
+        .await;
+    assert!(denied.contains("\"curl/8.7.1\""), "{denied}");
+    assert!(
+        denied.contains("inbound-vip|80|http|httpbin.org"),
+        "{denied}"
+    );
+    let ok = env
+        .lines
+        .wait_for(&["\"GET /get?x=1 HTTP/1.1\" 200 - via_upstream"])
+        .await;
+    assert!(
+        ok.contains(&format!("{}", env.vip("httpbin.org", 80))),
+        "{ok}"
+    );
+    assert!(ok.contains("10.244.1.19:45678"), "{ok}");
+    // Per-request metrics with response codes.
+    let (_, m) = get_text(env.wp.metrics_addr().unwrap(), "/metrics").await;
+    let has = |code: &str| {
+        m.lines().any(|l| {
+            l.starts_with("istio_requests_total")
+                && l.contains(&format!("response_code=\"{code}\""))
+                && l.contains("destination_service=\"httpbin.org\"")
+        })
+    };
+    assert!(has("200") && has("403"), "{m}");
+    assert!(
+        m.contains("istio_request_duration_milliseconds_bucket"),
+        "{m}"
+    );
+    // Response headers: the upstream's, plus the service time.
+    let io = env.tunnel(CURL, env.vip("httpbin.org", 80)).await;
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let r = s
+        .send_request(
+            Request::get("/get")
+                .header("host", "httpbin.org")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["server"], "gunicorn/19.9.0");
+    assert!(r.headers().contains_key("x-envoy-upstream-service-time"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge() {
+    let env = Env::new().await;
+    let io = env.tunnel(CURL, env.vip("httpbin.org", 80)).await;
+    let (mut s, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for (method, path, want) in [
+        ("GET", "/get", 200),
+        ("POST", "/post", 403),
+        ("GET", "/get", 200),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://httpbin.org{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = tokio::time::timeout(T, s.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), want, "{method} {path}");
+        let b = r.into_body().collect().await.unwrap().to_bytes();
+        if want == 403 {
+            assert_eq!(b, "RBAC: access denied");
+        } else {
+            assert_eq!(b, "GET /get host=httpbin.org body=0");
+        }
+    }
+    env.lines
+        .wait_for(&["\"POST /post HTTP/2\" 403 RBAC"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_http_on_http_port_is_closed() {
+    let env = Env::new().await;
+    let resp = raw(
+        &env,
+        CURL,
+        b"\x16\x03\x01\x02\x00garbage that is not HTTP\r\n\r\n",
+    )
+    .await;
+    // hyper answers 400 (or nothing) and the tunnel ends; never relayed.
+    assert!(resp.is_empty() || status_of(&resp) == 400, "{resp:?}");
+    assert!(env.http_seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_framing_is_400() {
+    let env = Env::new().await;
+    for req in [
+        // CL + TE: hyper tolerates it (uses chunked); check_framing refuses.
+        "POST /get HTTP/1.1\r\nHost: httpbin.org\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        // Duplicate equal Content-Length.
+        "GET /get HTTP/1.1\r\nHost: httpbin.org\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+        // Conflicting Content-Length (hyper itself refuses).
+        "GET /get HTTP/1.1\r\nHost: httpbin.org\r\nContent-Length: 0\r\nContent-Length: 7\r\n\r\n",
+        // Transfer-Encoding not ending in chunked.
+        "POST /get HTTP/1.1\r\nHost: httpbin.org\r\nTransfer-Encoding: gzip\r\n\r\n",
+    ] {
+        let resp = raw(&env, ADMIN, req.as_bytes()).await;
+        assert_eq!(status_of(&resp), 400, "{req:?} -> {resp:?}");
+    }
+    assert!(
+        env.http_seen.lock().unwrap().is_empty(),
+        "{:?}",
+        env.http_seen.lock().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bypass_corpus_through_the_http_path() {
+    let env = Env::new().await;
+    // (request line target, Host, method, expected status, upstream path if allowed)
+    let cases: &[(&str, &str, &str, u16, Option<&str>)] = &[
+        ("//get", "httpbin.org", "GET", 200, Some("/get")),
+        ("/./get", "httpbin.org", "GET", 200, Some("/get")),
+        ("/get/../post", "httpbin.org", "GET", 403, None),
+        ("/get%2F..%2Fpost", "httpbin.org", "GET", 403, None),
+        ("/get%2f..%2fpost", "httpbin.org", "GET", 403, None),
+        ("/post/..%2Fget", "httpbin.org", "GET", 200, Some("/get")),
+        ("/get%5C..%5Cpost", "httpbin.org", "GET", 403, None),
+        ("/%67et", "httpbin.org", "GET", 200, Some("/get")),
+        ("/GET", "httpbin.org", "GET", 403, None),
+        ("/get", "httpbin.org", "get", 403, None),
+        ("/get", "httpbin.org", "POST", 403, None),
+        ("/get?/post", "httpbin.org", "GET", 200, Some("/get?/post")),
+        // DENY by host, case- and port-insensitive.
+        ("/get", "blocked.example", "GET", 403, None),
+        ("/get", "BLOCKED.Example", "GET", 403, None),
+        ("/get", "blocked.example:80", "GET", 403, None),
+        ("/get", "blocked.example.", "GET", 403, None),
+    ];
+    let mut curl = env.h1(CURL, "httpbin.org").await;
+    for (target, host, method, want, up) in cases {
+        env.http_seen.lock().unwrap().clear();
+        let req =
+            format!("{method} {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n");
+        let resp = raw(&env, CURL, req.as_bytes()).await;
+        assert_eq!(
+            status_of(&resp),
+            *want,
+            "{method} {target} Host {host}: {resp}"
+        );
+        let seen = env.http_seen.lock().unwrap().clone();
+        match up {
+            Some(p) => {
+                assert_eq!(seen.len(), 1, "{target}");
+                assert_eq!(seen[0].1, *p, "{target}");
+            }
+            None => assert!(
+                seen.is_empty(),
+                "{method} {target} reached upstream: {seen:?}"
+            ),
+        }
+    }
+    // The deciding DENY policy is named on its denial line.
+    env.lines
+        .wait_for(&[
+            "403 RBAC rbac_access_denied_matched_policy[ns[common-infrastructure]-policy[deny-blocked-host]-rule[0]]",
+            "\"BLOCKED.Example\"",
+        ])
+        .await;
+    // And the keep-alive client still works.
+    let (code, _) = send(&mut curl, "GET", "/get", "httpbin.org").await;
+    assert_eq!(code, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_origination_simple() {
+    let env = Env::new().await;
+    let mut c = env.h1(CURL, "secure.example").await;
+    let (code, body) = send(&mut c, "GET", "/get", "secure.example").await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "GET /get host=secure.example body=0")
+    );
+    let (code, _) = send(&mut c, "GET", "/anything", "secure.example").await;
+    assert_eq!(code, 200, "no policy on secure.example");
+    let seen = env.tls_seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter()
+            .all(|s| s.3.as_deref() == Some("secure.example")),
+        "{seen:?}"
+    );
+    env.lines
+        .wait_for(&[
+            "\"GET /get HTTP/1.1\" 200",
+            "inbound-vip|80|http|secure.example",
+        ])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_upstream_down_is_503() {
+    let env = Env::new().await;
+    let io = env.tunnel(CURL, env.vip("httpbin.org", 81)).await;
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (code, body) = send(&mut s, "GET", "/get", "httpbin.org").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("connection failure"), "{body}");
+    env.lines.wait_for(&["\"GET /get HTTP/1.1\" 503 UF"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_edit_applies_to_new_requests() {
+    let env = Env::new().await;
+    let mut curl = env.h1(CURL, "httpbin.org").await;
+    assert_eq!(send(&mut curl, "POST", "/post", "httpbin.org").await.0, 403);
+    std::fs::write(
+        env.cfg_dir.join("20-policy.yaml"),
+        seed_policy(r#", "POST""#),
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        // Same keep-alive connection: the decision is per request.
+        let (code, _) = send(&mut curl, "POST", "/post", "httpbin.org").await;
+        if code == 200 {
+            break;
+        }
+        assert_eq!(code, 403);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "policy edit never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A broken edit (GET-only again, plus an unsupported CUSTOM policy)
+    // is rejected as a whole: the previous config, allowing POST, stays.
+    let broken = format!(
+        "{}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: x, namespace: common-infrastructure}}\nspec:\n  targetRefs: [{{kind: ServiceEntry, group: networking.istio.io, name: httpbin.org}}]\n  action: CUSTOM\n  provider: {{name: ext}}\n  rules: [{{}}]\n",
+        seed_policy("")
+    );
+    std::fs::write(env.cfg_dir.join("20-policy.yaml"), broken).unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(send(&mut curl, "POST", "/post", "httpbin.org").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_trust_domain_refused_and_admin_endpoints() {
+    let env = Env::new().await;
+    let other = IdentityManager::new(
+        env.ids.ca().clone(),
+        "other.domain",
+        IdentityConfig::default(),
+    )
+    .unwrap();
+    let client = HboneClient::new(other, ClientSettings::default());
+    let mut req = env.request(CURL, env.vip("httpbin.org", 80));
+    req.source_identity = SpiffeId::new("other.domain", "default", "curl").unwrap();
+    let r = tokio::time::timeout(T, client.connect(&req)).await.unwrap();
+    assert!(
+        r.is_err(),
+        "a client of another trust domain must be refused"
+    );
+
+    let (code, body) = get_text(env.wp.ready_addr().unwrap(), "/healthz/ready").await;
+    assert_eq!((code, body.as_str()), (200, "ready\n"));
+    let (code, body) = get_text(env.wp.admin_addr().unwrap(), "/config_dump").await;
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["waypoint"]["identity"], WAYPOINT_ID);
+    assert_eq!(v["policies"]["count"], 3);
+    let services = v["services"].as_array().unwrap();
+    let http = services
+        .iter()
+        .find(|s| s["vip"] == env.vip("httpbin.org", 80).to_string())
+        .unwrap();
+    assert_eq!(http["mode"], "http");
+    let tcp = services
+        .iter()
+        .find(|s| s["vip"] == env.vip("echo.example", 9000).to_string())
+        .unwrap();
+    assert_eq!(tcp["mode"], "tcp");
+    let tls = services
+        .iter()
+        .find(|s| s["host"] == "secure.example")
+        .unwrap();
+    assert_eq!(tls["tlsOrigination"], true);
+    assert_eq!(v["version"].as_str().unwrap().len(), 16);
+}
