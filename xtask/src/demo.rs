@@ -151,7 +151,6 @@ struct Paths {
     config: PathBuf,
     staging: PathBuf,
     state: PathBuf,
-    waypoint_state: PathBuf,
     mesh_ca: PathBuf,
     pki: PathBuf,
     logs: PathBuf,
@@ -176,7 +175,6 @@ impl Paths {
             config: work.join("config"),
             staging: work.join("staging"),
             state: work.join("state"),
-            waypoint_state: work.join("waypoint-state"),
             mesh_ca: work.join("mesh-ca"),
             pki: work.join("pki"),
             logs: work.join("logs"),
@@ -601,7 +599,7 @@ impl Demo {
 
     fn build_topology(&mut self) -> Result<()> {
         let p = &self.p;
-        for d in [&p.config, &p.staging, &p.state, &p.waypoint_state, &p.logs] {
+        for d in [&p.config, &p.staging, &p.state, &p.logs] {
             fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
         for ns in NAMESPACES {
@@ -965,12 +963,14 @@ impl Demo {
                 WAYPOINT_NS,
                 "--config-dir",
                 &self.p.config.to_string_lossy(),
+                // The agent's state: the waypoint reads the allocator's
+                // VIPs there (read-only; it never allocates).
+                "--state-dir",
+                &self.p.state.to_string_lossy(),
+                "--ca-dir",
+                &ca,
             ],
         );
-        // The CA and state directories through their env vars: the
-        // waypoint's own flags for them are not settled yet.
-        wp.env("SHUNT_CA_DIR", &ca)
-            .env("SHUNT_STATE_DIR", &self.p.waypoint_state);
         self.spawn("waypoint", wp)?;
         let port = format!(":{HBONE_PORT}");
         let wns = netns(&WAYPOINT);

@@ -566,7 +566,16 @@ impl HboneHandler for Handler {
                 source_sa: req.peer_identity.service_account().to_string(),
             });
             let shared = self.shared.clone();
-            return Decision::serve(move |stream| l7::serve(shared, tunnel, stream));
+            // One ztunnel-format line per tunnel at close, as for TCP ports
+            // (the per-request Envoy lines are written by l7).
+            let mut log = self.conn_log(&req, req.local_addr, Some(&target.host));
+            return Decision::serve(move |stream| async move {
+                let logger = shared.access_log.clone();
+                l7::serve(shared, tunnel, stream).await;
+                log.duration = start.elapsed();
+                log.time = std::time::SystemTime::now();
+                logger.connection(&log);
+            });
         }
 
         // L4: decide on the connection, HTTP fields per Istio's TCP rule.
