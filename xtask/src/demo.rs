@@ -1217,14 +1217,27 @@ impl Demo {
                 .find(|w| w.starts_with("rbac_access_denied"))
                 .unwrap_or("")
                 .to_string();
+            // Envoy's details say `[none]` when ALLOW policies applied and
+            // none matched (as here); the waypoint's log names the deciding
+            // policy in its denial line.
             self.record(
-                "the waypoint names the policy decision",
+                "Envoy-format line has the RBAC response details",
                 if decided.contains("httpbin") || decided.contains("[none]") {
                     Ok(decided)
                 } else {
                     Err(format!("response details {decided:?}"))
                 },
             );
+            self.expect_log(
+                "the waypoint's log names the deciding policy common-infrastructure/httpbin",
+                &wp_log,
+                w1,
+                &[
+                    "request denied",
+                    "method=POST",
+                    "policy=\"common-infrastructure/httpbin\"",
+                ],
+            )?;
         }
         self.say("From the admin pod:");
         let w2 = mark(&wp_log);

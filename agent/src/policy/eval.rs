@@ -182,9 +182,11 @@ impl ServicePolicies<'_> {
                 };
             }
         }
+        // The ALLOW policies applied and none matched: they decided. Name
+        // the first (the usual case is exactly one, as in the seed).
         Decision {
             allowed: false,
-            policy: None,
+            policy: t.allow.first().map(|&i| policies[i as usize].name.clone()),
             action: Some(Action::Allow),
             rule: None,
             reason: Reason::NoAllowMatched,

@@ -258,7 +258,11 @@ impl fmt::Display for Decision {
             (Reason::AllowMatched, Some(p), Some(r)) => {
                 write!(f, "{verdict}: ALLOW policy {p} rule {r} matched")?
             }
-            (Reason::NoAllowMatched, _, _) => write!(
+            (Reason::NoAllowMatched, Some(p), _) => write!(
+                f,
+                "{verdict}: no rule of ALLOW policy {p} (or any other applicable ALLOW policy) matched"
+            )?,
+            (Reason::NoAllowMatched, None, _) => write!(
                 f,
                 "{verdict}: no rule of the applicable ALLOW policies matched"
             )?,

@@ -312,7 +312,12 @@ fn evaluation_table() {
             }
         };
         let d = decide(&set, &c.req);
-        if d.allowed != c.allowed || d.policy.as_deref() != c.by {
+        // As in the bypass corpus: `by` names the policy whose rule decided.
+        let decided_by = match d.reason {
+            Reason::NoAllowMatched => None,
+            _ => d.policy.as_deref(),
+        };
+        if d.allowed != c.allowed || decided_by != c.by {
             failures.push(format!(
                 "{}: expected allowed={} by {:?}, got {d:?}",
                 c.name, c.allowed, c.by
@@ -339,9 +344,10 @@ fn decision_details() {
     assert_eq!(d.rule, Some(1));
     let d = decide(&set, &POST);
     assert_eq!(d.reason, Reason::NoAllowMatched);
+    assert_eq!(d.policy.as_deref(), Some("common-infrastructure/httpbin"));
     assert_eq!(
         d.to_string(),
-        "denied: no rule of the applicable ALLOW policies matched"
+        "denied: no rule of ALLOW policy common-infrastructure/httpbin (or any other applicable ALLOW policy) matched"
     );
 
     let set = build(
@@ -592,7 +598,13 @@ fn bypass_corpus() {
     let mut failures = Vec::new();
     for (r, allowed, by) in corpus {
         let d = decide(&set, r);
-        if d.allowed != *allowed || d.policy.as_deref() != *by {
+        // A denial because no ALLOW rule matched names the ALLOW policy
+        // that applied; the corpus lists `None` for those.
+        let decided_by = match d.reason {
+            Reason::NoAllowMatched => None,
+            _ => d.policy.as_deref(),
+        };
+        if d.allowed != *allowed || decided_by != *by {
             failures.push(format!(
                 "{} {} host={}: expected allowed={allowed} by {by:?}, got {d}",
                 r.m, r.path, r.host

@@ -373,11 +373,25 @@ async fn handle(
         }
     };
     if !decision.allowed {
-        let deciding = decision.policy.as_deref().and_then(|p| p.split_once('/'));
+        // Envoy's details name a policy only when a DENY rule matched;
+        // otherwise `[none]`. The log line below names the deciding policy
+        // either way.
+        let deciding = match decision.reason {
+            crate::policy::Reason::DenyMatched => {
+                decision.policy.as_deref().and_then(|p| p.split_once('/'))
+            }
+            _ => None,
+        };
         log.response_code_details = Some(RequestLog::rbac_denied_details(
             deciding.map(|(ns, n)| (ns, n, decision.rule.unwrap_or(0))),
         ));
-        tracing::debug!(%decision, principal = %tunnel.principal, "request denied");
+        tracing::info!(
+            principal = %tunnel.principal,
+            method = %parts.method,
+            path = %parts.uri.path(),
+            policy = decision.policy.as_deref().unwrap_or("-"),
+            "request {decision}"
+        );
         return finish(
             log,
             local(StatusCode::FORBIDDEN, RBAC_DENIED_BODY, false),
