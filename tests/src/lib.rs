@@ -290,6 +290,37 @@ impl Pod {
         Ok(out?)
     }
 
+    /// Start a long-running process in this pod (its cgroup and netns),
+    /// stdout and stderr to `log`.
+    pub fn spawn(&self, program: &Path, args: &[&str], log: &Path) -> Result<Proc> {
+        self.spawn_env(program, args, &[], log)
+    }
+
+    pub fn spawn_env(
+        &self,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Result<Proc> {
+        let f = std::fs::File::create(log)?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .env("NO_COLOR", "1")
+            .stdout(f.try_clone()?)
+            .stderr(f);
+        in_pod(
+            &mut cmd,
+            Some(&self.cgroup.path.join("cgroup.procs")),
+            Some(&self.ns.path()),
+        );
+        Ok(Proc {
+            child: cmd.spawn()?,
+            log: log.to_path_buf(),
+        })
+    }
+
     /// The pod's node-side gateway address (IPv4).
     pub fn gateway4(&self) -> String {
         self.ip4.replace(".0.2", ".0.1")
@@ -599,6 +630,22 @@ impl Node {
                 .map(|_| ())
         })?;
         Ok(log)
+    }
+
+    /// Let the node route between its pods (waypoint, "internet").
+    pub fn enable_forwarding(&self) -> Result<()> {
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.ns.name,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        )?;
+        Ok(())
     }
 
     /// Run `shunt uninstall` for this node.

@@ -33,7 +33,14 @@ fn main() {
             addr,
             flag("--echo").map(|n| n.parse().unwrap_or_else(|_| usage())),
             flag("--bind").map(|ip| ip.parse().unwrap_or_else(|_| usage())),
+            args.iter().any(|a| a == "--raw"),
         ),
+        "many" => many(
+            addr,
+            flag("--n").and_then(|n| n.parse().ok()).unwrap_or(10),
+            flag("--echo").and_then(|n| n.parse().ok()).unwrap_or(1000),
+        ),
+        "serve" => serve(addr),
         "loop" => run_loop(
             addr,
             flag("--for-ms")
@@ -52,7 +59,7 @@ fn errno(e: &std::io::Error) -> i32 {
 /// Connect; print `err errno=N` or `ok local=.. peer=..`; with `--echo N`,
 /// read the handler's `dst=ADDR` line, send N pattern bytes, half-close and
 /// verify the same bytes come back.
-fn connect(addr: SocketAddr, echo: Option<usize>, bind: Option<std::net::IpAddr>) {
+fn connect(addr: SocketAddr, echo: Option<usize>, bind: Option<std::net::IpAddr>, raw: bool) {
     let r = match bind {
         None => TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
         Some(ip) => connect_from(ip, addr),
@@ -73,9 +80,12 @@ fn connect(addr: SocketAddr, echo: Option<usize>, bind: Option<std::net::IpAddr>
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
     let mut r = BufReader::new(s.try_clone().expect("clone"));
     let mut first = String::new();
-    if let Err(e) = r.read_line(&mut first) {
-        println!("err read errno={}", errno(&e));
-        return;
+    // --raw: the peer is a plain echo server (no `dst=` line first).
+    if !raw {
+        if let Err(e) = r.read_line(&mut first) {
+            println!("err read errno={}", errno(&e));
+            return;
+        }
     }
     let dst = first.trim().strip_prefix("dst=").unwrap_or("?").to_string();
     let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
@@ -102,6 +112,66 @@ fn connect(addr: SocketAddr, echo: Option<usize>, bind: Option<std::net::IpAddr>
         }
         (Ok(()), Ok(_)) => println!("err mismatch got={} want={n} dst={dst}", got.len()),
         (Err(e), _) | (_, Err(e)) => println!("err io errno={} dst={dst}", errno(&e)),
+    }
+}
+
+/// `n` connections, each echoing `bytes` through a plain echo server. Every
+/// connection stays open until all are done, so at the end all `n` tunnels
+/// exist at once. Prints `ok=N failed=M`.
+fn many(addr: SocketAddr, n: usize, bytes: usize) {
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            std::thread::spawn(move || -> Result<TcpStream, String> {
+                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                    .map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                let data: Vec<u8> = (0..bytes).map(|k| ((k + i) % 251) as u8).collect();
+                let mut w = s.try_clone().map_err(|e| e.to_string())?;
+                w.write_all(&data).map_err(|e| e.to_string())?;
+                let mut got = vec![0u8; bytes];
+                let mut r = s.try_clone().map_err(|e| e.to_string())?;
+                r.read_exact(&mut got).map_err(|e| e.to_string())?;
+                if got == data {
+                    Ok(s)
+                } else {
+                    Err("mismatch".into())
+                }
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, 0);
+    let mut errors = std::collections::BTreeSet::new();
+    let mut open = Vec::new();
+    for h in handles {
+        match h.join().unwrap_or(Err("panic".into())) {
+            Ok(s) => {
+                ok += 1;
+                open.push(s);
+            }
+            Err(e) => {
+                failed += 1;
+                errors.insert(e);
+            }
+        }
+    }
+    println!("ok={ok} failed={failed} errors={errors:?}");
+    drop(open);
+}
+
+/// A plain TCP echo server (thread per connection, half-close honoured).
+fn serve(addr: SocketAddr) {
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| {
+        eprintln!("bind {addr}: {e}");
+        std::process::exit(1)
+    });
+    println!("listening");
+    for s in l.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut r = s.try_clone().expect("clone");
+            let mut w = s;
+            let _ = std::io::copy(&mut r, &mut w);
+            let _ = w.shutdown(Shutdown::Write);
+        });
     }
 }
 

@@ -1,0 +1,267 @@
+//! Issue #5 on the real kernel with real TLS: pod → VIP → `shunt agent` →
+//! HBONE → `shunt waypoint` (its own namespace) → upstream (an "internet"
+//! namespace), for a TCP port: bytes intact both ways, identities in both
+//! access logs, pooled tunnels under 200 concurrent connections, and an
+//! upstream failure surfacing as a reset plus error lines.
+
+use std::time::Duration;
+
+use shunt_tests::{probe_bin, shunt_bin, wait_for, Node, Proc, Result};
+
+const SVC_PORT: u16 = 9000;
+const TARGET_PORT: u16 = 7000;
+
+struct Mesh {
+    node: Node,
+    waypoint: Proc,
+    upstream: Option<Proc>,
+    upstream_ip: String,
+}
+
+fn config(node: &Node, wp_ip: &str, upstream_ip: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: default
+  labels:
+    istio.io/dataplane-mode: ambient
+---
+{workload}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: wp
+  namespace: default
+  labels:
+    istio.io/waypoint-for: service
+spec:
+  gatewayClassName: istio-waypoint
+  addresses:
+  - type: IPAddress
+    value: {wp_ip}
+  listeners:
+  - name: mesh
+    port: 15008
+    protocol: HBONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: echo
+  namespace: default
+  labels:
+    istio.io/use-waypoint: wp
+spec:
+  hosts:
+  - echo.internal
+  ports:
+  - number: {SVC_PORT}
+    name: tcp
+    protocol: TCP
+    targetPort: {TARGET_PORT}
+  resolution: STATIC
+  endpoints:
+  - address: {upstream_ip}
+"#,
+        workload = node.pod("app").workload_entry("default", "app"),
+    )
+}
+
+fn start_upstream(node: &Node, ip: &str) -> Result<Proc> {
+    let log = node.work_dir.join("upstream.log");
+    let p = node.pod("inet").spawn(
+        &probe_bin(),
+        &["serve", &format!("{ip}:{TARGET_PORT}")],
+        &log,
+    )?;
+    wait_for("upstream listening", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .contains("listening")
+            .then_some(())
+    })?;
+    Ok(p)
+}
+
+fn setup() -> Result<Mesh> {
+    let mut node = Node::new()?;
+    node.add_pod("app")?;
+    node.add_pod("wp")?;
+    node.add_pod("inet")?;
+    node.enable_forwarding()?;
+    let wp_ip = node.pod("wp").ip4.clone();
+    let upstream_ip = node.pod("inet").ip4.clone();
+    let ca_dir = node.work_dir.join("ca");
+    shunt_agent::identity::Ca::init(&ca_dir, "cluster.local", false)?;
+    node.write_config("mesh.yaml", "trustDomain: cluster.local\n")?;
+    node.write_config("00-mesh.yaml", &config(&node, &wp_ip, &upstream_ip))?;
+    let (cfg, ca, state) = (
+        node.config_dir().display().to_string(),
+        ca_dir.display().to_string(),
+        node.state_dir.display().to_string(),
+    );
+    node.start_agent(
+        &shunt_bin(),
+        &["agent"],
+        &["--config-dir", &cfg, "--ca-dir", &ca, "--no-dns"],
+    )?;
+    let maps = node.maps()?;
+    wait_for("services programmed", Duration::from_secs(20), || {
+        (maps.read_services().ok()?.len() == 2).then_some(())
+    })?;
+    let wlog = node.work_dir.join("waypoint.log");
+    // Debug for the HBONE server: it logs each accepted HTTP/2 connection.
+    let waypoint = node.pod("wp").spawn_env(
+        &shunt_bin(),
+        &[
+            "waypoint",
+            "--config-dir",
+            &cfg,
+            "--state-dir",
+            &state,
+            "--ca-dir",
+            &ca,
+            "--name",
+            "wp",
+            "--namespace",
+            "default",
+        ],
+        &[("SHUNT_LOG", "info,shunt_agent::hbone::server=debug")],
+        &wlog,
+    )?;
+    let ready = wait_for(
+        "waypoint ready with the service",
+        Duration::from_secs(30),
+        || {
+            let l = std::fs::read_to_string(&wlog).ok()?;
+            l.lines()
+                .any(|x| {
+                    (x.contains("waypoint ready") || x.contains("config applied"))
+                        && !x.contains("services=0")
+                })
+                .then_some(())
+        },
+    );
+    if let Err(e) = ready {
+        anyhow::bail!("{e}; waypoint log:\n{}", waypoint.log_text());
+    }
+    let upstream = Some(start_upstream(&node, &upstream_ip)?);
+    Ok(Mesh {
+        node,
+        waypoint,
+        upstream,
+        upstream_ip,
+    })
+}
+
+fn agent_log(m: &Mesh) -> String {
+    m.node.agents[0].log_text()
+}
+
+#[test]
+fn tcp_port_through_agent_and_waypoint_keeps_bytes_and_identities() -> Result<()> {
+    let m = setup()?;
+    let vip = format!("240.240.0.1:{SVC_PORT}");
+    let r = m
+        .node
+        .pod("app")
+        .probe(&["connect", &vip, "--echo", "33554432", "--raw"])?;
+    assert!(
+        r.contains("echoed=33554432"),
+        "32 MiB through the mesh: {r}"
+    );
+    assert!(r.contains(&format!("peer={vip}")), "{r}");
+    let line = wait_for("agent access line", Duration::from_secs(20), || {
+        agent_log(&m)
+            .lines()
+            .find(|l| l.contains("connection complete") && l.contains("bytes_sent=33554432"))
+            .map(str::to_string)
+    })?;
+    for f in [
+        "src.workload=\"app\"",
+        "src.identity=\"spiffe://cluster.local/ns/default/sa/app\"",
+        &format!("dst.hbone_addr={vip}"),
+        "dst.identity=\"spiffe://cluster.local/ns/default/sa/wp\"",
+        "direction=\"outbound\"",
+    ] {
+        assert!(line.contains(f), "missing {f} in {line}");
+    }
+    let wline = wait_for("waypoint access line", Duration::from_secs(20), || {
+        m.waypoint
+            .log_text()
+            .lines()
+            .find(|l| l.contains("connection complete") && l.contains("direction=\"inbound\""))
+            .map(str::to_string)
+    })?;
+    assert!(
+        wline.contains("src.identity=\"spiffe://cluster.local/ns/default/sa/app\""),
+        "{wline}"
+    );
+    assert!(wline.contains(&format!("dst.hbone_addr={vip}")), "{wline}");
+    assert!(
+        wline.contains(&m.node.pod("app").ip4),
+        "Forwarded: for= names the pod: {wline}"
+    );
+    Ok(())
+}
+
+#[test]
+fn concurrent_connections_share_a_few_pooled_tunnels() -> Result<()> {
+    let m = setup()?;
+    let vip = format!("240.240.0.1:{SVC_PORT}");
+    let r = m
+        .node
+        .pod("app")
+        .probe(&["many", &vip, "--n", "200", "--echo", "2000"])?;
+    assert!(r.starts_with("ok=200 failed=0"), "{r}");
+    // One tunnel (stream, access line) per connection...
+    let log = wait_for("200 tunnel lines", Duration::from_secs(30), || {
+        let log = m.waypoint.log_text();
+        (log.lines()
+            .filter(|l| l.contains("connection complete"))
+            .count()
+            >= 200)
+            .then_some(log)
+    })?;
+    // ...riding a few HTTP/2 connections (at most 100 streams each).
+    let h2 = log
+        .lines()
+        .filter(|l| l.contains("HBONE connection accepted"))
+        .count();
+    assert!(
+        (2..=4).contains(&h2),
+        "200 concurrent streams should share 2-4 pooled connections, got {h2}"
+    );
+    Ok(())
+}
+
+#[test]
+fn upstream_down_resets_the_pod_connection_and_logs_errors() -> Result<()> {
+    let mut m = setup()?;
+    drop(m.upstream.take());
+    let vip = format!("240.240.0.1:{SVC_PORT}");
+    let r = m
+        .node
+        .pod("app")
+        .probe(&["connect", &vip, "--echo", "100", "--raw"])?;
+    assert!(
+        r.starts_with("err"),
+        "no upstream, yet bytes came back: {r}"
+    );
+    let line = wait_for("agent error line", Duration::from_secs(20), || {
+        agent_log(&m)
+            .lines()
+            .find(|l| l.contains(" error access ") && l.contains(&vip))
+            .map(str::to_string)
+    })?;
+    assert!(line.contains("error=") && line.contains("503"), "{line}");
+    wait_for("waypoint error line", Duration::from_secs(20), || {
+        m.waypoint
+            .log_text()
+            .lines()
+            .find(|l| l.contains(" error access ") && l.contains(&m.upstream_ip))
+            .map(|_| ())
+    })?;
+    Ok(())
+}
