@@ -20,8 +20,11 @@ use super::HboneError;
 
 /// First read size; doubled while reads fill it, up to `MAX_READ`.
 const MIN_READ: usize = 16 * 1024;
-/// One h2 frame at our max frame size.
-const MAX_READ: usize = 1024 * 1024;
+/// Largest read, and so the largest DATA frame we send. 256 KiB rather than
+/// a full 1 MiB frame: the peer's frame buffer and our read buffer stay small
+/// enough for malloc to recycle, and the next hop starts sooner (~3% less
+/// CPU per byte than 1 MiB in `benches/hbone.rs`).
+const MAX_READ: usize = 256 * 1024;
 
 /// A socket-like thing the relay can drive, and reset when the peer resets.
 pub trait RelayIo: AsyncRead + AsyncWrite + Unpin + Send {
