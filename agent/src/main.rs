@@ -47,6 +47,9 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any runtime thread: keep freed relay buffers instead of
+    // returning them to the kernel page by page.
+    shunt_agent::hbone::tune_allocator();
     let r = match cli.cmd {
         Cmd::Agent(a) => cmd::agent::run(a),
         Cmd::Waypoint(a) => cmd::waypoint::run(a),
