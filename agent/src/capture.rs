@@ -280,6 +280,23 @@ async fn routes(add: bool) -> Result<(), CaptureError> {
     use rtnetlink::{new_connection, RouteMessageBuilder};
     let (conn, handle, _) = new_connection().map_err(|e| CaptureError::Netlink(e.to_string()))?;
     let task = tokio::spawn(conn);
+    if add {
+        // Local routes via a loopback that is down fail with ENETDOWN (a
+        // fresh namespace); bringing lo up is idempotent.
+        if let Err(e) = handle
+            .link()
+            .set(
+                rtnetlink::LinkUnspec::new_with_index(LOOPBACK_IFINDEX)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+        {
+            task.abort();
+            return Err(CaptureError::Netlink(format!("bringing lo up: {e}")));
+        }
+    }
     let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(VIP_ROUTES_V4.0, VIP_ROUTES_V4.1)
         .kind(RouteType::Local)
