@@ -63,6 +63,24 @@ spec:
   resolution: STATIC
   endpoints:
   - address: {upstream_ip}
+---
+# No waypoint bound: the agent connects to the endpoint itself.
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: direct
+  namespace: default
+spec:
+  hosts:
+  - direct.internal
+  ports:
+  - number: 9100
+    name: tcp
+    protocol: TCP
+    targetPort: {TARGET_PORT}
+  resolution: STATIC
+  endpoints:
+  - address: {upstream_ip}
 "#,
         workload = node.pod("app").workload_entry("default", "app"),
     )
@@ -108,7 +126,7 @@ fn setup() -> Result<Mesh> {
     )?;
     let maps = node.maps()?;
     wait_for("services programmed", Duration::from_secs(20), || {
-        (maps.read_services().ok()?.len() == 2).then_some(())
+        (maps.read_services().ok()?.len() == 4).then_some(())
     })?;
     let wlog = node.work_dir.join("waypoint.log");
     // Debug for the HBONE server: it logs each accepted HTTP/2 connection.
@@ -263,5 +281,67 @@ fn upstream_down_resets_the_pod_connection_and_logs_errors() -> Result<()> {
             .find(|l| l.contains(" error access ") && l.contains(&m.upstream_ip))
             .map(|_| ())
     })?;
+    Ok(())
+}
+
+#[test]
+fn serviceentry_without_waypoint_is_connected_directly_and_logged() -> Result<()> {
+    let m = setup()?;
+    // The second ServiceEntry got the second VIP.
+    let r =
+        m.node
+            .pod("app")
+            .probe(&["connect", "240.240.0.2:9100", "--echo", "65536", "--raw"])?;
+    assert!(r.contains("echoed=65536"), "{r}");
+    let line = wait_for(
+        "agent line for the direct connection",
+        Duration::from_secs(20),
+        || {
+            agent_log(&m)
+                .lines()
+                .find(|l| {
+                    l.contains("connection complete")
+                        && l.contains("dst.service=\"direct.internal\"")
+                })
+                .map(str::to_string)
+        },
+    )?;
+    assert!(
+        line.contains(&format!("dst.addr={}:{TARGET_PORT}", m.upstream_ip)),
+        "{line}"
+    );
+    assert!(
+        !line.contains("dst.hbone_addr"),
+        "no tunnel was used: {line}"
+    );
+    Ok(())
+}
+
+#[test]
+fn status_reports_a_healthy_agent() -> Result<()> {
+    let m = setup()?;
+    let out = std::process::Command::new(shunt_bin())
+        .args([
+            "status",
+            "--pin-dir",
+            &m.node.pin_dir.display().to_string(),
+            "--state-dir",
+            &m.node.state_dir.display().to_string(),
+            "--netns",
+            &m.node.ns.path().display().to_string(),
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "status: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for p in shunt_common::prog_names::CGROUP
+        .iter()
+        .chain([&shunt_common::prog_names::SK_LOOKUP])
+    {
+        assert!(text.contains(p), "{p} missing in:\n{text}");
+    }
     Ok(())
 }
