@@ -15,7 +15,10 @@
 //! their own config directories, on one tokio runtime (2 workers, as a
 //! separate process would have); the app, client and upstream share another.
 //! Every response's status is checked; setup failures panic. After
-//! criterion's output a table of rates, latencies and ratios is printed.
+//! criterion's output a table of rates, latencies and ratios is printed,
+//! then a paired A/B run (alternating rounds of both waypoints, 20 by
+//! default, `SHUNT_BENCH_ROUNDS`) for a drift-resistant policy/no-policy
+//! ratio.
 //!
 //! `cargo bench -p shunt-agent --bench waypoint` (add `-- c8` etc. to filter).
 
@@ -471,6 +474,61 @@ fn main() {
                 println!("{n:<6}   {label:<30} rate {rate:>5.2}x   CPU/req {cpu:>5.2}x");
             }
         }
+    }
+    // Criterion runs the paths one after another; on a shared machine load
+    // drifts between them. Alternating short rounds of both waypoints gives
+    // a policy/no-policy ratio that drift affects far less.
+    let rounds: usize = std::env::var("SHUNT_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let per_round = 2000u64;
+    println!(
+        "\nPaired A/B: {rounds} alternating rounds of {per_round} GET /get per waypoint \
+         (median of per-round ratios)"
+    );
+    for &n in &concurrency {
+        let (mut none, mut seed): (Vec<Conn>, Vec<Conn>) = apps.block_on(async {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for _ in 0..n {
+                a.push(mesh_conn(&client, &wp_none).await);
+                b.push(mesh_conn(&client, &wp_seed).await);
+            }
+            (a, b)
+        });
+        let mut ratios = Vec::with_capacity(rounds);
+        let (mut t_none, mut t_seed) = (Duration::ZERO, Duration::ZERO);
+        for r in 0..rounds {
+            let timed = |conns: &mut [Conn]| {
+                apps.block_on(async {
+                    let t = Instant::now();
+                    run(conns, GET, per_round).await;
+                    t.elapsed()
+                })
+            };
+            // Alternate which goes first so neither always follows the other.
+            let (a, b) = if r % 2 == 0 {
+                let a = timed(&mut none);
+                (a, timed(&mut seed))
+            } else {
+                let b = timed(&mut seed);
+                (timed(&mut none), b)
+            };
+            t_none += a;
+            t_seed += b;
+            ratios.push(a.as_secs_f64() / b.as_secs_f64());
+        }
+        ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let total = (rounds as u64 * per_round) as f64;
+        println!(
+            "{n:<6} no_policy {:>8.0} req/s   seed_policy {:>8.0} req/s   \
+             seed/no-policy rate: median {:.3}x (min {:.3}x, max {:.3}x)",
+            total / t_none.as_secs_f64(),
+            total / t_seed.as_secs_f64(),
+            ratios[ratios.len() / 2],
+            ratios[0],
+            ratios[ratios.len() - 1]
+        );
     }
     println!(
         "upstream requests: {}; access-log bytes: no_policy {}, seed_policy {}; \
