@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use shunt_common::{
-    v4_mapped, EnrolledValue, Meta, ServiceKey, ServiceValue, EGRESS_ALLOW_ANY,
-    EGRESS_REGISTRY_ONLY, ENR_F_DNS_CAPTURE, LAYOUT_VERSION, SVC_F_HTTP, SVC_F_WAYPOINT,
+    EnrolledValue, Meta, ServiceKey, ServiceValue, EGRESS_ALLOW_ANY, EGRESS_REGISTRY_ONLY,
+    ENR_F_DNS_CAPTURE, LAYOUT_VERSION, SVC_F_HTTP, SVC_F_WAYPOINT,
 };
 
 use crate::alloc::Allocation;
@@ -23,8 +23,6 @@ use crate::config::{
     labels, ClientTls, Config, Location, ObjectKey, OutboundMode, Protocol, Resolution,
     ServiceEntry, WaypointRef,
 };
-
-const IPPROTO_TCP: u8 = 6;
 
 /// The bound waypoint of a service.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,21 +144,11 @@ impl Desired {
     }
 }
 
-/// 16-byte map form: IPv4 as IPv4-mapped.
-pub fn map_addr(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(a) => v4_mapped(a.octets()),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
+pub use crate::maps::addr_bytes as map_addr;
 
+/// The `services` key of a TCP VIP:port.
 pub fn service_key(ip: IpAddr, port: u16) -> ServiceKey {
-    ServiceKey {
-        addr: map_addr(ip),
-        port,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    }
+    crate::maps::tcp_key(std::net::SocketAddr::new(ip, port))
 }
 
 /// Resolves `shunt.io/cgroup` annotations against a cgroup v2 root: the
@@ -620,6 +608,7 @@ pub fn now_rfc3339() -> String {
 mod tests {
     use super::*;
     use crate::alloc::Allocator;
+    use shunt_common::v4_mapped;
     use shunt_common::SVC_F_HTTP;
 
     fn load(files: &[(&str, &str)]) -> Config {
