@@ -1,35 +1,15 @@
-//! cgroup/sendmsg4: unconnected UDP. DNS queries of enrolled sockets go
-//! to the DNS proxy; VIPs (TCP only) and, under REGISTRY_ONLY, destinations
-//! outside the registry are refused (EPERM).
+//! cgroup/sendmsg4: unconnected UDP. DNS queries of enrolled sockets go to
+//! the DNS proxy; VIPs (TCP only) and, under REGISTRY_ONLY, destinations
+//! outside the registry are refused (EPERM). Not reported per datagram.
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use shunt_common::v4_mapped;
 
-use crate::sockaddr::{decide, port_field, Redirect, ALLOW, PASS, REDIRECT, REJECT};
+use crate::sockaddr::{steer, ALLOW, REFUSE, REJECT};
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn shunt_sendmsg4(ctx: SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    let addr = v4_mapped(ctx_load!(sa, user_ip4).to_ne_bytes());
-    // user_port is network order in the first two bytes of the u32.
-    let port = u16::from_be(ctx_load!(sa, user_port) as u16);
-    let protocol = ctx_load!(sa, protocol);
-    let mut r = Redirect {
-        addr: [0; 16],
-        port: 0,
-    };
-    match decide(&ctx, &addr, port, protocol, false, &mut r) {
-        PASS => ALLOW,
-        REDIRECT => {
-            let (to, to_port) = (r.addr, r.port);
-            ctx_store!(
-                sa,
-                u32::from_ne_bytes([to[12], to[13], to[14], to[15]]),
-                user_ip4
-            );
-            ctx_store!(sa, port_field(to_port), user_port);
-            ALLOW
-        }
-        _ => REJECT,
+    match steer::<false>(&ctx, false) {
+        REFUSE => REJECT,
+        _ => ALLOW,
     }
 }

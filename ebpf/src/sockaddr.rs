@@ -3,6 +3,7 @@
 //! writes its own context layout.
 
 use aya_ebpf::{
+    bindings::bpf_sock_addr,
     btf_maps::lpm_trie::Key,
     helpers::{bpf_get_current_cgroup_id, bpf_set_retval},
     programs::SockAddrContext,
@@ -193,4 +194,77 @@ pub fn bytes_to_words(a: &[u8; 16]) -> [u32; 4] {
 #[inline(always)]
 pub fn port_field(port: u16) -> u32 {
     u16::to_be(port) as u32
+}
+
+/// The destination a sock_addr program sees (`user_ip4/6`, `user_port`), as
+/// 16 address bytes (IPv4-mapped for IPv4) and a host-order port. `V6`
+/// picks the context layout at compile time, so each program reads only
+/// its own fields (a runtime branch could merge ctx pointers, which the
+/// verifier rejects).
+#[inline(always)]
+pub fn user_dst<const V6: bool>(sa: *mut bpf_sock_addr) -> ([u8; 16], u16) {
+    let addr = if V6 {
+        words_to_bytes([
+            ctx_load!(sa, user_ip6[0]),
+            ctx_load!(sa, user_ip6[1]),
+            ctx_load!(sa, user_ip6[2]),
+            ctx_load!(sa, user_ip6[3]),
+        ])
+    } else {
+        v4_mapped(ctx_load!(sa, user_ip4).to_ne_bytes())
+    };
+    // user_port is network order in the first two bytes of the u32.
+    (addr, u16::from_be(ctx_load!(sa, user_port) as u16))
+}
+
+/// Rewrite the destination (DNS capture) or restore it (recvmsg,
+/// getpeername).
+#[inline(always)]
+pub fn set_user_dst<const V6: bool>(sa: *mut bpf_sock_addr, addr: &[u8; 16], port: u16) {
+    if V6 {
+        let w = bytes_to_words(addr);
+        ctx_store!(sa, w[0], user_ip6[0]);
+        ctx_store!(sa, w[1], user_ip6[1]);
+        ctx_store!(sa, w[2], user_ip6[2]);
+        ctx_store!(sa, w[3], user_ip6[3]);
+    } else {
+        ctx_store!(
+            sa,
+            u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
+            user_ip4
+        );
+    }
+    ctx_store!(sa, port_field(port), user_port);
+}
+
+/// The body of connect4/6 and sendmsg4/6: decide and apply a redirect.
+/// Returns `PASS` or `REFUSE`; the caller turns a refusal into its
+/// program's errno.
+#[inline(always)]
+pub fn steer<const V6: bool>(ctx: &SockAddrContext, report: bool) -> u32 {
+    let sa = ctx.sock_addr;
+    let (addr, port) = user_dst::<V6>(sa);
+    let protocol = ctx_load!(sa, protocol);
+    let mut r = Redirect {
+        addr: [0; 16],
+        port: 0,
+    };
+    match decide(ctx, &addr, port, protocol, report, &mut r) {
+        REDIRECT => {
+            set_user_dst::<V6>(sa, &r.addr, r.port);
+            PASS
+        }
+        v => v,
+    }
+}
+
+/// The body of recvmsg4/6 and getpeername4/6: show a DNS-captured socket
+/// the resolver it asked instead of the proxy.
+#[inline(always)]
+pub fn restore<const V6: bool>(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    let (addr, port) = user_dst::<V6>(sa);
+    if let Some(o) = dns_restore(ctx, &addr, port) {
+        set_user_dst::<V6>(sa, &o.addr, o.port);
+    }
 }
