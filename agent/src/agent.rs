@@ -163,7 +163,7 @@ impl Agent {
         ];
         let mut installed = capture::install(&opts.paths, opts.meta)?;
         if !installed.reused_links.is_empty() {
-            info!(links = ?installed.reused_links, "reusing pinned links");
+            info!(links = ?installed.reused_links, "reusing pinned links (their programs replaced in place by this build)");
         }
         capture::install_routes().await?;
         let maps = Arc::new(PinnedMaps::open(&opts.paths.pin_dir)?);

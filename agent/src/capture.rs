@@ -143,6 +143,14 @@ pub fn install(paths: &KernelPaths, meta_value: Option<Meta>) -> Result<Installe
         if link_path.exists() {
             match PinnedLink::from_pin(&link_path) {
                 Ok(_) => {
+                    // Keep the link (and with it the attachment: no gap),
+                    // but run this build's program in it.
+                    let fd = load_program(&mut ebpf, prog)?;
+                    // On failure the link keeps the previous agent's program,
+                    // which still enforces everything (the layout matched).
+                    if let Err(e) = link_update(&link_path, fd) {
+                        warn!(program = prog, error = %e, "could not update the pinned link's program; the previous one stays attached");
+                    }
                     reused_links.push(prog);
                     continue;
                 }
@@ -162,11 +170,9 @@ pub fn install(paths: &KernelPaths, meta_value: Option<Meta>) -> Result<Installe
     Ok(Installed { ebpf, reused_links })
 }
 
-fn attach(
-    ebpf: &mut Ebpf,
-    prog: &'static str,
-    paths: &KernelPaths,
-) -> Result<FdLink, CaptureError> {
+/// Load `prog` and return its fd (borrowed from the loaded object).
+fn load_program(ebpf: &mut Ebpf, prog: &'static str) -> Result<std::os::fd::RawFd, CaptureError> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
     let program = ebpf
         .program_mut(prog)
         .ok_or(CaptureError::MissingProgram(prog))?;
@@ -174,6 +180,96 @@ fn attach(
     if prog == prog_names::SK_LOOKUP {
         let p: &mut SkLookup = program.try_into().map_err(err)?;
         p.load().map_err(err)?;
+        Ok(p.fd().map_err(err)?.as_fd().as_raw_fd())
+    } else {
+        let p: &mut CgroupSockAddr = program.try_into().map_err(err)?;
+        p.load().map_err(err)?;
+        Ok(p.fd().map_err(err)?.as_fd().as_raw_fd())
+    }
+}
+
+/// Replace the program of the pinned link at `pin` with `prog_fd` in one
+/// step (BPF_LINK_UPDATE; aya exposes it only for XDP and TC, so this is a
+/// raw bpf(2) call). The attachment never goes away, so an upgraded agent
+/// takes over without a moment of unfiltered traffic.
+fn link_update(pin: &Path, prog_fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: a valid, fully initialized bpf_attr prefix for the command,
+    // with its size.
+    let link_fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if link_fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(e.kind(), format!("BPF_OBJ_GET: {e}")));
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    let link =
+        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(link_fd as i32) };
+    let upd = LinkUpdate {
+        link_fd: std::os::fd::AsRawFd::as_raw_fd(&link) as u32,
+        new_prog_fd: prog_fd as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &upd as *const LinkUpdate,
+            std::mem::size_of::<LinkUpdate>(),
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("BPF_LINK_UPDATE: {e}"),
+        ));
+    }
+    Ok(())
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    prog: &'static str,
+    paths: &KernelPaths,
+) -> Result<FdLink, CaptureError> {
+    load_program(ebpf, prog)?;
+    let program = ebpf
+        .program_mut(prog)
+        .ok_or(CaptureError::MissingProgram(prog))?;
+    let err = |e| CaptureError::Program(prog, e);
+    if prog == prog_names::SK_LOOKUP {
+        let p: &mut SkLookup = program.try_into().map_err(err)?;
         // thread-self: the netns this thread (the node's) is in.
         let ns_path = PathBuf::from("/proc/thread-self/ns/net");
         let ns = File::open(&ns_path).map_err(|e| CaptureError::Open(ns_path, e))?;
@@ -182,7 +278,6 @@ fn attach(
         FdLink::try_from(link).map_err(|e| CaptureError::Program(prog, e.into()))
     } else {
         let p: &mut CgroupSockAddr = program.try_into().map_err(err)?;
-        p.load().map_err(err)?;
         let cg = File::open(&paths.cgroup_root)
             .map_err(|e| CaptureError::Open(paths.cgroup_root.clone(), e))?;
         let id = p.attach(cg, CgroupAttachMode::Single).map_err(err)?;

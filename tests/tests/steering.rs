@@ -255,33 +255,46 @@ fn handover_under_connect_loop_refuses_nothing() -> Result<()> {
 }
 
 #[test]
-fn restarted_agent_reuses_pinned_links() -> Result<()> {
+fn restarted_agent_keeps_links_and_updates_their_programs_in_place() -> Result<()> {
     let mut node = node_with_pod("app")?;
     node.start_echo_agent()?;
+    node.add_service("240.240.0.1:80", 1)?;
+    node.enroll("app", 1)?;
     let link = node.pin_dir.join("link_shunt_sk_lookup");
-    let link_id = || -> Result<String> {
+    // `bpftool link show pinned` prints "ID: sk_lookup  prog PROG_ID ...".
+    let link_info = || -> Result<(String, String)> {
         let out = shunt_tests::sh(
             "bpftool",
             &["link", "show", "pinned", &link.display().to_string()],
         )?;
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .split(':')
-            .next()
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let id = text.split(':').next().unwrap_or("").trim().to_string();
+        let prog = text
+            .split_whitespace()
+            .skip_while(|w| *w != "prog")
+            .nth(1)
             .unwrap_or("")
-            .to_string())
+            .to_string();
+        Ok((id, prog))
     };
-    let id = link_id()?;
+    let (id, prog) = link_info()?;
     let a = &mut node.agents[0];
     a.signal(libc::SIGTERM);
     assert!(a.wait_exit(Duration::from_secs(30)));
     assert!(link.exists(), "clean shutdown must leave links pinned");
     node.start_echo_agent()?;
     assert!(node.agents[1].log_text().contains("reusing pinned links"));
-    assert_eq!(
-        link_id()?,
-        id,
-        "the same kernel link must still be attached"
+    let (id2, prog2) = link_info()?;
+    assert_eq!(id2, id, "the same kernel link must still be attached");
+    assert_ne!(
+        prog2, prog,
+        "the new agent's program must run in the link (BPF_LINK_UPDATE)"
     );
+    // And it works.
+    let r = node
+        .pod("app")
+        .probe(&["connect", "240.240.0.1:80", "--echo", "10"])?;
+    assert!(r.contains("echoed=10"), "{r}");
     Ok(())
 }
 

@@ -952,7 +952,7 @@ impl Demo {
             println!("{DIM}applied examples/egress/{f}{RESET}");
         }
         let ca = self.p.mesh_ca.to_string_lossy().into_owned();
-        let mut wp = in_ns(
+        let wp = in_ns(
             &netns(&WAYPOINT),
             &[
                 &self.p.shunt.to_string_lossy(),
