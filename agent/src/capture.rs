@@ -27,7 +27,7 @@ use tracing::{info, warn};
 /// aya-log's ring buffer, pinned too so that reused links keep logging into
 /// a map the next agent can read.
 const AYA_LOGS: &str = "AYA_LOGS";
-const PINNED_MAPS: [&str; 8] = [
+const PINNED_MAPS: [&str; 9] = [
     map_names::SERVICES,
     map_names::ENROLLED,
     map_names::CAPTURE,
@@ -36,6 +36,7 @@ const PINNED_MAPS: [&str; 8] = [
     map_names::EGRESS_ALLOW,
     map_names::DNS_ORIG,
     map_names::EVENTS,
+    map_names::SOURCES,
 ];
 const RT_TABLE_LOCAL: u32 = 255;
 const LOOPBACK_IFINDEX: u32 = 1;
@@ -557,6 +558,49 @@ async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Option<u32> {
         .ok()
         .flatten()
         .map(|m| m.header.index)
+}
+
+/// The interface through which the node reaches each address (`ip route
+/// get`): where a genuine packet from that workload arrives. Addresses
+/// without a route are left out.
+pub async fn route_oifs(
+    ips: &[std::net::IpAddr],
+) -> Result<std::collections::HashMap<std::net::IpAddr, u32>, CaptureError> {
+    use futures::TryStreamExt as _;
+    use rtnetlink::packet_route::route::RouteAttribute;
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| CaptureError::Netlink(e.to_string()))?;
+    let task = tokio::spawn(conn);
+    let mut out = std::collections::HashMap::new();
+    for ip in ips {
+        let msg = match rtnetlink::RouteMessageBuilder::<std::net::IpAddr>::new()
+            .destination_prefix(*ip, if ip.is_ipv4() { 32 } else { 128 })
+        {
+            Ok(b) => b.build(),
+            Err(_) => continue,
+        };
+        let Ok(routes) = handle
+            .route()
+            .get(msg)
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await
+        else {
+            continue;
+        };
+        let oif = routes
+            .iter()
+            .flat_map(|r| r.attributes.iter())
+            .find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+        if let Some(i) = oif {
+            out.insert(*ip, i);
+        }
+    }
+    task.abort();
+    Ok(out)
 }
 
 /// Remove the VIP routes and the DNS interface, or the DNS proxy's

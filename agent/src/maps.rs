@@ -12,7 +12,7 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use shunt_common::{
-    map_names, Counter, EnrolledValue, Meta, ServiceKey, ServiceValue, COUNTER_SLOTS,
+    map_names, CidrAddr, Counter, EnrolledValue, Meta, ServiceKey, ServiceValue, COUNTER_SLOTS,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,7 @@ pub struct PinnedMaps {
     pub enrolled: HashMap<MapData, u64, EnrolledValue>,
     pub counters: PerCpuArray<MapData, u64>,
     pub meta: Array<MapData, Meta>,
+    pub sources: HashMap<MapData, CidrAddr, u32>,
 }
 
 fn open_map(dir: &Path, name: &'static str) -> Result<MapData, MapsError> {
@@ -62,6 +63,8 @@ impl PinnedMaps {
             .map_err(op(map_names::COUNTERS, "open"))?,
             meta: Array::try_from(Map::Array(open_map(pin_dir, map_names::META)?))
                 .map_err(op(map_names::META, "open"))?,
+            sources: HashMap::try_from(Map::HashMap(open_map(pin_dir, map_names::SOURCES)?))
+                .map_err(op(map_names::SOURCES, "open"))?,
         })
     }
 
@@ -75,6 +78,19 @@ impl PinnedMaps {
             .map(|r| {
                 r.map_err(|source| MapsError::Op {
                     map: map_names::SERVICES,
+                    op: "iterate",
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    pub fn read_sources(&self) -> Result<BTreeMap<CidrAddr, u32>, MapsError> {
+        self.sources
+            .iter()
+            .map(|r| {
+                r.map_err(|source| MapsError::Op {
+                    map: map_names::SOURCES,
                     op: "iterate",
                     source,
                 })

@@ -282,7 +282,7 @@ pub async fn run_with(
         ready.clone(),
     )?;
     if let Some(cfg) = initial {
-        reconciler.apply(&cfg);
+        reconciler.apply(&cfg).await;
     }
     tokio::spawn(reconciler.run(watcher));
     spawn_event_reader(&pin_dir, snapshot.clone(), logger.clone())?;
@@ -397,6 +397,7 @@ struct Reconciler {
     allow: LpmTrie<MapData, CidrAddr, u8>,
     services: BTreeMap<ServiceKey, ServiceValue>,
     enrolled: BTreeMap<u64, EnrolledValue>,
+    sources: BTreeMap<CidrAddr, u32>,
     allowed: BTreeMap<(u32, [u8; 16]), u8>,
     hosts: SharedHostTable,
     snapshot: Arc<ArcSwap<Snapshot>>,
@@ -417,6 +418,7 @@ impl Reconciler {
         // only what differs.
         let services = maps.read_services()?;
         let enrolled = maps.read_enrolled()?;
+        let sources = maps.read_sources()?;
         let data = MapData::from_pin(pin_dir.join(map_names::EGRESS_ALLOW))
             .map_err(|e| NodeError::Map(map_names::EGRESS_ALLOW, e))?;
         let allow: LpmTrie<MapData, CidrAddr, u8> = LpmTrie::try_from(Map::LpmTrie(data))
@@ -435,6 +437,7 @@ impl Reconciler {
             allow,
             services,
             enrolled,
+            sources,
             allowed,
             hosts,
             snapshot,
@@ -450,7 +453,7 @@ impl Reconciler {
                     if r.is_err() { return; }
                     let cfg = watcher.config.borrow_and_update().clone();
                     if let Some(cfg) = cfg {
-                        self.apply(&cfg);
+                        self.apply(&cfg).await;
                     }
                 }
                 r = watcher.rejected.changed() => {
@@ -463,7 +466,7 @@ impl Reconciler {
         }
     }
 
-    fn apply(&mut self, cfg: &Config) {
+    async fn apply(&mut self, cfg: &Config) {
         let started = Instant::now();
         let allocation = match self.alloc.allocate(cfg) {
             Ok(a) => a.clone(),
@@ -484,6 +487,30 @@ impl Reconciler {
         for w in &d.warnings {
             warn!("{w}");
         }
+        // Each workload address → the interface it must arrive on (the
+        // route back to it), for the spoofing check in sk_lookup.
+        let addrs: Vec<IpAddr> = d
+            .workload_table
+            .values()
+            .filter_map(|w| w.address)
+            .collect();
+        let desired_sources: BTreeMap<CidrAddr, u32> = match capture::route_oifs(&addrs).await {
+            Ok(m) => m
+                .into_iter()
+                .map(|(ip, oif)| {
+                    (
+                        CidrAddr {
+                            addr: maps::addr_bytes(ip),
+                        },
+                        oif,
+                    )
+                })
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "route lookups for workload sources failed; source interface checks unchanged");
+                self.sources.clone()
+            }
+        };
         let result = (|| -> Result<_, NodeError> {
             let s = maps::reconcile(
                 &mut self.maps.services,
@@ -496,6 +523,12 @@ impl Reconciler {
                 &mut self.enrolled,
                 &d.enrolled,
                 map_names::ENROLLED,
+            )?;
+            maps::reconcile(
+                &mut self.maps.sources,
+                &mut self.sources,
+                &desired_sources,
+                map_names::SOURCES,
             )?;
             self.maps.set_meta(&d.meta)?;
             self.sync_allow(&d.allowed_egress)?;

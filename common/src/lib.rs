@@ -27,6 +27,7 @@ pub mod map_names {
     pub const EGRESS_ALLOW: &str = "egress_allow";
     pub const DNS_ORIG: &str = "dns_orig";
     pub const EVENTS: &str = "events";
+    pub const SOURCES: &str = "sources";
 }
 
 /// Names of the kernel programs in the object file.
@@ -132,7 +133,7 @@ pub struct DnsOrig {
 /// Key data of the `egress_allow` LPM trie: an IPv4-mapped or IPv6 address
 /// (IPv4 prefixes are stored with prefix length 96 + len).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct CidrAddr {
     pub addr: [u8; 16],
 }

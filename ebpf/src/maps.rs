@@ -47,6 +47,12 @@ pub static egress_allow: LpmTrie<CidrAddr, u8, 4096> = LpmTrie::new();
 #[btf_map]
 pub static dns_orig: SkStorage<DnsOrig> = SkStorage::new();
 
+/// Workload source address → the node interface it must arrive on. A SYN
+/// to a VIP from a known workload address on another interface is a spoof
+/// and is dropped (covers IPv6, where there is no rp_filter).
+#[btf_map]
+pub static sources: HashMap<CidrAddr, u32, 65_536, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
+
 /// Egress reports for the agent's log (passthrough and denials).
 #[btf_map]
 pub static events: RingBuf<EgressEvent, { 256 * 1024 }> = RingBuf::new();

@@ -11,10 +11,10 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use aya_log_ebpf::warn;
-use shunt_common::{is_vip, v4_mapped, Counter, ServiceKey};
+use shunt_common::{is_vip, v4_mapped, CidrAddr, Counter, ServiceKey};
 
 use crate::{
-    maps::{capture, count, services},
+    maps::{capture, count, services, sources},
     sockaddr::words_to_bytes,
 };
 
@@ -39,6 +39,14 @@ pub fn shunt_sk_lookup(ctx: SkLookupContext) -> u32 {
         ctx_load!(l, local_ip6[3]),
     ];
     let local_port = ctx_load!(l, local_port);
+    let rip4 = ctx_load!(l, remote_ip4);
+    let rip6 = [
+        ctx_load!(l, remote_ip6[0]),
+        ctx_load!(l, remote_ip6[1]),
+        ctx_load!(l, remote_ip6[2]),
+        ctx_load!(l, remote_ip6[3]),
+    ];
+    let ingress = ctx_load!(l, ingress_ifindex);
     let addr = match family {
         AF_INET => v4_mapped(ip4.to_ne_bytes()),
         AF_INET6 => words_to_bytes(ip6),
@@ -62,6 +70,22 @@ pub fn shunt_sk_lookup(ctx: SkLookupContext) -> u32 {
     if unsafe { services.get(&key) }.is_none() {
         count(Counter::Dropped);
         return SK_DROP;
+    }
+    // The agent identifies workloads by source address: a known workload
+    // address arriving on another interface than its own is spoofed.
+    let src = CidrAddr {
+        addr: if family == AF_INET {
+            v4_mapped(rip4.to_ne_bytes())
+        } else {
+            words_to_bytes(rip6)
+        },
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(ifindex) = unsafe { sources.get(&src) }.copied() {
+        if ifindex != ingress {
+            count(Counter::Dropped);
+            return SK_DROP;
+        }
     }
     match capture.redirect_sk_lookup(&ctx, 0, 0) {
         Ok(()) => {

@@ -384,3 +384,61 @@ fn allow_any_passthrough_is_logged_with_the_workload_identity() -> Result<()> {
     assert!(node.counter(Counter::Passthrough)? >= 1);
     Ok(())
 }
+
+#[test]
+fn spoofed_workload_address_is_dropped_by_sk_lookup_without_rp_filter() -> Result<()> {
+    let mut node = setup("ALLOW_ANY", &[])?;
+    node.write_config(
+        "01-other.yaml",
+        &node.pod("other").workload_entry("default", "other"),
+    )?;
+    node.start_echo_agent_with_config(None)?;
+    let maps = node.maps()?;
+    wait_for(
+        "services and workload sources",
+        Duration::from_secs(20),
+        || {
+            (maps.read_services().ok()?.len() == 2 && maps.read_sources().ok()?.len() == 2)
+                .then_some(())
+        },
+    )?;
+    // Take reverse-path filtering away: the sk_lookup check alone must hold.
+    shunt_tests::sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &node.ns.name,
+            "sh",
+            "-c",
+            "for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done",
+        ],
+    )?;
+    let r = node
+        .pod("app")
+        .probe(&["connect", "240.240.0.1:80", "--echo", "1"])?;
+    assert!(r.contains("echoed=1"), "the genuine source works: {r}");
+    let steered = node.counter(Counter::Steered)?;
+    let dropped = node.counter(Counter::Dropped)?;
+    let other_ip = node.pod("other").ip4.clone();
+    node.pod("app")
+        .ns
+        .ip(&["addr", "add", &format!("{other_ip}/32"), "dev", "eth0"])?;
+    let r = node
+        .pod("app")
+        .probe(&["connect", "240.240.0.1:80", "--bind", &other_ip])?;
+    assert!(
+        r.starts_with("err"),
+        "a spoofed workload address was answered: {r}"
+    );
+    assert_eq!(
+        node.counter(Counter::Steered)?,
+        steered,
+        "the spoofed SYN reached the agent"
+    );
+    assert!(
+        node.counter(Counter::Dropped)? > dropped,
+        "sk_lookup did not drop the spoofed SYN"
+    );
+    Ok(())
+}
