@@ -106,7 +106,10 @@ fn setup() -> Result<(Node, SocketAddr, SocketAddr)> {
 
 fn bench(c: &mut Criterion) {
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
-    let (node, vip, plain) = setup().expect("bench setup");
+    let (_node, vip, plain) = setup().expect("bench setup");
+    // Declared after `node`, so it drops first (also on a panic): the
+    // process leaves the pod's cgroup before the guards remove it.
+    let _leave = LeaveCgroup;
     let mut g = c.benchmark_group("connect");
     g.measurement_time(Duration::from_secs(5));
     g.bench_function("plain_node_listener", |b| {
@@ -149,9 +152,14 @@ fn bench(c: &mut Criterion) {
         }
     }
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
-    // Leave the pod's cgroup before the guards remove it.
-    let _ = std::fs::write(shunt_tests::cgroup2_mount().join("cgroup.procs"), "0");
-    drop(node);
+}
+
+struct LeaveCgroup;
+
+impl Drop for LeaveCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(shunt_tests::cgroup2_mount().join("cgroup.procs"), "0");
+    }
 }
 
 criterion_group!(benches, bench);

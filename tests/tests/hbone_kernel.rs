@@ -11,11 +11,13 @@ use shunt_tests::{probe_bin, shunt_bin, wait_for, Node, Proc, Result};
 const SVC_PORT: u16 = 9000;
 const TARGET_PORT: u16 = 7000;
 
+/// Field order is drop order: the processes living in pods stop before the
+/// node removes the pods' cgroups.
 struct Mesh {
-    node: Node,
     waypoint: Proc,
     upstream: Option<Proc>,
     upstream_ip: String,
+    node: Node,
 }
 
 fn config(node: &Node, wp_ip: &str, upstream_ip: &str) -> String {
@@ -166,10 +168,10 @@ fn setup() -> Result<Mesh> {
     }
     let upstream = Some(start_upstream(&node, &upstream_ip)?);
     Ok(Mesh {
-        node,
         waypoint,
         upstream,
         upstream_ip,
+        node,
     })
 }
 
