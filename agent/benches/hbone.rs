@@ -138,7 +138,7 @@ async fn ping(s: &mut TcpStream) {
 async fn one_connection(a: SocketAddr) {
     let mut s = TcpStream::connect(a).await.unwrap();
     s.set_nodelay(true).unwrap();
-    let mut b = [b'e'];
+    let mut b = *b"e";
     s.write_all(&b).await.unwrap();
     s.read_exact(&mut b).await.unwrap();
 }

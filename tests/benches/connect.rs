@@ -38,7 +38,7 @@ fn bpf_stats() -> Vec<(String, u64, u64)> {
         let field = |k: &str| {
             obj.split(&format!("\"{k}\":")).nth(1).map(|r| {
                 r.trim_start_matches('"')
-                    .split(|c| c == '"' || c == ',' || c == '}')
+                    .split(['"', ',', '}'])
                     .next()
                     .unwrap_or("")
                     .to_string()

@@ -310,7 +310,7 @@ fn dns_fails_closed_when_the_agent_is_gone() -> Result<()> {
 fn registry_only_refuses_unregistered_destinations_at_connect() -> Result<()> {
     let mut node = dns_node("REGISTRY_ONLY", &[])?;
     let real = format!("{}:8080", node.pod("app").gateway4());
-    let count = node.node_listener(&format!("0.0.0.0:8080"))?;
+    let count = node.node_listener("0.0.0.0:8080")?;
     let r = node.pod("app").probe(&["connect", &real])?;
     assert!(
         r.contains(ECONNREFUSED),
