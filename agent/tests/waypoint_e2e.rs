@@ -1029,3 +1029,35 @@ async fn foreign_trust_domain_refused_and_admin_endpoints() {
     assert_eq!(tls["tlsOrigination"], true);
     assert_eq!(v["version"].as_str().unwrap().len(), 16);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_edit_closes_open_tcp_tunnels_it_now_denies() {
+    let env = Env::new().await;
+    let vip = env.vip("echo.example", 9000);
+    let mut io = env.tunnel(CURL, vip).await;
+    io.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    tokio::time::timeout(T, io.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"before");
+    // Deny curl on every ServiceEntry behind this waypoint.
+    std::fs::write(
+        env.cfg_dir.join("30-deny-curl.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-curl\n  namespace: common-infrastructure\nspec:\n  targetRefs:\n  - kind: Gateway\n    group: gateway.networking.k8s.io\n    name: egress-gateway\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/default/sa/curl\"]\n",
+    )
+    .unwrap();
+    // The open tunnel is closed (reset or EOF) once the new config lands.
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(T, io.read_to_end(&mut rest)).await;
+    assert!(
+        r.is_ok(),
+        "the tunnel stayed open after the policy denied it"
+    );
+    let line = env
+        .lines
+        .wait_for(&["connection complete", "authorization policy changed"])
+        .await;
+    assert!(line.contains("deny-curl"), "{line}");
+}

@@ -149,6 +149,9 @@ impl WaypointOptions {
 /// State shared by the handler, the HTTP layer and the reload task.
 pub(crate) struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
+    /// Bumped after each new snapshot: open TCP tunnels re-check their
+    /// authorization on it.
+    pub changed: tokio::sync::watch::Sender<u64>,
     pub gateway: GatewayRef,
     pub identity_uri: String,
     pub access_log: Arc<AccessLogger>,
@@ -271,6 +274,7 @@ impl Waypoint {
             .unwrap_or_else(|| Metrics::builder().build());
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snap),
+            changed: tokio::sync::watch::Sender::new(0),
             gateway: gateway.clone(),
             identity_uri: identity.uri(),
             access_log: opts.access_log.clone(),
@@ -474,6 +478,7 @@ async fn reload_loop(
                     "waypoint config applied"
                 );
                 shared.snapshot.store(Arc::new(s));
+                shared.changed.send_modify(|v| *v += 1);
             }
             Err(e) => {
                 tracing::error!("waypoint config rejected, previous config stays in force: {e}")
@@ -617,6 +622,16 @@ impl HboneHandler for Handler {
                     error: None,
                     start,
                     done: Some((log, rec, self.shared.access_log.clone())),
+                    revoked: Box::pin(revoked(
+                        self.shared.clone(),
+                        req.peer_identity.uri(),
+                        req.source_addr,
+                        authority,
+                        (
+                            target.service.namespace.clone(),
+                            target.service.name.clone(),
+                        ),
+                    )),
                 }))
             }
             Err(e) => {
@@ -643,6 +658,42 @@ struct Tracked {
     error: Option<String>,
     start: Instant,
     done: Option<(ConnectionLog, ConnectionRecorder, Arc<AccessLogger>)>,
+    /// Resolves (with the reason) when a new config no longer authorizes
+    /// this connection; polled with the upstream reads, it ends the relay.
+    revoked: Pin<Box<dyn std::future::Future<Output = String> + Send>>,
+}
+
+/// Re-evaluates an open TCP tunnel's L4 decision on every new snapshot, as
+/// ztunnel closes connections that a policy change denies.
+async fn revoked(
+    shared: Arc<Shared>,
+    principal: String,
+    source: SocketAddr,
+    authority: SocketAddr,
+    service: (String, String),
+) -> String {
+    let mut rx = shared.changed.subscribe();
+    loop {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let snap = shared.snapshot.load_full();
+        let ctx = RequestContext {
+            principal: Some(&principal),
+            source_ip: Some(source.ip()),
+            destination_ip: Some(authority.ip()),
+            destination_port: authority.port(),
+            http: None,
+            ..Default::default()
+        };
+        let d = snap
+            .policies
+            .for_service(&service.0, &service.1)
+            .evaluate(&ctx);
+        if !d.allowed {
+            return format!("connection closed: authorization policy changed: {d}");
+        }
+    }
 }
 
 impl Drop for Tracked {
@@ -683,6 +734,17 @@ impl AsyncRead for Tracked {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Poll::Ready(why) = self.revoked.as_mut().poll(cx) {
+            tracing::info!(reason = %why, "closing TCP tunnel");
+            self.error = Some(why.clone());
+            self.io.set_reset_on_close();
+            // Pending forever from now on, so the relay sees one error.
+            self.revoked = Box::pin(std::future::pending());
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                why,
+            )));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         self.recv += (buf.filled().len() - before) as u64;
