@@ -347,3 +347,65 @@ fn status_reports_a_healthy_agent() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn agent_handover_under_load_keeps_open_tunnels_and_refuses_nothing() -> Result<()> {
+    let mut m = setup()?;
+    let vip = format!("240.240.0.1:{SVC_PORT}");
+    let pod_cgroup = m.node.pod("app").cgroup.path.join("cgroup.procs");
+    let pod_ns = m.node.pod("app").ns.path();
+    // A long transfer that spans the handover...
+    let (c1, n1, v1) = (pod_cgroup.clone(), pod_ns.clone(), vip.clone());
+    let long = std::thread::spawn(move || {
+        let mut cmd = std::process::Command::new(probe_bin());
+        // Half the bytes, a 3 s pause across the handover, the rest.
+        cmd.args([
+            "connect",
+            &v1,
+            "--echo",
+            "16777216",
+            "--raw",
+            "--hold-ms",
+            "3000",
+        ]);
+        shunt_tests::in_pod(&mut cmd, Some(&c1), Some(&n1));
+        cmd.output()
+    });
+    // ...and short connections through it.
+    let (c2, n2) = (pod_cgroup.clone(), pod_ns.clone());
+    let short = std::thread::spawn(move || {
+        let mut cmd = std::process::Command::new(probe_bin());
+        cmd.args(["many", "240.240.0.2:9100", "--n", "50", "--echo", "1000"]);
+        shunt_tests::in_pod(&mut cmd, Some(&c2), Some(&n2));
+        cmd.output()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let ca = m.node.work_dir.join("ca").display().to_string();
+    let cfg = m.node.config_dir().display().to_string();
+    m.node.start_agent(
+        &shunt_bin(),
+        &["agent"],
+        &["--config-dir", &cfg, "--ca-dir", &ca, "--no-dns"],
+    )?;
+    let out = long.join().expect("long transfer")?;
+    let r = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        r.contains("echoed=16777216"),
+        "the open tunnel must survive the handover: {r}"
+    );
+    let out = short.join().expect("short connections")?;
+    let r = String::from_utf8_lossy(&out.stdout);
+    assert!(r.starts_with("ok=50 failed=0"), "{r}");
+    // New connections go to the new agent; the old one drained and left.
+    let r = m
+        .node
+        .pod("app")
+        .probe(&["connect", &vip, "--echo", "1000", "--raw"])?;
+    assert!(r.contains("echoed=1000"), "{r}");
+    assert!(
+        m.node.agents[0].wait_exit(Duration::from_secs(60)),
+        "the old agent did not exit after handing over"
+    );
+    assert!(m.node.agents[0].log_text().contains("successor took over"));
+    Ok(())
+}

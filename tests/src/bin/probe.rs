@@ -34,6 +34,7 @@ fn main() {
             flag("--echo").map(|n| n.parse().unwrap_or_else(|_| usage())),
             flag("--bind").map(|ip| ip.parse().unwrap_or_else(|_| usage())),
             args.iter().any(|a| a == "--raw"),
+            flag("--hold-ms").and_then(|n| n.parse().ok()).unwrap_or(0),
         ),
         "many" => many(
             addr,
@@ -59,7 +60,13 @@ fn errno(e: &std::io::Error) -> i32 {
 /// Connect; print `err errno=N` or `ok local=.. peer=..`; with `--echo N`,
 /// read the handler's `dst=ADDR` line, send N pattern bytes, half-close and
 /// verify the same bytes come back.
-fn connect(addr: SocketAddr, echo: Option<usize>, bind: Option<std::net::IpAddr>, raw: bool) {
+fn connect(
+    addr: SocketAddr,
+    echo: Option<usize>,
+    bind: Option<std::net::IpAddr>,
+    raw: bool,
+    hold_ms: u64,
+) {
     let r = match bind {
         None => TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
         Some(ip) => connect_from(ip, addr),
@@ -94,7 +101,13 @@ fn connect(addr: SocketAddr, echo: Option<usize>, bind: Option<std::net::IpAddr>
         let data = data.clone();
         let mut w2 = w.try_clone().expect("clone");
         std::thread::spawn(move || {
-            let r = w2.write_all(&data);
+            // --hold-ms: pause halfway, keeping the connection open (tests
+            // run a handover meanwhile).
+            let half = data.len() / 2;
+            let r = w2.write_all(&data[..half]).and_then(|()| {
+                std::thread::sleep(Duration::from_millis(hold_ms));
+                w2.write_all(&data[half..])
+            });
             let _ = w2.shutdown(Shutdown::Write);
             r
         })
