@@ -45,6 +45,9 @@ pub struct OriginationSettings {
     /// MUTUAL only.
     pub client_certificate: Option<PathBuf>,
     pub private_key: Option<PathBuf>,
+    /// The port speaks HTTP/2 (HTTP2/GRPC): offer ALPN `h2` instead of
+    /// `http/1.1`.
+    pub http2: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,7 +201,11 @@ impl UpstreamConnector {
             }
             _ => builder.with_no_client_auth(),
         };
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.alpn_protocols = vec![if s.http2 {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
         Ok(UpstreamConnector {
             tls: Some((
                 tokio_rustls::TlsConnector::from(Arc::new(cfg)),

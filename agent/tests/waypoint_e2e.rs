@@ -118,7 +118,9 @@ async fn tls_upstream(dir: &Path, host: &str) -> (SocketAddr, Seen, PathBuf) {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(sk.serialize_der())),
         )
         .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Both, as a public server would: the waypoint offers h2 for HTTP2
+    // ports and http/1.1 otherwise.
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -136,14 +138,21 @@ async fn tls_upstream(dir: &Path, host: &str) -> (SocketAddr, Seen, PathBuf) {
                     return;
                 };
                 let sni = tls.get_ref().1.server_name().map(str::to_owned);
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                 let svc = hyper::service::service_fn(move |req| {
                     let seen = seen.clone();
                     let sni = sni.clone();
                     async move { Ok::<_, Infallible>(answer(req, seen, sni).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                }
             });
         }
     });
@@ -360,6 +369,37 @@ spec:
   trafficPolicy:
     tls:
       mode: SIMPLE
+      caCertificates: {ca}
+---
+# The same TLS upstream, spoken to as HTTP/2 (ALPN h2).
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: secure2.example
+  namespace: common-infrastructure
+spec:
+  hosts:
+  - secure2.example
+  ports:
+  - number: 80
+    name: http2
+    protocol: HTTP2
+    targetPort: {tls_port}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: secure2-tls
+  namespace: common-infrastructure
+spec:
+  host: secure2.example
+  trafficPolicy:
+    tls:
+      mode: SIMPLE
+      sni: secure.example
       caCertificates: {ca}
 "#,
         http_port = http.port(),
@@ -1060,4 +1100,24 @@ async fn policy_edit_closes_open_tcp_tunnels_it_now_denies() {
         .wait_for(&["connection complete", "authorization policy changed"])
         .await;
     assert!(line.contains("deny-curl"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_origination_to_an_http2_port_negotiates_h2() {
+    let env = Env::new().await;
+    let mut c = env.h1(CURL, "secure2.example").await;
+    let (code, body) = send(&mut c, "GET", "/get", "secure2.example").await;
+    assert_eq!(code, 200, "{body}");
+    env.lines
+        .wait_for(&[
+            "\"GET /get HTTP/1.1\" 200",
+            "inbound-vip|80|http2|secure2.example",
+        ])
+        .await;
+    let seen = env.tls_seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .any(|s| s.3.as_deref() == Some("secure.example")),
+        "the upstream saw TLS with the configured SNI: {seen:?}"
+    );
 }

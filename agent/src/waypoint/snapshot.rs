@@ -64,7 +64,11 @@ pub(crate) struct BuildInputs<'a> {
     pub previous: Option<&'a Snapshot>,
 }
 
-fn origination(tls: Option<&ClientTls>, what: &str) -> Result<OriginationSettings, WaypointError> {
+fn origination(
+    tls: Option<&ClientTls>,
+    http2: bool,
+    what: &str,
+) -> Result<OriginationSettings, WaypointError> {
     let Some(t) = tls else {
         return Ok(OriginationSettings::default());
     };
@@ -91,6 +95,7 @@ fn origination(tls: Option<&ClientTls>, what: &str) -> Result<OriginationSetting
         insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
         client_certificate: t.client_certificate.as_ref().map(Into::into),
         private_key: t.private_key.as_ref().map(Into::into),
+        http2,
     })
 }
 
@@ -238,7 +243,8 @@ pub(crate) fn build(
                         let u = match old.get(&ukey) {
                             Some(u) => u.clone(),
                             None => {
-                                let settings = origination(tls, &what)?;
+                                let settings =
+                                    origination(tls, protocol == UpstreamProtocol::Http2, &what)?;
                                 let connector = UpstreamConnector::new(&settings)
                                     .map_err(|e| WaypointError::Config(format!("{what}: {e}")))?;
                                 Arc::new(Upstream::new(
