@@ -72,19 +72,6 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, conn: Steered) -> BoxFuture;
 }
 
-/// The handler used until a waypoint path is configured: nothing is ever
-/// sent around the waypoint, so the connection is reset.
-pub struct RefuseHandler;
-
-impl Handler for RefuseHandler {
-    fn handle(&self, conn: Steered) -> BoxFuture {
-        Box::pin(async move {
-            warn!(src = %conn.src, dst = %conn.dst, "no waypoint path available; connection reset");
-            reset(conn.stream);
-        })
-    }
-}
-
 /// Close with RST (SO_LINGER 0) so the client sees a refusal, not a clean EOF.
 pub fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));

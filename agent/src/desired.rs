@@ -144,8 +144,6 @@ impl Desired {
     }
 }
 
-pub use crate::maps::addr_bytes as map_addr;
-
 /// The `services` key of a TCP VIP:port.
 pub fn service_key(ip: IpAddr, port: u16) -> ServiceKey {
     crate::maps::tcp_key(std::net::SocketAddr::new(ip, port))
@@ -350,7 +348,7 @@ pub fn build(cfg: &Config, alloc: &Allocation, cgroup_id: impl Fn(&str) -> Optio
             .collect();
         let (wp_addr, wp_port) = waypoint
             .as_ref()
-            .map(|w| (map_addr(w.addr.ip()), w.addr.port()))
+            .map(|w| (crate::maps::addr_bytes(w.addr.ip()), w.addr.port()))
             .unwrap_or(([0; 16], 0));
         for ip in &vips {
             for p in &ports {

@@ -59,6 +59,17 @@ fn setup(mode: &str, allowed: &[&str]) -> Result<Node> {
     Ok(node)
 }
 
+/// Start the echo agent on the node's config and wait until the two
+/// entries of `httpbin.org` (IPv4 and IPv6 VIP) are in the map.
+fn start_with_config(node: &mut Node) -> Result<shunt_agent::maps::PinnedMaps> {
+    node.start_echo_agent_with_config(None)?;
+    let maps = node.maps()?;
+    wait_for("services from config", Duration::from_secs(20), || {
+        (maps.read_services().ok()?.len() == 2).then_some(())
+    })?;
+    Ok(maps)
+}
+
 fn dig(node: &Node, pod: &str, args: &[&str]) -> Result<String> {
     let mut a = vec!["+short", "+tries=1", "+time=2"];
     a.extend_from_slice(args);
@@ -69,11 +80,7 @@ fn dig(node: &Node, pod: &str, args: &[&str]) -> Result<String> {
 #[test]
 fn config_dir_fills_maps_with_allocated_vips_and_enrollment() -> Result<()> {
     let mut node = setup("ALLOW_ANY", &[])?;
-    node.start_echo_agent_with_config(None)?;
-    let maps = node.maps()?;
-    wait_for("services from config", Duration::from_secs(20), || {
-        (maps.read_services().ok()?.len() == 2).then_some(())
-    })?;
+    let maps = start_with_config(&mut node)?;
     let keys: Vec<String> = maps
         .read_services()?
         .keys()
@@ -104,11 +111,7 @@ fn config_dir_fills_maps_with_allocated_vips_and_enrollment() -> Result<()> {
 #[test]
 fn config_edits_apply_live_without_refusing_unchanged_vips() -> Result<()> {
     let mut node = setup("ALLOW_ANY", &[])?;
-    node.start_echo_agent_with_config(None)?;
-    let maps = node.maps()?;
-    wait_for("initial services", Duration::from_secs(20), || {
-        (maps.read_services().ok()?.len() == 2).then_some(())
-    })?;
+    let maps = start_with_config(&mut node)?;
     let pod_cgroup = node.pod("app").cgroup.path.join("cgroup.procs");
     let pod_ns = node.pod("app").ns.path();
     let looper = std::thread::spawn(move || {
@@ -144,11 +147,7 @@ fn config_edits_apply_live_without_refusing_unchanged_vips() -> Result<()> {
 #[test]
 fn broken_file_changes_nothing_and_previous_config_stays() -> Result<()> {
     let mut node = setup("ALLOW_ANY", &[])?;
-    node.start_echo_agent_with_config(None)?;
-    let maps = node.maps()?;
-    wait_for("initial services", Duration::from_secs(20), || {
-        (maps.read_services().ok()?.len() == 2).then_some(())
-    })?;
+    let maps = start_with_config(&mut node)?;
     let before = maps.read_services()?;
     node.write_config("30-broken.yaml", "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: bad\n  namespace: default\nspec:\n  hosts: [bad.example]\n  ports:\n  - number: notaport\n    name: x\n")?;
     // Also remove a valid file in the same change: it must not take effect.
@@ -176,11 +175,7 @@ fn broken_file_changes_nothing_and_previous_config_stays() -> Result<()> {
 #[test]
 fn agent_started_with_invalid_config_leaves_pinned_maps() -> Result<()> {
     let mut node = setup("ALLOW_ANY", &[])?;
-    node.start_echo_agent_with_config(None)?;
-    let maps = node.maps()?;
-    wait_for("initial services", Duration::from_secs(20), || {
-        (maps.read_services().ok()?.len() == 2).then_some(())
-    })?;
+    let maps = start_with_config(&mut node)?;
     let before = maps.read_services()?;
     let a = &mut node.agents[0];
     a.signal(libc::SIGTERM);
