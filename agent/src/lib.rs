@@ -11,6 +11,7 @@ pub mod dns;
 pub mod hbone;
 pub mod identity;
 pub mod maps;
+pub mod model;
 pub mod node;
 pub mod policy;
 pub mod prereq;

@@ -1,0 +1,52 @@
+//! Host names as Istio compares them: DNS names are case-insensitive, and a
+//! pattern `*.example.com` matches any name strictly below `example.com`
+//! (`a.example.com`, `a.b.example.com`, never `example.com` itself); `*`
+//! alone matches every name. The one home of this rule: DestinationRule
+//! lookup, ServiceEntry selection in the CLI and DNS all use it.
+
+/// Whether `host` is matched by `pattern` (a ServiceEntry or DestinationRule
+/// host, possibly a wildcard).
+pub fn matches(pattern: &str, host: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_prefix('*') {
+        // `suffix` keeps its leading dot, so `*.a.com` never matches `xa.com`.
+        Some(suffix) => {
+            host.len() > suffix.len()
+                && host.as_bytes()[host.len() - suffix.len()..]
+                    .eq_ignore_ascii_case(suffix.as_bytes())
+        }
+        None => pattern.eq_ignore_ascii_case(host),
+    }
+}
+
+/// Whether a pattern is a wildcard (`*` or `*.suffix`).
+pub fn is_wildcard(pattern: &str) -> bool {
+    pattern.starts_with('*')
+}
+
+/// The DNS proxy's key for a name: lowercased, as a query may use any case.
+pub fn dns_key(host: &str) -> String {
+    host.to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_names_match_case_insensitively() {
+        assert!(matches("httpbin.org", "HTTPBIN.org"));
+        assert!(!matches("httpbin.org", "httpbin.org.evil"));
+    }
+
+    #[test]
+    fn a_wildcard_matches_names_strictly_below_its_suffix() {
+        assert!(matches("*.example.com", "a.example.com"));
+        assert!(matches("*.example.com", "a.b.Example.COM"));
+        assert!(!matches("*.example.com", "example.com"));
+        assert!(!matches("*.example.com", "badexample.com"));
+        assert!(matches("*", "anything.at.all"));
+    }
+}

@@ -1,0 +1,56 @@
+//! Mesh-wide settings resolved from `mesh.yaml` (MeshConfig): the trust
+//! domain, the root namespace, the egress mode and shunt's extensions.
+
+use crate::config::{MeshConfig, OutboundMode};
+
+/// Istio's default `meshConfig.rootNamespace`.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+/// What `outboundTrafficPolicy.mode` asks of connections outside the mesh.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EgressMode {
+    /// Passthrough, reported.
+    #[default]
+    AllowAny,
+    /// Refused at connect() unless allow-listed.
+    RegistryOnly,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mesh {
+    pub trust_domain: String,
+    /// `meshConfig.rootNamespace`: policies there apply mesh-wide.
+    pub root_namespace: String,
+    pub egress: EgressMode,
+    /// REGISTRY_ONLY exceptions (`shunt.allowedEgressCIDRs`).
+    pub allowed_egress: Vec<ipnet::IpNet>,
+    /// Steer enrolled workloads' DNS to the agent (`shunt.dnsCapture`).
+    pub dns_capture: bool,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Mesh::from_config(&MeshConfig::default())
+    }
+}
+
+impl Mesh {
+    pub fn from_config(m: &MeshConfig) -> Self {
+        Mesh {
+            trust_domain: m.trust_domain.clone(),
+            root_namespace: m
+                .other
+                .get("rootNamespace")
+                .and_then(|v| v.as_str())
+                .filter(|s| !s.is_empty())
+                .unwrap_or(DEFAULT_ROOT_NAMESPACE)
+                .to_string(),
+            egress: match m.outbound_traffic_policy.mode {
+                OutboundMode::AllowAny => EgressMode::AllowAny,
+                OutboundMode::RegistryOnly => EgressMode::RegistryOnly,
+            },
+            allowed_egress: m.shunt.allowed_egress_cidrs.iter().map(|c| c.0).collect(),
+            dns_capture: m.shunt.dns_capture,
+        }
+    }
+}

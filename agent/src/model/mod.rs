@@ -1,0 +1,375 @@
+//! The resolved mesh model: one pure function from a valid [`Config`] and
+//! the VIP [`Allocation`] to typed services, workloads and waypoints with
+//! the indexes every consumer reads (by VIP:port, by host, by workload
+//! address, by cgroup). The node agent, the waypoint and every CLI command
+//! read this model; none re-derives Istio's rules from raw config. Each
+//! rule has one home: eligibility and DestinationRule lookup in
+//! [`service`], waypoint binding in [`waypoint`], enrollment in
+//! [`workload`], host matching in [`host`], mesh settings in [`mesh`],
+//! status in [`status`].
+//!
+//! Service and workload ids come from the persisted allocation, so an
+//! unchanged object keeps its ids (and its kernel map entries) across
+//! reloads and restarts.
+
+pub mod host;
+pub mod mesh;
+pub mod service;
+pub mod status;
+pub mod waypoint;
+pub mod workload;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use crate::alloc::Allocation;
+use crate::config::render::ServiceEntryStatus;
+use crate::config::{labels, Config, ObjectKey, ServiceEntry};
+use crate::identity::SpiffeId;
+
+pub use mesh::{EgressMode, Mesh};
+pub use service::{Destination, Service, ServiceId, ServicePort, Vip};
+pub use status::{now_rfc3339, StatusClock};
+pub use waypoint::{Unbindable, Waypoint, WaypointBinding};
+pub use workload::{CgroupDir, CgroupResolver, NoCgroups, Workload, WorkloadId};
+
+/// The kind of object a [`Warning`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    ServiceEntry,
+    WorkloadEntry,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::WorkloadEntry => "WorkloadEntry",
+        }
+    }
+}
+
+/// Something dropped or degraded while building (two entries on one
+/// VIP:port, a cgroup not found, ...). The config stays valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    pub kind: Kind,
+    pub object: ObjectKey,
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.kind.as_str(),
+            self.object,
+            self.message
+        )
+    }
+}
+
+/// DNS view of a host: its VIPs and service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostRecord {
+    pub service: ServiceId,
+    pub v4: Vec<Ipv4Addr>,
+    pub v6: Vec<Ipv6Addr>,
+}
+
+/// See the module docs. Immutable once built; swapped whole on each change.
+#[derive(Debug, Default)]
+pub struct Model {
+    config: Arc<Config>,
+    pub mesh: Mesh,
+    services: BTreeMap<ServiceId, Arc<Service>>,
+    /// Canonical VIP:port (TCP ports only) → its service; older entries win.
+    by_vip: BTreeMap<SocketAddr, ServiceId>,
+    /// Lowercased host → VIPs, for the DNS proxy.
+    hosts: HashMap<String, HostRecord>,
+    workloads: BTreeMap<WorkloadId, Arc<Workload>>,
+    by_addr: HashMap<IpAddr, WorkloadId>,
+    by_cgroup: BTreeMap<u64, WorkloadId>,
+    /// Per ServiceEntry, without `lastTransitionTime` until a
+    /// [`StatusClock`] stamps it.
+    pub status: BTreeMap<ObjectKey, ServiceEntryStatus>,
+    warnings: Vec<Warning>,
+}
+
+impl Model {
+    /// Builds the model. `cgroups` resolves `shunt.io/cgroup` annotations
+    /// (the agent's [`CgroupDir`]; readers pass [`NoCgroups`]).
+    pub fn build(cfg: Arc<Config>, alloc: &Allocation, cgroups: &dyn CgroupResolver) -> Model {
+        let mesh = Mesh::from_config(&cfg.mesh);
+        let mut m = Model {
+            mesh,
+            ..Default::default()
+        };
+        // Older entries first, so they win VIP:port collisions.
+        let mut order: Vec<&ServiceEntry> = cfg.service_entries.iter().collect();
+        order.sort_by_key(|se| se.age_key());
+        for se in order {
+            m.add_service(&cfg, alloc, se);
+        }
+        for we in &cfg.workload_entries {
+            m.add_workload(&cfg, alloc, cgroups, we);
+        }
+        m.config = cfg;
+        m
+    }
+
+    fn warn(&mut self, kind: Kind, object: &ObjectKey, message: String) {
+        self.warnings.push(Warning {
+            kind,
+            object: object.clone(),
+            message,
+        });
+    }
+
+    fn add_service(&mut self, cfg: &Config, alloc: &Allocation, se: &ServiceEntry) {
+        let key = se.key();
+        let binding = waypoint::bind(cfg, &self.mesh.trust_domain, se);
+        let mut vips: Vec<Vip> = alloc
+            .addresses_of(&key, &se.spec.hosts)
+            .map(|(host, ip)| Vip {
+                ip,
+                host: host.to_string(),
+                allocated: true,
+            })
+            .collect();
+        let status = ServiceEntryStatus {
+            addresses: vips
+                .iter()
+                .map(|v| status::address(&v.host, v.ip))
+                .collect(),
+            conditions: vec![status::waypoint_condition(&binding)],
+        };
+        self.status.insert(key.clone(), status);
+        if let Some(first) = se.spec.hosts.first() {
+            for ip in service::explicit_ips(se) {
+                let ip = ip.to_canonical();
+                if !vips.iter().any(|v| v.ip == ip) {
+                    vips.push(Vip {
+                        ip,
+                        host: first.clone(),
+                        allocated: false,
+                    });
+                }
+            }
+        }
+        let Some(id) = alloc.service_id(&key) else {
+            self.warn(
+                Kind::ServiceEntry,
+                &key,
+                "no service id in the allocation yet; not programmed".into(),
+            );
+            return;
+        };
+        let svc = service::resolve(cfg, se, id, vips, binding);
+        for vip in &svc.vips {
+            for p in svc.ports.iter().filter(|p| p.is_tcp()) {
+                let at = SocketAddr::new(vip.ip, p.number);
+                match self.by_vip.get(&at) {
+                    None => {
+                        self.by_vip.insert(at, id);
+                    }
+                    Some(other) => {
+                        let msg = format!(
+                            "{} port {} already belongs to an older ServiceEntry (service id {other})",
+                            vip.ip, p.number
+                        );
+                        self.warn(Kind::ServiceEntry, &key, msg);
+                    }
+                }
+            }
+        }
+        for v in svc.vips.iter().filter(|v| v.allocated) {
+            let r = self
+                .hosts
+                .entry(host::dns_key(&v.host))
+                .or_insert_with(|| HostRecord {
+                    service: id,
+                    ..Default::default()
+                });
+            match v.ip {
+                IpAddr::V4(a) => r.v4.push(a),
+                IpAddr::V6(a) => r.v6.push(a),
+            }
+        }
+        self.services.insert(id, Arc::new(svc));
+    }
+
+    fn add_workload(
+        &mut self,
+        cfg: &Config,
+        alloc: &Allocation,
+        cgroups: &dyn CgroupResolver,
+        we: &crate::config::WorkloadEntry,
+    ) {
+        let key = we.key();
+        let Some(id) = alloc.workload_id(&key) else {
+            self.warn(
+                Kind::WorkloadEntry,
+                &key,
+                "no workload id in the allocation yet; not programmed".into(),
+            );
+            return;
+        };
+        let sa = we.spec.service_account().to_string();
+        let identity = match SpiffeId::new(&self.mesh.trust_domain, &key.namespace, &sa) {
+            Ok(i) => i,
+            Err(e) => {
+                let msg = format!("no valid SPIFFE identity ({e}); its connections are refused");
+                self.warn(Kind::WorkloadEntry, &key, msg);
+                return;
+            }
+        };
+        let mut all_labels = we.spec.labels.clone();
+        for (k, v) in &we.metadata.labels {
+            all_labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let address = we
+            .spec
+            .address
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| ip.to_canonical());
+        let mut cgroup = None;
+        if let Some(cg) = we.metadata.annotations.get(labels::CGROUP_ANNOTATION) {
+            if !cfg.namespace_is_ambient(we.namespace()) {
+                // Not in the mesh: known (for identities), never enrolled.
+            } else if is_waypoint_pod(cfg, we.namespace(), &all_labels) {
+                self.warn(
+                    Kind::WorkloadEntry,
+                    &key,
+                    "a waypoint, never enrolled".into(),
+                );
+            } else {
+                match cgroups.cgroup_id(cg) {
+                    Some(cid) => match self.by_cgroup.get(&cid) {
+                        None => {
+                            self.by_cgroup.insert(cid, id);
+                            cgroup = Some(cid);
+                        }
+                        Some(other) => {
+                            let msg =
+                                format!("cgroup {cg:?} already enrolled for workload id {other}");
+                            self.warn(Kind::WorkloadEntry, &key, msg);
+                        }
+                    },
+                    None => self.warn(
+                        Kind::WorkloadEntry,
+                        &key,
+                        format!("cgroup {cg:?} not found; not enrolled"),
+                    ),
+                }
+            }
+        }
+        if let Some(ip) = address {
+            self.by_addr.entry(ip).or_insert(id);
+        }
+        let baggage = workload::baggage(&key, &all_labels);
+        self.workloads.insert(
+            id,
+            Arc::new(Workload {
+                id,
+                key,
+                service_account: sa,
+                identity,
+                address,
+                labels: all_labels,
+                cgroup,
+                baggage,
+            }),
+        );
+    }
+
+    // ------------------------------------------------------------- reads
+
+    /// The config this model was built from (raw objects, for rendering and
+    /// policy compilation).
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+    pub fn service(&self, id: ServiceId) -> Option<&Arc<Service>> {
+        self.services.get(&id)
+    }
+    pub fn service_by_key(&self, key: &ObjectKey) -> Option<&Arc<Service>> {
+        self.services.values().find(|s| &s.key == key)
+    }
+    /// The service behind a VIP:port (IPv4-mapped addresses as IPv4).
+    pub fn service_at(&self, at: SocketAddr) -> Option<&Arc<Service>> {
+        let at = SocketAddr::new(at.ip().to_canonical(), at.port());
+        self.by_vip.get(&at).and_then(|id| self.services.get(id))
+    }
+    /// Every steered VIP:port with its service, in address order.
+    pub fn vip_ports(&self) -> impl Iterator<Item = (SocketAddr, &Arc<Service>)> {
+        self.by_vip
+            .iter()
+            .filter_map(|(a, id)| self.services.get(id).map(|s| (*a, s)))
+    }
+    /// The DNS view of a host (any case).
+    pub fn host(&self, name: &str) -> Option<&HostRecord> {
+        self.hosts.get(&host::dns_key(name))
+    }
+    pub fn hosts(&self) -> impl Iterator<Item = (&String, &HostRecord)> {
+        self.hosts.iter()
+    }
+    /// Services whose hosts match `name` (exact or wildcard).
+    pub fn services_for_host<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Service>> {
+        self.services
+            .values()
+            .filter(move |s| s.hosts.iter().any(|h| host::matches(h, name)))
+    }
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+    pub fn workload(&self, id: WorkloadId) -> Option<&Arc<Workload>> {
+        self.workloads.get(&id)
+    }
+    /// The workload with this address (IPv4-mapped addresses as IPv4).
+    pub fn workload_by_addr(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_addr
+            .get(&ip.to_canonical())
+            .and_then(|id| self.workloads.get(id))
+    }
+    /// Enrolled cgroups with their workloads, in cgroup order.
+    pub fn enrolled(&self) -> impl Iterator<Item = (u64, &Arc<Workload>)> {
+        self.by_cgroup
+            .iter()
+            .filter_map(|(c, id)| self.workloads.get(id).map(|w| (*c, w)))
+    }
+    pub fn warnings(&self) -> &[Warning] {
+        &self.warnings
+    }
+    /// Services bound to the waypoint `gateway`.
+    pub fn bound_to<'a>(
+        &'a self,
+        gateway: &'a ObjectKey,
+    ) -> impl Iterator<Item = &'a Arc<Service>> {
+        self.services
+            .values()
+            .filter(move |s| s.waypoint.waypoint().is_some_and(|w| &w.gateway == gateway))
+    }
+}
+
+/// A WorkloadEntry that is one of a waypoint's own pods (labelled with the
+/// name of an istio-waypoint Gateway in its namespace).
+fn is_waypoint_pod(cfg: &Config, ns: &str, labels: &BTreeMap<String, String>) -> bool {
+    labels
+        .get("gateway.networking.k8s.io/gateway-name")
+        .and_then(|g| cfg.gateway(&ObjectKey::new(ns, g)))
+        .is_some_and(|g| g.spec.is_waypoint())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,454 @@
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+use super::*;
+use crate::alloc::Allocator;
+use crate::config::render::WAYPOINT_BOUND;
+use crate::config::{Protocol, TlsMode};
+
+pub(crate) fn load(files: &[(&str, &str)]) -> Arc<Config> {
+    let d = tempfile::tempdir().unwrap();
+    for (n, t) in files {
+        std::fs::write(d.path().join(n), t).unwrap();
+    }
+    Arc::new(Config::load_dir(d.path()).unwrap())
+}
+
+pub(crate) fn seed_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/egress")
+}
+
+/// Allocates in a fresh state directory and builds.
+pub(crate) fn model_of(cfg: &Arc<Config>, cgroups: &dyn CgroupResolver) -> (Model, Allocation) {
+    let state = tempfile::tempdir().unwrap();
+    let alloc = Allocator::open(state.path())
+        .unwrap()
+        .allocate(cfg)
+        .unwrap()
+        .clone();
+    (Model::build(cfg.clone(), &alloc, cgroups), alloc)
+}
+
+const GW: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wp\n  namespace: infra\n  labels: {istio.io/waypoint-for: service}\nspec:\n  gatewayClassName: istio-waypoint\n  addresses: [{value: 10.0.0.9}]\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\n";
+
+fn se(ns: &str, name: &str, labels: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{{labels}}}\nspec:\n  hosts: [{name}.example]\n  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}, {{number: 443, name: tls, protocol: TLS}}]\n  resolution: DNS\n---\n")
+}
+
+fn bound(m: &Model, ns: &str, name: &str) -> (String, String, String) {
+    let c = m.status[&ObjectKey::new(ns, name)]
+        .condition(WAYPOINT_BOUND)
+        .unwrap()
+        .clone();
+    (c.status, c.reason, c.message)
+}
+
+fn at(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn the_seed_resolves_to_one_bound_service_and_one_enrolled_workload() {
+    let cfg = Arc::new(Config::load_dir(&seed_dir()).unwrap());
+    let (m, _) = model_of(&cfg, &|cg: &str| (cg == "shunt/curl").then_some(1001));
+    let svc = m.service_at(at("240.240.0.1:80")).unwrap();
+    assert_eq!(svc.name(), "httpbin.org");
+    assert!(Arc::ptr_eq(
+        svc,
+        m.service_at(at("[2001:2::1]:80")).unwrap()
+    ));
+    assert!(Arc::ptr_eq(
+        svc,
+        m.service_at(at("[::ffff:240.240.0.1]:80")).unwrap()
+    ));
+    assert!(m.service_at(at("240.240.0.1:81")).is_none());
+    assert_eq!(m.vip_ports().count(), 2);
+    let wp = svc.waypoint.waypoint().unwrap();
+    assert_eq!(
+        wp.identity.uri(),
+        "spiffe://cluster.local/ns/common-infrastructure/sa/egress-gateway"
+    );
+    assert_eq!(wp.addr, at("10.244.1.18:15008"));
+    assert_eq!(svc.port(80).unwrap().target_port, 80);
+    assert_eq!(
+        svc.host_of("240.240.0.1".parse().unwrap()),
+        Some("httpbin.org")
+    );
+    // Status as in the seed.
+    let st = &m.status[&ObjectKey::new("common-infrastructure", "httpbin.org")];
+    let addrs: Vec<_> = st
+        .addresses
+        .iter()
+        .map(|a| (a.host.as_str(), a.value.as_str()))
+        .collect();
+    assert_eq!(
+        addrs,
+        [("httpbin.org", "240.240.0.1"), ("httpbin.org", "2001:2::1")]
+    );
+    assert_eq!(
+        bound(&m, "common-infrastructure", "httpbin.org"),
+        (
+            "True".into(),
+            "WaypointAccepted".into(),
+            "Successfully attached to waypoint common-infrastructure/egress-gateway".into()
+        )
+    );
+    // Enrollment: curl resolves, admin's cgroup does not.
+    let enrolled: Vec<_> = m
+        .enrolled()
+        .map(|(c, w)| (c, w.name().to_string()))
+        .collect();
+    assert_eq!(enrolled, [(1001, "curl".to_string())]);
+    let curl = m
+        .workload_by_addr("::ffff:10.244.1.19".parse().unwrap())
+        .unwrap();
+    assert_eq!(
+        curl.identity.uri(),
+        "spiffe://cluster.local/ns/default/sa/curl"
+    );
+    assert!(curl.baggage.is_some());
+    assert_eq!(
+        m.workload_by_addr("10.244.1.20".parse().unwrap())
+            .unwrap()
+            .name(),
+        "admin"
+    );
+    assert!(m
+        .warnings()
+        .iter()
+        .any(|w| w.kind == Kind::WorkloadEntry && w.to_string().contains("shunt/admin")));
+    // DNS view, any case.
+    let h = m.host("HTTPBIN.org").unwrap();
+    assert_eq!(h.v4, vec![Ipv4Addr::new(240, 240, 0, 1)]);
+    assert_eq!(m.mesh.egress, EgressMode::AllowAny);
+    assert_eq!(m.mesh.root_namespace, "istio-system");
+}
+
+#[test]
+fn tls_origination_comes_from_the_destination_rule_for_the_host_and_port() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["01-namespace.yaml", "02-waypoint.yaml"] {
+        std::fs::copy(seed_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::copy(
+        seed_dir().join("tls-origination/03-serviceentry.yaml"),
+        dir.path().join("03.yaml"),
+    )
+    .unwrap();
+    let cfg = Arc::new(Config::load_dir(dir.path()).unwrap());
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    let svc = m.service_at(at("240.240.0.1:80")).unwrap();
+    assert_eq!(svc.port(80).unwrap().target_port, 443);
+    assert_eq!(
+        svc.tls_for("httpbin.org", 80).unwrap().mode,
+        TlsMode::Simple
+    );
+    assert!(svc.tls_for("httpbin.org", 443).is_none());
+}
+
+#[test]
+fn an_exact_destination_rule_host_beats_a_wildcard_in_any_namespace() {
+    let dr = |ns: &str, host: &str, mode: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r{}, namespace: {ns}}}\nspec:\n  host: \"{host}\"\n  trafficPolicy: {{tls: {{mode: {mode}}}}}\n---\n", host.len() + ns.len())
+    };
+    let cfg = load(&[
+        ("a.yaml", &se("apps", "web", "")),
+        ("b.yaml", &dr("apps", "*.EXAMPLE", "DISABLE")),
+        ("c.yaml", &dr("other", "web.example", "SIMPLE")),
+    ]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    let web = m.service_by_key(&ObjectKey::new("apps", "web")).unwrap();
+    assert_eq!(
+        web.tls_for("web.example", 80).unwrap().mode,
+        TlsMode::Simple
+    );
+}
+
+#[test]
+fn waypoint_binding_follows_labels_and_names_the_reason_when_it_cannot_bind() {
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n  labels: {istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: infra}\n---\n\
+              apiVersion: v1\nkind: Namespace\nmetadata:\n  name: infra\n---\n\
+              apiVersion: v1\nkind: Namespace\nmetadata:\n  name: plain\n---\n";
+    let gw_noaddr = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: noaddr, namespace: infra}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\n\
+                     apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: ingress, namespace: infra}\nspec:\n  gatewayClassName: istio\n  addresses: [{value: 10.0.0.7}]\n  listeners: [{name: http, port: 80, protocol: HTTP}]\n---\n\
+                     apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: wl\n  namespace: infra\n  labels: {istio.io/waypoint-for: workload}\nspec:\n  gatewayClassName: istio-waypoint\n  addresses: [{value: 10.0.0.8}]\n  listeners: [{name: mesh, port: 15009, protocol: HBONE}]\n---\n";
+    let ses = [
+        se("infra", "by-label", "istio.io/use-waypoint: wp"),
+        se("apps", "by-namespace", ""),
+        se(
+            "plain",
+            "cross",
+            "istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: infra",
+        ),
+        se("plain", "missing", "istio.io/use-waypoint: nope"),
+        se("plain", "unbound", ""),
+        se("apps", "opt-out", "istio.io/use-waypoint: none"),
+        se("infra", "no-address", "istio.io/use-waypoint: noaddr"),
+        se("infra", "not-waypoint", "istio.io/use-waypoint: ingress"),
+        se("infra", "workload-only", "istio.io/use-waypoint: wl"),
+    ]
+    .concat();
+    let cfg = load(&[
+        ("a.yaml", ns),
+        ("b.yaml", GW),
+        ("c.yaml", gw_noaddr),
+        ("d.yaml", &ses),
+    ]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    let ok = |ns: &str, n: &str| {
+        let (s, r, msg) = bound(&m, ns, n);
+        assert_eq!(
+            (s.as_str(), r.as_str()),
+            ("True", "WaypointAccepted"),
+            "{ns}/{n}: {msg}"
+        );
+        assert_eq!(msg, "Successfully attached to waypoint infra/wp");
+        let svc = m.service_by_key(&ObjectKey::new(ns, n)).unwrap();
+        assert_eq!(svc.waypoint.waypoint().unwrap().addr, at("10.0.0.9:15008"));
+    };
+    ok("infra", "by-label");
+    ok("apps", "by-namespace");
+    ok("plain", "cross");
+    let reason = |ns: &str, n: &str| {
+        let (s, r, msg) = bound(&m, ns, n);
+        assert_eq!(s, "False", "{msg}");
+        (r, msg)
+    };
+    assert_eq!(
+        reason("plain", "missing"),
+        (
+            "WaypointNotFound".into(),
+            "waypoint plain/nope (from the ServiceEntry label) not found".into()
+        )
+    );
+    assert_eq!(reason("plain", "unbound").0, "NotBound");
+    assert_eq!(reason("apps", "opt-out").0, "NotBound");
+    assert_eq!(reason("infra", "no-address").0, "MissingAddress");
+    assert_eq!(reason("infra", "not-waypoint").0, "WaypointNotFound");
+    assert_eq!(reason("infra", "workload-only").0, "UnsupportedTrafficType");
+    // Asked for a waypoint and cannot have it: refused, never direct.
+    let binding = |ns: &str, n: &str| {
+        m.service_by_key(&ObjectKey::new(ns, n))
+            .unwrap()
+            .waypoint
+            .clone()
+    };
+    for (ns, n) in [
+        ("plain", "missing"),
+        ("infra", "no-address"),
+        ("infra", "not-waypoint"),
+        ("infra", "workload-only"),
+    ] {
+        let b = binding(ns, n);
+        assert!(matches!(b, WaypointBinding::Refused(_)), "{ns}/{n}: {b:?}");
+        assert!(b.required());
+    }
+    assert_eq!(binding("plain", "unbound"), WaypointBinding::None);
+    assert_eq!(binding("apps", "opt-out"), WaypointBinding::None);
+    // 9 entries x 2 VIPs x 2 TCP ports.
+    assert_eq!(m.vip_ports().count(), 36);
+    let wp = ObjectKey::new("infra", "wp");
+    assert_eq!(m.bound_to(&wp).count(), 3);
+}
+
+#[test]
+fn a_waypoint_without_a_valid_identity_refuses_instead_of_connecting_directly() {
+    // A trust domain that cannot form a SPIFFE id: the binding must not
+    // degrade to "no waypoint" (which would connect the pod directly).
+    let cfg = load(&[
+        ("a.yaml", GW),
+        ("b.yaml", &se("infra", "svc", "istio.io/use-waypoint: wp")),
+        ("mesh.yaml", "trustDomain: \"bad domain\"\n"),
+    ]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    let svc = m.service_by_key(&ObjectKey::new("infra", "svc")).unwrap();
+    match &svc.waypoint {
+        WaypointBinding::Refused(u) => assert_eq!(u.reason, "InvalidIdentity"),
+        other => panic!("expected a refused binding, got {other:?}"),
+    }
+    assert!(svc.waypoint.required());
+    assert_eq!(bound(&m, "infra", "svc").1, "InvalidIdentity");
+}
+
+#[test]
+fn explicit_addresses_are_vips_of_the_first_host_and_ids_are_stable_across_reloads() {
+    let explicit = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: ns}\nspec:\n  hosts: [db.example]\n  addresses: [10.1.2.3, 10.5.0.0/16, 'fd00::5/128']\n  ports: [{number: 5432, name: tcp}]\n  resolution: NONE\n---\n";
+    let state = tempfile::tempdir().unwrap();
+    let mut al = Allocator::open(state.path()).unwrap();
+    let c1 = load(&[("a.yaml", explicit), ("b.yaml", &se("ns", "web", ""))]);
+    let m1 = Model::build(c1.clone(), al.allocate(&c1).unwrap(), &NoCgroups);
+    let db: Vec<_> = m1
+        .vip_ports()
+        .filter(|(a, _)| a.port() == 5432)
+        .map(|(a, s)| (a.ip(), s.host_of(a.ip()).unwrap().to_string()))
+        .collect();
+    assert_eq!(
+        db,
+        [
+            (
+                "10.1.2.3".parse::<IpAddr>().unwrap(),
+                "db.example".to_string()
+            ),
+            ("fd00::5".parse().unwrap(), "db.example".to_string())
+        ],
+        "single IPs only, CIDRs are not VIPs"
+    );
+    assert!(m1.status[&ObjectKey::new("ns", "db")].addresses.is_empty());
+    let db_svc = m1.service_by_key(&ObjectKey::new("ns", "db")).unwrap();
+    assert_eq!(
+        db_svc.destination("db.example", db_svc.port(5432).unwrap()),
+        Ok(Destination::Original)
+    );
+
+    // Edit: add an entry before the others and change `web`'s ports; the
+    // ids of the unchanged entries stay.
+    let c2 = load(&[
+        ("0.yaml", &se("ns", "new", "")),
+        ("a.yaml", explicit),
+        (
+            "b.yaml",
+            &se("ns", "web", "").replace("number: 443", "number: 8443"),
+        ),
+    ]);
+    let m2 = Model::build(c2.clone(), al.allocate(&c2).unwrap(), &NoCgroups);
+    let ids = |m: &Model| {
+        m.services()
+            .map(|s| (s.key.clone(), s.id))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (i1, i2) = (ids(&m1), ids(&m2));
+    for k in i1.keys() {
+        assert_eq!(i1[k], i2[k], "{k}");
+    }
+    let web_vip = |m: &Model| {
+        m.vip_ports()
+            .find(|(a, s)| a.port() == 80 && s.name() == "web")
+            .unwrap()
+            .0
+    };
+    assert_eq!(web_vip(&m1), web_vip(&m2));
+    // After a restart too.
+    let a3 = Allocator::open(state.path())
+        .unwrap()
+        .allocate(&c2)
+        .unwrap()
+        .clone();
+    assert_eq!(ids(&Model::build(c2, &a3, &NoCgroups)), i2);
+}
+
+#[test]
+fn an_older_entry_keeps_a_shared_vip_port_and_the_newer_one_is_warned() {
+    let a = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a, namespace: ns, creationTimestamp: '2024-01-01T00:00:00Z'}\nspec:\n  hosts: [a.example]\n  addresses: [10.9.9.9]\n  ports: [{number: 80, name: http}]\n  resolution: STATIC\n  endpoints: [{address: 10.0.0.1}]\n---\n";
+    let b = a
+        .replace("name: a,", "name: b,")
+        .replace("a.example", "b.example")
+        .replace("2024-01-01", "2025-01-01");
+    let cfg = load(&[("0.yaml", &b), ("1.yaml", a)]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    assert_eq!(m.service_at(at("10.9.9.9:80")).unwrap().name(), "a");
+    assert!(m.warnings().iter().any(|w| w.kind == Kind::ServiceEntry
+        && w.object == ObjectKey::new("ns", "b")
+        && w.message
+            .contains("already belongs to an older ServiceEntry")));
+    let svc = m.service_at(at("10.9.9.9:80")).unwrap();
+    assert_eq!(
+        svc.destination("a.example", svc.port(80).unwrap()),
+        Ok(Destination::Static(vec![at("10.0.0.1:80")]))
+    );
+}
+
+#[test]
+fn enrollment_only_in_ambient_namespaces_and_never_waypoints() {
+    let files = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: amb\n  labels: {istio.io/dataplane-mode: ambient}\n---\n\
+        apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: a\n  namespace: amb\n  annotations: {shunt.io/cgroup: a}\nspec: {address: 10.0.0.1}\n---\n\
+        apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: b\n  namespace: other\n  annotations: {shunt.io/cgroup: b}\nspec: {address: 10.0.0.2, serviceAccount: bee}\n---\n\
+        apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: wp\n  namespace: amb\n  annotations: {shunt.io/cgroup: wp}\n  labels: {gateway.networking.k8s.io/gateway-name: wp}\nspec: {address: 10.0.0.3}\n---\n\
+        apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: amb}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\n\
+        shunt: {dnsCapture: false}\n";
+    let (objs, mesh) = files.rsplit_once("---\n").unwrap();
+    let cfg = load(&[("a.yaml", objs), ("mesh.yaml", mesh)]);
+    // A real resolver against a real directory tree.
+    let root = tempfile::tempdir().unwrap();
+    for n in ["a", "b", "wp"] {
+        std::fs::create_dir(root.path().join(n)).unwrap();
+    }
+    let (m, _) = model_of(
+        &cfg,
+        &CgroupDir {
+            root: root.path().to_path_buf(),
+        },
+    );
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(root.path().join("a")).unwrap().ino();
+    let enrolled: Vec<_> = m
+        .enrolled()
+        .map(|(c, w)| (c, w.name().to_string()))
+        .collect();
+    assert_eq!(enrolled, [(ino, "a".to_string())]);
+    assert!(!m.mesh.dns_capture);
+    let a = m.workload_by_addr("10.0.0.1".parse().unwrap()).unwrap();
+    assert_eq!(
+        (a.service_account.as_str(), a.cgroup),
+        ("default", Some(ino))
+    );
+    let b = m.workload_by_addr("10.0.0.2".parse().unwrap()).unwrap();
+    assert_eq!(b.identity.uri(), "spiffe://cluster.local/ns/other/sa/bee");
+    assert_eq!(b.cgroup, None);
+}
+
+#[test]
+fn the_root_namespace_comes_from_mesh_config() {
+    let cfg = load(&[("mesh.yaml", "rootNamespace: mesh-root\n")]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    assert_eq!(m.mesh.root_namespace, "mesh-root");
+}
+
+#[test]
+fn ports_record_whether_their_protocol_was_declared() {
+    let cfg = load(&[(
+        "a.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s, namespace: ns}\nspec:\n  hosts: [s.example]\n  ports: [{number: 80, name: http}, {number: 81, name: x, protocol: TCP}]\n  resolution: DNS\n",
+    )]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    let s = m.service_by_key(&ObjectKey::new("ns", "s")).unwrap();
+    let p80 = s.port(80).unwrap();
+    assert_eq!((p80.protocol, p80.declared), (Protocol::Http, false));
+    assert!(s.port(81).unwrap().declared);
+    assert_eq!(
+        s.destination("s.example", p80),
+        Ok(Destination::Dns(vec![("s.example".into(), 80)]))
+    );
+}
+
+#[test]
+fn status_clock_keeps_times_until_the_condition_changes() {
+    let cfg = Arc::new(Config::load_dir(&seed_dir()).unwrap());
+    let state = tempfile::tempdir().unwrap();
+    let alloc = Allocator::open(state.path())
+        .unwrap()
+        .allocate(&cfg)
+        .unwrap()
+        .clone();
+    let mut st = Model::build(cfg.clone(), &alloc, &NoCgroups).status;
+    let mut clock = StatusClock::default();
+    assert!(clock.stamp(&mut st, "2024-10-27T00:45:08.374915129Z"));
+    clock.save(state.path()).unwrap();
+    let mut again = Model::build(cfg, &alloc, &NoCgroups).status;
+    let mut clock = StatusClock::load(state.path());
+    assert!(!clock.stamp(&mut again, "2030-01-01T00:00:00Z"));
+    let k = ObjectKey::new("common-infrastructure", "httpbin.org");
+    assert_eq!(
+        again[&k].conditions[0].last_transition_time.as_deref(),
+        Some("2024-10-27T00:45:08.374915129Z")
+    );
+    // Unbinding changes the condition, so the time moves.
+    let mut changed = again.clone();
+    changed.get_mut(&k).unwrap().conditions[0].status = "False".into();
+    assert!(clock.stamp(&mut changed, "2030-01-01T00:00:00Z"));
+    assert_eq!(
+        changed[&k].conditions[0].last_transition_time.as_deref(),
+        Some("2030-01-01T00:00:00Z")
+    );
+    assert!(now_rfc3339().ends_with('Z'));
+}
