@@ -8,9 +8,10 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use shunt_agent::alloc::Allocator;
 use shunt_agent::config::Config;
 use shunt_agent::desired;
+use shunt_agent::model::{Model, NoCgroups};
 
 /// N entries in one namespace bound to a waypoint, in one file.
-fn config(n: usize) -> Config {
+fn config(n: usize) -> std::sync::Arc<Config> {
     let mut y = String::with_capacity(n * 260);
     y.push_str("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns\n  labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}\n---\n");
     y.push_str("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: ns}\nspec:\n  gatewayClassName: istio-waypoint\n  addresses: [{value: 10.0.0.9}]\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\n");
@@ -21,7 +22,7 @@ fn config(n: usize) -> Config {
     }
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("a.yaml"), y).unwrap();
-    Config::load_dir(d.path()).unwrap()
+    std::sync::Arc::new(Config::load_dir(d.path()).unwrap())
 }
 
 fn bench(c: &mut Criterion) {
@@ -35,7 +36,7 @@ fn bench(c: &mut Criterion) {
                 |dir| {
                     let mut al = Allocator::open(dir.path()).unwrap();
                     let a = al.allocate(&cfg).unwrap();
-                    let d = desired::build(&cfg, a, |_| None);
+                    let d = desired::project(&Model::build(cfg.clone(), a, &NoCgroups), None);
                     black_box(d.services.len());
                     dir
                 },
@@ -43,8 +44,9 @@ fn bench(c: &mut Criterion) {
             )
         });
         // One edit after a cold apply: a port changed on one entry.
-        let mut edited = cfg.clone();
+        let mut edited = (*cfg).clone();
         edited.service_entries[n / 2].spec.ports[0].number.0 = 8080;
+        let edited = std::sync::Arc::new(edited);
         let dir = tempfile::tempdir().unwrap();
         let mut al = Allocator::open(dir.path()).unwrap();
         al.allocate(&cfg).unwrap();
@@ -54,7 +56,7 @@ fn bench(c: &mut Criterion) {
                 flip = !flip;
                 let c = if flip { &edited } else { &cfg };
                 let a = al.allocate(c).unwrap();
-                let d = desired::build(c, a, |_| None);
+                let d = desired::project(&Model::build(c.clone(), a, &NoCgroups), None);
                 black_box(d.services.len());
             })
         });
@@ -72,7 +74,7 @@ fn bench(c: &mut Criterion) {
     let t_load = t.elapsed();
     black_box(st.hosts.len());
     let t = std::time::Instant::now();
-    let d = desired::build(&cfg, al.current(), |_| None);
+    let d = desired::project(&Model::build(cfg.clone(), al.current(), &NoCgroups), None);
     let t_build = t.elapsed();
     let t = std::time::Instant::now();
     al.allocate(&cfg).unwrap();

@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{labels, Config, ObjectKey, Resolution, ServiceEntry};
+use crate::config::{Config, ObjectKey, ServiceEntry};
 
 /// File name of the persisted state in the state directory.
 pub const STATE_FILE: &str = "vips.json";
@@ -193,13 +193,7 @@ impl Allocation {
     }
 }
 
-/// Whether Istio would auto-allocate addresses for this entry.
-pub fn eligible(se: &ServiceEntry) -> bool {
-    se.spec.resolution() != Resolution::None
-        && se.spec.addresses.is_empty()
-        && se.label(labels::AUTOALLOCATE) != Some("false")
-        && !se.spec.hosts.iter().any(|h| h.starts_with('*'))
-}
+pub use crate::model::service::eligible;
 
 // ----------------------------------------------------------- persistence
 
@@ -240,6 +234,41 @@ struct IdRecord {
 
 fn state_path(dir: &Path) -> PathBuf {
     dir.join(STATE_FILE)
+}
+
+/// A reader of the allocation another process (the agent) writes: knows
+/// when the file changed, so followers reload only then. The one way the
+/// waypoint and the CLI read the allocation.
+#[derive(Debug)]
+pub struct Reader {
+    state_dir: PathBuf,
+    seen: Option<(u64, std::time::SystemTime)>,
+}
+
+impl Reader {
+    pub fn new(state_dir: &Path) -> Self {
+        Reader {
+            state_dir: state_dir.to_path_buf(),
+            seen: None,
+        }
+    }
+
+    /// Reads the allocation now and remembers the file's version.
+    pub fn read(&mut self) -> Result<Allocation, AllocError> {
+        self.seen = self.fingerprint();
+        load(&self.state_dir)
+    }
+
+    /// Whether the file changed since the last [`Reader::read`] (length or
+    /// modification time; the agent replaces it by rename).
+    pub fn changed(&self) -> bool {
+        self.fingerprint() != self.seen
+    }
+
+    fn fingerprint(&self) -> Option<(u64, std::time::SystemTime)> {
+        let m = std::fs::metadata(state_path(&self.state_dir)).ok()?;
+        Some((m.len(), m.modified().ok()?))
+    }
 }
 
 /// Reads the persisted allocation without changing anything. A missing file

@@ -2,8 +2,8 @@
 //! its own error type; `anyhow` is used only in the binary (`main.rs`).
 
 pub mod admin;
-pub mod agent;
 pub mod alloc;
+pub mod app;
 pub mod capture;
 pub mod config;
 pub mod desired;
@@ -12,9 +12,10 @@ pub mod hbone;
 pub mod identity;
 pub mod maps;
 pub mod model;
-pub mod node;
 pub mod policy;
 pub mod prereq;
+pub mod proxy;
+pub mod reconcile;
 pub mod sockets;
 pub mod telemetry;
 pub mod upstream;

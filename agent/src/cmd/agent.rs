@@ -9,11 +9,11 @@ use std::{
 
 use anyhow::Context as _;
 use shunt_agent::{
-    agent::{self, AgentOptions},
+    app::node::{self, AdminAddrs, DnsSettings, NodeOptions},
     capture::KernelPaths,
     dns::{parse_upstream, upstreams_from_resolv_conf},
-    node::{self, AdminAddrs, DnsSettings, NodeOptions},
     prereq,
+    proxy::capture::{self as capture_server, CaptureOptions},
 };
 
 use super::common::{parse_duration, runtime, ConfigDirArgs, KernelArgs, LogArgs, StateArgs};
@@ -115,7 +115,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     // Before the runtime starts: its threads inherit the namespace.
     if let Some(ns) = &args.kernel.netns {
-        agent::enter_netns(ns)?;
+        capture_server::enter_netns(ns)?;
     }
     let cgroup_root = match args.cgroup_root {
         Some(p) => p,
@@ -125,7 +125,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ),
     };
     let opts = NodeOptions {
-        agent: AgentOptions {
+        agent: CaptureOptions {
             paths: KernelPaths {
                 pin_dir: args.kernel.pin_dir,
                 cgroup_root,

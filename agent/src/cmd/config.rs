@@ -11,12 +11,13 @@ use std::{
     hash::{Hash, Hasher},
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::Arc,
 };
 
 use shunt_agent::{
     alloc::Allocator,
     config::{render::WAYPOINT_BOUND, Config, ConfigError, Origin, Problem},
-    desired,
+    model::Model,
     policy::PolicyError,
 };
 
@@ -166,12 +167,13 @@ fn check(dir: &Path) -> anyhow::Result<ExitCode> {
             }
             // Cgroups do not exist here: give each annotation a distinct
             // stand-in id so that only shared cgroups are reported.
-            let d = desired::build(&cfg, &alloc, |cg| {
+            let stand_in = |cg: &str| {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 cg.hash(&mut h);
                 Some(h.finish() | 1)
-            });
-            warnings.extend(d.warnings.iter().cloned());
+            };
+            let d = Model::build(Arc::new(cfg.clone()), &alloc, &stand_in);
+            warnings.extend(d.warnings().iter().map(|w| w.to_string()));
             for se in &cfg.service_entries {
                 let key = se.key();
                 if let Some(c) = d

@@ -2,7 +2,7 @@
 //! agent gives them, as `kubectl get` would show them. Reads the persisted
 //! allocation; never allocates.
 
-use std::{collections::BTreeMap, path::Path, process::ExitCode};
+use std::{collections::BTreeMap, path::Path, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use serde_yaml_ng::Value;
@@ -13,7 +13,7 @@ use shunt_agent::{
         render::{self, ServiceEntryStatus, TableRow, WAYPOINT_BOUND},
         Config, ConfigError, ObjectKey, Resource, WaypointRef,
     },
-    desired::{self, Desired, StatusClock},
+    model::{self, Model, NoCgroups, StatusClock},
 };
 
 use super::common::{ConfigDirArgs, StateArgs};
@@ -86,9 +86,9 @@ impl GetArgs {
 
 /// A config directory and the persisted state, as the agent sees them.
 pub struct View {
-    pub cfg: Config,
+    pub cfg: Arc<Config>,
     pub alloc: Allocation,
-    pub desired: Desired,
+    pub model: Model,
 }
 
 /// Loads the config directory, the persisted allocation and status times.
@@ -113,15 +113,12 @@ pub fn load_view(config_dir: &Path, state_dir: &Path) -> anyhow::Result<View> {
     })?;
     // Cgroups are not resolved here: `get` shows config and status, and the
     // enrolment the agent actually programmed is in `shunt maps`.
-    let mut desired = desired::build(&cfg, &alloc, |_| None);
+    let cfg = Arc::new(cfg);
+    let mut model = Model::build(cfg.clone(), &alloc, &NoCgroups);
     let mut clock = StatusClock::load(state_dir);
     // Not saved: the agent owns the times; unseen conditions show "now".
-    clock.stamp(&mut desired.status, &desired::now_rfc3339());
-    Ok(View {
-        cfg,
-        alloc,
-        desired,
-    })
+    clock.stamp(&mut model.status, &model::now_rfc3339());
+    Ok(View { cfg, alloc, model })
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -147,22 +144,6 @@ fn not_found(a: &GetArgs, kind: &str) -> anyhow::Error {
     }
 }
 
-/// Why an entry has no auto-allocated address (None: it should have one).
-fn no_address_reason(se: &shunt_agent::config::ServiceEntry) -> Option<&'static str> {
-    use shunt_agent::config::Resolution;
-    if se.spec.resolution() == Resolution::None {
-        Some("resolution NONE: Istio allocates no address")
-    } else if !se.spec.addresses.is_empty() {
-        Some("spec.addresses is set: those addresses are used")
-    } else if se.label(labels::AUTOALLOCATE) == Some("false") {
-        Some("label networking.istio.io/enable-autoallocate-ip is \"false\"")
-    } else if se.spec.hosts.iter().any(|h| h.starts_with('*')) {
-        Some("a wildcard host: Istio allocates no address")
-    } else {
-        None
-    }
-}
-
 fn yaml_to_json(yaml: &str) -> anyhow::Result<String> {
     let v: serde_json::Value = serde_yaml_ng::from_str(yaml)?;
     Ok(serde_json::to_string_pretty(&v)? + "\n")
@@ -176,7 +157,7 @@ fn service_entries(a: &GetArgs) -> anyhow::Result<ExitCode> {
         .service_entries
         .iter()
         .filter(|se| a.selects(se))
-        .map(|se| (se, view.desired.status.get(&se.key()).unwrap_or(&empty)))
+        .map(|se| (se, view.model.status.get(&se.key()).unwrap_or(&empty)))
         .collect();
     if a.name.is_some() && items.is_empty() {
         return Err(not_found(a, "ServiceEntry"));
@@ -188,7 +169,7 @@ fn service_entries(a: &GetArgs) -> anyhow::Result<ExitCode> {
         for w in view.alloc.warnings_for(&key) {
             eprintln!("warning: {w}");
         }
-        if st.addresses.is_empty() && no_address_reason(se).is_none() {
+        if st.addresses.is_empty() && model::service::no_auto_allocation_reason(se).is_none() {
             unallocated.push(key);
         }
     }
@@ -415,7 +396,7 @@ fn waypoints(a: &GetArgs) -> anyhow::Result<ExitCode> {
     let mut bound: BTreeMap<ObjectKey, Vec<String>> = BTreeMap::new();
     for se in &cfg.service_entries {
         let ok = view
-            .desired
+            .model
             .status
             .get(&se.key())
             .and_then(|s| s.condition(WAYPOINT_BOUND))

@@ -87,14 +87,9 @@ struct CheckArgs {
     tcp: bool,
 }
 
-/// `meshConfig.rootNamespace`, else Istio's default.
+/// `meshConfig.rootNamespace`, else Istio's default (the model's rule).
 pub fn root_namespace(cfg: &Config) -> String {
-    cfg.mesh
-        .other
-        .get("rootNamespace")
-        .and_then(|v| v.as_str())
-        .unwrap_or(policy::DEFAULT_ROOT_NAMESPACE)
-        .to_string()
+    shunt_agent::model::Mesh::from_config(&cfg.mesh).root_namespace
 }
 
 /// The waypoint Gateways of a config, as policy build targets.
@@ -142,13 +137,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn host_matches(pattern: &str, host: &str) -> bool {
-    match pattern.strip_prefix('*') {
-        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
-        None => pattern == host,
-    }
-}
-
 fn find_service<'c>(cfg: &'c Config, a: &CheckArgs) -> anyhow::Result<&'c ServiceEntry> {
     if let Some(s) = &a.service {
         let (ns, name) = s.split_once('/').with_context(|| {
@@ -176,7 +164,7 @@ fn find_service<'c>(cfg: &'c Config, a: &CheckArgs) -> anyhow::Result<&'c Servic
                 se.spec
                     .hosts
                     .iter()
-                    .any(|h| host_matches(&h.to_ascii_lowercase(), &host))
+                    .any(|h| shunt_agent::model::host::matches(h, &host))
             })
         })
         .with_context(|| {

@@ -12,7 +12,7 @@ use std::{
 
 use aya::programs::links::{FdLink, PinnedLink};
 use serde::Serialize;
-use shunt_agent::{agent, capture::DNS_INTERFACE, maps::PinnedMaps};
+use shunt_agent::{capture::DNS_INTERFACE, maps::PinnedMaps, proxy::capture as agent};
 use shunt_common::{prog_names, EGRESS_REGISTRY_ONLY, LAYOUT_VERSION};
 
 use super::common::{runtime, KernelArgs, StateArgs};

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use shunt_agent::{agent, capture};
+use shunt_agent::{capture, proxy::capture as agent};
 
 use super::common::{runtime, KernelArgs};
 

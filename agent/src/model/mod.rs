@@ -372,4 +372,4 @@ fn is_waypoint_pod(cfg: &Config, ns: &str, labels: &BTreeMap<String, String>) ->
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -16,7 +16,7 @@ use crate::config::meta::ObjectMeta;
 
 const GROUP_NETWORKING: &str = "networking.istio.io";
 const GROUP_GATEWAY: &str = "gateway.networking.k8s.io";
-const WAYPOINT_CLASS: &str = "istio-waypoint";
+use crate::config::WAYPOINT_CLASS;
 
 /// One request attribute and the compiled values it is compared with.
 #[derive(Debug)]

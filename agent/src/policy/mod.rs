@@ -43,7 +43,7 @@ pub use normalize::{
 };
 
 /// The root namespace of an Istio mesh unless configured otherwise.
-pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+pub use crate::model::mesh::DEFAULT_ROOT_NAMESPACE;
 
 /// Build-time inputs besides the policies themselves.
 #[derive(Clone, Debug)]

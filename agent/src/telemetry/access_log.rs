@@ -192,8 +192,65 @@ impl ConnectionLog {
     }
 }
 
-/// Writes access-log lines (connection and request lines) to a sink,
-/// stdout by default. The lock is taken once per line, never per byte.
+/// A connection the kernel let past the mesh (ALLOW_ANY passthrough) or
+/// refused at connect() (REGISTRY_ONLY), as reported through the `events`
+/// ring buffer.
+#[derive(Clone, Debug)]
+pub struct EgressLog {
+    pub time: SystemTime,
+    /// Refused (REGISTRY_ONLY) rather than passed through.
+    pub denied: bool,
+    pub udp: bool,
+    pub dst_addr: SocketAddr,
+    /// Workload name, namespace and identity, when the cgroup is known.
+    pub src: Option<(String, String, String)>,
+    pub src_cgroup: u64,
+}
+
+impl EgressLog {
+    fn parts(&self) -> (&'static str, &'static str, &'static str) {
+        let (level, msg) = if self.denied {
+            ("warn", "connection refused (REGISTRY_ONLY)")
+        } else {
+            ("info", "connection passthrough")
+        };
+        (level, msg, if self.udp { "udp" } else { "tcp" })
+    }
+
+    pub fn format(&self, format: LogFormat) -> String {
+        let time = super::rfc3339_micros(self.time);
+        let (level, msg, proto) = self.parts();
+        if format == LogFormat::Json {
+            let src = self.src.as_ref();
+            return serde_json::json!({
+                "time": time, "level": level, "scope": "access", "message": msg,
+                "src.workload": src.map(|s| s.0.as_str()),
+                "src.namespace": src.map(|s| s.1.as_str()),
+                "src.identity": src.map(|s| s.2.as_str()),
+                "dst.addr": self.dst_addr.to_string(), "protocol": proto, "direction": "outbound",
+            })
+            .to_string();
+        }
+        let mut s = format!("{time} {level} access {msg}");
+        match &self.src {
+            Some((name, ns, id)) => s.push_str(&format!(
+                " src.workload=\"{name}\" src.namespace=\"{ns}\" src.identity=\"{id}\""
+            )),
+            None => s.push_str(&format!(" src.cgroup={}", self.src_cgroup)),
+        }
+        s.push_str(&format!(
+            " dst.addr={} protocol=\"{proto}\" direction=\"outbound\"",
+            self.dst_addr
+        ));
+        s
+    }
+}
+
+/// Writes access-log lines (connection, request and egress lines) to a
+/// sink, stdout by default: the one writer of the access log. Lines obey
+/// the log filter's `access` target (`SHUNT_LOG=access=off` switches them
+/// off, `access=warn` keeps only failures). The lock is taken once per
+/// line, never per byte.
 pub struct AccessLogger {
     format: LogFormat,
     sink: Mutex<Box<dyn std::io::Write + Send>>,
@@ -224,13 +281,39 @@ impl AccessLogger {
     }
 
     pub fn connection(&self, entry: &ConnectionLog) {
-        self.write_line(entry.format(self.format));
+        if enabled(entry.error.is_some()) {
+            self.write_line(entry.format(self.format));
+        }
     }
 
     pub fn request(&self, entry: &super::RequestLog) {
-        self.write_line(entry.format(self.format));
+        if enabled(false) {
+            self.write_line(entry.format(self.format));
+        }
     }
 
+    pub fn egress(&self, entry: &EgressLog) {
+        if enabled(entry.denied) {
+            self.write_line(entry.format(self.format));
+        }
+    }
+}
+
+/// Whether the log filter lets access lines through (`access` target):
+/// failures at `warn`, the rest at `info`.
+fn enabled(failure: bool) -> bool {
+    // Without a subscriber (library use, tests) there is no filter to obey.
+    if !tracing::dispatcher::has_been_set() {
+        return true;
+    }
+    if failure {
+        tracing::enabled!(target: "access", tracing::Level::WARN)
+    } else {
+        tracing::enabled!(target: "access", tracing::Level::INFO)
+    }
+}
+
+impl AccessLogger {
     fn write_line(&self, mut line: String) {
         line.push('\n');
         let mut sink = match self.sink.lock() {

@@ -5,7 +5,7 @@ mod access_log;
 mod envoy_log;
 mod metrics;
 
-pub use access_log::{AccessLogger, ConnectionLog, Direction, LogFormat};
+pub use access_log::{AccessLogger, ConnectionLog, Direction, EgressLog, LogFormat};
 pub use envoy_log::RequestLog;
 pub use metrics::{
     ConnectionLabels, ConnectionRecorder, DnsMetrics, Metrics, MetricsBuilder, Reporter,

@@ -26,7 +26,7 @@ use crate::telemetry::{ConnectionLabels, Reporter, RequestLabels, RequestLog};
 
 use super::body::{CountingBody, Finish, LoggedBody};
 use super::framing::{Guard, Verdicts};
-use super::snapshot::Target;
+use super::routes::Target;
 use super::Shared;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -229,7 +229,7 @@ async fn handle(
 ) -> Response<LoggedBody> {
     let start = Instant::now();
     let start_time = SystemTime::now();
-    let snap = shared.snapshot.load_full();
+    let snap = shared.routes.load_full();
     let (parts, body) = req.into_parts();
     let target_str = parts
         .uri
@@ -348,7 +348,7 @@ async fn handle(
             };
             let decision = snap
                 .policies
-                .for_service(&target.service.namespace, &target.service.name)
+                .for_service(target.service.namespace(), target.service.name())
                 .evaluate(&ctx);
             let path = ctx
                 .http

@@ -13,14 +13,14 @@
 //! `NoPortForServices`, from `resolve_inbound_target`).
 //!
 //! Everything per config (targets, policies, TLS connectors, upstream
-//! pools) lives in an immutable [`Snapshot`] swapped atomically on reload;
+//! pools) lives in immutable [`Routes`] swapped atomically on reload;
 //! a tunnel or request loads it once and does one hash lookup.
 
 mod body;
 mod framing;
 mod l7;
 mod pool;
-mod snapshot;
+mod routes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,6 +40,7 @@ use crate::config::watch::ConfigWatcher;
 use crate::config::{Config, ObjectKey};
 use crate::hbone::{Decision, HboneHandler, HboneServer, InboundRequest, RelayIo, ServerSettings};
 use crate::identity::{Ca, IdentityConfig, IdentityManager, SpiffeId};
+use crate::model::{Model, NoCgroups};
 use crate::policy::{GatewayRef, RequestContext};
 use crate::telemetry::{
     AccessLogger, ConnectionLabels, ConnectionLog, ConnectionRecorder, Direction, LogFormat,
@@ -48,7 +49,7 @@ use crate::telemetry::{
 use crate::upstream::UpstreamStream;
 
 pub use l7::RBAC_DENIED_BODY;
-pub use snapshot::{Snapshot, Target};
+pub use routes::{Routes, Target};
 
 /// Errors carry their cause in the message (no `source()` chain), so that
 /// `{:#}` at the binary's edge prints each cause once.
@@ -148,7 +149,7 @@ impl WaypointOptions {
 
 /// State shared by the handler, the HTTP layer and the reload task.
 pub(crate) struct Shared {
-    pub snapshot: ArcSwap<Snapshot>,
+    pub routes: ArcSwap<Routes>,
     /// Bumped after each new snapshot: open TCP tunnels re-check their
     /// authorization on it.
     pub changed: tokio::sync::watch::Sender<u64>,
@@ -221,12 +222,6 @@ fn pick_gateway(cfg: &Config, want: Option<GatewayRef>) -> Result<GatewayRef, Wa
     }
 }
 
-/// Cheap change detector for the allocation file (the agent rewrites it).
-fn alloc_fingerprint(state_dir: &std::path::Path) -> Option<(u64, SystemTime)> {
-    let m = std::fs::metadata(state_dir.join(crate::alloc::STATE_FILE)).ok()?;
-    Some((m.len(), m.modified().ok()?))
-}
-
 impl Waypoint {
     /// Loads config, allocation and CA, binds the HBONE and admin
     /// listeners and starts serving. Must run inside a tokio runtime.
@@ -248,11 +243,11 @@ impl Waypoint {
             }
         };
         let gateway = pick_gateway(&cfg, opts.gateway.clone())?;
-        let alloc = crate::alloc::load(&opts.state_dir)?;
-        let snap = snapshot::build(
-            cfg.clone(),
-            &alloc,
-            &snapshot::BuildInputs {
+        let mut alloc = crate::alloc::Reader::new(&opts.state_dir);
+        let model = Arc::new(Model::build(cfg.clone(), &alloc.read()?, &NoCgroups));
+        let snap = routes::build(
+            model,
+            &routes::BuildInputs {
                 gateway: &gateway,
                 connect_timeout: opts.upstream_timeout,
                 previous: None,
@@ -273,7 +268,7 @@ impl Waypoint {
             .clone()
             .unwrap_or_else(|| Metrics::builder().build());
         let shared = Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(snap),
+            routes: ArcSwap::from_pointee(snap),
             changed: tokio::sync::watch::Sender::new(0),
             gateway: gateway.clone(),
             identity_uri: identity.uri(),
@@ -303,7 +298,7 @@ impl Waypoint {
             let shared = shared.clone();
             Arc::new(move || {
                 shared
-                    .snapshot
+                    .routes
                     .load()
                     .dump(&shared.identity_uri, &shared.gateway)
             })
@@ -358,7 +353,7 @@ impl Waypoint {
         tracing::info!(
             identity = %identity,
             listen = %hbone_addr,
-            services = shared.snapshot.load().targets.len(),
+            services = shared.routes.load().targets.len(),
             "waypoint ready"
         );
 
@@ -403,8 +398,8 @@ impl Waypoint {
         self.shared.metrics.clone()
     }
     /// The snapshot in force (config digest, targets, policies).
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.shared.snapshot.load_full()
+    pub fn routes(&self) -> Arc<Routes> {
+        self.shared.routes.load_full()
     }
     /// Number of admin listeners running.
     pub fn admin_listeners(&self) -> usize {
@@ -434,33 +429,32 @@ async fn reload_loop(
     interval: Duration,
 ) {
     let mut cfg_rx = watcher.config.clone();
-    let mut alloc_fp = alloc_fingerprint(&state_dir);
+    let mut alloc = crate::alloc::Reader::new(&state_dir);
+    let _ = alloc.read();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             r = cfg_rx.changed() => if r.is_err() { return },
             _ = tick.tick() => {
-                let fp = alloc_fingerprint(&state_dir);
-                if fp == alloc_fp { continue }
-                alloc_fp = fp;
+                if !alloc.changed() { continue }
             }
         }
         let Some(cfg) = cfg_rx.borrow_and_update().clone() else {
             continue;
         };
-        let alloc = match crate::alloc::load(&state_dir) {
+        let allocation = match alloc.read() {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "reading the allocation; previous config stays in force");
                 continue;
             }
         };
-        let prev = shared.snapshot.load_full();
-        let built = snapshot::build(
-            cfg,
-            &alloc,
-            &snapshot::BuildInputs {
+        let prev = shared.routes.load_full();
+        let model = Arc::new(Model::build(cfg, &allocation, &NoCgroups));
+        let built = routes::build(
+            model,
+            &routes::BuildInputs {
                 gateway: &shared.gateway,
                 connect_timeout: timeout,
                 previous: Some(&prev),
@@ -477,7 +471,7 @@ async fn reload_loop(
                     policies = s.policies.len(),
                     "waypoint config applied"
                 );
-                shared.snapshot.store(Arc::new(s));
+                shared.routes.store(Arc::new(s));
                 shared.changed.send_modify(|v| *v += 1);
             }
             Err(e) => {
@@ -540,8 +534,8 @@ impl Handler {
 impl HboneHandler for Handler {
     async fn handle(&self, req: InboundRequest) -> Decision {
         let start = Instant::now();
-        let snap = self.shared.snapshot.load_full();
-        let authority = snapshot::canonical(req.authority);
+        let snap = self.shared.routes.load_full();
+        let authority = routes::canonical(req.authority);
         let Some(target) = snap.targets.get(&authority).cloned() else {
             let (status, why) = if snap.vips.contains(&authority.ip()) {
                 (
@@ -595,7 +589,7 @@ impl HboneHandler for Handler {
                 ..Default::default()
             };
             snap.policies
-                .for_service(&target.service.namespace, &target.service.name)
+                .for_service(target.service.namespace(), target.service.name())
                 .evaluate(&ctx)
         };
         if !decision.allowed {
@@ -628,8 +622,8 @@ impl HboneHandler for Handler {
                         req.source_addr,
                         authority,
                         (
-                            target.service.namespace.clone(),
-                            target.service.name.clone(),
+                            target.service.namespace().to_string(),
+                            target.service.name().to_string(),
                         ),
                     )),
                 }))
@@ -677,7 +671,7 @@ async fn revoked(
         if rx.changed().await.is_err() {
             return std::future::pending().await;
         }
-        let snap = shared.snapshot.load_full();
+        let snap = shared.routes.load_full();
         let ctx = RequestContext {
             principal: Some(&principal),
             source_ip: Some(source.ip()),

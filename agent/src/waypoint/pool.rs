@@ -24,18 +24,7 @@ use super::body::CountingBody;
 /// Idle HTTP/1.1 connections kept per upstream.
 const MAX_IDLE: usize = 64;
 
-/// How an upstream's address is found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Resolve {
-    /// `resolution: DNS`: names (the host, or endpoint addresses) looked up
-    /// with the system resolver at connect time, so /etc/hosts applies.
-    Dns(Vec<(String, u16)>),
-    /// `resolution: STATIC`: endpoint addresses.
-    Static(Vec<SocketAddr>),
-    /// `resolution: NONE`: the client's original destination (VIP:port
-    /// from the tunnel, with the target port).
-    Original,
-}
+pub use crate::model::Destination;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UpstreamProtocol {
@@ -86,7 +75,7 @@ pub struct Upstream {
     key: String,
     host: String,
     port: u16,
-    resolve: Resolve,
+    resolve: Destination,
     connector: UpstreamConnector,
     protocol: UpstreamProtocol,
     timeout: Duration,
@@ -112,7 +101,7 @@ impl Upstream {
         key: String,
         host: String,
         port: u16,
-        resolve: Resolve,
+        resolve: Destination,
         connector: UpstreamConnector,
         protocol: UpstreamProtocol,
         timeout: Duration,
@@ -141,17 +130,17 @@ impl Upstream {
     }
     pub fn describe(&self) -> String {
         match &self.resolve {
-            Resolve::Dns(n) => n
+            Destination::Dns(n) => n
                 .iter()
                 .map(|(h, p)| format!("dns:{h}:{p}"))
                 .collect::<Vec<_>>()
                 .join(","),
-            Resolve::Static(a) => a
+            Destination::Static(a) => a
                 .iter()
                 .map(|a| a.to_string())
                 .collect::<Vec<_>>()
                 .join(","),
-            Resolve::Original => format!("original-destination:{}", self.port),
+            Destination::Original => format!("original-destination:{}", self.port),
         }
     }
 
@@ -159,14 +148,14 @@ impl Upstream {
     /// originates TLS when configured. `original` is the tunnel's VIP:port.
     pub async fn connect(&self, original: SocketAddr) -> Result<Connected, UpstreamFailure> {
         let what = || match &self.resolve {
-            Resolve::Dns(n) if n.len() == 1 => format!("{}:{}", n[0].0, n[0].1),
+            Destination::Dns(n) if n.len() == 1 => format!("{}:{}", n[0].0, n[0].1),
             _ => format!("{}:{}", self.host, self.port),
         };
         let fut = async {
             let addrs: Vec<SocketAddr> = match &self.resolve {
-                Resolve::Static(a) => a.clone(),
-                Resolve::Original => vec![SocketAddr::new(original.ip(), self.port)],
-                Resolve::Dns(names) => {
+                Destination::Static(a) => a.clone(),
+                Destination::Original => vec![SocketAddr::new(original.ip(), self.port)],
+                Destination::Dns(names) => {
                     let mut out = Vec::new();
                     let mut last_err = None;
                     for (h, p) in names {

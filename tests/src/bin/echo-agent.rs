@@ -8,9 +8,9 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use shunt_agent::{
-    agent::{enter_netns, AgentOptions, BoxFuture, Handler, Steered},
+    app::node::{self, AdminAddrs, DnsSettings, NodeOptions},
     capture::KernelPaths,
-    node::{self, AdminAddrs, DnsSettings, NodeOptions},
+    proxy::capture::{enter_netns, BoxFuture, CaptureOptions, Handler, Steered},
 };
 use tokio::io::AsyncWriteExt;
 
@@ -62,7 +62,7 @@ fn main() {
         .map(|u| vec![shunt_agent::dns::parse_upstream(&u).expect("--dns-upstream")])
         .unwrap_or_default();
     let opts = NodeOptions {
-        agent: AgentOptions {
+        agent: CaptureOptions {
             paths: KernelPaths {
                 pin_dir: need("--pin-dir").into(),
                 cgroup_root: need("--cgroup-root").into(),

@@ -1,30 +1,31 @@
-//! The per-config runtime snapshot: every VIP:port bound to this waypoint
-//! resolved once to its service, host, port mode (L4 or HTTP), upstream
-//! (resolution, TLS connector, connection pool), so that a tunnel or a
-//! request costs one hash lookup.
+//! The waypoint's routes, built once per model: every VIP:port bound to
+//! this waypoint resolved to its service, host, port mode (L4 or HTTP) and
+//! upstream (destination, TLS connector, connection pool), with the
+//! compiled policies, so that a tunnel or a request costs one hash lookup.
+//! Everything Istio-specific comes from the [`Model`]; this file only
+//! decides what the waypoint does with it.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::alloc::Allocation;
-use crate::config::{ClientTls, Config, Resolution, TlsMode as DrTlsMode};
-use crate::desired::{self, PortInfo, ServiceInfo};
+use crate::config::{ClientTls, ObjectKey, Protocol, TlsMode as DrTlsMode};
+use crate::model::{self, Model, Service, ServicePort};
 use crate::policy::{BuildOptions, GatewayRef, PolicySet};
 use crate::upstream::{OriginationSettings, TlsMode, UpstreamConnector};
 
-use super::pool::{Resolve, Upstream, UpstreamProtocol};
+use super::pool::{Upstream, UpstreamProtocol};
 use super::WaypointError;
 
 /// One VIP:port this waypoint serves.
 #[derive(Debug)]
 pub struct Target {
-    pub service: Arc<ServiceInfo>,
+    pub service: Arc<Service>,
     /// The ServiceEntry host this VIP was allocated for (SNI, Host default,
     /// `destination_service`).
     pub host: String,
-    pub port: PortInfo,
+    pub port: ServicePort,
     /// Requests are parsed (HTTP port, or an unset protocol whose policies
     /// need HTTP fields); otherwise the tunnel is relayed as bytes.
     pub http: bool,
@@ -33,9 +34,9 @@ pub struct Target {
     pub cluster: String,
 }
 
-/// Everything derived from one valid config (and allocation).
-pub struct Snapshot {
-    pub config: Arc<Config>,
+/// Everything the waypoint derives from one model.
+pub struct Routes {
+    pub model: Arc<Model>,
     pub policies: PolicySet,
     /// Canonical VIP:port → target.
     pub targets: HashMap<SocketAddr, Arc<Target>>,
@@ -46,22 +47,22 @@ pub struct Snapshot {
     pub digest: u64,
 }
 
-impl std::fmt::Debug for Snapshot {
+impl std::fmt::Debug for Routes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Snapshot")
+        f.debug_struct("Routes")
             .field("digest", &self.digest)
             .field("targets", &self.targets.len())
             .finish()
     }
 }
 
-/// Build-time inputs that do not come from the config directory.
+/// Build-time inputs that do not come from the model.
 pub(crate) struct BuildInputs<'a> {
     pub gateway: &'a GatewayRef,
     pub connect_timeout: Duration,
-    /// The previous snapshot: upstreams with identical settings are reused
+    /// The previous routes: upstreams with identical settings are reused
     /// so that their pooled connections survive a reload.
-    pub previous: Option<&'a Snapshot>,
+    pub previous: Option<&'a Routes>,
 }
 
 fn origination(
@@ -99,63 +100,8 @@ fn origination(
     })
 }
 
-/// Where connections for `port` of `svc` go (host `host`).
-fn resolve_for(svc: &ServiceInfo, host: &str, port: &PortInfo) -> Result<Resolve, String> {
-    match svc.resolution {
-        // No resolution: the client's original destination is the address.
-        Resolution::None => Ok(Resolve::Original),
-        Resolution::Static => {
-            let mut addrs = Vec::new();
-            for e in &svc.endpoints {
-                let ip: IpAddr = e.address.parse().map_err(|_| {
-                    format!(
-                        "resolution STATIC needs IP endpoints, got address {:?}",
-                        e.address
-                    )
-                })?;
-                let p = e.ports.get(&port.name).copied().unwrap_or(port.target_port);
-                addrs.push(SocketAddr::new(ip, p));
-            }
-            if addrs.is_empty() {
-                return Err("resolution STATIC without endpoints".into());
-            }
-            Ok(Resolve::Static(addrs))
-        }
-        Resolution::Dns | Resolution::DnsRoundRobin => {
-            if svc.endpoints.is_empty() {
-                Ok(Resolve::Dns(vec![(host.to_string(), port.target_port)]))
-            } else {
-                Ok(Resolve::Dns(
-                    svc.endpoints
-                        .iter()
-                        .map(|e| {
-                            (
-                                e.address.clone(),
-                                e.ports.get(&port.name).copied().unwrap_or(port.target_port),
-                            )
-                        })
-                        .collect(),
-                ))
-            }
-        }
-    }
-}
-
-/// Whether the config declares a protocol for this port (vs inferred).
-fn explicit_protocol(cfg: &Config, svc: &ServiceInfo, number: u16) -> bool {
-    cfg.service_entries
-        .iter()
-        .find(|se| se.namespace() == svc.namespace && se.name() == svc.name)
-        .and_then(|se| se.spec.ports.iter().find(|p| p.number.0 == number))
-        .is_some_and(|p| p.protocol.is_some())
-}
-
-pub(crate) fn build(
-    cfg: Arc<Config>,
-    alloc: &Allocation,
-    inp: &BuildInputs<'_>,
-) -> Result<Snapshot, WaypointError> {
-    let desired = desired::build(&cfg, alloc, |_| None);
+pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, WaypointError> {
+    let cfg = model.config();
     let metas: Vec<_> = cfg
         .authorization_policies
         .iter()
@@ -165,16 +111,16 @@ pub(crate) fn build(
         &metas,
         &BuildOptions {
             waypoint: Some(inp.gateway.clone()),
-            ..Default::default()
+            root_namespace: model.mesh.root_namespace.clone(),
         },
     )
     .map_err(WaypointError::Policy)?;
     // Workload warnings concern the agent, not the waypoint.
-    let mut warnings: Vec<String> = desired
-        .warnings
+    let mut warnings: Vec<String> = model
+        .warnings()
         .iter()
-        .filter(|w| w.starts_with("ServiceEntry"))
-        .cloned()
+        .filter(|w| w.kind == model::Kind::ServiceEntry)
+        .map(|w| w.to_string())
         .collect();
     warnings.extend(policies.warnings().iter().map(|w| w.to_string()));
 
@@ -188,47 +134,19 @@ pub(crate) fn build(
     let mut upstreams: HashMap<String, Arc<Upstream>> = HashMap::new();
     let mut targets = HashMap::new();
     let mut vips = HashSet::new();
-    let mut ids: Vec<_> = desired.service_table.keys().copied().collect();
-    ids.sort_unstable();
-    for id in ids {
-        let svc = &desired.service_table[&id];
-        let Some(wp) = &svc.waypoint else { continue };
-        if wp.gateway.namespace != inp.gateway.namespace || wp.gateway.name != inp.gateway.name {
-            continue;
-        }
-        let key = crate::config::ObjectKey::new(&svc.namespace, &svc.name);
-        // VIP → host: allocated addresses name their host; explicit
-        // `spec.addresses` belong to the first host.
-        let mut vip_host: Vec<(IpAddr, String)> = alloc
-            .addresses_of(&key, &svc.hosts)
-            .map(|(h, ip)| (ip, h.to_string()))
-            .collect();
-        for ip in &svc.vips {
-            if !vip_host.iter().any(|(v, _)| v == ip) {
-                if let Some(h) = svc.hosts.first() {
-                    vip_host.push((*ip, h.clone()));
-                }
-            }
-        }
-        let sp = policies.for_service(&svc.namespace, &svc.name);
-        for port in &svc.ports {
-            if port.protocol == crate::config::Protocol::Udp {
-                continue;
-            }
-            let http = port.protocol.is_http()
-                || (sp.needs_http() && !explicit_protocol(&cfg, svc, port.number));
-            for (ip, host) in &vip_host {
-                let what = format!(
-                    "ServiceEntry {}/{} host {host} port {}",
-                    svc.namespace, svc.name, port.number
-                );
-                let resolve = resolve_for(svc, host, port)
+    let gateway = ObjectKey::new(&inp.gateway.namespace, &inp.gateway.name);
+    for svc in model.bound_to(&gateway) {
+        let sp = policies.for_service(svc.namespace(), svc.name());
+        for port in svc.ports.iter().filter(|p| p.is_tcp()) {
+            let http = port.protocol.is_http() || (sp.needs_http() && !port.declared);
+            for vip in &svc.vips {
+                let host = &vip.host;
+                let what = format!("ServiceEntry {} host {host} port {}", svc.key, port.number);
+                let resolve = svc
+                    .destination(host, port)
                     .map_err(|m| WaypointError::Config(format!("{what}: {m}")))?;
                 let tls = svc.tls_for(host, port.number);
-                let protocol = if matches!(
-                    port.protocol,
-                    crate::config::Protocol::Http2 | crate::config::Protocol::Grpc
-                ) {
+                let protocol = if matches!(port.protocol, Protocol::Http2 | Protocol::Grpc) {
                     UpstreamProtocol::Http2
                 } else {
                     UpstreamProtocol::Http1
@@ -278,14 +196,14 @@ pub(crate) fn build(
                         }
                     ),
                 });
-                vips.insert(*ip);
-                targets.insert(SocketAddr::new(*ip, port.number), t);
+                vips.insert(vip.ip);
+                targets.insert(SocketAddr::new(vip.ip, port.number), t);
             }
         }
     }
     let digest = cfg.digest;
-    Ok(Snapshot {
-        config: cfg,
+    Ok(Routes {
+        model,
         policies,
         targets,
         vips,
@@ -294,7 +212,7 @@ pub(crate) fn build(
     })
 }
 
-impl Snapshot {
+impl Routes {
     /// `/config_dump` JSON.
     pub fn dump(&self, identity: &str, gateway: &GatewayRef) -> serde_json::Value {
         let mut services: Vec<_> = self
@@ -303,7 +221,7 @@ impl Snapshot {
             .map(|(addr, t)| {
                 serde_json::json!({
                     "vip": addr.to_string(),
-                    "serviceEntry": format!("{}/{}", t.service.namespace, t.service.name),
+                    "serviceEntry": t.service.key.to_string(),
                     "host": t.host,
                     "port": t.port.number,
                     "targetPort": t.port.target_port,

@@ -1,6 +1,7 @@
-//! The node agent's lifecycle: install the kernel side, own the capture
-//! socket, hand steered connections to a handler, and hand over to a
-//! successor without refusing a single connect.
+//! The capture server: the node agent's lifecycle around the capture
+//! socket. It installs the kernel side, accepts steered connections and
+//! hands each to a [`Handler`] (the outbound path, or a test's), and hands
+//! over to a successor without refusing a single connect.
 //!
 //! Handover: a new agent inserts its listener into the capture SOCKMAP (new
 //! SYNs go to it at once), records its pid in `<state>/agent.pid` and sends
@@ -38,7 +39,7 @@ use crate::{
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum AgentError {
+pub enum CaptureServerError {
     #[error(transparent)]
     Prereq(#[from] PrereqError),
     #[error(transparent)]
@@ -79,7 +80,7 @@ pub fn reset(stream: TcpStream) {
 }
 
 #[derive(Clone, Debug)]
-pub struct AgentOptions {
+pub struct CaptureOptions {
     pub paths: KernelPaths,
     pub state_dir: PathBuf,
     /// Capture listener address; an ephemeral port keeps a successor from
@@ -95,12 +96,13 @@ pub struct AgentOptions {
 /// Enter the node's network namespace. Must run before any thread is
 /// spawned (tokio's workers inherit the namespace of the thread that
 /// creates them).
-pub fn enter_netns(path: &Path) -> Result<(), AgentError> {
+pub fn enter_netns(path: &Path) -> Result<(), CaptureServerError> {
     use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).map_err(|e| AgentError::Netns(path.to_path_buf(), e))?;
+    let f =
+        std::fs::File::open(path).map_err(|e| CaptureServerError::Netns(path.to_path_buf(), e))?;
     // SAFETY: valid fd; CLONE_NEWNET restricts it to a network namespace.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(AgentError::Netns(
+        return Err(CaptureServerError::Netns(
             path.to_path_buf(),
             std::io::Error::last_os_error(),
         ));
@@ -125,10 +127,10 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// Everything the running agent holds. Created by [`Agent::start`], which
-/// leaves the agent capturing; [`Agent::serve`] runs it until a signal.
-pub struct Agent {
-    opts: AgentOptions,
+/// Everything the running agent holds. Created by [`CaptureServer::start`], which
+/// leaves the agent capturing; [`CaptureServer::serve`] runs it until a signal.
+pub struct CaptureServer {
+    opts: CaptureOptions,
     installed: capture::Installed,
     listener: TcpListener,
     maps: Arc<PinnedMaps>,
@@ -136,17 +138,17 @@ pub struct Agent {
     signals: Option<[tokio::signal::unix::Signal; 3]>,
 }
 
-impl Agent {
+impl CaptureServer {
     /// Check prerequisites, install programs/maps/routes and insert the
     /// capture socket. When this returns, VIP connects reach this agent.
-    pub async fn start(opts: AgentOptions) -> Result<Self, AgentError> {
+    pub async fn start(opts: CaptureOptions) -> Result<Self, CaptureServerError> {
         prereq::check(&opts.paths.pin_dir, &opts.paths.cgroup_root)?;
         // Before the socket is visible: a successor's SIGUSR2 must never hit
         // the default action (terminate) of an agent still starting.
         let signals = [
-            signal(SignalKind::terminate()).map_err(AgentError::Signal)?,
-            signal(SignalKind::interrupt()).map_err(AgentError::Signal)?,
-            signal(SignalKind::user_defined2()).map_err(AgentError::Signal)?,
+            signal(SignalKind::terminate()).map_err(CaptureServerError::Signal)?,
+            signal(SignalKind::interrupt()).map_err(CaptureServerError::Signal)?,
+            signal(SignalKind::user_defined2()).map_err(CaptureServerError::Signal)?,
         ];
         let mut installed = capture::install(&opts.paths, opts.meta)?;
         if !installed.reused_links.is_empty() {
@@ -160,7 +162,7 @@ impl Agent {
         capture::insert_capture_socket(&mut installed.ebpf, &listener)?;
         capture::start_kernel_log(&mut installed.ebpf);
         std::fs::create_dir_all(&opts.state_dir)
-            .map_err(|e| AgentError::State(opts.state_dir.clone(), e))?;
+            .map_err(|e| CaptureServerError::State(opts.state_dir.clone(), e))?;
         signal_predecessor(&opts.state_dir)?;
         info!(
             capture = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -184,7 +186,7 @@ impl Agent {
 
     /// Accept steered connections until SIGTERM/SIGINT (shutdown) or SIGUSR2
     /// (handed over), then drain.
-    pub async fn serve(mut self, handler: Arc<dyn Handler>) -> Result<(), AgentError> {
+    pub async fn serve(mut self, handler: Arc<dyn Handler>) -> Result<(), CaptureServerError> {
         let Some([mut term, mut int, mut usr2]) = self.signals.take() else {
             unreachable!("set by start, taken only here");
         };
@@ -292,13 +294,14 @@ fn pidfile_owner(state_dir: &Path) -> Option<u32> {
 
 /// Record this agent as the owner and tell a still-running predecessor that
 /// it has been replaced.
-fn signal_predecessor(state_dir: &Path) -> Result<(), AgentError> {
+fn signal_predecessor(state_dir: &Path) -> Result<(), CaptureServerError> {
     let me = std::process::id();
     let prev = pidfile_owner(state_dir);
     let path = state_dir.join(PIDFILE);
     let tmp = state_dir.join(format!("{PIDFILE}.{me}"));
-    std::fs::write(&tmp, format!("{me}\n")).map_err(|e| AgentError::State(tmp.clone(), e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| AgentError::State(path.clone(), e))?;
+    std::fs::write(&tmp, format!("{me}\n"))
+        .map_err(|e| CaptureServerError::State(tmp.clone(), e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| CaptureServerError::State(path.clone(), e))?;
     if let Some(pid) = prev.filter(|p| *p != me) {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();

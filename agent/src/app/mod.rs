@@ -1,0 +1,4 @@
+//! Process wiring: each file starts one of shunt's processes from its
+//! stages and owns nothing else.
+
+pub mod node;

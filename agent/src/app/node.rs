@@ -1,0 +1,338 @@
+//! The node agent wired together: the capture server, the reconciler
+//! (config → allocation → model → kernel maps, DNS table, data path), the
+//! DNS proxy, egress reports from the kernel, admin endpoints and the
+//! outbound path for steered connections. Wiring only: each stage lives in
+//! its own module.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use aya::maps::{Map, MapData, RingBuf};
+use shunt_common::{map_names, EgressEvent, EV_DENIED};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin::{AdminServer, Endpoints},
+    capture,
+    config::watch::ConfigWatcher,
+    desired::{self, DnsTarget},
+    dns::{DnsConfig, DnsProxy, HostTable, SharedHostTable},
+    hbone::{ClientSettings, HboneClient},
+    identity::{Ca, IdentityConfig, IdentityManager},
+    maps,
+    model::{Mesh, Model},
+    proxy::capture::{CaptureOptions, CaptureServer, CaptureServerError, Handler},
+    proxy::outbound::Outbound,
+    reconcile::Reconciler,
+    telemetry::{AccessLogger, EgressLog, LogFormat, Metrics},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    CaptureServer(#[from] CaptureServerError),
+    #[error(transparent)]
+    Capture(#[from] capture::CaptureError),
+    #[error(transparent)]
+    Maps(#[from] maps::MapsError),
+    #[error("CA in {dir}: {source} (create one with `shunt ca init --ca-dir {dir}`)")]
+    Ca {
+        dir: String,
+        source: crate::identity::IdentityError,
+    },
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Alloc(#[from] crate::alloc::AllocError),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
+    #[error("map {0}: {1}")]
+    Map(&'static str, aya::maps::MapError),
+}
+
+#[derive(Clone, Debug)]
+pub struct DnsSettings {
+    pub enabled: bool,
+    pub addr4: Ipv4Addr,
+    pub addr6: Ipv6Addr,
+    pub port: u16,
+    /// Where other names are forwarded.
+    pub upstreams: Vec<SocketAddr>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct AdminAddrs {
+    pub metrics: Option<SocketAddr>,
+    pub ready: Option<SocketAddr>,
+    pub config_dump: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub agent: CaptureOptions,
+    pub config_dir: PathBuf,
+    pub ca_dir: PathBuf,
+    pub dns: DnsSettings,
+    pub admin: AdminAddrs,
+    pub log_format: LogFormat,
+    pub cert_lifetime: Duration,
+}
+
+/// Run the node agent until a signal. Startup order matters: the kernel side
+/// is installed and the capture socket inserted before config is applied, so
+/// a restart never opens a window without a socket; an invalid config at
+/// start leaves the pinned maps exactly as they are.
+pub async fn run(opts: NodeOptions) -> Result<(), NodeError> {
+    run_with(opts, None).await
+}
+
+/// As [`run`], with `handler` instead of HBONE for steered connections
+/// (tests plug in an echo handler; no CA is needed then).
+pub async fn run_with(
+    mut opts: NodeOptions,
+    handler: Option<Arc<dyn Handler>>,
+) -> Result<(), NodeError> {
+    let watcher = ConfigWatcher::spawn(
+        opts.config_dir.clone(),
+        crate::config::watch::DEFAULT_INTERVAL,
+    );
+    let initial = watcher.config.borrow().clone();
+    if initial.is_none() {
+        match watcher.rejected.borrow().as_ref() {
+            Some(e) => {
+                error!(config_dir = %opts.config_dir.display(), "config is invalid; the pinned maps are left as they are until it is fixed:\n{e}")
+            }
+            None => {
+                warn!(config_dir = %opts.config_dir.display(), "no config yet; the pinned maps are left as they are")
+            }
+        }
+    }
+    // With no valid config the pinned `meta` (egress mode) stays as it is.
+    opts.agent.meta = initial
+        .as_ref()
+        .map(|c| desired::meta(Mesh::from_config(&c.mesh).egress, dns_target(&opts.dns)));
+    capture::set_strict_rp_filter()?;
+    let agent = CaptureServer::start(opts.agent.clone()).await?;
+    let pin_dir = opts.agent.paths.pin_dir.clone();
+
+    // Metrics, with the kernel's counters read at scrape time.
+    let mut mb = Metrics::builder();
+    for c in shunt_common::Counter::ALL {
+        let maps = agent.maps();
+        mb.register_counter_fn(
+            format!("shunt_kernel_{}", c.name()),
+            format!("Kernel programs: {} events (all CPUs).", c.name()),
+            move || {
+                maps.counters()
+                    .ok()
+                    .and_then(|v| v.into_iter().find(|(k, _)| *k == c).map(|(_, n)| n))
+                    .unwrap_or(0)
+            },
+        );
+    }
+    let metrics = mb.build();
+    let logger = Arc::new(AccessLogger::stdout(opts.log_format));
+
+    let hosts: SharedHostTable = HostTable::empty().into_shared();
+    let _dns = if opts.dns.enabled {
+        capture::install_dns_interface(opts.dns.addr4, opts.dns.addr6).await?;
+        let listen = vec![
+            SocketAddr::new(opts.dns.addr4.into(), opts.dns.port),
+            SocketAddr::new(opts.dns.addr6.into(), opts.dns.port),
+        ];
+        let proxy = DnsProxy::start(
+            DnsConfig::new(listen, opts.dns.upstreams.clone()),
+            hosts.clone(),
+            metrics.dns(),
+        )
+        .await?;
+        info!(listen = ?proxy.local_addrs(), upstreams = ?opts.dns.upstreams, "DNS proxy ready");
+        Some(proxy)
+    } else {
+        None
+    };
+
+    let client = if handler.is_none() {
+        let ca = Ca::load(&opts.ca_dir).map_err(|source| NodeError::Ca {
+            dir: opts.ca_dir.display().to_string(),
+            source,
+        })?;
+        let trust_domain = initial
+            .as_ref()
+            .map(|c| c.mesh.trust_domain.clone())
+            .unwrap_or_else(|| "cluster.local".into());
+        let ids = IdentityManager::new(
+            Arc::new(ca),
+            &trust_domain,
+            IdentityConfig {
+                lifetime: opts.cert_lifetime,
+                ..Default::default()
+            },
+        )?;
+        Some(HboneClient::new(ids, ClientSettings::default()))
+    } else {
+        None
+    };
+
+    let model = Arc::new(ArcSwap::from_pointee(Model::default()));
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut reconciler =
+        Reconciler::new(&opts, &pin_dir, hosts.clone(), model.clone(), ready.clone())?;
+    if let Some(cfg) = initial {
+        reconciler.apply(&cfg).await;
+    }
+    tokio::spawn(reconciler.run(watcher));
+    spawn_event_reader(&pin_dir, model.clone(), logger.clone())?;
+
+    let mut admin = Vec::new();
+    if let Some(a) = opts.admin.metrics {
+        admin.push(
+            AdminServer::bind(
+                a,
+                Endpoints {
+                    metrics: Some(metrics.clone()),
+                    ready: None,
+                    config_dump: None,
+                },
+            )
+            .await?,
+        );
+    }
+    if let Some(a) = opts.admin.ready {
+        admin.push(
+            AdminServer::bind(
+                a,
+                Endpoints {
+                    metrics: None,
+                    ready: Some(ready.clone()),
+                    config_dump: None,
+                },
+            )
+            .await?,
+        );
+    }
+    if let Some(a) = opts.admin.config_dump {
+        let m = model.clone();
+        let dump: crate::admin::ConfigDumpFn = Arc::new(move || config_dump(&m.load()));
+        admin.push(
+            AdminServer::bind(
+                a,
+                Endpoints {
+                    metrics: None,
+                    ready: None,
+                    config_dump: Some(dump),
+                },
+            )
+            .await?,
+        );
+    }
+
+    let handler: Arc<dyn Handler> = match (handler, client) {
+        (Some(h), _) => h,
+        (None, Some(client)) => Arc::new(Outbound {
+            client: Arc::new(client),
+            model,
+            metrics,
+            logger,
+        }),
+        (None, None) => unreachable!("a client is built whenever no handler is given"),
+    };
+    agent.serve(handler).await?;
+    drop(admin);
+    Ok(())
+}
+
+/// Where the DNS proxy listens, for the kernel's `meta` (`None`: off).
+pub(crate) fn dns_target(dns: &DnsSettings) -> Option<DnsTarget> {
+    dns.enabled.then(|| DnsTarget {
+        port: dns.port,
+        addr4: dns.addr4.octets(),
+        addr6: dns.addr6.octets(),
+    })
+}
+
+fn config_dump(m: &Model) -> serde_json::Value {
+    let services: Vec<_> = m
+        .services()
+        .map(|svc| {
+            serde_json::json!({
+                "namespace": svc.namespace(),
+                "name": svc.name(),
+                "hosts": svc.hosts,
+                "vips": svc.vips.iter().map(|v| v.ip).collect::<Vec<_>>(),
+                "waypoint": match &svc.waypoint {
+                    crate::model::WaypointBinding::Bound(w) => Some(format!("{} {} {}", w.gateway, w.addr, w.identity)),
+                    crate::model::WaypointBinding::Refused(u) => Some(format!("refused: {}: {}", u.reason, u.message)),
+                    crate::model::WaypointBinding::None => None,
+                },
+            })
+        })
+        .collect();
+    let workloads: Vec<_> = m
+        .workloads()
+        .map(|w| serde_json::json!({"namespace": w.namespace(), "name": w.name(), "identity": w.identity.to_string()}))
+        .collect();
+    let warnings: Vec<String> = m.warnings().iter().map(|w| w.to_string()).collect();
+    serde_json::json!({ "services": services, "workloads": workloads, "warnings": warnings })
+}
+
+/// Reads egress reports from the kernel and writes one access line per
+/// report, like ztunnel's log for a connection that bypassed the mesh.
+fn spawn_event_reader(
+    pin_dir: &std::path::Path,
+    model: Arc<ArcSwap<Model>>,
+    logger: Arc<AccessLogger>,
+) -> Result<(), NodeError> {
+    let data = MapData::from_pin(pin_dir.join(map_names::EVENTS))
+        .map_err(|e| NodeError::Map(map_names::EVENTS, e))?;
+    let ring: RingBuf<MapData> =
+        RingBuf::try_from(Map::RingBuf(data)).map_err(|e| NodeError::Map(map_names::EVENTS, e))?;
+    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd.
+    let mut fd = match unsafe { tokio::io::unix::AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "egress reports unavailable");
+            return Ok(());
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if item.len() < std::mem::size_of::<EgressEvent>() {
+                    continue;
+                }
+                // SAFETY: the kernel wrote an EgressEvent (repr(C), Pod).
+                let ev: EgressEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let m = model.load();
+                let src = m.workload(ev.workload_id).map(|w| {
+                    (
+                        w.name().to_string(),
+                        w.namespace().to_string(),
+                        w.identity.to_string(),
+                    )
+                });
+                logger.egress(&EgressLog {
+                    time: std::time::SystemTime::now(),
+                    denied: ev.kind == EV_DENIED,
+                    udp: ev.proto == 17,
+                    dst_addr: SocketAddr::new(maps::addr_from_bytes(ev.addr), ev.port),
+                    src,
+                    src_cgroup: ev.cgroup_id,
+                });
+            }
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}

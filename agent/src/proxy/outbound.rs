@@ -1,0 +1,210 @@
+//! The outbound path: every steered connection is carried over HBONE to its
+//! service's waypoint, or connected directly when the service asks for no
+//! waypoint (as ztunnel does). Fail closed by type: an unknown source, a
+//! service missing from the model, or a service whose waypoint cannot be
+//! resolved ([`WaypointBinding::Refused`]) is reset and logged — never
+//! connected around the waypoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpStream;
+
+use crate::hbone::{ConnectRequest, HboneClient};
+use crate::model::{Destination, Model, Service, WaypointBinding};
+use crate::proxy::capture::{reset, BoxFuture, Handler, Steered};
+use crate::telemetry::{
+    AccessLogger, ConnectionLabels, ConnectionLog, Direction, Metrics, Reporter,
+};
+
+/// How long a direct connection attempt may take, per address.
+const DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The production [`Handler`].
+pub struct Outbound {
+    pub client: Arc<HboneClient>,
+    pub model: Arc<ArcSwap<Model>>,
+    pub metrics: Arc<Metrics>,
+    pub logger: Arc<AccessLogger>,
+}
+
+impl Handler for Outbound {
+    fn handle(&self, conn: Steered) -> BoxFuture {
+        let model = self.model.load_full();
+        let client = self.client.clone();
+        let metrics = self.metrics.clone();
+        let logger = self.logger.clone();
+        Box::pin(async move { carry(conn, model, client, metrics, logger).await })
+    }
+}
+
+fn refuse(conn: Steered, logger: &AccessLogger, why: String) {
+    let mut log = ConnectionLog::new(conn.src, conn.dst, Direction::Outbound);
+    log.error = Some(why);
+    logger.connection(&log);
+    reset(conn.stream);
+}
+
+async fn carry(
+    mut conn: Steered,
+    model: Arc<Model>,
+    client: Arc<HboneClient>,
+    metrics: Arc<Metrics>,
+    logger: Arc<AccessLogger>,
+) {
+    let start = Instant::now();
+    let Some(wl) = model.workload_by_addr(conn.src.ip()).cloned() else {
+        let why = "unknown source: no workload has this address; connection refused";
+        return refuse(conn, &logger, why.into());
+    };
+    let Some(svc) = model.service(conn.service.service_id).cloned() else {
+        return refuse(conn, &logger, "service not in the agent's config".into());
+    };
+    let host = svc
+        .host_of(conn.dst.ip())
+        .or(svc.first_host())
+        .map(str::to_string);
+    let mut log = ConnectionLog::new(conn.src, conn.dst, Direction::Outbound);
+    log.src_workload = Some(wl.name().to_string());
+    log.src_namespace = Some(wl.namespace().to_string());
+    log.src_identity = Some(wl.identity.to_string());
+    log.dst_service = host.clone();
+    let waypoint = match &svc.waypoint {
+        WaypointBinding::Refused(u) => {
+            log.error = Some(format!(
+                "ServiceEntry {} requires a waypoint that cannot be used ({}: {}); connection refused",
+                svc.key, u.reason, u.message
+            ));
+            logger.connection(&log);
+            reset(conn.stream);
+            return;
+        }
+        WaypointBinding::Bound(w) => Some(w.clone()),
+        WaypointBinding::None => None,
+    };
+    let labels = ConnectionLabels {
+        reporter: Reporter::Source,
+        source_workload: wl.name().to_string(),
+        source_workload_namespace: wl.namespace().to_string(),
+        source_principal: wl.identity.to_string(),
+        destination_service: host.clone().unwrap_or_default(),
+        destination_workload: waypoint
+            .as_ref()
+            .map(|w| w.gateway.name.clone())
+            .unwrap_or_default(),
+        destination_workload_namespace: waypoint
+            .as_ref()
+            .map(|w| w.gateway.namespace.clone())
+            .unwrap_or_default(),
+        destination_principal: waypoint
+            .as_ref()
+            .map(|w| w.identity.to_string())
+            .unwrap_or_default(),
+        request_protocol: "tcp".into(),
+        response_flags: "-".into(),
+    };
+    let rec = metrics.connection(labels);
+    match waypoint {
+        Some(wp) => {
+            log.dst_addr = wp.addr;
+            log.dst_hbone_addr = Some(conn.dst.to_string());
+            log.dst_workload = Some(wp.gateway.name.clone());
+            log.dst_namespace = Some(wp.gateway.namespace.clone());
+            log.dst_identity = Some(wp.identity.to_string());
+            let req = ConnectRequest {
+                source_identity: wl.identity.clone(),
+                source_addr: conn.src,
+                waypoint_addr: wp.addr,
+                waypoint_identity: wp.identity.clone(),
+                authority: conn.dst,
+                host: host.clone(),
+                baggage: wl.baggage.clone(),
+                traceparent: None,
+            };
+            match client.connect(&req).await {
+                Ok(tunnel) => {
+                    let stats = tunnel.relay(&mut conn.stream).await;
+                    log.bytes_sent = stats.bytes_sent;
+                    log.bytes_recv = stats.bytes_received;
+                    rec.sent(stats.bytes_sent);
+                    rec.received(stats.bytes_received);
+                    log.error = stats.error.map(|e| e.to_string());
+                    rec.close(log.error.is_some(), None);
+                }
+                Err(e) => {
+                    log.error = Some(e.to_string());
+                    rec.close(true, Some("UF"));
+                    reset(conn.stream);
+                }
+            }
+        }
+        None => match direct_connect(&svc, host.as_deref(), conn.dst).await {
+            Ok((mut up, addr)) => {
+                log.dst_addr = addr;
+                match tokio::io::copy_bidirectional(&mut conn.stream, &mut up).await {
+                    Ok((a, b)) => {
+                        log.bytes_sent = a;
+                        log.bytes_recv = b;
+                        rec.sent(a);
+                        rec.received(b);
+                        rec.close(false, None);
+                    }
+                    Err(e) => {
+                        log.error = Some(e.to_string());
+                        rec.close(true, None);
+                    }
+                }
+            }
+            Err(e) => {
+                log.error = Some(format!("no waypoint bound; direct connect failed: {e}"));
+                rec.close(true, Some("UF"));
+                reset(conn.stream);
+            }
+        },
+    }
+    log.duration = start.elapsed();
+    log.time = std::time::SystemTime::now();
+    logger.connection(&log);
+}
+
+/// Connects to the service's destination for the VIP's host and port, as
+/// the model resolves it (endpoints, DNS, or the original address).
+async fn direct_connect(
+    svc: &Service,
+    host: Option<&str>,
+    dst: SocketAddr,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
+    let not_found =
+        || std::io::Error::new(std::io::ErrorKind::NotFound, "no address for the service");
+    let port = svc.port(dst.port()).ok_or_else(not_found)?;
+    let destination = svc
+        .destination(host.unwrap_or_default(), port)
+        .map_err(std::io::Error::other)?;
+    let targets: Vec<SocketAddr> = match destination {
+        Destination::Static(addrs) => addrs,
+        Destination::Original => vec![SocketAddr::new(dst.ip(), port.target_port)],
+        Destination::Dns(names) => {
+            let mut all = Vec::new();
+            for (name, p) in names {
+                all.extend(tokio::net::lookup_host((name.as_str(), p)).await?);
+            }
+            all
+        }
+    };
+    let mut last = not_found();
+    for t in targets {
+        match tokio::time::timeout(DIRECT_CONNECT_TIMEOUT, TcpStream::connect(t)).await {
+            Ok(Ok(s)) => return Ok((s, t)),
+            Ok(Err(e)) => last = e,
+            Err(_) => {
+                last = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect to {t} timed out"),
+                )
+            }
+        }
+    }
+    Err(last)
+}
