@@ -42,7 +42,7 @@ use shunt_agent::config::Config;
 use shunt_agent::hbone::{ClientSettings, ConnectRequest, HboneClient};
 use shunt_agent::identity::{Ca, IdentityConfig, IdentityManager};
 use shunt_agent::telemetry::{AccessLogger, LogFormat};
-use shunt_agent::waypoint::{Waypoint, WaypointOptions};
+use shunt_agent::waypoint::{WaypointOptions, WaypointServer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 
@@ -157,7 +157,7 @@ impl Write for CountingSink {
 }
 
 struct Wp {
-    wp: Waypoint,
+    wp: WaypointServer,
     /// httpbin.org's VIP:80 from this waypoint's allocation.
     vip: SocketAddr,
     log_bytes: Arc<AtomicU64>,
@@ -200,7 +200,7 @@ async fn start_waypoint(
         Box::new(CountingSink(log_bytes.clone())),
     ));
     opts.upstream_timeout = Duration::from_secs(5);
-    let wp = Waypoint::start(opts).await.expect("waypoint start");
+    let wp = WaypointServer::start(opts).await.expect("waypoint start");
     Wp {
         wp,
         vip: SocketAddr::new(v4.into(), 80),

@@ -1,5 +1,5 @@
 //! The waypoint end to end on loopback: a real CA, a real config directory
-//! and allocation, `Waypoint::start` in-process, `HboneClient` tunnels with
+//! and allocation, `WaypointServer::start` in-process, `HboneClient` tunnels with
 //! the `curl` and `admin` identities, real upstream HTTP / TLS / TCP
 //! servers.
 
@@ -22,7 +22,7 @@ use shunt_agent::config::Config;
 use shunt_agent::hbone::{ClientSettings, ConnectRequest, H2Stream, HboneClient};
 use shunt_agent::identity::{Ca, IdentityConfig, IdentityManager, SpiffeId};
 use shunt_agent::telemetry::{AccessLogger, LogFormat};
-use shunt_agent::waypoint::{Waypoint, WaypointOptions};
+use shunt_agent::waypoint::{WaypointOptions, WaypointServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -450,7 +450,7 @@ impl Lines {
 struct Env {
     _dir: tempfile::TempDir,
     cfg_dir: PathBuf,
-    wp: Waypoint,
+    wp: WaypointServer,
     ids: IdentityManager,
     client: HboneClient,
     lines: Lines,
@@ -501,7 +501,7 @@ impl Env {
         ));
         opts.upstream_timeout = Duration::from_secs(5);
         opts.reload_interval = Duration::from_millis(100);
-        let wp = Waypoint::start(opts).await.unwrap();
+        let wp = WaypointServer::start(opts).await.unwrap();
         let ids = IdentityManager::new(ca, TD, IdentityConfig::default()).unwrap();
         let client = HboneClient::new(ids.clone(), ClientSettings::default());
         Env {

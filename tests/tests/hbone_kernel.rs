@@ -10,6 +10,8 @@ use shunt_tests::{probe_bin, shunt_bin, wait_for, Node, Proc, Result};
 
 const SVC_PORT: u16 = 9000;
 const TARGET_PORT: u16 = 7000;
+/// Where the endpoint of the service with an unusable waypoint listens.
+const BYPASS_PORT: u16 = 7100;
 
 /// Field order is drop order: the processes living in pods stop before the
 /// node removes the pods' cgroups.
@@ -83,6 +85,26 @@ spec:
   resolution: STATIC
   endpoints:
   - address: {upstream_ip}
+---
+# Asks for a waypoint that does not exist: refused, never connected around it.
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: nowp
+  namespace: default
+  labels:
+    istio.io/use-waypoint: missing-wp
+spec:
+  hosts:
+  - nowp.internal
+  ports:
+  - number: 9200
+    name: tcp
+    protocol: TCP
+    targetPort: {BYPASS_PORT}
+  resolution: STATIC
+  endpoints:
+  - address: {upstream_ip}
 "#,
         workload = node.pod("app").workload_entry("default", "app"),
     )
@@ -128,7 +150,7 @@ fn setup() -> Result<Mesh> {
     )?;
     let maps = node.maps()?;
     wait_for("services programmed", Duration::from_secs(20), || {
-        (maps.read_services().ok()?.len() == 4).then_some(())
+        (maps.read_services().ok()?.len() == 6).then_some(())
     })?;
     let wlog = node.work_dir.join("waypoint.log");
     // Debug for the HBONE server: it logs each accepted HTTP/2 connection.
@@ -316,6 +338,44 @@ fn serviceentry_without_waypoint_is_connected_directly_and_logged() -> Result<()
         !line.contains("dst.hbone_addr"),
         "no tunnel was used: {line}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_service_whose_waypoint_cannot_be_resolved_is_refused_never_connected_directly() -> Result<()> {
+    let m = setup()?;
+    // A real listener at the service's endpoint counts what reaches it.
+    let count = m.node.work_dir.join("bypass.count");
+    let _listener = m.node.pod("inet").spawn(
+        &probe_bin(),
+        &[
+            "listen",
+            &format!("{}:{BYPASS_PORT}", m.upstream_ip),
+            "--count-file",
+            &count.display().to_string(),
+        ],
+        &m.node.work_dir.join("bypass.log"),
+    )?;
+    wait_for("endpoint listening", Duration::from_secs(10), || {
+        (std::fs::read_to_string(&count).ok()? == "0").then_some(())
+    })?;
+    // The third ServiceEntry got the third VIP.
+    let r = m
+        .node
+        .pod("app")
+        .probe(&["connect", "240.240.0.3:9200", "--echo", "1024", "--raw"])?;
+    assert!(!r.contains("echoed="), "no bytes may flow: {r}");
+    let line = wait_for("agent refusal line", Duration::from_secs(20), || {
+        agent_log(&m)
+            .lines()
+            .find(|l| l.contains("requires a waypoint that cannot be used"))
+            .map(str::to_string)
+    })?;
+    assert!(line.contains("ServiceEntry default/nowp"), "{line}");
+    assert!(line.contains("WaypointNotFound"), "{line}");
+    // Nothing reached the endpoint around the waypoint.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(std::fs::read_to_string(&count)?, "0");
     Ok(())
 }
 

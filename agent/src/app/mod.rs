@@ -2,3 +2,4 @@
 //! stages and owns nothing else.
 
 pub mod node;
+pub mod waypoint;

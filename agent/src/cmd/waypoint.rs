@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 use shunt_agent::{
     policy::GatewayRef,
     telemetry::{AccessLogger, LogFormat},
-    waypoint::{Waypoint, WaypointOptions},
+    waypoint::{WaypointOptions, WaypointServer},
 };
 
 use super::common::{parse_duration, runtime, ConfigDirArgs, LogArgs, StateArgs};
@@ -69,7 +69,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     opts.upstream_timeout = args.upstream_timeout;
     opts.access_log = Arc::new(AccessLogger::stdout(format));
     runtime()?.block_on(async {
-        let wp = Waypoint::start(opts).await?;
+        let wp = WaypointServer::start(opts).await?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = wp.wait() => r?,

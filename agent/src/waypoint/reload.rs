@@ -1,0 +1,75 @@
+//! Reload: a new valid config, or a changed allocation, rebuilds the model
+//! and the waypoint's [`Routes`](super::Routes); a config the waypoint
+//! cannot use keeps the previous routes whole.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::watch::ConfigWatcher;
+use crate::model::{Model, NoCgroups};
+
+use super::{routes, Shared};
+
+/// Rebuilds the snapshot on each new valid config or allocation change; a
+/// config the waypoint cannot use (bad policy, unreadable CA file) keeps the
+/// previous snapshot.
+pub(crate) async fn reload_loop(
+    watcher: Arc<ConfigWatcher>,
+    shared: Arc<Shared>,
+    state_dir: PathBuf,
+    timeout: Duration,
+    interval: Duration,
+) {
+    let mut cfg_rx = watcher.config.clone();
+    let mut alloc = crate::alloc::Reader::new(&state_dir);
+    let _ = alloc.read();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            r = cfg_rx.changed() => if r.is_err() { return },
+            _ = tick.tick() => {
+                if !alloc.changed() { continue }
+            }
+        }
+        let Some(cfg) = cfg_rx.borrow_and_update().clone() else {
+            continue;
+        };
+        let allocation = match alloc.read() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the allocation; previous config stays in force");
+                continue;
+            }
+        };
+        let prev = shared.routes.load_full();
+        let model = Arc::new(Model::build(cfg, &allocation, &NoCgroups));
+        let built = routes::build(
+            model,
+            &routes::BuildInputs {
+                gateway: &shared.gateway,
+                connect_timeout: timeout,
+                previous: Some(&prev),
+            },
+        );
+        match built {
+            Ok(s) => {
+                for w in &s.warnings {
+                    tracing::warn!("{w}");
+                }
+                tracing::info!(
+                    version = %format!("{:016x}", s.digest),
+                    services = s.targets.len(),
+                    policies = s.policies.len(),
+                    "waypoint config applied"
+                );
+                shared.routes.store(Arc::new(s));
+                shared.changed.send_modify(|v| *v += 1);
+            }
+            Err(e) => {
+                tracing::error!("waypoint config rejected, previous config stays in force: {e}")
+            }
+        }
+    }
+}
