@@ -13,14 +13,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use shunt_common::{
-    EnrolledValue, Meta, ServiceKey, ServiceValue, EGRESS_ALLOW_ANY, EGRESS_REGISTRY_ONLY,
-    ENR_F_DNS_CAPTURE, LAYOUT_VERSION, SVC_F_HTTP, SVC_F_WAYPOINT,
+    EnrolledValue, ServiceKey, ServiceValue, ENR_F_DNS_CAPTURE, SVC_F_HTTP, SVC_F_WAYPOINT,
 };
 
 use crate::alloc::Allocation;
 use crate::config::render::{ServiceEntryStatus, StatusAddress, StatusCondition, WAYPOINT_BOUND};
 use crate::config::{
-    labels, ClientTls, Config, Location, ObjectKey, OutboundMode, Protocol, Resolution,
+    labels, ClientTls, Config, Location, ObjectKey, OutboundTrafficPolicy, Protocol, Resolution,
     ServiceEntry, WaypointRef,
 };
 
@@ -106,8 +105,8 @@ pub struct Desired {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     /// Exact content of the `enrolled` map.
     pub enrolled: BTreeMap<u64, EnrolledValue>,
-    /// Value of the `meta` map.
-    pub meta: Meta,
+    /// Mesh egress mode (for `meta`, see `kernel::projection::meta`).
+    pub outbound: OutboundTrafficPolicy,
     /// REGISTRY_ONLY exceptions (mesh `shunt.allowedEgressCIDRs`).
     pub allowed_egress: Vec<ipnet::IpNet>,
     pub service_table: HashMap<u32, Arc<ServiceInfo>>,
@@ -146,7 +145,7 @@ impl Desired {
 
 /// The `services` key of a TCP VIP:port.
 pub fn service_key(ip: IpAddr, port: u16) -> ServiceKey {
-    crate::maps::tcp_key(std::net::SocketAddr::new(ip, port))
+    crate::kernel::registry::tcp_key(std::net::SocketAddr::new(ip, port))
 }
 
 /// Resolves `shunt.io/cgroup` annotations against a cgroup v2 root: the
@@ -262,15 +261,7 @@ fn tls_for(cfg: &Config, se: &ServiceEntry, host: &str, port: u16) -> Option<Cli
 /// annotation to a cgroup id (see [`cgroup_resolver`]).
 pub fn build(cfg: &Config, alloc: &Allocation, cgroup_id: impl Fn(&str) -> Option<u64>) -> Desired {
     let mut d = Desired {
-        meta: Meta {
-            layout_version: LAYOUT_VERSION,
-            egress_mode: match cfg.mesh.outbound_traffic_policy.mode {
-                OutboundMode::AllowAny => EGRESS_ALLOW_ANY,
-                OutboundMode::RegistryOnly => EGRESS_REGISTRY_ONLY,
-            },
-            // The DNS proxy's addresses are the agent's flags, filled in there.
-            ..Default::default()
-        },
+        outbound: cfg.mesh.outbound_traffic_policy.clone(),
         allowed_egress: cfg
             .mesh
             .shunt
@@ -348,7 +339,12 @@ pub fn build(cfg: &Config, alloc: &Allocation, cgroup_id: impl Fn(&str) -> Optio
             .collect();
         let (wp_addr, wp_port) = waypoint
             .as_ref()
-            .map(|w| (crate::maps::addr_bytes(w.addr.ip()), w.addr.port()))
+            .map(|w| {
+                (
+                    crate::kernel::registry::addr_bytes(w.addr.ip()),
+                    w.addr.port(),
+                )
+            })
             .unwrap_or(([0; 16], 0));
         for ip in &vips {
             for p in &ports {
@@ -707,8 +703,7 @@ mod tests {
         // DNS view.
         let h = &d.hosts["httpbin.org"];
         assert_eq!(h.v4, vec![Ipv4Addr::new(240, 240, 0, 1)]);
-        assert_eq!(d.meta.egress_mode, EGRESS_ALLOW_ANY);
-        assert_eq!(d.meta.layout_version, LAYOUT_VERSION);
+        assert_eq!(d.outbound.mode, crate::config::OutboundMode::AllowAny);
     }
 
     #[test]

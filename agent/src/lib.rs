@@ -4,13 +4,12 @@
 pub mod admin;
 pub mod agent;
 pub mod alloc;
-pub mod capture;
 pub mod config;
 pub mod desired;
 pub mod dns;
 pub mod hbone;
 pub mod identity;
-pub mod maps;
+pub mod kernel;
 pub mod node;
 pub mod policy;
 pub mod prereq;

@@ -5,7 +5,7 @@
 //! into a [`Snapshot`] that the data path reads without locks.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{atomic::AtomicBool, Arc},
@@ -13,24 +13,24 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aya::maps::{lpm_trie::Key, LpmTrie, Map, MapData, RingBuf};
 use http::HeaderValue;
-use shunt_common::{
-    map_names, CidrAddr, EgressEvent, EnrolledValue, Meta, ServiceKey, ServiceValue, EV_DENIED,
-};
 use tracing::{error, info, warn};
 
 use crate::{
     admin::{AdminServer, Endpoints},
     agent::{reset, Agent, AgentError, AgentOptions, BoxFuture, Handler, Steered},
     alloc::Allocator,
-    capture,
     config::{watch::ConfigWatcher, Config},
     desired::{self, Desired, ServiceInfo},
     dns::{DnsConfig, DnsProxy, HostTable, SharedHostTable},
     hbone::{Baggage, ClientSettings, ConnectRequest, HboneClient},
     identity::{Ca, IdentityConfig, IdentityManager, SpiffeId},
-    maps::{self, PinnedMaps},
+    kernel::{
+        self,
+        events::{EgressEvent, EgressKind, Transport},
+        projection::{self, DnsCapture},
+        KernelError, MapSync,
+    },
     telemetry::{
         rfc3339_micros, AccessLogger, ConnectionLabels, ConnectionLog, Direction, LogFormat,
         Metrics, Reporter,
@@ -42,9 +42,7 @@ pub enum NodeError {
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error(transparent)]
-    Capture(#[from] capture::CaptureError),
-    #[error(transparent)]
-    Maps(#[from] maps::MapsError),
+    Kernel(#[from] KernelError),
     #[error("CA in {dir}: {source} (create one with `shunt ca init --ca-dir {dir}`)")]
     Ca {
         dir: String,
@@ -58,8 +56,6 @@ pub enum NodeError {
     Dns(#[from] crate::dns::DnsError),
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
-    #[error("map {0}: {1}")]
-    Map(&'static str, aya::maps::MapError),
 }
 
 #[derive(Clone, Debug)]
@@ -205,11 +201,10 @@ pub async fn run_with(
         }
     }
     // With no valid config the pinned `meta` (egress mode) stays as it is.
-    opts.agent.meta = initial.as_ref().map(|c| Meta {
-        egress_mode: desired_mode(c),
-        ..dns_meta(&opts.dns)
-    });
-    capture::set_strict_rp_filter()?;
+    opts.agent.meta = initial
+        .as_ref()
+        .map(|c| projection::meta(c.mesh.outbound_traffic_policy.mode, dns_capture(&opts.dns)));
+    kernel::netlink::set_strict_rp_filter()?;
     let agent = Agent::start(opts.agent.clone()).await?;
     let pin_dir = opts.agent.paths.pin_dir.clone();
 
@@ -233,7 +228,7 @@ pub async fn run_with(
 
     let hosts: SharedHostTable = HostTable::empty().into_shared();
     let _dns = if opts.dns.enabled {
-        capture::install_dns_interface(opts.dns.addr4, opts.dns.addr6).await?;
+        kernel::netlink::install_dns_interface(opts.dns.addr4, opts.dns.addr6).await?;
         let listen = vec![
             SocketAddr::new(opts.dns.addr4.into(), opts.dns.port),
             SocketAddr::new(opts.dns.addr6.into(), opts.dns.port),
@@ -345,23 +340,13 @@ pub async fn run_with(
     Ok(())
 }
 
-fn desired_mode(cfg: &Config) -> u32 {
-    match cfg.mesh.outbound_traffic_policy.mode {
-        crate::config::types::OutboundMode::AllowAny => shunt_common::EGRESS_ALLOW_ANY,
-        crate::config::types::OutboundMode::RegistryOnly => shunt_common::EGRESS_REGISTRY_ONLY,
-    }
-}
-
-fn dns_meta(dns: &DnsSettings) -> Meta {
-    if !dns.enabled {
-        return Meta::default();
-    }
-    Meta {
-        dns_port: dns.port,
-        dns_addr4: dns.addr4.octets(),
-        dns_addr6: dns.addr6.octets(),
-        ..Default::default()
-    }
+/// Where the kernel sends captured DNS queries; `None` with the proxy off.
+fn dns_capture(dns: &DnsSettings) -> Option<DnsCapture> {
+    dns.enabled.then_some(DnsCapture {
+        addr4: dns.addr4,
+        addr6: dns.addr6,
+        port: dns.port,
+    })
 }
 
 fn config_dump(s: &Snapshot) -> serde_json::Value {
@@ -393,12 +378,9 @@ struct Reconciler {
     cgroup_root: PathBuf,
     dns: DnsSettings,
     alloc: Allocator,
-    maps: PinnedMaps,
-    allow: LpmTrie<MapData, CidrAddr, u8>,
-    services: BTreeMap<ServiceKey, ServiceValue>,
-    enrolled: BTreeMap<u64, EnrolledValue>,
-    sources: BTreeMap<CidrAddr, u32>,
-    allowed: BTreeMap<(u32, [u8; 16]), u8>,
+    /// The reconciled maps; their mirrors start from what is pinned, so a
+    /// restarted agent changes only what differs.
+    sync: MapSync,
     hosts: SharedHostTable,
     snapshot: Arc<ArcSwap<Snapshot>>,
     clock: desired::StatusClock,
@@ -413,32 +395,12 @@ impl Reconciler {
         snapshot: Arc<ArcSwap<Snapshot>>,
         ready: Arc<AtomicBool>,
     ) -> Result<Self, NodeError> {
-        let maps = PinnedMaps::open(pin_dir)?;
-        // Mirrors start from what is pinned, so a restarted agent changes
-        // only what differs.
-        let services = maps.read_services()?;
-        let enrolled = maps.read_enrolled()?;
-        let sources = maps.read_sources()?;
-        let data = MapData::from_pin(pin_dir.join(map_names::EGRESS_ALLOW))
-            .map_err(|e| NodeError::Map(map_names::EGRESS_ALLOW, e))?;
-        let allow: LpmTrie<MapData, CidrAddr, u8> = LpmTrie::try_from(Map::LpmTrie(data))
-            .map_err(|e| NodeError::Map(map_names::EGRESS_ALLOW, e))?;
-        let allowed = allow
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| ((k.prefix_len(), k.data().addr), v))
-            .collect();
         Ok(Self {
             state_dir: opts.agent.state_dir.clone(),
             cgroup_root: opts.agent.paths.cgroup_root.clone(),
             dns: opts.dns.clone(),
             alloc: Allocator::open(&opts.agent.state_dir)?,
-            maps,
-            allow,
-            services,
-            enrolled,
-            sources,
-            allowed,
+            sync: MapSync::open(pin_dir)?,
             hosts,
             snapshot,
             clock: desired::StatusClock::load(&opts.agent.state_dir),
@@ -480,10 +442,6 @@ impl Reconciler {
             &allocation,
             desired::cgroup_resolver(self.cgroup_root.clone()),
         );
-        let dns = dns_meta(&self.dns);
-        d.meta.dns_port = dns.dns_port;
-        d.meta.dns_addr4 = dns.dns_addr4;
-        d.meta.dns_addr6 = dns.dns_addr6;
         for w in &d.warnings {
             warn!("{w}");
         }
@@ -494,48 +452,16 @@ impl Reconciler {
             .values()
             .filter_map(|w| w.address)
             .collect();
-        let desired_sources: BTreeMap<CidrAddr, u32> = match capture::route_oifs(&addrs).await {
-            Ok(m) => m
-                .into_iter()
-                .map(|(ip, oif)| {
-                    (
-                        CidrAddr {
-                            addr: maps::addr_bytes(ip),
-                        },
-                        oif,
-                    )
-                })
-                .collect(),
+        let sources = match kernel::netlink::route_oifs(&addrs).await {
+            Ok(oifs) => projection::sources(&oifs),
             Err(e) => {
                 warn!(error = %e, "route lookups for workload sources failed; source interface checks unchanged");
-                self.sources.clone()
+                self.sync.sources().clone()
             }
         };
-        let result = (|| -> Result<_, NodeError> {
-            let s = maps::reconcile(
-                &mut self.maps.services,
-                &mut self.services,
-                &d.services,
-                map_names::SERVICES,
-            )?;
-            let e = maps::reconcile(
-                &mut self.maps.enrolled,
-                &mut self.enrolled,
-                &d.enrolled,
-                map_names::ENROLLED,
-            )?;
-            maps::reconcile(
-                &mut self.maps.sources,
-                &mut self.sources,
-                &desired_sources,
-                map_names::SOURCES,
-            )?;
-            self.maps.set_meta(&d.meta)?;
-            self.sync_allow(&d.allowed_egress)?;
-            Ok((s, e))
-        })();
-        let (s, e) = match result {
-            Ok(v) => v,
+        let projection = projection::from_desired(&d, dns_capture(&self.dns), sources);
+        let stats = match self.sync.apply(&projection) {
+            Ok(s) => s.total(),
             Err(e) => {
                 error!(error = %e, "applying config to the kernel maps failed");
                 return;
@@ -563,94 +489,42 @@ impl Reconciler {
         info!(
             services = d.services.len(),
             enrolled = d.enrolled.len(),
-            added = s.added + e.added,
-            updated = s.updated + e.updated,
-            removed = s.removed + e.removed,
+            added = stats.added,
+            updated = stats.updated,
+            removed = stats.removed,
             took_ms = started.elapsed().as_millis() as u64,
             "config applied"
         );
     }
-
-    fn sync_allow(&mut self, cidrs: &[ipnet::IpNet]) -> Result<(), NodeError> {
-        let desired: BTreeMap<(u32, [u8; 16]), u8> = cidrs
-            .iter()
-            .map(|n| {
-                let (len, addr) = match n {
-                    ipnet::IpNet::V4(v4) => (
-                        96 + v4.prefix_len() as u32,
-                        v4.network().to_ipv6_mapped().octets(),
-                    ),
-                    ipnet::IpNet::V6(v6) => (v6.prefix_len() as u32, v6.network().octets()),
-                };
-                ((len, addr), 1u8)
-            })
-            .collect();
-        for (k, v) in &desired {
-            if self.allowed.get(k) != Some(v) {
-                self.allow
-                    .insert(&Key::new(k.0, CidrAddr { addr: k.1 }), v, 0)
-                    .map_err(|e| NodeError::Map(map_names::EGRESS_ALLOW, e))?;
-            }
-        }
-        for k in self.allowed.keys().filter(|k| !desired.contains_key(k)) {
-            let _ = self.allow.remove(&Key::new(k.0, CidrAddr { addr: k.1 }));
-        }
-        self.allowed = desired;
-        Ok(())
-    }
 }
 
-/// Reads egress reports from the kernel and writes one line per report,
-/// like ztunnel's log for a connection that bypassed the mesh.
+/// Writes one line per kernel egress report, like ztunnel's log for a
+/// connection that bypassed the mesh.
 fn spawn_event_reader(
     pin_dir: &std::path::Path,
     snapshot: Arc<ArcSwap<Snapshot>>,
     logger: Arc<AccessLogger>,
 ) -> Result<(), NodeError> {
-    let data = MapData::from_pin(pin_dir.join(map_names::EVENTS))
-        .map_err(|e| NodeError::Map(map_names::EVENTS, e))?;
-    let ring: RingBuf<MapData> =
-        RingBuf::try_from(Map::RingBuf(data)).map_err(|e| NodeError::Map(map_names::EVENTS, e))?;
-    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd.
-    let mut fd = match unsafe { tokio::io::unix::AsyncFd::register(ring) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!(error = %e, "egress reports unavailable");
-            return Ok(());
-        }
-    };
     let json = logger.format() == LogFormat::Json;
-    tokio::spawn(async move {
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                if item.len() < std::mem::size_of::<EgressEvent>() {
-                    continue;
-                }
-                // SAFETY: the kernel wrote an EgressEvent (repr(C), Pod).
-                let ev: EgressEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                let snap = snapshot.load();
-                let wl = snap.workloads_by_id.get(&ev.workload_id);
-                let dst = SocketAddr::new(maps::addr_from_bytes(ev.addr), ev.port);
-                println!("{}", egress_line(&ev, dst, wl.map(|w| w.as_ref()), json));
-            }
-            guard.clear_ready();
-        }
-    });
+    kernel::events::spawn_reader(pin_dir, move |ev| {
+        let snap = snapshot.load();
+        let wl = snap.workloads_by_id.get(&ev.workload_id);
+        println!("{}", egress_line(&ev, wl.map(|w| w.as_ref()), json));
+    })?;
     Ok(())
 }
 
-fn egress_line(ev: &EgressEvent, dst: SocketAddr, wl: Option<&WorkloadRt>, json: bool) -> String {
+fn egress_line(ev: &EgressEvent, wl: Option<&WorkloadRt>, json: bool) -> String {
     let time = rfc3339_micros(std::time::SystemTime::now());
-    let (level, msg) = if ev.kind == EV_DENIED {
-        ("warn", "connection refused (REGISTRY_ONLY)")
-    } else {
-        ("info", "connection passthrough")
+    let dst = ev.dst;
+    let (level, msg) = match ev.kind {
+        EgressKind::Denied => ("warn", "connection refused (REGISTRY_ONLY)"),
+        EgressKind::Passthrough => ("info", "connection passthrough"),
     };
-    let proto = if ev.proto == 17 { "udp" } else { "tcp" };
+    let proto = match ev.transport {
+        Transport::Udp => "udp",
+        Transport::Tcp => "tcp",
+    };
     if json {
         return serde_json::json!({
             "time": time, "level": level, "scope": "access", "message": msg,

@@ -10,8 +10,8 @@ use std::{
 use anyhow::Context as _;
 use shunt_agent::{
     agent::{self, AgentOptions},
-    capture::KernelPaths,
     dns::{parse_upstream, upstreams_from_resolv_conf},
+    kernel::KernelPaths,
     node::{self, AdminAddrs, DnsSettings, NodeOptions},
     prereq,
 };

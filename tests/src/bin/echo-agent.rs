@@ -9,7 +9,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use shunt_agent::{
     agent::{enter_netns, AgentOptions, BoxFuture, Handler, Steered},
-    capture::KernelPaths,
+    kernel::KernelPaths,
     node::{self, AdminAddrs, DnsSettings, NodeOptions},
 };
 use tokio::io::AsyncWriteExt;
