@@ -21,6 +21,8 @@ mod framing;
 mod l7;
 mod pool;
 mod snapshot;
+mod sni;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -583,6 +585,11 @@ impl HboneHandler for Handler {
             });
         }
 
+        if tls::is_tls_port(&target) {
+            // `connection.sni` needs the ClientHello, sent after the 200.
+            return tls::decision(self, req, target, authority, start);
+        }
+
         // L4: decide on the connection, HTTP fields per Istio's TCP rule.
         let decision = {
             let principal = req.peer_identity.uri();
@@ -598,6 +605,7 @@ impl HboneHandler for Handler {
                 .for_service(&target.service.namespace, &target.service.name)
                 .evaluate(&ctx)
         };
+        let shadow = l7::note_shadow(&self.shared.metrics, &decision);
         if !decision.allowed {
             tracing::info!(identity = %req.peer_identity, %authority, %decision, "connection denied");
             self.refused(
@@ -614,7 +622,8 @@ impl HboneHandler for Handler {
                     .shared
                     .metrics
                     .connection(self.labels(&req, &target.host));
-                let log = self.conn_log(&req, req.local_addr, Some(&target.host));
+                let mut log = self.conn_log(&req, req.local_addr, Some(&target.host));
+                log.shadow = shadow;
                 Decision::Forward(Box::new(Tracked {
                     io: c.stream,
                     sent: 0,
@@ -625,6 +634,7 @@ impl HboneHandler for Handler {
                     revoked: Box::pin(revoked(
                         self.shared.clone(),
                         req.peer_identity.uri(),
+                        None,
                         req.source_addr,
                         authority,
                         (
@@ -668,6 +678,7 @@ struct Tracked {
 async fn revoked(
     shared: Arc<Shared>,
     principal: String,
+    sni: Option<String>,
     source: SocketAddr,
     authority: SocketAddr,
     service: (String, String),
@@ -683,6 +694,7 @@ async fn revoked(
             source_ip: Some(source.ip()),
             destination_ip: Some(authority.ip()),
             destination_port: authority.port(),
+            sni: sni.as_deref(),
             http: None,
             ..Default::default()
         };

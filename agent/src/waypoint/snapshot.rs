@@ -165,6 +165,7 @@ pub(crate) fn build(
         &metas,
         &BuildOptions {
             waypoint: Some(inp.gateway.clone()),
+            path_normalization: cfg.mesh.path_normalization.normalization,
             ..Default::default()
         },
     )
