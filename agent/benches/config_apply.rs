@@ -7,7 +7,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use shunt_agent::alloc::Allocator;
 use shunt_agent::config::Config;
-use shunt_agent::desired;
+use shunt_agent::kernel::projection;
 use shunt_agent::model::{Model, NoCgroups};
 
 /// N entries in one namespace bound to a waypoint, in one file.
@@ -36,7 +36,11 @@ fn bench(c: &mut Criterion) {
                 |dir| {
                     let mut al = Allocator::open(dir.path()).unwrap();
                     let a = al.allocate(&cfg).unwrap();
-                    let d = desired::project(&Model::build(cfg.clone(), a, &NoCgroups), None);
+                    let d = projection::project(
+                        &Model::build(cfg.clone(), a, &NoCgroups),
+                        None,
+                        Default::default(),
+                    );
                     black_box(d.services.len());
                     dir
                 },
@@ -56,7 +60,11 @@ fn bench(c: &mut Criterion) {
                 flip = !flip;
                 let c = if flip { &edited } else { &cfg };
                 let a = al.allocate(c).unwrap();
-                let d = desired::project(&Model::build(c.clone(), a, &NoCgroups), None);
+                let d = projection::project(
+                    &Model::build(c.clone(), a, &NoCgroups),
+                    None,
+                    Default::default(),
+                );
                 black_box(d.services.len());
             })
         });
@@ -74,7 +82,11 @@ fn bench(c: &mut Criterion) {
     let t_load = t.elapsed();
     black_box(st.hosts.len());
     let t = std::time::Instant::now();
-    let d = desired::project(&Model::build(cfg.clone(), al.current(), &NoCgroups), None);
+    let d = projection::project(
+        &Model::build(cfg.clone(), al.current(), &NoCgroups),
+        None,
+        Default::default(),
+    );
     let t_build = t.elapsed();
     let t = std::time::Instant::now();
     al.allocate(&cfg).unwrap();

@@ -8,7 +8,9 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use shunt_agent::config::authz::AuthorizationPolicySpec;
 use shunt_agent::config::meta::ObjectMeta;
-use shunt_agent::policy::{BuildOptions, HeaderList, HttpRequest, PolicySet, RequestContext};
+use shunt_agent::policy::{
+    BuildOptions, HeaderList, HttpRequest, PathNormalization, PolicySet, RequestContext,
+};
 
 const NS: &str = "common-infrastructure";
 const SE: &str = "httpbin.org";
@@ -83,7 +85,10 @@ fn bench(c: &mut Criterion) {
                 principal: Some(principal),
                 source_ip: Some("10.244.1.19".parse().expect("ip")),
                 destination_port: 80,
-                http: Some(HttpRequest::new(method, path, "httpbin.org", &hl).expect("path")),
+                http: Some(
+                    HttpRequest::new(method, path, "httpbin.org", &hl, PathNormalization::Base)
+                        .expect("path"),
+                ),
                 ..Default::default()
             };
             assert_eq!(sp.evaluate(&ctx).allowed, want, "{label}: {name}");
@@ -103,6 +108,7 @@ fn bench(c: &mut Criterion) {
                         black_box("//foo/../get?x=1"),
                         black_box("HTTPBIN.org:80"),
                         &hl,
+                        PathNormalization::DecodeAndMergeSlashes,
                     )
                     .ok(),
                     ..Default::default()

@@ -57,7 +57,8 @@ pub enum AllocError {
     Version { path: PathBuf, found: u32 },
 }
 
-/// The address ranges VIPs are taken from.
+/// The address ranges VIPs are taken from (by default the VIP prefixes of
+/// `shunt_common`, which the kernel side routes and steers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Prefixes {
     pub v4: Ipv4Net,
@@ -66,9 +67,10 @@ pub struct Prefixes {
 
 impl Default for Prefixes {
     fn default() -> Self {
+        use shunt_common::{VIP4_NET, VIP4_PREFIX_LEN, VIP6_NET, VIP6_PREFIX_LEN};
         Prefixes {
-            v4: "240.240.0.0/16".parse().unwrap(),
-            v6: "2001:2::/48".parse().unwrap(),
+            v4: Ipv4Net::new(VIP4_NET.into(), VIP4_PREFIX_LEN).expect("a valid prefix length"),
+            v6: Ipv6Net::new(VIP6_NET.into(), VIP6_PREFIX_LEN).expect("a valid prefix length"),
         }
     }
 }

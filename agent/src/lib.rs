@@ -4,13 +4,11 @@
 pub mod admin;
 pub mod alloc;
 pub mod app;
-pub mod capture;
 pub mod config;
-pub mod desired;
 pub mod dns;
 pub mod hbone;
 pub mod identity;
-pub mod maps;
+pub mod kernel;
 pub mod model;
 pub mod policy;
 pub mod prereq;

@@ -6,7 +6,6 @@
 //! they were.
 
 use std::{
-    collections::BTreeMap,
     net::IpAddr,
     path::PathBuf,
     sync::{atomic::AtomicBool, Arc},
@@ -14,34 +13,26 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aya::maps::{lpm_trie::Key, LpmTrie, Map, MapData};
-use shunt_common::{map_names, CidrAddr, EnrolledValue, ServiceKey, ServiceValue};
 use tracing::{error, info, warn};
 
 use crate::{
     alloc::Allocator,
-    app::node::{dns_target, DnsSettings, NodeError, NodeOptions},
-    capture,
+    app::node::{dns_capture, DnsSettings, NodeError, NodeOptions},
     config::{watch::ConfigWatcher, Config},
-    desired,
     dns::{HostTable, SharedHostTable},
-    maps::{self, PinnedMaps},
+    kernel::{self, projection, MapSync},
     model::{now_rfc3339, CgroupDir, Model, StatusClock},
 };
 
-/// Applies each new config to the pinned maps, the DNS table and the data
-/// path snapshot. Owns the allocator (the only one) and the map mirrors.
+/// Owns the allocator (the only one) and the kernel maps' mirrors.
 pub struct Reconciler {
     state_dir: PathBuf,
     cgroup_root: PathBuf,
     dns: DnsSettings,
     alloc: Allocator,
-    maps: PinnedMaps,
-    allow: LpmTrie<MapData, CidrAddr, u8>,
-    services: BTreeMap<ServiceKey, ServiceValue>,
-    enrolled: BTreeMap<u64, EnrolledValue>,
-    sources: BTreeMap<CidrAddr, u32>,
-    allowed: BTreeMap<(u32, [u8; 16]), u8>,
+    /// The reconciled maps; their mirrors start from what is pinned, so a
+    /// restarted agent changes only what differs.
+    sync: MapSync,
     hosts: SharedHostTable,
     model: Arc<ArcSwap<Model>>,
     clock: StatusClock,
@@ -56,32 +47,12 @@ impl Reconciler {
         model: Arc<ArcSwap<Model>>,
         ready: Arc<AtomicBool>,
     ) -> Result<Self, NodeError> {
-        let maps = PinnedMaps::open(pin_dir)?;
-        // Mirrors start from what is pinned, so a restarted agent changes
-        // only what differs.
-        let services = maps.read_services()?;
-        let enrolled = maps.read_enrolled()?;
-        let sources = maps.read_sources()?;
-        let data = MapData::from_pin(pin_dir.join(map_names::EGRESS_ALLOW))
-            .map_err(|e| NodeError::Map(map_names::EGRESS_ALLOW, e))?;
-        let allow: LpmTrie<MapData, CidrAddr, u8> = LpmTrie::try_from(Map::LpmTrie(data))
-            .map_err(|e| NodeError::Map(map_names::EGRESS_ALLOW, e))?;
-        let allowed = allow
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| ((k.prefix_len(), k.data().addr), v))
-            .collect();
         Ok(Self {
             state_dir: opts.agent.state_dir.clone(),
             cgroup_root: opts.agent.paths.cgroup_root.clone(),
             dns: opts.dns.clone(),
             alloc: Allocator::open(&opts.agent.state_dir)?,
-            maps,
-            allow,
-            services,
-            enrolled,
-            sources,
-            allowed,
+            sync: MapSync::open(pin_dir)?,
             hosts,
             model,
             clock: StatusClock::load(&opts.agent.state_dir),
@@ -118,62 +89,26 @@ impl Reconciler {
                 return;
             }
         };
-        let mut model = Model::build(
-            cfg.clone(),
-            &allocation,
-            &CgroupDir {
-                root: self.cgroup_root.clone(),
-            },
-        );
+        let cgroups = CgroupDir {
+            root: self.cgroup_root.clone(),
+        };
+        let mut model = Model::build(cfg.clone(), &allocation, &cgroups);
         for w in model.warnings() {
             warn!("{w}");
         }
-        let d = desired::project(&model, dns_target(&self.dns));
         // Each workload address → the interface it must arrive on (the
         // route back to it), for the spoofing check in sk_lookup.
         let addrs: Vec<IpAddr> = model.workloads().filter_map(|w| w.address).collect();
-        let desired_sources: BTreeMap<CidrAddr, u32> = match capture::route_oifs(&addrs).await {
-            Ok(m) => m
-                .into_iter()
-                .map(|(ip, oif)| {
-                    (
-                        CidrAddr {
-                            addr: maps::addr_bytes(ip),
-                        },
-                        oif,
-                    )
-                })
-                .collect(),
+        let sources = match kernel::netlink::route_oifs(&addrs).await {
+            Ok(oifs) => projection::sources(&oifs),
             Err(e) => {
                 warn!(error = %e, "route lookups for workload sources failed; source interface checks unchanged");
-                self.sources.clone()
+                self.sync.sources().clone()
             }
         };
-        let result = (|| -> Result<_, NodeError> {
-            let s = maps::reconcile(
-                &mut self.maps.services,
-                &mut self.services,
-                &d.services,
-                map_names::SERVICES,
-            )?;
-            let e = maps::reconcile(
-                &mut self.maps.enrolled,
-                &mut self.enrolled,
-                &d.enrolled,
-                map_names::ENROLLED,
-            )?;
-            maps::reconcile(
-                &mut self.maps.sources,
-                &mut self.sources,
-                &desired_sources,
-                map_names::SOURCES,
-            )?;
-            self.maps.set_meta(&d.meta)?;
-            self.sync_allow(&d.allowed_egress)?;
-            Ok((s, e))
-        })();
-        let (s, e) = match result {
-            Ok(v) => v,
+        let projection = projection::project(&model, dns_capture(&self.dns), sources);
+        let stats = match self.sync.apply(&projection) {
+            Ok(s) => s.total(),
             Err(e) => {
                 error!(error = %e, "applying config to the kernel maps failed");
                 return;
@@ -188,8 +123,7 @@ impl Reconciler {
             Ok(t) => self.hosts.store(Arc::new(t)),
             Err(e) => error!(error = %e, "DNS host table not updated"),
         }
-        let now = now_rfc3339();
-        if self.clock.stamp(&mut model.status, &now) {
+        if self.clock.stamp(&mut model.status, &now_rfc3339()) {
             if let Err(e) = self.clock.save(&self.state_dir) {
                 warn!(error = %e, "saving status times");
             }
@@ -197,41 +131,13 @@ impl Reconciler {
         self.model.store(Arc::new(model));
         self.ready.store(true, std::sync::atomic::Ordering::Release);
         info!(
-            services = d.services.len(),
-            enrolled = d.enrolled.len(),
-            added = s.added + e.added,
-            updated = s.updated + e.updated,
-            removed = s.removed + e.removed,
+            services = projection.services.len(),
+            enrolled = projection.enrolled.len(),
+            added = stats.added,
+            updated = stats.updated,
+            removed = stats.removed,
             took_ms = started.elapsed().as_millis() as u64,
             "config applied"
         );
-    }
-
-    fn sync_allow(&mut self, cidrs: &[ipnet::IpNet]) -> Result<(), NodeError> {
-        let desired: BTreeMap<(u32, [u8; 16]), u8> = cidrs
-            .iter()
-            .map(|n| {
-                let (len, addr) = match n {
-                    ipnet::IpNet::V4(v4) => (
-                        96 + v4.prefix_len() as u32,
-                        v4.network().to_ipv6_mapped().octets(),
-                    ),
-                    ipnet::IpNet::V6(v6) => (v6.prefix_len() as u32, v6.network().octets()),
-                };
-                ((len, addr), 1u8)
-            })
-            .collect();
-        for (k, v) in &desired {
-            if self.allowed.get(k) != Some(v) {
-                self.allow
-                    .insert(&Key::new(k.0, CidrAddr { addr: k.1 }), v, 0)
-                    .map_err(|e| NodeError::Map(map_names::EGRESS_ALLOW, e))?;
-            }
-        }
-        for k in self.allowed.keys().filter(|k| !desired.contains_key(k)) {
-            let _ = self.allow.remove(&Key::new(k.0, CidrAddr { addr: k.1 }));
-        }
-        self.allowed = desired;
-        Ok(())
     }
 }

@@ -461,6 +461,12 @@ struct Env {
 
 impl Env {
     async fn new() -> Env {
+        Env::with_files(&[]).await
+    }
+
+    /// Extra config files (name, text) written before the allocation, in
+    /// which `{tls_port}` stands for the TLS upstream's port.
+    async fn with_files(extra: &[(&str, &str)]) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let ca_dir = dir.path().join("ca");
         let cfg_dir = dir.path().join("config");
@@ -479,6 +485,10 @@ impl Env {
         )
         .unwrap();
         std::fs::write(cfg_dir.join("20-policy.yaml"), seed_policy("")).unwrap();
+        for (name, text) in extra {
+            let text = text.replace("{tls_port}", &tls.port().to_string());
+            std::fs::write(cfg_dir.join(name), text).unwrap();
+        }
         // The agent is the allocator; the waypoint only reads its result.
         let cfg = Config::load_dir(&cfg_dir).unwrap();
         let mut a = Allocator::open(&state_dir).unwrap();
@@ -893,35 +903,23 @@ async fn ambiguous_framing_is_400() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bypass_corpus_through_the_http_path() {
-    let env = Env::new().await;
-    // (request line target, Host, method, expected status, upstream path if allowed)
-    let cases: &[(&str, &str, &str, u16, Option<&str>)] = &[
-        ("//get", "httpbin.org", "GET", 200, Some("/get")),
-        ("/./get", "httpbin.org", "GET", 200, Some("/get")),
-        ("/get/../post", "httpbin.org", "GET", 403, None),
-        ("/get%2F..%2Fpost", "httpbin.org", "GET", 403, None),
-        ("/get%2f..%2fpost", "httpbin.org", "GET", 403, None),
-        ("/post/..%2Fget", "httpbin.org", "GET", 200, Some("/get")),
-        ("/get%5C..%5Cpost", "httpbin.org", "GET", 403, None),
-        ("/%67et", "httpbin.org", "GET", 200, Some("/get")),
-        ("/GET", "httpbin.org", "GET", 403, None),
-        ("/get", "httpbin.org", "get", 403, None),
-        ("/get", "httpbin.org", "POST", 403, None),
-        ("/get?/post", "httpbin.org", "GET", 200, Some("/get?/post")),
-        // DENY by host, case- and port-insensitive.
-        ("/get", "blocked.example", "GET", 403, None),
-        ("/get", "BLOCKED.Example", "GET", 403, None),
-        ("/get", "blocked.example:80", "GET", 403, None),
-        ("/get", "blocked.example.", "GET", 403, None),
-    ];
-    let mut curl = env.h1(CURL, "httpbin.org").await;
+/// (request line target, Host, method, expected status, upstream path if allowed)
+type CorpusCase = (
+    &'static str,
+    &'static str,
+    &'static str,
+    u16,
+    Option<&'static str>,
+);
+
+/// Requests through the waypoint: the decision, and the path the upstream
+/// received (the path the policy matched, plus the query).
+async fn run_corpus(env: &Env, cases: &[CorpusCase]) {
     for (target, host, method, want, up) in cases {
         env.http_seen.lock().unwrap().clear();
         let req =
             format!("{method} {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n");
-        let resp = raw(&env, CURL, req.as_bytes()).await;
+        let resp = raw(env, CURL, req.as_bytes()).await;
         assert_eq!(
             status_of(&resp),
             *want,
@@ -939,6 +937,36 @@ async fn bypass_corpus_through_the_http_path() {
             ),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bypass_corpus_through_the_http_path() {
+    // Istio's default pathNormalization (BASE): dot segments and unreserved
+    // escapes are normalized, repeated and escaped slashes are not.
+    let env = Env::new().await;
+    let cases: &[CorpusCase] = &[
+        ("//get", "httpbin.org", "GET", 403, None),
+        ("/./get", "httpbin.org", "GET", 200, Some("/get")),
+        ("/x/../get", "httpbin.org", "GET", 200, Some("/get")),
+        ("/get/../post", "httpbin.org", "GET", 403, None),
+        ("/get%2F..%2Fpost", "httpbin.org", "GET", 403, None),
+        ("/post/..%2Fget", "httpbin.org", "GET", 403, None),
+        ("/get%5C..%5Cpost", "httpbin.org", "GET", 403, None),
+        ("/%67et", "httpbin.org", "GET", 200, Some("/get")),
+        ("/x/%2e%2e/get", "httpbin.org", "GET", 200, Some("/get")),
+        ("/GET", "httpbin.org", "GET", 403, None),
+        ("/get", "httpbin.org", "get", 403, None),
+        ("/get", "httpbin.org", "POST", 403, None),
+        ("/get?/post", "httpbin.org", "GET", 200, Some("/get?/post")),
+        // DENY by host: case-insensitive; a port or a trailing dot makes
+        // another Host, as in Istio (hosts: [blocked.example] only).
+        ("/get", "blocked.example", "GET", 403, None),
+        ("/get", "BLOCKED.Example", "GET", 403, None),
+        ("/get", "blocked.example:80", "GET", 200, Some("/get")),
+        ("/get", "blocked.example.", "GET", 200, Some("/get")),
+    ];
+    let mut curl = env.h1(CURL, "httpbin.org").await;
+    run_corpus(&env, cases).await;
     // The deciding DENY policy is named on its denial line.
     env.lines
         .wait_for(&[
@@ -949,6 +977,116 @@ async fn bypass_corpus_through_the_http_path() {
     // And the keep-alive client still works.
     let (code, _) = send(&mut curl, "GET", "/get", "httpbin.org").await;
     assert_eq!(code, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decode_and_merge_slashes_from_mesh_yaml_is_what_policy_and_upstream_see() {
+    let env = Env::with_files(&[(
+        "mesh.yaml",
+        "pathNormalization:\n  normalization: DECODE_AND_MERGE_SLASHES\n",
+    )])
+    .await;
+    let cases: &[CorpusCase] = &[
+        ("//get", "httpbin.org", "GET", 200, Some("/get")),
+        ("///get?a=b", "httpbin.org", "GET", 200, Some("/get?a=b")),
+        ("/get%2F..%2Fpost", "httpbin.org", "GET", 403, None),
+        ("/post/..%2Fget", "httpbin.org", "GET", 200, Some("/get")),
+        ("/get%5C..%5Cpost", "httpbin.org", "GET", 403, None),
+        ("/%67et", "httpbin.org", "GET", 200, Some("/get")),
+    ];
+    run_corpus(&env, cases).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_normalization_none_passes_paths_as_received() {
+    let env = Env::with_files(&[("mesh.yaml", "pathNormalization: {normalization: NONE}\n")]).await;
+    let cases: &[CorpusCase] = &[
+        ("/get", "httpbin.org", "GET", 200, Some("/get")),
+        ("/./get", "httpbin.org", "GET", 403, None),
+        ("/%67et", "httpbin.org", "GET", 403, None),
+    ];
+    run_corpus(&env, cases).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_policy_is_logged_and_counted_never_enforced() {
+    let dry = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: would-deny-get
+  namespace: common-infrastructure
+  annotations:
+    istio.io/dry-run: "true"
+spec:
+  targetRefs:
+  - kind: ServiceEntry
+    group: networking.istio.io
+    name: httpbin.org
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: ["/get"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: would-deny-admin-tcp
+  namespace: common-infrastructure
+  annotations:
+    istio.io/dry-run: "true"
+spec:
+  targetRefs:
+  - kind: ServiceEntry
+    group: networking.istio.io
+    name: admin-only
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/admin"]
+"#;
+    let env = Env::with_files(&[("40-dry-run.yaml", dry)]).await;
+    // HTTP: the request goes through; the line says what the policy would do.
+    let mut c = env.h1(CURL, "httpbin.org").await;
+    let (code, _) = send(&mut c, "GET", "/get", "httpbin.org").await;
+    assert_eq!(code, 200);
+    let line = env
+        .lines
+        .wait_for(&["\"GET /get HTTP/1.1\" 200", "shadow="])
+        .await;
+    assert!(
+        line.contains("shadow denied: dry-run DENY policy common-infrastructure/would-deny-get rule 0 matched"),
+        "{line}"
+    );
+    // TCP: the admin connection is relayed; the ztunnel line carries it.
+    let mut io = env.tunnel(ADMIN, env.vip("admin-only.example", 9000)).await;
+    io.write_all(b"ping").await.unwrap();
+    io.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(T, io.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"ping");
+    let line = env
+        .lines
+        .wait_for(&["connection complete", "admin-only.example", "shadow="])
+        .await;
+    assert!(line.contains("would-deny-admin-tcp"), "{line}");
+    // Counted, per engine and result.
+    let (_, m) = get_text(env.wp.metrics_addr().unwrap(), "/metrics").await;
+    for policy in ["would-deny-get", "would-deny-admin-tcp"] {
+        assert!(
+            m.lines()
+                .any(|l| l.starts_with("shunt_authz_shadow_decisions_total")
+                    && l.contains("shadow_engine=\"istio_dry_run_deny\"")
+                    && l.contains("shadow_result=\"denied\"")
+                    && l.contains(&format!("policy=\"common-infrastructure/{policy}\""))
+                    && l.ends_with(" 1")),
+            "{policy}: {m}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1120,4 +1258,184 @@ async fn tls_origination_to_an_http2_port_negotiates_h2() {
             .any(|s| s.3.as_deref() == Some("secure.example")),
         "the upstream saw TLS with the configured SNI: {seen:?}"
     );
+}
+
+// ------------------------------------------------------------- TLS ports
+
+/// A TLS passthrough port (protocol TLS) to the TLS upstream, with SNI
+/// policies: ALLOW secure.example and *.evil.example, DENY *.evil.example.
+const TLS_PORT_CONFIG: &str = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: tls.example
+  namespace: common-infrastructure
+spec:
+  hosts:
+  - tls.example
+  ports:
+  - number: 443
+    name: tls
+    protocol: TLS
+    targetPort: {tls_port}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: tls-sni-allow
+  namespace: common-infrastructure
+spec:
+  targetRefs:
+  - kind: ServiceEntry
+    group: networking.istio.io
+    name: tls.example
+  rules:
+  - when:
+    - key: connection.sni
+      values: ["secure.example", "*.evil.example"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: tls-sni-deny
+  namespace: common-infrastructure
+spec:
+  targetRefs:
+  - kind: ServiceEntry
+    group: networking.istio.io
+    name: tls.example
+  action: DENY
+  rules:
+  - when:
+    - key: connection.sni
+      values: ["*.evil.example"]
+"#;
+
+/// TLS through a tunnel to tls.example:443 with `sni` (an IP sends none),
+/// then one HTTP/1.1 GET; the status, or the handshake error.
+async fn tls_get(env: &Env, sni: &str) -> Result<u16, String> {
+    let io = env.tunnel(CURL, env.vip("tls.example", 443)).await;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(env._dir.path().join("upstream-ca.pem")).unwrap();
+    for c in rustls_pemfile_certs(&pem) {
+        roots.add(c).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let tls = tokio::time::timeout(
+        T,
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, io),
+    )
+    .await
+    .expect("TLS handshake timed out")
+    .map_err(|e| e.to_string())?;
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let r = s
+        .send_request(
+            Request::get("/get")
+                .header("host", "secure.example")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(r.status().as_u16())
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .map(|c| c.unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_port_sni_allow_admits_the_named_server_and_logs_its_sni() {
+    let env = Env::with_files(&[("40-tls.yaml", TLS_PORT_CONFIG)]).await;
+    assert_eq!(tls_get(&env, "secure.example").await, Ok(200));
+    let line = env
+        .lines
+        .wait_for(&[
+            "connection complete",
+            "dst.service=\"tls.example\"",
+            "sni=\"secure.example\"",
+        ])
+        .await;
+    // (The client drops its tunnel without a close: the line may say so.)
+    assert!(!line.contains("denied"), "{line}");
+    // The upstream saw the client's own TLS (SNI passed through untouched).
+    let seen = env.tls_seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .any(|s| s.3.as_deref() == Some("secure.example")),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_port_sni_deny_fires_and_other_names_are_not_allowed() {
+    let env = Env::with_files(&[("40-tls.yaml", TLS_PORT_CONFIG)]).await;
+    // DENY on SNI matches (it never fired before shunt read the ClientHello).
+    assert!(tls_get(&env, "api.evil.example").await.is_err());
+    let line = env
+        .lines
+        .wait_for(&["connection complete", "sni=\"api.evil.example\""])
+        .await;
+    assert!(
+        line.contains("denied by authorization policy") && line.contains("tls-sni-deny"),
+        "{line}"
+    );
+    // Not in the ALLOW list.
+    assert!(tls_get(&env, "other.example").await.is_err());
+    let line = env.lines.wait_for(&["sni=\"other.example\""]).await;
+    assert!(
+        line.contains("tls-sni-allow") && line.contains("denied"),
+        "{line}"
+    );
+    // No SNI at all (a client dialing by IP): the ALLOW cannot match.
+    assert!(tls_get(&env, "127.0.0.1").await.is_err());
+    env.lines
+        .wait_for(&[
+            "dst.service=\"tls.example\"",
+            "no rule of ALLOW policy common-infrastructure/tls-sni-allow",
+        ])
+        .await;
+    assert!(
+        env.tls_seen.lock().unwrap().is_empty(),
+        "a denied connection reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_port_without_a_client_hello_is_reset() {
+    let env = Env::with_files(&[("40-tls.yaml", TLS_PORT_CONFIG)]).await;
+    let mut io = env.tunnel(CURL, env.vip("tls.example", 443)).await;
+    io.write_all(b"GET / HTTP/1.1\r\nHost: tls.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(T, io.read_to_end(&mut out))
+        .await
+        .expect("tunnel left open");
+    assert!(r.is_err() || out.is_empty(), "got bytes back: {out:?}");
+    let line = env
+        .lines
+        .wait_for(&[
+            "connection complete",
+            "dst.service=\"tls.example\"",
+            "not a TLS handshake",
+        ])
+        .await;
+    assert!(line.contains(" error access "), "{line}");
 }

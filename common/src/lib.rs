@@ -12,10 +12,15 @@
 /// value type; the agent refuses to reuse pins written with another version.
 pub const LAYOUT_VERSION: u32 = 2;
 
-/// IPv4 VIP prefix 240.240.0.0/16, network order bytes.
-pub const VIP4_PREFIX: [u8; 2] = [240, 240];
-/// IPv6 VIP prefix 2001:2::/48, first six bytes.
-pub const VIP6_PREFIX: [u8; 6] = [0x20, 0x01, 0x00, 0x02, 0x00, 0x00];
+/// The VIP prefixes, 240.240.0.0/16 and 2001:2::/48 (Istio's ranges for
+/// auto-allocated ServiceEntry addresses). The only definition: the local
+/// routes, the allocator's ranges and [`is_vip`] are derived from these.
+pub const VIP4_NET: [u8; 4] = [240, 240, 0, 0];
+pub const VIP4_PREFIX_LEN: u8 = 16;
+pub const VIP6_NET: [u8; 16] = [0x20, 0x01, 0x00, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+pub const VIP6_PREFIX_LEN: u8 = 48;
+// `is_vip` compares whole bytes.
+const _: () = assert!(VIP4_PREFIX_LEN.is_multiple_of(8) && VIP6_PREFIX_LEN.is_multiple_of(8));
 
 /// Names of the pinned maps (file names under the pin directory).
 pub mod map_names {
@@ -41,17 +46,6 @@ pub mod prog_names {
     pub const RECVMSG6: &str = "shunt_recvmsg6";
     pub const GETPEERNAME4: &str = "shunt_getpeername4";
     pub const GETPEERNAME6: &str = "shunt_getpeername6";
-    /// Every cgroup sock_addr program, attached once at the cgroup root.
-    pub const CGROUP: [&str; 8] = [
-        CONNECT4,
-        CONNECT6,
-        SENDMSG4,
-        SENDMSG6,
-        RECVMSG4,
-        RECVMSG6,
-        GETPEERNAME4,
-        GETPEERNAME6,
-    ];
 }
 
 /// Key of the `services` map: one entry per (VIP, port).
@@ -254,16 +248,24 @@ pub fn is_loopback(a: &[u8; 16]) -> bool {
 /// True when a 16-byte (mapped) address lies in one of the VIP prefixes.
 #[inline(always)]
 pub fn is_vip(a: &[u8; 16]) -> bool {
+    // Constant bounds: unrolled by the compiler, no loop for the verifier.
+    let mut i = 0;
     if is_v4_mapped(a) {
-        a[12] == VIP4_PREFIX[0] && a[13] == VIP4_PREFIX[1]
+        while i < (VIP4_PREFIX_LEN / 8) as usize {
+            if a[12 + i] != VIP4_NET[i] {
+                return false;
+            }
+            i += 1;
+        }
     } else {
-        a[0] == VIP6_PREFIX[0]
-            && a[1] == VIP6_PREFIX[1]
-            && a[2] == VIP6_PREFIX[2]
-            && a[3] == VIP6_PREFIX[3]
-            && a[4] == VIP6_PREFIX[4]
-            && a[5] == VIP6_PREFIX[5]
+        while i < (VIP6_PREFIX_LEN / 8) as usize {
+            if a[i] != VIP6_NET[i] {
+                return false;
+            }
+            i += 1;
+        }
     }
+    true
 }
 
 // Layouts are part of the pinned-map ABI: catch accidental changes at compile
@@ -351,8 +353,7 @@ mod tests {
         assert!(is_vip(&v4_mapped([240, 240, 3, 4])));
         assert!(!is_vip(&v4_mapped([240, 241, 0, 1])));
         assert!(!is_vip(&v4_mapped([10, 0, 0, 1])));
-        let mut v6 = [0u8; 16];
-        v6[..6].copy_from_slice(&VIP6_PREFIX);
+        let mut v6 = VIP6_NET;
         v6[15] = 1;
         assert!(is_vip(&v6));
         v6[5] = 1; // 2001:2:1::1 is outside the /48

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use shunt_agent::maps::{tcp_key, PinnedMaps};
+use shunt_agent::kernel::{registry::tcp_key, PinnedMaps};
 use shunt_common::{EnrolledValue, ServiceValue};
 
 pub type Result<T> = anyhow::Result<T>;
@@ -667,7 +667,7 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.agents.clear();
         self.pods.clear();
-        let _ = shunt_agent::capture::remove_pins(&self.pin_dir);
+        let _ = shunt_agent::kernel::loader::remove_pins(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.work_dir);
         // ns and cgroup_root drop after this (fields), removing the routes
         // with the namespace.

@@ -61,7 +61,7 @@ fn setup(mode: &str, allowed: &[&str]) -> Result<Node> {
 
 /// Start the echo agent on the node's config and wait until the two
 /// entries of `httpbin.org` (IPv4 and IPv6 VIP) are in the map.
-fn start_with_config(node: &mut Node) -> Result<shunt_agent::maps::PinnedMaps> {
+fn start_with_config(node: &mut Node) -> Result<shunt_agent::kernel::PinnedMaps> {
     node.start_echo_agent_with_config(None)?;
     let maps = node.maps()?;
     wait_for("services from config", Duration::from_secs(20), || {
@@ -84,7 +84,13 @@ fn config_dir_fills_maps_with_allocated_vips_and_enrollment() -> Result<()> {
     let keys: Vec<String> = maps
         .read_services()?
         .keys()
-        .map(|k| format!("{}:{}", shunt_agent::maps::addr_from_bytes(k.addr), k.port))
+        .map(|k| {
+            format!(
+                "{}:{}",
+                shunt_agent::kernel::registry::addr_from_bytes(k.addr),
+                k.port
+            )
+        })
         .collect();
     assert!(keys.contains(&"240.240.0.1:80".to_string()), "{keys:?}");
     assert!(keys.contains(&"2001:2::1:80".to_string()), "{keys:?}");

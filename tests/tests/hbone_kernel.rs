@@ -399,10 +399,7 @@ fn status_reports_a_healthy_agent() -> Result<()> {
         "status: {text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for p in shunt_common::prog_names::CGROUP
-        .iter()
-        .chain([&shunt_common::prog_names::SK_LOOKUP])
-    {
+    for p in shunt_agent::kernel::loader::PROGRAMS.map(|p| p.name) {
         assert!(text.contains(p), "{p} missing in:\n{text}");
     }
     Ok(())

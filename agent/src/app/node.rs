@@ -12,19 +12,20 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aya::maps::{Map, MapData, RingBuf};
-use shunt_common::{map_names, EgressEvent, EV_DENIED};
 use tracing::{error, info, warn};
 
 use crate::{
     admin::{AdminServer, Endpoints},
-    capture,
     config::watch::ConfigWatcher,
-    desired::{self, DnsTarget},
     dns::{DnsConfig, DnsProxy, HostTable, SharedHostTable},
     hbone::{ClientSettings, HboneClient},
     identity::{Ca, IdentityConfig, IdentityManager},
-    maps,
+    kernel::{
+        self,
+        events::{EgressKind, Transport},
+        projection::{self, DnsCapture},
+        KernelError,
+    },
     model::{Mesh, Model},
     proxy::capture::{CaptureOptions, CaptureServer, CaptureServerError, Handler},
     proxy::outbound::Outbound,
@@ -37,9 +38,7 @@ pub enum NodeError {
     #[error(transparent)]
     CaptureServer(#[from] CaptureServerError),
     #[error(transparent)]
-    Capture(#[from] capture::CaptureError),
-    #[error(transparent)]
-    Maps(#[from] maps::MapsError),
+    Kernel(#[from] KernelError),
     #[error("CA in {dir}: {source} (create one with `shunt ca init --ca-dir {dir}`)")]
     Ca {
         dir: String,
@@ -53,8 +52,6 @@ pub enum NodeError {
     Dns(#[from] crate::dns::DnsError),
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
-    #[error("map {0}: {1}")]
-    Map(&'static str, aya::maps::MapError),
 }
 
 #[derive(Clone, Debug)]
@@ -117,8 +114,8 @@ pub async fn run_with(
     // With no valid config the pinned `meta` (egress mode) stays as it is.
     opts.agent.meta = initial
         .as_ref()
-        .map(|c| desired::meta(Mesh::from_config(&c.mesh).egress, dns_target(&opts.dns)));
-    capture::set_strict_rp_filter()?;
+        .map(|c| projection::meta(Mesh::from_config(&c.mesh).egress, dns_capture(&opts.dns)));
+    kernel::netlink::set_strict_rp_filter()?;
     let agent = CaptureServer::start(opts.agent.clone()).await?;
     let pin_dir = opts.agent.paths.pin_dir.clone();
 
@@ -142,7 +139,7 @@ pub async fn run_with(
 
     let hosts: SharedHostTable = HostTable::empty().into_shared();
     let _dns = if opts.dns.enabled {
-        capture::install_dns_interface(opts.dns.addr4, opts.dns.addr6).await?;
+        kernel::netlink::install_dns_interface(opts.dns.addr4, opts.dns.addr6).await?;
         let listen = vec![
             SocketAddr::new(opts.dns.addr4.into(), opts.dns.port),
             SocketAddr::new(opts.dns.addr6.into(), opts.dns.port),
@@ -249,12 +246,12 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Where the DNS proxy listens, for the kernel's `meta` (`None`: off).
-pub(crate) fn dns_target(dns: &DnsSettings) -> Option<DnsTarget> {
-    dns.enabled.then(|| DnsTarget {
+/// Where the kernel sends captured DNS queries; `None` with the proxy off.
+pub(crate) fn dns_capture(dns: &DnsSettings) -> Option<DnsCapture> {
+    dns.enabled.then_some(DnsCapture {
+        addr4: dns.addr4,
+        addr6: dns.addr6,
         port: dns.port,
-        addr4: dns.addr4.octets(),
-        addr6: dns.addr6.octets(),
     })
 }
 
@@ -283,56 +280,30 @@ fn config_dump(m: &Model) -> serde_json::Value {
     serde_json::json!({ "services": services, "workloads": workloads, "warnings": warnings })
 }
 
-/// Reads egress reports from the kernel and writes one access line per
-/// report, like ztunnel's log for a connection that bypassed the mesh.
+/// Writes one access line per kernel egress report, like ztunnel's log for
+/// a connection that bypassed the mesh.
 fn spawn_event_reader(
     pin_dir: &std::path::Path,
     model: Arc<ArcSwap<Model>>,
     logger: Arc<AccessLogger>,
 ) -> Result<(), NodeError> {
-    let data = MapData::from_pin(pin_dir.join(map_names::EVENTS))
-        .map_err(|e| NodeError::Map(map_names::EVENTS, e))?;
-    let ring: RingBuf<MapData> =
-        RingBuf::try_from(Map::RingBuf(data)).map_err(|e| NodeError::Map(map_names::EVENTS, e))?;
-    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd.
-    let mut fd = match unsafe { tokio::io::unix::AsyncFd::register(ring) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!(error = %e, "egress reports unavailable");
-            return Ok(());
-        }
-    };
-    tokio::spawn(async move {
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                if item.len() < std::mem::size_of::<EgressEvent>() {
-                    continue;
-                }
-                // SAFETY: the kernel wrote an EgressEvent (repr(C), Pod).
-                let ev: EgressEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                let m = model.load();
-                let src = m.workload(ev.workload_id).map(|w| {
-                    (
-                        w.name().to_string(),
-                        w.namespace().to_string(),
-                        w.identity.to_string(),
-                    )
-                });
-                logger.egress(&EgressLog {
-                    time: std::time::SystemTime::now(),
-                    denied: ev.kind == EV_DENIED,
-                    udp: ev.proto == 17,
-                    dst_addr: SocketAddr::new(maps::addr_from_bytes(ev.addr), ev.port),
-                    src,
-                    src_cgroup: ev.cgroup_id,
-                });
-            }
-            guard.clear_ready();
-        }
-    });
+    kernel::events::spawn_reader(pin_dir, move |ev| {
+        let m = model.load();
+        let src = m.workload(ev.workload_id).map(|w| {
+            (
+                w.name().to_string(),
+                w.namespace().to_string(),
+                w.identity.to_string(),
+            )
+        });
+        logger.egress(&EgressLog {
+            time: std::time::SystemTime::now(),
+            denied: ev.kind == EgressKind::Denied,
+            udp: ev.transport == Transport::Udp,
+            dst_addr: ev.dst,
+            src,
+            src_cgroup: ev.cgroup_id,
+        });
+    })?;
     Ok(())
 }

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::admin::{AdminServer, Endpoints};
 use crate::config::watch::ConfigWatcher;
 use crate::config::{Config, ObjectKey};
-use crate::hbone::{HboneHandler, HboneServer};
+use crate::hbone::HboneServer;
 use crate::identity::{Ca, IdentityManager, SpiffeId};
 use crate::model::{Model, NoCgroups};
 use crate::policy::GatewayRef;

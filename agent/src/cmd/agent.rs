@@ -10,8 +10,8 @@ use std::{
 use anyhow::Context as _;
 use shunt_agent::{
     app::node::{self, AdminAddrs, DnsSettings, NodeOptions},
-    capture::KernelPaths,
     dns::{parse_upstream, upstreams_from_resolv_conf},
+    kernel::KernelPaths,
     prereq,
     proxy::capture::{self as capture_server, CaptureOptions},
 };

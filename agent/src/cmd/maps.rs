@@ -2,7 +2,10 @@
 
 use std::{net::SocketAddr, process::ExitCode};
 
-use shunt_agent::maps::{addr_from_bytes, PinnedMaps};
+use shunt_agent::{
+    config::OutboundMode,
+    kernel::{projection::egress_mode, registry::addr_from_bytes, PinnedMaps},
+};
 use shunt_common::{SVC_F_HTTP, SVC_F_WAYPOINT};
 
 use super::common::KernelArgs;
@@ -22,10 +25,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         "pin dir {}  layout v{}  egress {}",
         pin_dir.display(),
         meta.layout_version,
-        if meta.egress_mode == shunt_common::EGRESS_REGISTRY_ONLY {
-            "REGISTRY_ONLY"
-        } else {
-            "ALLOW_ANY"
+        match egress_mode(&meta) {
+            OutboundMode::RegistryOnly => "REGISTRY_ONLY",
+            OutboundMode::AllowAny => "ALLOW_ANY",
         }
     );
     let services = maps.read_services()?;

@@ -119,6 +119,7 @@ pub fn build_policies(
         &BuildOptions {
             root_namespace: root_namespace(cfg),
             waypoint,
+            path_normalization: cfg.mesh.path_normalization.normalization,
         },
     )
 }
@@ -268,7 +269,14 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_default();
     let http_req = if http {
         Some(
-            HttpRequest::new(method, path, host_header, &header_list).map_err(|e| {
+            HttpRequest::new(
+                method,
+                path,
+                host_header,
+                &header_list,
+                set.path_normalization(),
+            )
+            .map_err(|e| {
                 anyhow::anyhow!("--path {path:?} would be refused with 400 by the waypoint: {e}")
             })?,
         )

@@ -12,8 +12,19 @@ use std::{
 
 use aya::programs::links::{FdLink, PinnedLink};
 use serde::Serialize;
-use shunt_agent::{capture::DNS_INTERFACE, maps::PinnedMaps, proxy::capture as agent};
-use shunt_common::{prog_names, EGRESS_REGISTRY_ONLY, LAYOUT_VERSION};
+use shunt_agent::{
+    config::OutboundMode,
+    kernel::{
+        link_pin,
+        loader::{ProgramSpec, PROGRAMS},
+        netlink::DNS_INTERFACE,
+        projection,
+        registry::{MapDef, MetaSlot},
+        PinnedMaps, LINK_PIN_PREFIX,
+    },
+    proxy::capture as agent,
+};
+use shunt_common::LAYOUT_VERSION;
 
 use super::common::{runtime, KernelArgs, StateArgs};
 
@@ -34,19 +45,6 @@ pub struct Args {
     #[arg(short = 'o', long, value_parser = ["text", "json"], default_value = "text")]
     output: String,
 }
-
-/// The links the agent always pins (one per attached program).
-const REQUIRED_LINKS: [&str; 9] = [
-    prog_names::SK_LOOKUP,
-    prog_names::CGROUP[0],
-    prog_names::CGROUP[1],
-    prog_names::CGROUP[2],
-    prog_names::CGROUP[3],
-    prog_names::CGROUP[4],
-    prog_names::CGROUP[5],
-    prog_names::CGROUP[6],
-    prog_names::CGROUP[7],
-];
 
 #[derive(Serialize)]
 struct Status {
@@ -129,8 +127,7 @@ fn agent_status(state_dir: &Path) -> AgentStatus {
     }
 }
 
-fn link_status(pin_dir: &Path, program: &str) -> LinkStatus {
-    let pin = pin_dir.join(format!("link_{program}"));
+fn link_status(program: &str, pin: PathBuf) -> LinkStatus {
     let mut s = LinkStatus {
         program: program.to_string(),
         pin: pin.clone(),
@@ -161,24 +158,33 @@ fn link_status(pin_dir: &Path, program: &str) -> LinkStatus {
     s
 }
 
-/// Link pins under the pin dir: the required ones plus any others present.
+/// Link pins under the pin dir: every program of the table plus any other
+/// `link_*` pins present.
 fn programs(pin_dir: &Path) -> Vec<LinkStatus> {
-    let mut names: Vec<String> = REQUIRED_LINKS.iter().map(|s| s.to_string()).collect();
+    let mut out: Vec<LinkStatus> = PROGRAMS
+        .iter()
+        .map(|p: &ProgramSpec| link_status(p.name, link_pin(pin_dir, p)))
+        .collect();
+    let names: Vec<&str> = PROGRAMS.iter().map(|p| p.name).collect();
     if let Ok(rd) = std::fs::read_dir(pin_dir) {
         let mut extra: Vec<String> = rd
             .flatten()
             .filter_map(|e| {
                 e.file_name()
                     .to_str()
-                    .and_then(|n| n.strip_prefix("link_"))
+                    .and_then(|n| n.strip_prefix(LINK_PIN_PREFIX))
                     .map(str::to_string)
             })
-            .filter(|n| !names.contains(n))
+            .filter(|n| !names.contains(&n.as_str()))
             .collect();
         extra.sort();
-        names.extend(extra);
+        out.extend(
+            extra
+                .iter()
+                .map(|n| link_status(n, pin_dir.join(format!("{LINK_PIN_PREFIX}{n}")))),
+        );
     }
-    names.iter().map(|n| link_status(pin_dir, n)).collect()
+    out
 }
 
 fn maps_status(pin_dir: &Path) -> Result<MapsStatus, String> {
@@ -186,12 +192,11 @@ fn maps_status(pin_dir: &Path) -> Result<MapsStatus, String> {
     let meta = maps.meta().map_err(|e| e.to_string())?;
     Ok(MapsStatus {
         layout_version: meta.layout_version,
-        egress_mode: if meta.egress_mode == EGRESS_REGISTRY_ONLY {
-            "REGISTRY_ONLY"
-        } else {
-            "ALLOW_ANY"
+        egress_mode: match projection::egress_mode(&meta) {
+            OutboundMode::RegistryOnly => "REGISTRY_ONLY",
+            OutboundMode::AllowAny => "ALLOW_ANY",
         },
-        dns_capture: meta.dns_port != 0,
+        dns_capture: projection::dns_capture(&meta).is_some(),
         services: maps.read_services().map_err(|e| e.to_string())?.len(),
         enrolled: maps.read_enrolled().map_err(|e| e.to_string())?.len(),
         counters: maps
@@ -241,7 +246,7 @@ fn installed(pin_dir: &Path) -> bool {
             rd.flatten().any(|e| {
                 let n = e.file_name();
                 let n = n.to_string_lossy();
-                n.starts_with("link_") || n == shunt_common::map_names::META
+                n.starts_with(LINK_PIN_PREFIX) || n == MetaSlot::SPEC.pin
             })
         })
         .unwrap_or(false)
@@ -300,7 +305,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     for l in programs
         .iter()
-        .filter(|l| !l.alive && REQUIRED_LINKS.contains(&l.program.as_str()))
+        .filter(|l| !l.alive && PROGRAMS.iter().any(|p| p.name == l.program))
     {
         problems.push(format!(
             "program {} is not attached ({}): restart `shunt agent` to re-attach it",

@@ -3,7 +3,10 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use shunt_agent::{capture, proxy::capture as agent};
+use shunt_agent::{
+    kernel::{loader, netlink, projection, PinnedMaps},
+    proxy::capture as agent,
+};
 
 use super::common::{runtime, KernelArgs};
 
@@ -21,14 +24,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let pin_dir = &args.kernel.pin_dir;
     // The DNS proxy's addresses are recorded in `meta`; read them before
     // the pins go.
-    let dns = shunt_agent::maps::PinnedMaps::open(pin_dir)
+    let dns = PinnedMaps::open(pin_dir)
         .ok()
         .and_then(|m| m.meta().ok())
-        .filter(|m| m.dns_port != 0)
-        .map(|m| (m.dns_addr4.into(), m.dns_addr6.into()));
-    let removed = capture::remove_pins(pin_dir)
+        .and_then(|m| projection::dns_capture(&m))
+        .map(|d| (d.addr4, d.addr6));
+    let removed = loader::remove_pins(pin_dir)
         .with_context(|| format!("removing pins under {}", pin_dir.display()))?;
-    runtime()?.block_on(capture::uninstall_network(dns))?;
+    runtime()?.block_on(netlink::uninstall_network(dns))?;
     println!(
         "removed {} pins under {}, the VIP routes and the DNS interface",
         removed.len(),

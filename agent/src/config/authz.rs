@@ -83,11 +83,17 @@ pub struct Source {
     pub namespaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_namespaces: Vec<String>,
-    /// `<namespace>/<serviceaccount>` of the peer certificate.
+    /// `<namespace>/<serviceaccount>` of the peer certificate, or
+    /// `<serviceaccount>` in the policy's namespace.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub service_accounts: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_service_accounts: Vec<String>,
+    /// The trust domain of the peer certificate (`cluster.local`, `td*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_domains: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_trust_domains: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ip_blocks: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -216,6 +216,30 @@ string_enum!(
     OutboundMode { AllowAny = "ALLOW_ANY", RegistryOnly = "REGISTRY_ONLY" }
 );
 
+string_enum!(
+    /// `MeshConfig.pathNormalization.normalization`, as Istio maps it to
+    /// Envoy; each level includes the ones before it.
+    /// - `NONE`: paths as received;
+    /// - `BASE` (Istio's default): RFC 3986 normalization (dot segments,
+    ///   unreserved escapes decoded, other escapes upper-cased), `\` as `/`;
+    /// - `MERGE_SLASHES`: then repeated slashes merged;
+    /// - `DECODE_AND_MERGE_SLASHES`: `%2F`/`%5C` decoded to `/` first.
+    PathNormalization {
+        None = "NONE",
+        Base = "BASE",
+        MergeSlashes = "MERGE_SLASHES",
+        DecodeAndMergeSlashes = "DECODE_AND_MERGE_SLASHES",
+    }
+);
+
+// The variants come from `string_enum!`, which cannot mark a `#[default]`.
+#[allow(clippy::derivable_impls)]
+impl Default for PathNormalization {
+    fn default() -> Self {
+        PathNormalization::Base
+    }
+}
+
 impl Default for Resolution {
     fn default() -> Self {
         Resolution::None
@@ -586,6 +610,10 @@ pub struct MeshConfig {
     pub trust_domain: String,
     #[serde(default)]
     pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// `pathNormalization`: how the waypoint normalizes request paths before
+    /// authorization (and sends them upstream).
+    #[serde(default)]
+    pub path_normalization: PathNormalizationConfig,
     /// shunt's extension (not an Istio field): see [`ShuntMeshConfig`].
     #[serde(default)]
     pub shunt: ShuntMeshConfig,
@@ -603,6 +631,7 @@ impl Default for MeshConfig {
         Self {
             trust_domain: default_trust_domain(),
             outbound_traffic_policy: OutboundTrafficPolicy::default(),
+            path_normalization: PathNormalizationConfig::default(),
             shunt: ShuntMeshConfig::default(),
             other: BTreeMap::new(),
         }
@@ -630,6 +659,14 @@ impl Default for OutboundTrafficPolicy {
             egress_proxy: None,
         }
     }
+}
+
+/// `MeshConfig.pathNormalization`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathNormalizationConfig {
+    #[serde(default)]
+    pub normalization: PathNormalization,
 }
 
 /// `shunt:` section of `mesh.yaml`:

@@ -6,22 +6,13 @@ use crate::config::{MeshConfig, OutboundMode};
 /// Istio's default `meshConfig.rootNamespace`.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
-/// What `outboundTrafficPolicy.mode` asks of connections outside the mesh.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum EgressMode {
-    /// Passthrough, reported.
-    #[default]
-    AllowAny,
-    /// Refused at connect() unless allow-listed.
-    RegistryOnly,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mesh {
     pub trust_domain: String,
     /// `meshConfig.rootNamespace`: policies there apply mesh-wide.
     pub root_namespace: String,
-    pub egress: EgressMode,
+    /// `outboundTrafficPolicy.mode`.
+    pub egress: OutboundMode,
     /// REGISTRY_ONLY exceptions (`shunt.allowedEgressCIDRs`).
     pub allowed_egress: Vec<ipnet::IpNet>,
     /// Steer enrolled workloads' DNS to the agent (`shunt.dnsCapture`).
@@ -45,10 +36,7 @@ impl Mesh {
                 .filter(|s| !s.is_empty())
                 .unwrap_or(DEFAULT_ROOT_NAMESPACE)
                 .to_string(),
-            egress: match m.outbound_traffic_policy.mode {
-                OutboundMode::AllowAny => EgressMode::AllowAny,
-                OutboundMode::RegistryOnly => EgressMode::RegistryOnly,
-            },
+            egress: m.outbound_traffic_policy.mode,
             allowed_egress: m.shunt.allowed_egress_cidrs.iter().map(|c| c.0).collect(),
             dns_capture: m.shunt.dns_capture,
         }

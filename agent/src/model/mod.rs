@@ -29,7 +29,7 @@ use crate::config::render::ServiceEntryStatus;
 use crate::config::{labels, Config, ObjectKey, ServiceEntry};
 use crate::identity::SpiffeId;
 
-pub use mesh::{EgressMode, Mesh};
+pub use mesh::Mesh;
 pub use service::{Destination, Service, ServiceId, ServicePort, Vip};
 pub use status::{now_rfc3339, StatusClock};
 pub use waypoint::{Unbindable, Waypoint, WaypointBinding};

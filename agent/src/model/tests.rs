@@ -121,7 +121,7 @@ fn the_seed_resolves_to_one_bound_service_and_one_enrolled_workload() {
     // DNS view, any case.
     let h = m.host("HTTPBIN.org").unwrap();
     assert_eq!(h.v4, vec![Ipv4Addr::new(240, 240, 0, 1)]);
-    assert_eq!(m.mesh.egress, EgressMode::AllowAny);
+    assert_eq!(m.mesh.egress, crate::config::OutboundMode::AllowAny);
     assert_eq!(m.mesh.root_namespace, "istio-system");
 }
 

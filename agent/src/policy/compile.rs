@@ -8,7 +8,9 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::matcher::{parse_ip_block, StrMatch};
-use super::{Action, BuildOptions, PolicyError, PolicyWarning};
+use super::{
+    Action, BuildOptions, PathNormalization, PolicyError, PolicyWarning, DRY_RUN_ANNOTATION,
+};
 use crate::config::authz::{
     AuthorizationPolicySpec, Condition, Operation, PolicyTargetReference, Source,
 };
@@ -26,6 +28,8 @@ pub(crate) enum Kind {
     Namespace(Vec<StrMatch>),
     /// `(namespace, serviceaccount)` of the peer principal; exact only.
     ServiceAccount(Vec<(Box<str>, Box<str>)>),
+    /// Trust domain of the peer principal (before the first `/`).
+    TrustDomain(Vec<StrMatch>),
     SourceIp(Vec<IpNet>),
     RemoteIp(Vec<IpNet>),
     DestIp(Vec<IpNet>),
@@ -85,6 +89,8 @@ pub(crate) struct CompiledPolicy {
     pub rules: Vec<CompiledRule>,
     /// How it is bound, for explanations (`ServiceEntry ns/name`, ...).
     pub bindings: Vec<String>,
+    /// `istio.io/dry-run: "true"`: evaluated and reported, never enforced.
+    pub dry_run: bool,
 }
 
 /// Indices (into `PolicySet::policies`) of the policies applying to one
@@ -94,20 +100,42 @@ pub(crate) struct TargetPolicies {
     pub deny: Vec<u32>,
     pub allow: Vec<u32>,
     pub audit: Vec<u32>,
+    /// Dry-run policies, per action (AUDIT has no dry-run form worth having:
+    /// it never decides anyway, so it stays in `audit`).
+    pub shadow_deny: Vec<u32>,
+    pub shadow_allow: Vec<u32>,
+    /// Some enforced rule uses HTTP-only fields. Dry-run policies do not
+    /// count: they must never change how traffic is handled.
     pub needs_http: bool,
 }
 
 impl TargetPolicies {
     fn push(&mut self, idx: u32, p: &CompiledPolicy) {
-        let list = match p.action {
-            Action::Deny => &mut self.deny,
-            Action::Allow => &mut self.allow,
-            Action::Audit => &mut self.audit,
+        let list = match (p.action, p.dry_run) {
+            (Action::Deny, false) => &mut self.deny,
+            (Action::Allow, false) => &mut self.allow,
+            (Action::Deny, true) => &mut self.shadow_deny,
+            (Action::Allow, true) => &mut self.shadow_allow,
+            (Action::Audit, _) => &mut self.audit,
         };
         if !list.contains(&idx) {
             list.push(idx);
         }
-        self.needs_http |= p.rules.iter().any(|r| r.http_only);
+        if !p.dry_run {
+            self.needs_http |= p.rules.iter().any(|r| r.http_only);
+        }
+    }
+
+    fn sort(&mut self) {
+        for l in [
+            &mut self.deny,
+            &mut self.allow,
+            &mut self.audit,
+            &mut self.shadow_deny,
+            &mut self.shadow_allow,
+        ] {
+            l.sort_unstable();
+        }
     }
 }
 
@@ -123,6 +151,7 @@ pub struct PolicySet {
     /// namespace -> ServiceEntry name -> gateway policies + its own.
     pub(crate) services: HashMap<Box<str>, HashMap<Box<str>, TargetPolicies>>,
     pub(crate) warnings: Vec<PolicyWarning>,
+    pub(crate) path_normalization: PathNormalization,
 }
 
 /// The policies that apply to one ServiceEntry's traffic at this waypoint.
@@ -135,9 +164,14 @@ pub struct ServicePolicies<'a> {
 }
 
 impl<'a> ServicePolicies<'a> {
-    /// No policy applies: everything is allowed.
+    /// No policy applies (not even a dry-run one): everything is allowed.
     pub fn is_empty(&self) -> bool {
-        self.target.deny.is_empty() && self.target.allow.is_empty() && self.target.audit.is_empty()
+        let t = self.target;
+        t.deny.is_empty()
+            && t.allow.is_empty()
+            && t.audit.is_empty()
+            && t.shadow_deny.is_empty()
+            && t.shadow_allow.is_empty()
     }
     /// Some applicable rule uses HTTP-only fields: on a port not declared
     /// HTTP the waypoint may still want to parse HTTP to decide precisely.
@@ -159,6 +193,7 @@ impl PolicySet {
             gateway: TargetPolicies::default(),
             services: HashMap::new(),
             warnings: Vec::new(),
+            path_normalization: PathNormalization::default(),
         }
     }
 
@@ -185,15 +220,17 @@ impl PolicySet {
             prev = Some(key);
             let mut b = Builder {
                 policy: &pname,
+                namespace: meta.ns(),
                 errors: Vec::new(),
                 warnings: &mut warnings,
+                normalization: opts.path_normalization,
             };
             let bindings = b.bindings(meta, spec, opts);
             if !b.errors.is_empty() || bindings.is_empty() {
                 errors.append(&mut b.errors);
                 continue;
             }
-            let result = b.policy(spec, &bindings);
+            let result = b.policy(meta, spec, &bindings);
             errors.append(&mut b.errors);
             if let Some(p) = result {
                 compiled.push((p, bindings));
@@ -207,6 +244,7 @@ impl PolicySet {
 
         let mut set = PolicySet::empty();
         set.warnings = warnings;
+        set.path_normalization = opts.path_normalization;
         let mut own: Vec<(String, String, u32)> = Vec::new();
         for (i, (p, bindings)) in compiled.into_iter().enumerate() {
             let idx = i as u32;
@@ -232,9 +270,7 @@ impl PolicySet {
         for ns in set.services.values_mut() {
             for t in ns.values_mut() {
                 // Name order across waypoint-wide and own policies.
-                t.deny.sort_unstable();
-                t.allow.sort_unstable();
-                t.audit.sort_unstable();
+                t.sort();
             }
         }
         Ok(set)
@@ -255,6 +291,12 @@ impl PolicySet {
         self.policies.is_empty()
     }
 
+    /// How request paths are normalized before matching; the waypoint
+    /// sends the normalized path upstream.
+    pub fn path_normalization(&self) -> PathNormalization {
+        self.path_normalization
+    }
+
     /// The policies for traffic to ServiceEntry `namespace/name`.
     pub fn for_service(&self, namespace: &str, name: &str) -> ServicePolicies<'_> {
         let target = self
@@ -268,8 +310,11 @@ impl PolicySet {
 
 struct Builder<'b> {
     policy: &'b str,
+    /// The policy's namespace (`serviceAccounts` short form).
+    namespace: &'b str,
     errors: Vec<PolicyError>,
     warnings: &'b mut Vec<PolicyWarning>,
+    normalization: PathNormalization,
 }
 
 impl Builder<'_> {
@@ -402,6 +447,7 @@ impl Builder<'_> {
 
     fn policy(
         &mut self,
+        meta: &ObjectMeta,
         spec: &AuthorizationPolicySpec,
         bindings: &[Binding],
     ) -> Option<CompiledPolicy> {
@@ -426,6 +472,28 @@ impl Builder<'_> {
         if spec.provider.is_some() {
             self.err("spec.provider", "may only be set with action CUSTOM");
         }
+        if action == Action::Deny && spec.rules.as_ref().is_none_or(|r| r.is_empty()) {
+            // As Istio's validation: such a DENY would never fire.
+            self.err(
+                "spec.rules",
+                "DENY action without rules is meaningless as it never matches; add an empty rule `{}` to deny every request",
+            );
+        }
+        let dry_run = match meta.annotations.get(DRY_RUN_ANNOTATION) {
+            None => false,
+            // Go's strconv.ParseBool, which Istio uses.
+            Some(v) => match v.as_str() {
+                "1" | "t" | "T" | "true" | "TRUE" | "True" => true,
+                "0" | "f" | "F" | "false" | "FALSE" | "False" => false,
+                other => {
+                    self.err(
+                        format!("metadata.annotations[{DRY_RUN_ANNOTATION}]"),
+                        format!("{other:?} is not a boolean (\"true\" or \"false\")"),
+                    );
+                    false
+                }
+            },
+        };
         let mut rules = Vec::new();
         for (ri, rule) in spec.rules.iter().flatten().enumerate() {
             let base = format!("spec.rules[{ri}]");
@@ -454,9 +522,33 @@ impl Builder<'_> {
         if !self.errors.is_empty() {
             return None;
         }
+        if let Some(why) = super::normalize::path_weakness(self.normalization) {
+            let weak = |checks: &[Check], negate: bool| {
+                checks
+                    .iter()
+                    .any(|c| matches!(c.kind, Kind::Path(_)) && c.negate == negate)
+            };
+            for (ri, r) in rules.iter().enumerate() {
+                // A DENY on `paths`, or an ALLOW on `notPaths`, is what a
+                // path spelled differently slips past.
+                let negate = match action {
+                    Action::Deny => false,
+                    Action::Allow => true,
+                    Action::Audit => continue,
+                };
+                if r.to.iter().any(|o| weak(o, negate)) {
+                    let field = if negate { "notPaths" } else { "paths" };
+                    self.warn(format!(
+                        "spec.rules[{ri}]: {action} on {field} under pathNormalization {}: {why}; set mesh.yaml pathNormalization.normalization: DECODE_AND_MERGE_SLASHES",
+                        self.normalization
+                    ));
+                }
+            }
+        }
         Some(CompiledPolicy {
             name: Arc::from(self.policy),
             action,
+            dry_run,
             rules,
             bindings: bindings
                 .iter()
@@ -523,52 +615,69 @@ impl Builder<'_> {
         self.strs(field, vals, false)
     }
 
+    /// Istio's rules: `<namespace>/<serviceaccount>`, or `<serviceaccount>`
+    /// in the policy's namespace; exact (no wildcard); at most 16 values of
+    /// at most 320 characters.
     fn service_accounts(&mut self, field: &str, vals: &[String]) -> Vec<(Box<str>, Box<str>)> {
+        if vals.len() > 16 {
+            self.err(
+                field,
+                format!("may not have more than 16 values (has {})", vals.len()),
+            );
+        }
         let mut out = Vec::new();
         for (i, v) in vals.iter().enumerate() {
-            match v.split_once('/') {
-                Some((ns, sa))
-                    if !ns.is_empty()
-                        && !sa.is_empty()
-                        && !sa.contains('/')
-                        && !v.contains('*') =>
-                {
-                    out.push((ns.into(), sa.into()))
+            let bad = |m: &str| format!("{v:?}: {m}");
+            let f = format!("{field}[{i}]");
+            if v.is_empty() {
+                self.err(f, "empty value");
+            } else if v.contains('*') {
+                self.err(f, bad("wildcards are not allowed"));
+            } else if v.len() > 320 {
+                self.err(f, bad("longer than 320 characters"));
+            } else {
+                match v.split_once('/') {
+                    None => out.push((self.namespace.into(), v.as_str().into())),
+                    Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+                        out.push((ns.into(), sa.into()))
+                    }
+                    Some(_) => self.err(
+                        f,
+                        bad("expected <serviceaccount> or <namespace>/<serviceaccount>"),
+                    ),
                 }
-                _ => self.err(
-                    format!("{field}[{i}]"),
-                    format!("{v:?} must be <namespace>/<serviceaccount> (no wildcards)"),
-                ),
             }
         }
         out
     }
 
-    fn hosts(&mut self, field: &str, vals: &[String]) -> Vec<StrMatch> {
-        self.values_ok(field, vals);
-        let mut out = Vec::new();
-        for v in vals {
-            // Requests are matched on the host without port (normalize_host),
-            // so a port in a pattern would never match: drop it, and say so.
-            let lower = v.trim().to_ascii_lowercase();
-            let mut h = lower.as_str();
-            if let Some((name, port)) = h.rsplit_once(':') {
-                let bracketed_v6 = name.starts_with('[') && name.ends_with(']');
-                if (port == "*" || port.bytes().all(|c| c.is_ascii_digit()))
-                    && (!name.contains(':') || bracketed_v6)
-                {
-                    self.warn(format!(
-                        "{field}: {v:?}: shunt matches hosts without port; the pattern is used as {name:?}"
-                    ));
-                    h = name;
-                }
+    /// Istio's rules: exact, `td*`, `*td` or `*`; no `/`.
+    fn trust_domains(&mut self, field: &str, vals: &[String]) -> Vec<StrMatch> {
+        for (i, v) in vals.iter().enumerate() {
+            let stars = v.matches('*').count();
+            let msg = if v.is_empty() {
+                Some("empty value")
+            } else if stars > 1 {
+                Some("at most one wildcard is allowed")
+            } else if stars == 1 && v != "*" && !v.starts_with('*') && !v.ends_with('*') {
+                Some("a wildcard is only allowed at the start or end")
+            } else if v.contains('/') {
+                Some("a trust domain must not contain '/'")
+            } else {
+                None
+            };
+            if let Some(m) = msg {
+                self.err(format!("{field}[{i}]"), format!("{v:?}: {m}"));
             }
-            if h.len() > 1 {
-                h = h.strip_suffix('.').unwrap_or(h);
-            }
-            out.push(StrMatch::new(h, true));
         }
-        out
+        vals.iter().map(|v| StrMatch::new(v, false)).collect()
+    }
+
+    /// Istio matches `hosts` against the `:authority` as received,
+    /// case-insensitively: a port or trailing dot in the request is part of
+    /// what is compared, so `httpbin.org` does not match `httpbin.org:80`.
+    fn hosts(&mut self, field: &str, vals: &[String]) -> Vec<StrMatch> {
+        self.strs(field, vals, true)
     }
 
     fn paths(&mut self, field: &str, vals: &[String]) -> Vec<StrMatch> {
@@ -627,6 +736,24 @@ impl Builder<'_> {
             &s.not_service_accounts,
             k,
         );
+        let k =
+            Kind::TrustDomain(self.trust_domains(&format!("{f}.trustDomains"), &s.trust_domains));
+        Self::push(&mut c, f, "trustDomains", false, &s.trust_domains, k);
+        let k = Kind::TrustDomain(
+            self.trust_domains(&format!("{f}.notTrustDomains"), &s.not_trust_domains),
+        );
+        Self::push(&mut c, f, "notTrustDomains", true, &s.not_trust_domains, k);
+        if !(s.service_accounts.is_empty() && s.not_service_accounts.is_empty())
+            && !(s.principals.is_empty()
+                && s.not_principals.is_empty()
+                && s.namespaces.is_empty()
+                && s.not_namespaces.is_empty())
+        {
+            self.err(
+                f,
+                "cannot set serviceAccounts (or notServiceAccounts) with namespaces or principals (as Istio)",
+            );
+        }
         let k = Kind::SourceIp(self.ips(&format!("{f}.ipBlocks"), &s.ip_blocks));
         Self::push(&mut c, f, "ipBlocks", false, &s.ip_blocks, k);
         let k = Kind::SourceIp(self.ips(&format!("{f}.notIpBlocks"), &s.not_ip_blocks));
@@ -709,6 +836,7 @@ impl Builder<'_> {
                 "source.principal" => Kind::Principal(this.principals(&vf, vals)),
                 "source.namespace" => Kind::Namespace(this.strs(&vf, vals, false)),
                 "source.serviceAccount" => Kind::ServiceAccount(this.service_accounts(&vf, vals)),
+                "source.trustDomain" => Kind::TrustDomain(this.trust_domains(&vf, vals)),
                 "destination.port" => Kind::Port(this.ports(&vf, vals)),
                 "connection.sni" => Kind::Sni(this.strs(&vf, vals, true)),
                 "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter" => {
@@ -740,7 +868,7 @@ impl Builder<'_> {
                     this.err(
                         format!("{f}.key"),
                         format!(
-                            "unknown or unsupported condition key {key:?} (supported: source.ip, remote.ip, source.namespace, source.principal, source.serviceAccount, destination.ip, destination.port, connection.sni, request.headers[NAME], request.auth.*)"
+                            "unknown or unsupported condition key {key:?} (supported: source.ip, remote.ip, source.namespace, source.principal, source.serviceAccount, source.trustDomain, destination.ip, destination.port, connection.sni, request.headers[NAME], request.auth.*)"
                         ),
                     );
                     return None;

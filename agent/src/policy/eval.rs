@@ -2,7 +2,7 @@
 
 use super::compile::{Check, CompiledPolicy, CompiledRule, Kind, ServicePolicies};
 use super::matcher::{any_ip, any_str};
-use super::{Action, Decision, Reason, RequestContext};
+use super::{Action, Decision, Reason, RequestContext, Shadow};
 
 /// The peer identity split once per evaluation.
 pub(crate) struct Peer<'a> {
@@ -10,6 +10,8 @@ pub(crate) struct Peer<'a> {
     pub principal: Option<&'a str>,
     pub namespace: Option<&'a str>,
     pub service_account: Option<&'a str>,
+    /// Before the first `/` of the principal.
+    pub trust_domain: Option<&'a str>,
 }
 
 impl<'a> Peer<'a> {
@@ -18,6 +20,9 @@ impl<'a> Peer<'a> {
             .map(|p| p.strip_prefix("spiffe://").unwrap_or(p))
             .filter(|p| !p.is_empty());
         let (mut namespace, mut service_account) = (None, None);
+        let trust_domain = principal
+            .and_then(|p| p.split('/').next())
+            .filter(|td| !td.is_empty());
         if let Some(p) = principal {
             // <trust domain>/ns/<namespace>/sa/<service account>
             let mut it = p.split('/');
@@ -39,6 +44,7 @@ impl<'a> Peer<'a> {
             principal,
             namespace,
             service_account,
+            trust_domain,
         }
     }
 }
@@ -59,6 +65,7 @@ impl Check {
                 (Some(n), Some(s)) => list.iter().any(|(ln, ls)| **ln == *n && **ls == *s),
                 _ => false,
             },
+            Kind::TrustDomain(ms) => peer.trust_domain.is_some_and(|t| any_str(ms, t)),
             Kind::SourceIp(nets) => req.source_ip.is_some_and(|ip| any_ip(nets, ip)),
             Kind::RemoteIp(nets) => req
                 .remote_ip
@@ -146,6 +153,7 @@ impl ServicePolicies<'_> {
                 break;
             }
         }
+        let shadow = self.shadow(req, &peer);
         for &i in &t.deny {
             let p = &policies[i as usize];
             if let Some(r) = policy_matches(p, req, &peer) {
@@ -156,6 +164,7 @@ impl ServicePolicies<'_> {
                     rule: Some(r),
                     reason: Reason::DenyMatched,
                     audit,
+                    shadow,
                 };
             }
         }
@@ -167,6 +176,7 @@ impl ServicePolicies<'_> {
                 rule: None,
                 reason: Reason::NoAllowPolicy,
                 audit,
+                shadow,
             };
         }
         for &i in &t.allow {
@@ -179,6 +189,7 @@ impl ServicePolicies<'_> {
                     rule: Some(r),
                     reason: Reason::AllowMatched,
                     audit,
+                    shadow,
                 };
             }
         }
@@ -191,7 +202,51 @@ impl ServicePolicies<'_> {
             rule: None,
             reason: Reason::NoAllowMatched,
             audit,
+            shadow,
         }
+    }
+
+    /// The dry-run policies' decision, with the same rules as the enforced
+    /// ones but on their own (Envoy's shadow engines).
+    fn shadow(&self, req: &RequestContext<'_>, peer: &Peer<'_>) -> Option<Shadow> {
+        let policies = &self.set.policies;
+        let t = self.target;
+        for &i in &t.shadow_deny {
+            let p = &policies[i as usize];
+            if let Some(r) = policy_matches(p, req, peer) {
+                return Some(Shadow {
+                    allowed: false,
+                    policy: Some(p.name.clone()),
+                    action: Action::Deny,
+                    rule: Some(r),
+                });
+            }
+        }
+        for &i in &t.shadow_allow {
+            let p = &policies[i as usize];
+            if let Some(r) = policy_matches(p, req, peer) {
+                return Some(Shadow {
+                    allowed: true,
+                    policy: Some(p.name.clone()),
+                    action: Action::Allow,
+                    rule: Some(r),
+                });
+            }
+        }
+        if let Some(&i) = t.shadow_allow.first() {
+            return Some(Shadow {
+                allowed: false,
+                policy: Some(policies[i as usize].name.clone()),
+                action: Action::Allow,
+                rule: None,
+            });
+        }
+        (!t.shadow_deny.is_empty()).then_some(Shadow {
+            allowed: true,
+            policy: None,
+            action: Action::Deny,
+            rule: None,
+        })
     }
 }
 

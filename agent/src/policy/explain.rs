@@ -42,17 +42,29 @@ pub fn explain(
         }
     }
     let target = sp.target;
-    let total = target.deny.len() + target.allow.len() + target.audit.len();
+    let total = target.deny.len()
+        + target.allow.len()
+        + target.audit.len()
+        + target.shadow_deny.len()
+        + target.shadow_allow.len();
     if total == 0 {
         let _ = writeln!(t, "policies applied: none");
     } else {
         let _ = writeln!(t, "policies applied ({total}), in evaluation order:");
     }
-    for &i in target.audit.iter().chain(&target.deny).chain(&target.allow) {
+    for &i in target
+        .audit
+        .iter()
+        .chain(&target.deny)
+        .chain(&target.allow)
+        .chain(&target.shadow_deny)
+        .chain(&target.shadow_allow)
+    {
         let p = &set.policies[i as usize];
         let _ = writeln!(
             t,
-            "  {} {} (bound to {})",
+            "  {}{} {} (bound to {})",
+            if p.dry_run { "dry-run " } else { "" },
             p.action,
             p.name,
             p.bindings.join(", ")
@@ -190,6 +202,7 @@ fn check_text(c: &Check, ok: bool, req: &RequestContext<'_>, peer: &Peer<'_>) ->
             .namespace
             .zip(peer.service_account)
             .map(|(n, s)| format!("{n}/{s}")),
+        Kind::TrustDomain(_) => peer.trust_domain.map(str::to_string),
         Kind::SourceIp(_) => req.source_ip.map(|i| i.to_string()),
         Kind::RemoteIp(_) => req.remote_ip.or(req.source_ip).map(|i| i.to_string()),
         Kind::DestIp(_) => req.destination_ip.map(|i| i.to_string()),

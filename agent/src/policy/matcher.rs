@@ -5,6 +5,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+/// Calls its argument with each value of one header, in order.
+pub(crate) type HeaderValues<'a> = dyn Fn(&mut dyn FnMut(&[u8])) + 'a;
+
 /// Istio's string match forms: `abc` exact, `abc*` prefix, `*abc` suffix,
 /// `*` presence (any non-empty value). Like Istio, a `*` elsewhere is literal.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,7 +57,7 @@ impl StrMatch {
     /// Matches the values of a header as Envoy sees them: several values of
     /// one header are joined with `,`. The join is virtual (two passes over
     /// the values) so that a repeated header costs no allocation.
-    pub(crate) fn matches_joined(&self, values: &dyn Fn(&mut dyn FnMut(&[u8]))) -> bool {
+    pub(crate) fn matches_joined(&self, values: &HeaderValues<'_>) -> bool {
         let mut count = 0usize;
         let mut total = 0usize;
         let mut single: Option<bool> = None;
@@ -90,7 +93,7 @@ impl StrMatch {
 }
 
 /// Whether bytes `start..start+pat.len()` of the `,`-joined values equal `pat`.
-fn virtual_window_eq(values: &dyn Fn(&mut dyn FnMut(&[u8])), start: usize, pat: &[u8]) -> bool {
+fn virtual_window_eq(values: &HeaderValues<'_>, start: usize, pat: &[u8]) -> bool {
     let end = start + pat.len();
     let mut pos = 0usize; // position in the joined string
     let mut ok = true;
@@ -142,12 +145,12 @@ pub(crate) fn any_ip(nets: &[IpNet], ip: IpAddr) -> bool {
 mod tests {
     use super::*;
 
-    fn joined<'a>(vals: &'a [&'a str]) -> impl Fn(&mut dyn FnMut(&[u8])) + 'a {
-        move |f: &mut dyn FnMut(&[u8])| {
+    fn joined<'a>(vals: &'a [&'a str]) -> Box<HeaderValues<'a>> {
+        Box::new(move |f: &mut dyn FnMut(&[u8])| {
             for v in vals {
                 f(v.as_bytes())
             }
-        }
+        })
     }
 
     #[test]

@@ -18,7 +18,9 @@
 //! Evaluation: any matching DENY denies; else if no ALLOW policy applies the
 //! request is allowed; else a matching ALLOW rule is needed. AUDIT never
 //! changes the decision but the first matching AUDIT policy is reported.
-//! CUSTOM is rejected when the policy is built.
+//! CUSTOM is rejected when the policy is built. Policies annotated
+//! `istio.io/dry-run: "true"` are evaluated on their own, as Envoy's shadow
+//! rules, and only reported ([`Decision::shadow`]); they never decide.
 
 mod compile;
 mod eval;
@@ -40,7 +42,11 @@ pub use compile::{PolicySet, ServicePolicies};
 pub use explain::{explain, Explanation};
 pub use normalize::{
     check_framing, normalize_host, normalize_path, Framing, FramingError, PathError,
+    PathNormalization,
 };
+
+/// The annotation that turns a policy into a shadow (dry-run) policy.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
 /// The root namespace of an Istio mesh unless configured otherwise.
 pub use crate::model::mesh::DEFAULT_ROOT_NAMESPACE;
@@ -53,6 +59,9 @@ pub struct BuildOptions {
     /// The waypoint's own Gateway; policies targeting it apply to all traffic
     /// through this waypoint. `None`: Gateway-bound policies are not applied.
     pub waypoint: Option<GatewayRef>,
+    /// MeshConfig `pathNormalization.normalization`: how request paths are
+    /// normalized before matching (and sent upstream).
+    pub path_normalization: PathNormalization,
 }
 
 impl Default for BuildOptions {
@@ -60,6 +69,7 @@ impl Default for BuildOptions {
         BuildOptions {
             root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
             waypoint: None,
+            path_normalization: PathNormalization::default(),
         }
     }
 }
@@ -162,17 +172,19 @@ pub struct HttpRequest<'a> {
 impl<'a> HttpRequest<'a> {
     /// `method` as parsed (case-sensitive, like HTTP); `target` the request
     /// target (path, with query and fragment if any); `authority` the Host
-    /// header or `:authority`. Fails (answer 400) on a path that cannot be
-    /// normalized.
+    /// header or `:authority`; `mode` the mesh's path normalization
+    /// ([`PolicySet::path_normalization`]). Fails (answer 400) on a path
+    /// that cannot be normalized.
     pub fn new(
         method: &'a str,
         target: &'a str,
         authority: &'a str,
         headers: &'a dyn HeaderLookup,
+        mode: PathNormalization,
     ) -> Result<Self, PathError> {
         Ok(HttpRequest {
             method,
-            path: normalize_path(target)?,
+            path: normalize_path(target, mode)?,
             host: normalize_host(authority),
             headers,
         })
@@ -183,8 +195,9 @@ impl<'a> HttpRequest<'a> {
         method: &'a str,
         target: &'a str,
         authority: &'a str,
+        mode: PathNormalization,
     ) -> Result<Self, PathError> {
-        Self::new(method, target, authority, &NO_HEADERS)
+        Self::new(method, target, authority, &NO_HEADERS, mode)
     }
 
     pub fn method(&self) -> &str {
@@ -194,7 +207,7 @@ impl<'a> HttpRequest<'a> {
     pub fn path(&self) -> &str {
         &self.path
     }
-    /// The normalized host (lower case, no port, no trailing dot).
+    /// The host as received, lower-cased (port and trailing dot kept).
     pub fn host(&self) -> &str {
         &self.host
     }
@@ -246,6 +259,42 @@ pub struct Decision {
     pub reason: Reason,
     /// The first matching AUDIT policy and rule (never changes `allowed`).
     pub audit: Option<(Arc<str>, usize)>,
+    /// What the dry-run policies would have decided; `None` when no dry-run
+    /// policy applies. Never changes `allowed`.
+    pub shadow: Option<Shadow>,
+}
+
+/// The would-be decision of the dry-run (`istio.io/dry-run`) policies, each
+/// action evaluated on its own as Envoy's shadow rules are: a matching
+/// dry-run DENY would deny; else dry-run ALLOW policies, if any apply,
+/// would allow only on a matching rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shadow {
+    pub allowed: bool,
+    /// The dry-run policy that decided, when one rule matched or when the
+    /// dry-run ALLOW policies matched nothing (then the first of them).
+    pub policy: Option<Arc<str>>,
+    /// ALLOW or DENY: which shadow engine decided.
+    pub action: Action,
+    pub rule: Option<usize>,
+}
+
+impl fmt::Display for Shadow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = if self.allowed { "allowed" } else { "denied" };
+        match (&self.policy, self.rule) {
+            (Some(p), Some(r)) => write!(
+                f,
+                "shadow {verdict}: dry-run {} policy {p} rule {r} matched",
+                self.action
+            ),
+            (Some(p), None) => write!(
+                f,
+                "shadow {verdict}: no rule of dry-run ALLOW policy {p} matched"
+            ),
+            (None, _) => write!(f, "shadow {verdict}"),
+        }
+    }
 }
 
 impl fmt::Display for Decision {
@@ -270,6 +319,9 @@ impl fmt::Display for Decision {
         }
         if let Some((p, r)) = &self.audit {
             write!(f, " (audited by AUDIT policy {p} rule {r})")?;
+        }
+        if let Some(s) = &self.shadow {
+            write!(f, " ({s})")?;
         }
         Ok(())
     }

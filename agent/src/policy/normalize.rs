@@ -1,13 +1,28 @@
-//! Request normalization applied before any policy matching, closing the
-//! known authorization bypasses (CVE-2021-31920 escaped slashes and dot
-//! segments, CVE-2021-39155 Host case, fragments, method case). The rules are
-//! those of Envoy with Istio's recommended `DECODE_AND_MERGE_SLASHES`:
-//! un-escape `%2F`/`%5C`, then RFC 3986 normalization (unreserved escapes,
-//! backslash, dot segments), then merge slashes.
+//! Request normalization applied before any policy matching. The path is
+//! normalized as Envoy does under Istio's MeshConfig
+//! `pathNormalization.normalization` ([`PathNormalization`]), and the
+//! normalized path is also what goes upstream, so that the policy and the
+//! upstream see the same path. The Host is only lower-cased: Istio matches
+//! `hosts` against the `:authority` as received (port and trailing dot
+//! significant), case-insensitively.
 
 use std::borrow::Cow;
 
 use thiserror::Error;
+
+pub use crate::config::PathNormalization;
+
+/// Request paths that reach the upstream as a path a DENY `paths` rule
+/// names while not matching it at the waypoint under `mode`; `None` when
+/// there is no known class.
+pub fn path_weakness(mode: PathNormalization) -> Option<&'static str> {
+    match mode {
+        PathNormalization::None => Some("no normalization: `/a/../admin`, `//admin`, `/%61dmin` and `/admin%2F` all bypass it"),
+        PathNormalization::Base => Some("BASE keeps repeated and escaped slashes: `//admin` and `/%2Fadmin` bypass it when the upstream merges or decodes them"),
+        PathNormalization::MergeSlashes => Some("MERGE_SLASHES keeps escaped slashes: `/%2Fadmin` bypasses it when the upstream decodes `%2F`"),
+        PathNormalization::DecodeAndMergeSlashes => None,
+    }
+}
 
 /// A request target that cannot be normalized; the HTTP layer answers 400.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -57,8 +72,9 @@ fn hex(b: u8) -> Option<u8> {
 }
 
 /// Whether the path is already in normal form (the common case): no escape,
-/// no backslash, no empty, `.` or `..` segment.
-fn is_normal(p: &str) -> bool {
+/// no backslash, no `.` or `..` segment, and (when slashes are merged) no
+/// empty segment.
+fn is_normal(p: &str, merge: bool) -> bool {
     let b = p.as_bytes();
     if b.first() != Some(&b'/') {
         return false;
@@ -70,7 +86,7 @@ fn is_normal(p: &str) -> bool {
     let mut segs = p[1..].split('/').peekable();
     while let Some(s) = segs.next() {
         let last = segs.peek().is_none();
-        if (s.is_empty() && !last) || s == "." || s == ".." {
+        if (merge && s.is_empty() && !last) || s == "." || s == ".." {
             return false;
         }
     }
@@ -78,25 +94,31 @@ fn is_normal(p: &str) -> bool {
 }
 
 /// Normalizes a request target (`/path?query#fragment`) into the path that
-/// policies match: fragment and query dropped; `%2F`/`%5C` and backslash
-/// treated as `/`; unreserved escapes decoded, other escapes upper-cased;
-/// dot segments resolved (never above root); repeated slashes merged; a
-/// trailing slash kept. Borrows when nothing changes.
-pub fn normalize_path(target: &str) -> Result<Cow<'_, str>, PathError> {
+/// policies match and that is sent upstream, as Envoy does under `mode`.
+/// Query and fragment are always dropped (the caller re-appends the query
+/// upstream). From `BASE` on: unreserved escapes decoded, other escapes
+/// upper-cased, `\` treated as `/`, dot segments resolved (never above
+/// root), a trailing slash kept; `MERGE_SLASHES` then merges repeated
+/// slashes; `DECODE_AND_MERGE_SLASHES` first turns `%2F`/`%5C` into `/`.
+/// Borrows when nothing changes.
+pub fn normalize_path(target: &str, mode: PathNormalization) -> Result<Cow<'_, str>, PathError> {
     let end = target.find(['?', '#']).unwrap_or(target.len());
     let p = &target[..end];
     if p.is_empty() {
         return Ok(Cow::Borrowed("/"));
     }
-    if p == "*" {
-        // OPTIONS * (asterisk-form); matches only `*`-style patterns.
-        return Ok(Cow::Borrowed("*"));
+    if p == "*" || mode == PathNormalization::None {
+        // `*`: OPTIONS * (asterisk-form); matches only `*`-style patterns.
+        return Ok(Cow::Borrowed(p));
     }
-    if is_normal(p) {
+    let merge = mode != PathNormalization::Base;
+    let decode_slashes = mode == PathNormalization::DecodeAndMergeSlashes;
+    if is_normal(p, merge) {
         return Ok(Cow::Borrowed(p));
     }
     let b = p.as_bytes();
-    // Pass 1: un-escape and turn every slash spelling into '/'.
+    // Pass 1: un-escape what RFC 3986 allows (and escaped slashes when asked),
+    // and read a backslash as '/'.
     let mut dec: Vec<u8> = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -111,7 +133,7 @@ pub fn normalize_path(target: &str) -> Result<Cow<'_, str>, PathError> {
                     _ => return Err(PathError::InvalidEscape { offset: i }),
                 };
                 let v = h * 16 + l;
-                if v == b'/' || v == b'\\' {
+                if decode_slashes && (v == b'/' || v == b'\\') {
                     dec.push(b'/');
                 } else if is_unreserved(v) {
                     dec.push(v);
@@ -136,65 +158,50 @@ pub fn normalize_path(target: &str) -> Result<Cow<'_, str>, PathError> {
     if dec.first() != Some(&b'/') {
         return Err(PathError::NotAbsolute(p.to_string()));
     }
-    // Pass 2: segments, resolving dot segments and merging empty ones.
+    // Pass 2: RFC 3986 remove_dot_segments (empty segments are segments).
     let mut out: Vec<&[u8]> = Vec::new();
-    let mut trailing = false;
     let mut segs = dec[1..].split(|&c| c == b'/').peekable();
     while let Some(s) = segs.next() {
         let last = segs.peek().is_none();
         match s {
-            b"" => trailing = last,
-            b"." => trailing = last,
+            b"." => {}
             b".." => {
                 out.pop();
-                trailing = last;
             }
             _ => {
                 out.push(s);
-                trailing = false;
+                continue;
             }
         }
-    }
-    let mut res = String::with_capacity(dec.len());
-    for s in &out {
-        res.push('/');
-        // Only ASCII was substituted, so segments stay valid UTF-8.
-        match std::str::from_utf8(s) {
-            Ok(s) => res.push_str(s),
-            Err(_) => return Err(PathError::NotAbsolute(p.to_string())),
+        if last {
+            out.push(b""); // `/a/.` and `/a/b/..` end with a slash
         }
     }
-    if out.is_empty() || trailing {
-        res.push('/');
+    let mut res: Vec<u8> = Vec::with_capacity(dec.len());
+    for s in &out {
+        // Pass 3 (merge): a slash never follows a slash.
+        if !(merge && res.last() == Some(&b'/')) {
+            res.push(b'/');
+        }
+        res.extend_from_slice(s);
     }
-    Ok(Cow::Owned(res))
+    if res.is_empty() {
+        res.push(b'/');
+    }
+    // Only ASCII was substituted, so the path stays valid UTF-8.
+    String::from_utf8(res)
+        .map(Cow::Owned)
+        .map_err(|_| PathError::NotAbsolute(p.to_string()))
 }
 
-/// Normalizes a Host/`:authority` for matching: port stripped (IPv6 literals
-/// keep their brackets), one trailing dot stripped, ASCII lower-cased.
+/// Lower-cases a Host/`:authority` for matching, as Envoy's case-insensitive
+/// header match sees it; port and trailing dot are kept (Istio: `hosts:
+/// [httpbin.org]` does not match `httpbin.org:80` nor `httpbin.org.`).
 pub fn normalize_host(host: &str) -> Cow<'_, str> {
-    let h = host.trim();
-    let h = if h.starts_with('[') {
-        match h.find(']') {
-            Some(i) => &h[..=i],
-            None => h,
-        }
+    if host.bytes().any(|c| c.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
     } else {
-        match h.rsplit_once(':') {
-            // Only a single colon is a port separator; a bare IPv6 is kept.
-            Some((name, port))
-                if !name.contains(':') && port.bytes().all(|c| c.is_ascii_digit()) =>
-            {
-                name
-            }
-            _ => h,
-        }
-    };
-    let h = h.strip_suffix('.').unwrap_or(h);
-    if h.bytes().any(|c| c.is_ascii_uppercase()) {
-        Cow::Owned(h.to_ascii_lowercase())
-    } else {
-        Cow::Borrowed(h)
+        Cow::Borrowed(host)
     }
 }
 

@@ -41,6 +41,7 @@ fn opts() -> BuildOptions {
             namespace: NS.into(),
             name: "egress-gateway".into(),
         }),
+        path_normalization: PathNormalization::default(),
     }
 }
 
@@ -55,12 +56,17 @@ fn parse(yaml: &str) -> AuthorizationPolicySpec {
     serde_yaml_ng::from_str(&y).unwrap_or_else(|e| panic!("bad test YAML {y}: {e}"))
 }
 
+/// A policy whose YAML holds `#dry-run` is annotated `istio.io/dry-run: "true"`.
 fn pol(ns: &str, name: &str, yaml: &str) -> (ObjectMeta, AuthorizationPolicySpec) {
-    let meta = ObjectMeta {
+    let mut meta = ObjectMeta {
         name: name.into(),
         namespace: Some(ns.into()),
         ..Default::default()
     };
+    if yaml.contains("#dry-run") {
+        meta.annotations
+            .insert(DRY_RUN_ANNOTATION.into(), "true".into());
+    }
     (meta, parse(yaml))
 }
 
@@ -138,11 +144,15 @@ impl R {
 }
 
 fn with_ctx<T>(r: &R, f: impl FnOnce(&RequestContext<'_>) -> T) -> T {
+    with_ctx_mode(r, PathNormalization::default(), f)
+}
+
+fn with_ctx_mode<T>(r: &R, mode: PathNormalization, f: impl FnOnce(&RequestContext<'_>) -> T) -> T {
     let headers = HeaderList(r.hdr);
     let http = if r.tcp {
         None
     } else {
-        Some(HttpRequest::new(r.m, r.path, r.host, &headers).expect("normalizable test path"))
+        Some(HttpRequest::new(r.m, r.path, r.host, &headers, mode).expect("normalizable test path"))
     };
     let ctx = RequestContext {
         principal: r.p,
@@ -157,7 +167,16 @@ fn with_ctx<T>(r: &R, f: impl FnOnce(&RequestContext<'_>) -> T) -> T {
 }
 
 fn decide(set: &PolicySet, r: &R) -> Decision {
-    with_ctx(r, |ctx| set.evaluate(NS, r.svc, ctx))
+    with_ctx_mode(r, set.path_normalization(), |ctx| {
+        set.evaluate(NS, r.svc, ctx)
+    })
+}
+
+fn opts_norm(mode: PathNormalization) -> BuildOptions {
+    BuildOptions {
+        path_normalization: mode,
+        ..opts()
+    }
 }
 
 const GET: R = R::http(Some(CURL), "GET", "/get");
@@ -228,9 +247,15 @@ fn table() -> Vec<Case> {
         case!("spec with no rules denies all", &[(NS, "none", "action: ALLOW")], GET, D, None),
         case!("rules: [{}] allows all", &[(NS, "all", "rules: [{}]")], POST, A, Some("common-infrastructure/all")),
         case!("DENY before ALLOW", &[(NS, "all", "rules: [{}]"), (NS, "zdeny", "action: DENY\nrules: [{}]")], GET, D, Some("common-infrastructure/zdeny")),
-        case!("DENY without rules never matches", &[(NS, "d", "action: DENY")], GET, A, None),
         case!("DENY not matching leaves ALLOW to decide", &[(NS, "httpbin", SEED), (NS, "d", "action: DENY\nrules: [{to: [{operation: {methods: [DELETE]}}]}]")], GET, A, BY_SEED),
         case!("AUDIT never changes the decision", &[(NS, "httpbin", SEED), (NS, "aud", "action: AUDIT\nrules: [{}]")], POST, D, None),
+        // --- dry-run (istio.io/dry-run: "true"): never enforced ---
+        case!("dry-run DENY matching does not deny", &[(NS, "d", "#dry-run\naction: DENY\nrules: [{}]")], GET, A, None),
+        case!("dry-run ALLOW not matching does not deny", &[(NS, "a", "#dry-run\nrules: [{to: [{operation: {methods: [PUT]}}]}]")], GET, A, None),
+        case!("dry-run ALLOW does not make ALLOW policies apply", &[(NS, "a", "#dry-run\nrules: [{}]"), (NS, "d", "action: DENY\nrules: [{to: [{operation: {methods: [POST]}}]}]")], GET, A, None),
+        case!("dry-run ALLOW does not rescue a request the enforced ALLOW denies", &[(NS, "httpbin", SEED), (NS, "z", "#dry-run\nrules: [{}]")], POST, D, None),
+        case!("enforced DENY still denies beside a dry-run ALLOW", &[(NS, "a", "#dry-run\nrules: [{}]"), (NS, "d", "action: DENY\nrules: [{}]")], GET, D, Some("common-infrastructure/d")),
+        case!("dry-run DENY on TCP does not deny", &[(NS, "d", "#dry-run\naction: DENY\nrules: [{to: [{operation: {methods: [POST]}}]}]")], R::tcp(Some(CURL)), A, None),
         // --- source fields ---
         case!("notPrincipals: curl denied", &[(NS, "d", "action: DENY\nrules: [{from: [{source: {notPrincipals: [cluster.local/ns/default/sa/admin]}}]}]")], GET, D, Some("common-infrastructure/d")),
         case!("notPrincipals: admin passes", &[(NS, "d", "action: DENY\nrules: [{from: [{source: {notPrincipals: [cluster.local/ns/default/sa/admin]}}]}]")], R::http(Some(ADMIN), "GET", "/"), A, None),
@@ -245,6 +270,20 @@ fn table() -> Vec<Case> {
         case!("serviceAccounts: admin", &[(NS, "a", "rules: [{from: [{source: {serviceAccounts: [default/admin]}}]}]")], R::http(Some(ADMIN), "POST", "/"), A, Some("common-infrastructure/a")),
         case!("serviceAccounts: curl", &[(NS, "a", "rules: [{from: [{source: {serviceAccounts: [default/admin]}}]}]")], POST, D, None),
         case!("notServiceAccounts", &[(NS, "d", "action: DENY\nrules: [{from: [{source: {notServiceAccounts: [default/admin]}}]}]")], POST, D, Some("common-infrastructure/d")),
+        case!("serviceAccounts short form: the policy's namespace", &[("default", "a", "targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: httpbin.org, namespace: common-infrastructure}]\nrules: [{from: [{source: {serviceAccounts: [admin]}}]}]")], R::http(Some(ADMIN), "POST", "/"), A, Some("default/a")),
+        case!("serviceAccounts short form: same name in another namespace", &[(NS, "a", "rules: [{from: [{source: {serviceAccounts: [admin]}}]}]")], R::http(Some(ADMIN), "POST", "/"), D, None),
+        case!("serviceAccounts: unauthenticated never matches", &[(NS, "a", "rules: [{from: [{source: {serviceAccounts: [default/curl]}}]}]")], R::http(None, "GET", "/"), D, None),
+        case!("notServiceAccounts short form", &[("default", "d", "targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: httpbin.org, namespace: common-infrastructure}]\naction: DENY\nrules: [{from: [{source: {notServiceAccounts: [curl]}}]}]")], GET, A, None),
+        case!("trustDomains exact", &[(NS, "a", "rules: [{from: [{source: {trustDomains: [cluster.local]}}]}]")], GET, A, Some("common-infrastructure/a")),
+        case!("trustDomains other domain", &[(NS, "a", "rules: [{from: [{source: {trustDomains: [cluster.local]}}]}]")], R::http(Some("spiffe://other.example/ns/default/sa/curl"), "GET", "/"), D, None),
+        case!("trustDomains is not a prefix of the domain", &[(NS, "a", "rules: [{from: [{source: {trustDomains: [cluster]}}]}]")], GET, D, None),
+        case!("trustDomains prefix", &[(NS, "a", "rules: [{from: [{source: {trustDomains: ['cluster*']}}]}]")], GET, A, Some("common-infrastructure/a")),
+        case!("trustDomains suffix", &[(NS, "a", "rules: [{from: [{source: {trustDomains: ['*.local']}}]}]")], GET, A, Some("common-infrastructure/a")),
+        case!("trustDomains presence needs an identity", &[(NS, "a", "rules: [{from: [{source: {trustDomains: ['*']}}]}]")], R::http(None, "GET", "/"), D, None),
+        case!("notTrustDomains DENY", &[(NS, "d", "action: DENY\nrules: [{from: [{source: {notTrustDomains: [cluster.local]}}]}]")], R::http(Some("spiffe://evil.example/ns/default/sa/curl"), "GET", "/"), D, Some("common-infrastructure/d")),
+        case!("notTrustDomains DENY: own domain passes", &[(NS, "d", "action: DENY\nrules: [{from: [{source: {notTrustDomains: [cluster.local]}}]}]")], GET, A, None),
+        case!("when source.trustDomain", &[(NS, "a", "rules: [{when: [{key: source.trustDomain, values: [cluster.local]}]}]")], GET, A, Some("common-infrastructure/a")),
+        case!("trustDomains on TCP", &[(NS, "a", "rules: [{from: [{source: {trustDomains: [cluster.local]}}]}]")], R::tcp(Some(CURL)), A, Some("common-infrastructure/a")),
         case!("ipBlocks CIDR", &[(NS, "a", "rules: [{from: [{source: {ipBlocks: [10.0.0.0/8]}}]}]")], GET, A, Some("common-infrastructure/a")),
         case!("ipBlocks other address", &[(NS, "a", "rules: [{from: [{source: {ipBlocks: [10.0.0.0/8]}}]}]")], GET.ip("192.168.1.1"), D, None),
         case!("ipBlocks single address, v4-mapped source", &[(NS, "a", "rules: [{from: [{source: {ipBlocks: [192.168.1.1]}}]}]")], GET.ip("::ffff:192.168.1.1"), A, Some("common-infrastructure/a")),
@@ -256,7 +295,16 @@ fn table() -> Vec<Case> {
         case!("source fields AND: right principal, wrong IP", &[(NS, "a", "rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/admin], ipBlocks: [10.0.0.0/8]}}]}]")], R::http(Some(ADMIN), "GET", "/").ip("192.168.1.1"), D, None),
         case!("from list OR", &[(NS, "a", "rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/admin]}}, {source: {ipBlocks: [10.0.0.0/8]}}]}]")], GET, A, Some("common-infrastructure/a")),
         // --- operation fields ---
-        case!("hosts case-insensitive, without port", &[(NS, "a", "rules: [{to: [{operation: {hosts: [httpbin.org]}}]}]")], GET.host("HTTPBIN.ORG:80"), A, Some("common-infrastructure/a")),
+        case!("hosts case-insensitive", &[(NS, "a", "rules: [{to: [{operation: {hosts: [httpbin.org]}}]}]")], GET.host("HTTPBIN.ORG"), A, Some("common-infrastructure/a")),
+        case!("hosts: a port in the Host is significant", &[(NS, "a", "rules: [{to: [{operation: {hosts: [httpbin.org]}}]}]")], GET.host("httpbin.org:80"), D, None),
+        case!("hosts: a trailing dot is significant", &[(NS, "a", "rules: [{to: [{operation: {hosts: [httpbin.org]}}]}]")], GET.host("httpbin.org."), D, None),
+        case!("hosts: pattern with port matches that port", &[(NS, "a", "rules: [{to: [{operation: {hosts: ['httpbin.org:80']}}]}]")], GET.host("HttpBin.org:80"), A, Some("common-infrastructure/a")),
+        case!("hosts: prefix pattern covers any port", &[(NS, "a", "rules: [{to: [{operation: {hosts: ['httpbin.org*']}}]}]")], GET.host("httpbin.org:8080"), A, Some("common-infrastructure/a")),
+        case!("hosts: suffix pattern does not cover a port", &[(NS, "a", "rules: [{to: [{operation: {hosts: ['*.example.com']}}]}]")], GET.host("api.example.com:443"), D, None),
+        case!("notHosts DENY: Host with port is not the allowed host (fails closed)", &[(NS, "d", "action: DENY\nrules: [{to: [{operation: {notHosts: [httpbin.org]}}]}]")], GET.host("httpbin.org:80"), D, Some("common-infrastructure/d")),
+        case!("notHosts DENY: Host with trailing dot is not the allowed host", &[(NS, "d", "action: DENY\nrules: [{to: [{operation: {notHosts: [httpbin.org]}}]}]")], GET.host("httpbin.org."), D, Some("common-infrastructure/d")),
+        case!("notHosts DENY: the exact host passes, any case", &[(NS, "d", "action: DENY\nrules: [{to: [{operation: {notHosts: [httpbin.org]}}]}]")], GET.host("HTTPBIN.org"), A, None),
+        case!("hosts: IPv6 literal with port", &[(NS, "a", "rules: [{to: [{operation: {hosts: ['[2001:db8::1]:80']}}]}]")], GET.host("[2001:DB8::1]:80"), A, Some("common-infrastructure/a")),
         case!("hosts pattern upper-case", &[(NS, "a", "rules: [{to: [{operation: {hosts: [HttpBin.Org]}}]}]")], GET, A, Some("common-infrastructure/a")),
         case!("hosts suffix", &[(NS, "a", "rules: [{to: [{operation: {hosts: ['*.example.com']}}]}]")], GET.host("Api.Example.com"), A, Some("common-infrastructure/a")),
         case!("hosts no match", &[(NS, "a", "rules: [{to: [{operation: {hosts: [httpbin.org]}}]}]")], GET.host("evil.org"), D, None),
@@ -270,6 +318,14 @@ fn table() -> Vec<Case> {
         case!("paths prefix", &[(NS, "a", "rules: [{to: [{operation: {paths: [/api/*]}}]}]")], R::http(Some(CURL), "GET", "/api/v1"), A, Some("common-infrastructure/a")),
         case!("paths suffix", &[(NS, "a", "rules: [{to: [{operation: {paths: ['*.json']}}]}]")], R::http(Some(CURL), "GET", "/a/b.json"), A, Some("common-infrastructure/a")),
         case!("notPaths", &[(NS, "d", "action: DENY\nrules: [{to: [{operation: {notPaths: [/get]}}]}]")], POST, D, Some("common-infrastructure/d")),
+        // --- paths under Istio's default normalization (BASE) ---
+        case!("BASE: dot segments resolved before matching", &[(NS, "d", "action: DENY\nrules: [{to: [{operation: {paths: ['/admin*']}}]}]")], R::http(Some(CURL), "GET", "/x/../admin"), D, Some("common-infrastructure/d")),
+        case!("BASE: escaped dots resolved", &[(NS, "d", "action: DENY\nrules: [{to: [{operation: {paths: ['/admin*']}}]}]")], R::http(Some(CURL), "GET", "/x/%2e%2e/admin"), D, Some("common-infrastructure/d")),
+        case!("BASE: unreserved escapes decoded", &[(NS, "d", "action: DENY\nrules: [{to: [{operation: {paths: ['/admin*']}}]}]")], R::http(Some(CURL), "GET", "/%61dmin"), D, Some("common-infrastructure/d")),
+        case!("BASE: backslash is a slash", &[(NS, "d", "action: DENY\nrules: [{to: [{operation: {paths: ['/admin*']}}]}]")], R::http(Some(CURL), "GET", "\\admin"), D, Some("common-infrastructure/d")),
+        case!("BASE: repeated slashes are kept (Istio's default; documented weakness)", &[(NS, "d", "action: DENY\nrules: [{to: [{operation: {paths: ['/admin*']}}]}]")], R::http(Some(CURL), "GET", "//admin"), A, None),
+        case!("BASE: escaped slash is kept", &[(NS, "d", "action: DENY\nrules: [{to: [{operation: {paths: ['/a/b']}}]}]")], R::http(Some(CURL), "GET", "/a%2Fb"), A, None),
+        case!("BASE: the seed's /get with a repeated slash is another path", SEEDP, R::http(Some(CURL), "GET", "//get"), D, None),
         case!("operation fields AND", &[(NS, "a", "rules: [{to: [{operation: {methods: [GET], ports: ['443']}}]}]")], GET, D, None),
         case!("rule needs from AND to", &[(NS, "a", "rules: [{from: [{source: {namespaces: [prod]}}], to: [{operation: {methods: [GET]}}]}]")], GET, D, None),
         // --- when ---
@@ -410,10 +466,14 @@ fn warnings_for_ignored_policies() {
         has("common-infrastructure/gw", "not this waypoint"),
         "{w:#?}"
     );
-    assert!(has("common-infrastructure/h", "without port"), "{w:#?}");
-    // Only the host policy is enforced; its port-less pattern still matches.
+    // A port in a host pattern is matched as written, as Istio does.
+    assert!(
+        !w.iter().any(|x| x.contains("common-infrastructure/h:")),
+        "{w:#?}"
+    );
     assert_eq!(set.len(), 1);
     assert!(decide(&set, &GET.host("httpbin.org:80")).allowed);
+    assert!(!decide(&set, &GET.host("httpbin.org")).allowed);
     assert!(!decide(&set, &GET.host("other.org")).allowed);
 }
 
@@ -454,8 +514,75 @@ fn build_errors_name_policy_and_field() {
     );
     let e = build_err("rules: [{to: [{operation: {paths: ['/a/{*}/b']}}]}]");
     assert!(e.contains("path templates"), "{e}");
-    let e = build_err("rules: [{from: [{source: {serviceAccounts: [admin]}}]}]");
-    assert!(e.contains("<namespace>/<serviceaccount>"), "{e}");
+    let e = build_err("rules: [{from: [{source: {serviceAccounts: [a/b/c]}}]}]");
+    assert!(
+        e.contains("spec.rules[0].from[0].source.serviceAccounts[0]")
+            && e.contains("<namespace>/<serviceaccount>"),
+        "{e}"
+    );
+    let e = build_err("rules: [{from: [{source: {serviceAccounts: ['default/*']}}]}]");
+    assert!(e.contains("wildcards are not allowed"), "{e}");
+    let e = build_err("rules: [{from: [{source: {serviceAccounts: [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q]}}]}]");
+    assert!(e.contains("more than 16 values"), "{e}");
+    // Istio: serviceAccounts cannot be combined with principals or namespaces.
+    for other in [
+        "principals: [x]",
+        "notPrincipals: [x]",
+        "namespaces: [x]",
+        "notNamespaces: [x]",
+    ] {
+        let e = build_err(&format!(
+            "rules: [{{from: [{{source: {{serviceAccounts: [default/admin], {other}}}}}]}}]"
+        ));
+        assert!(
+            e.contains("spec.rules[0].from[0].source") && e.contains("cannot set serviceAccounts"),
+            "{other}: {e}"
+        );
+    }
+    let e =
+        build_err("rules: [{from: [{source: {notServiceAccounts: [admin], principals: [x]}}]}]");
+    assert!(e.contains("cannot set serviceAccounts"), "{e}");
+    for (td, why) in [
+        ("'a*b'", "only allowed at the start or end"),
+        ("'*a*'", "at most one wildcard"),
+        ("'a/b'", "must not contain '/'"),
+        ("''", "empty value"),
+    ] {
+        let e = build_err(&format!(
+            "rules: [{{from: [{{source: {{trustDomains: [{td}]}}}}]}}]"
+        ));
+        assert!(
+            e.contains("spec.rules[0].from[0].source.trustDomains[0]") && e.contains(why),
+            "{td}: {e}"
+        );
+    }
+    let e = build_err("rules: [{when: [{key: source.trustDomain, values: ['x/y']}]}]");
+    assert!(e.contains("spec.rules[0].when[0].values[0]"), "{e}");
+    // Istio refuses a DENY that can never fire.
+    for y in ["action: DENY", "action: DENY\nrules: []"] {
+        let e = build_err(y);
+        assert!(
+            e.contains("spec.rules") && e.contains("DENY action without rules"),
+            "{e}"
+        );
+    }
+    // istio.io/dry-run must be a boolean as Go's ParseBool reads it.
+    let meta = ObjectMeta {
+        name: "dr".into(),
+        namespace: Some(NS.into()),
+        annotations: [("istio.io/dry-run".to_string(), "yes".to_string())].into(),
+        ..Default::default()
+    };
+    let e = PolicySet::build(&[(meta, parse("rules: [{}]"))], &opts())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("common-infrastructure/dr")
+            && e.contains("metadata.annotations[istio.io/dry-run]")
+            && e.contains("\"yes\" is not a boolean"),
+        "{e}"
+    );
     let e = build_err(
         "targetRefs: [{kind: ServiceEntry, group: networking.k8s.io, name: x}]\nrules: [{}]",
     );
@@ -530,7 +657,11 @@ const CORPUS_POLICIES: &[(&str, &str, &str)] = &[
 
 #[test]
 fn bypass_corpus() {
-    let set = build(CORPUS_POLICIES, &opts()).unwrap();
+    let set = build(
+        CORPUS_POLICIES,
+        &opts_norm(PathNormalization::DecodeAndMergeSlashes),
+    )
+    .unwrap();
     let deny_paths = Some("common-infrastructure/no-admin-paths");
     let corpus: &[(R, bool, Option<&str>)] = &[
         (R::http(Some(CURL), "GET", "/get"), A, BY_SEED),
@@ -555,14 +686,21 @@ fn bypass_corpus() {
         (R::http(Some(CURL), "GET", "/GET"), D, None),
         (R::http(Some(CURL), "get", "/get"), D, None),
         (
-            R::http(Some(CURL), "GET", "/get").host("HTTPBIN.ORG:80"),
+            R::http(Some(CURL), "GET", "/get").host("HTTPBIN.ORG"),
             A,
             BY_SEED,
         ),
+        // Istio compares the Host as sent: a port or a trailing dot makes
+        // it another host, so the notHosts DENY fires (fail closed).
+        (
+            R::http(Some(CURL), "GET", "/get").host("HTTPBIN.ORG:80"),
+            D,
+            Some("common-infrastructure/host-only"),
+        ),
         (
             R::http(Some(CURL), "GET", "/get").host("httpbin.org."),
-            A,
-            BY_SEED,
+            D,
+            Some("common-infrastructure/host-only"),
         ),
         (
             R::http(Some(CURL), "GET", "/get").host("evil.org"),
@@ -615,7 +753,13 @@ fn bypass_corpus() {
     // Unnormalizable paths are rejected before any policy runs (answer 400).
     for bad in ["/get%zz", "/get%2", "/get%", "get", "/%G0"] {
         assert!(
-            HttpRequest::without_headers("GET", bad, "httpbin.org").is_err(),
+            HttpRequest::without_headers(
+                "GET",
+                bad,
+                "httpbin.org",
+                PathNormalization::DecodeAndMergeSlashes
+            )
+            .is_err(),
             "{bad} accepted"
         );
     }
@@ -653,36 +797,43 @@ fn path_normalization() {
     ];
     for (input, want) in cases {
         assert_eq!(
-            normalize_path(input).as_deref(),
+            normalize_path(input, PathNormalization::DecodeAndMergeSlashes).as_deref(),
             Ok(want),
             "input {input:?}"
         );
     }
     // Nothing to change: borrowed, no allocation.
-    assert!(matches!(
-        normalize_path("/get/x.json"),
-        Ok(std::borrow::Cow::Borrowed(_))
-    ));
-    assert!(matches!(
-        normalize_path("/get?q=1"),
-        Ok(std::borrow::Cow::Borrowed(_))
-    ));
+    for mode in [
+        PathNormalization::None,
+        PathNormalization::Base,
+        PathNormalization::MergeSlashes,
+        PathNormalization::DecodeAndMergeSlashes,
+    ] {
+        assert!(matches!(
+            normalize_path("/get/x.json", mode),
+            Ok(std::borrow::Cow::Borrowed(_))
+        ));
+        assert!(matches!(
+            normalize_path("/get?q=1", mode),
+            Ok(std::borrow::Cow::Borrowed("/get"))
+        ));
+    }
     assert_eq!(
-        normalize_path("/a%zz"),
+        normalize_path("/a%zz", PathNormalization::Base),
         Err(PathError::InvalidEscape { offset: 2 })
     );
 }
 
 #[test]
 fn host_normalization() {
+    // Lower-cased only: Istio's host match sees port and trailing dot.
     for (input, want) in [
         ("httpbin.org", "httpbin.org"),
-        ("HTTPBIN.ORG:80", "httpbin.org"),
-        ("httpbin.org.", "httpbin.org"),
-        ("HttpBin.Org.:8080", "httpbin.org"),
-        ("[2001:DB8::1]:443", "[2001:db8::1]"),
-        ("2001:db8::1", "2001:db8::1"),
-        ("10.0.0.1:80", "10.0.0.1"),
+        ("HTTPBIN.ORG:80", "httpbin.org:80"),
+        ("httpbin.org.", "httpbin.org."),
+        ("HttpBin.Org.:8080", "httpbin.org.:8080"),
+        ("[2001:DB8::1]:443", "[2001:db8::1]:443"),
+        ("10.0.0.1:80", "10.0.0.1:80"),
     ] {
         assert_eq!(normalize_host(input), want, "input {input:?}");
     }
@@ -835,7 +986,9 @@ fn headers_via_http_headermap() {
     let ctx = RequestContext {
         principal: Some(CURL),
         destination_port: 80,
-        http: Some(HttpRequest::new("GET", "/", "httpbin.org", &hm).unwrap()),
+        http: Some(
+            HttpRequest::new("GET", "/", "httpbin.org", &hm, PathNormalization::Base).unwrap(),
+        ),
         ..Default::default()
     };
     assert!(set.evaluate(NS, SE, &ctx).allowed);
@@ -843,7 +996,9 @@ fn headers_via_http_headermap() {
     let ctx = RequestContext {
         principal: Some(CURL),
         destination_port: 80,
-        http: Some(HttpRequest::new("GET", "/", "httpbin.org", &hm).unwrap()),
+        http: Some(
+            HttpRequest::new("GET", "/", "httpbin.org", &hm, PathNormalization::Base).unwrap(),
+        ),
         ..Default::default()
     };
     assert!(!set.evaluate(NS, SE, &ctx).allowed);
@@ -864,4 +1019,167 @@ fn needs_http_and_empty() {
     )
     .unwrap();
     assert!(!set.for_service(NS, SE).needs_http());
+}
+
+#[test]
+fn path_normalization_follows_the_mesh_mode() {
+    use PathNormalization::*;
+    // (input, NONE, BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES)
+    let cases: &[(&str, [&str; 4])] = &[
+        ("/get", ["/get", "/get", "/get", "/get"]),
+        ("//get", ["//get", "//get", "/get", "/get"]),
+        ("/a//b/", ["/a//b/", "/a//b/", "/a/b/", "/a/b/"]),
+        ("/a/../b", ["/a/../b", "/b", "/b", "/b"]),
+        ("/a//../b", ["/a//../b", "/a/b", "/a/b", "/a/b"]),
+        ("/%61dmin", ["/%61dmin", "/admin", "/admin", "/admin"]),
+        ("/a%2fb", ["/a%2fb", "/a%2Fb", "/a%2Fb", "/a/b"]),
+        ("/a%5Cb", ["/a%5Cb", "/a%5Cb", "/a%5Cb", "/a/b"]),
+        ("/a\\b", ["/a\\b", "/a/b", "/a/b", "/a/b"]),
+        (
+            "/x/%2E%2E/admin",
+            ["/x/%2E%2E/admin", "/admin", "/admin", "/admin"],
+        ),
+        (
+            "/a/%2F../b",
+            ["/a/%2F../b", "/a/%2F../b", "/a/%2F../b", "/a/b"],
+        ),
+        ("/a%3ab", ["/a%3ab", "/a%3Ab", "/a%3Ab", "/a%3Ab"]),
+        ("/a/b/..", ["/a/b/..", "/a/", "/a/", "/a/"]),
+        ("/get?x=//y", ["/get", "/get", "/get", "/get"]),
+    ];
+    let mut failures = Vec::new();
+    for (input, want) in cases {
+        for (mode, want) in [None, Base, MergeSlashes, DecodeAndMergeSlashes]
+            .iter()
+            .zip(want)
+        {
+            let got = normalize_path(input, *mode);
+            if got.as_deref() != Ok(*want) {
+                failures.push(format!("{mode} {input:?}: want {want:?}, got {got:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Invalid escapes are refused from BASE on; NONE passes the path as is.
+    assert!(normalize_path("/a%zz", Base).is_err());
+    assert_eq!(normalize_path("/a%zz", None).as_deref(), Ok("/a%zz"));
+}
+
+#[test]
+fn the_mesh_mode_decides_path_matches() {
+    use PathNormalization::*;
+    let deny = &[(
+        NS,
+        "d",
+        "action: DENY\nrules: [{to: [{operation: {paths: ['/admin*']}}]}]",
+    )];
+    let cases: &[(&str, [bool; 4])] = &[
+        // denied? under NONE, BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES
+        ("/admin", [true, true, true, true]),
+        ("/x/../admin", [false, true, true, true]),
+        ("//admin", [false, false, true, true]),
+        ("/%2Fadmin", [false, false, false, true]),
+    ];
+    for (path, denied) in cases {
+        for (mode, denied) in [None, Base, MergeSlashes, DecodeAndMergeSlashes]
+            .iter()
+            .zip(denied)
+        {
+            let set = build(deny, &opts_norm(*mode)).unwrap();
+            let d = decide(&set, &R::http(Some(CURL), "GET", path));
+            assert_eq!(!d.allowed, *denied, "{mode} {path}: {d}");
+        }
+    }
+}
+
+#[test]
+fn weak_path_rules_are_warned_about_under_the_mesh_mode() {
+    use PathNormalization::*;
+    let ps = &[
+        (
+            NS,
+            "d",
+            "action: DENY\nrules: [{to: [{operation: {paths: ['/admin*']}}]}]",
+        ),
+        (
+            NS,
+            "a",
+            "rules: [{to: [{operation: {notPaths: ['/admin*']}}]}]",
+        ),
+        (NS, "ok", "rules: [{to: [{operation: {paths: ['/get']}}]}]"),
+    ];
+    for mode in [None, Base, MergeSlashes] {
+        let set = build(ps, &opts_norm(mode)).unwrap();
+        let w: Vec<String> = set.warnings().iter().map(|w| w.to_string()).collect();
+        assert!(
+            w.iter().any(
+                |x| x.contains("common-infrastructure/d: spec.rules[0]: DENY on paths")
+                    && x.contains(mode.as_str())
+                    && x.contains("DECODE_AND_MERGE_SLASHES")
+            ),
+            "{mode}: {w:#?}"
+        );
+        assert!(
+            w.iter()
+                .any(|x| x.contains("common-infrastructure/a: spec.rules[0]: ALLOW on notPaths")),
+            "{mode}: {w:#?}"
+        );
+        assert!(!w.iter().any(|x| x.contains("/ok:")), "{mode}: {w:#?}");
+    }
+    let set = build(ps, &opts_norm(DecodeAndMergeSlashes)).unwrap();
+    assert!(set.warnings().is_empty(), "{:?}", set.warnings());
+}
+
+#[test]
+fn dry_run_policies_report_a_shadow_decision_and_never_enforce() {
+    let deny = (
+        NS,
+        "dd",
+        "#dry-run\naction: DENY\nrules: [{to: [{operation: {methods: [POST]}}]}]",
+    );
+    let allow = (
+        NS,
+        "da",
+        "#dry-run\nrules: [{to: [{operation: {paths: [/get]}}]}]",
+    );
+    let set = build(&[deny, allow], &opts()).unwrap();
+    // POST: the dry-run DENY would deny.
+    let d = decide(&set, &POST);
+    assert!(d.allowed && d.reason == Reason::NoAllowPolicy, "{d}");
+    let sh = d.shadow.clone().expect("shadow decision");
+    assert!(!sh.allowed && sh.action == Action::Deny, "{sh}");
+    assert_eq!(sh.policy.as_deref(), Some("common-infrastructure/dd"));
+    assert_eq!(sh.rule, Some(0));
+    assert_eq!(
+        d.to_string(),
+        "allowed: no ALLOW policy applies (shadow denied: dry-run DENY policy common-infrastructure/dd rule 0 matched)"
+    );
+    // GET /get: the dry-run ALLOW would allow.
+    let sh = decide(&set, &GET).shadow.expect("shadow");
+    assert!(sh.allowed && sh.action == Action::Allow, "{sh}");
+    assert_eq!(sh.policy.as_deref(), Some("common-infrastructure/da"));
+    // GET /other: the dry-run ALLOW applies and nothing matched.
+    let sh = decide(&set, &R::http(Some(CURL), "GET", "/other"))
+        .shadow
+        .expect("shadow");
+    assert!(!sh.allowed && sh.rule.is_none(), "{sh}");
+    assert_eq!(
+        sh.to_string(),
+        "shadow denied: no rule of dry-run ALLOW policy common-infrastructure/da matched"
+    );
+    // No dry-run policy bound: no shadow decision.
+    let set = build(SEEDP, &opts()).unwrap();
+    assert!(decide(&set, &GET).shadow.is_none());
+    // Dry-run policies never make a port parse HTTP.
+    let set = build(&[deny], &opts()).unwrap();
+    assert!(!set.for_service(NS, SE).needs_http());
+    assert!(!set.for_service(NS, SE).is_empty());
+    // ... and explain shows them.
+    let e = with_ctx(&POST, |ctx| explain(&set, NS, SE, ctx));
+    assert!(
+        e.text.contains("dry-run DENY common-infrastructure/dd"),
+        "{}",
+        e.text
+    );
+    assert!(e.text.contains("shadow denied"), "{}", e.text);
 }

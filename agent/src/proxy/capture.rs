@@ -33,8 +33,11 @@ use tokio::{
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
-    capture::{self, CaptureError, KernelPaths},
-    maps::{self, MapsError, PinnedMaps},
+    kernel::{
+        self, capture,
+        registry::{addr_bytes, tcp_key},
+        KernelError, KernelPaths, PinnedMaps,
+    },
     prereq::{self, PrereqError},
 };
 
@@ -43,9 +46,7 @@ pub enum CaptureServerError {
     #[error(transparent)]
     Prereq(#[from] PrereqError),
     #[error(transparent)]
-    Capture(#[from] CaptureError),
-    #[error(transparent)]
-    Maps(#[from] MapsError),
+    Kernel(#[from] KernelError),
     #[error("state directory {0}: {1}")]
     State(PathBuf, std::io::Error),
     #[error("entering network namespace {0}: {1}")]
@@ -88,8 +89,8 @@ pub struct CaptureOptions {
     pub capture_addr: SocketAddr,
     /// How long open connections may run after the agent stops accepting.
     pub drain_timeout: Duration,
-    /// Initial `meta` (egress mode, DNS proxy); the layout version is
-    /// filled in by the loader. `None` leaves a pinned `meta` as it is.
+    /// Initial `meta` (from `kernel::projection::meta`). `None` leaves a
+    /// pinned `meta` as it is.
     pub meta: Option<shunt_common::Meta>,
 }
 
@@ -131,7 +132,7 @@ impl Drop for InFlightGuard {
 /// leaves the agent capturing; [`CaptureServer::serve`] runs it until a signal.
 pub struct CaptureServer {
     opts: CaptureOptions,
-    installed: capture::Installed,
+    installed: kernel::loader::Installed,
     listener: TcpListener,
     maps: Arc<PinnedMaps>,
     in_flight: Arc<InFlight>,
@@ -150,17 +151,17 @@ impl CaptureServer {
             signal(SignalKind::interrupt()).map_err(CaptureServerError::Signal)?,
             signal(SignalKind::user_defined2()).map_err(CaptureServerError::Signal)?,
         ];
-        let mut installed = capture::install(&opts.paths, opts.meta)?;
+        let mut installed = kernel::loader::install(&opts.paths, opts.meta)?;
         if !installed.reused_links.is_empty() {
             info!(links = ?installed.reused_links, "reusing pinned links (their programs replaced in place by this build)");
         }
-        capture::install_routes().await?;
+        kernel::netlink::install_vip_routes().await?;
         let maps = Arc::new(PinnedMaps::open(&opts.paths.pin_dir)?);
-        let std_listener = capture::capture_listener(opts.capture_addr)?;
+        let std_listener = capture::listener(opts.capture_addr)?;
         let listener = TcpListener::from_std(std_listener)
-            .map_err(|e| CaptureError::Socket(opts.capture_addr, e))?;
-        capture::insert_capture_socket(&mut installed.ebpf, &listener)?;
-        capture::start_kernel_log(&mut installed.ebpf);
+            .map_err(|e| KernelError::Socket(opts.capture_addr, e))?;
+        capture::insert(&mut installed.ebpf, &listener)?;
+        kernel::events::forward_kernel_log(&mut installed.ebpf);
         std::fs::create_dir_all(&opts.state_dir)
             .map_err(|e| CaptureServerError::State(opts.state_dir.clone(), e))?;
         signal_predecessor(&opts.state_dir)?;
@@ -205,7 +206,7 @@ impl CaptureServer {
             info!("a successor took over the capture socket; draining");
         } else {
             if pidfile_owner(&self.opts.state_dir) == Some(std::process::id()) {
-                capture::clear_capture_socket(&mut self.installed.ebpf)?;
+                capture::clear(&mut self.installed.ebpf)?;
                 let _ = std::fs::remove_file(self.opts.state_dir.join(PIDFILE));
             }
             info!("shutting down; VIP connects are refused until an agent starts");
@@ -252,12 +253,12 @@ impl CaptureServer {
         let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
         // Only sk_lookup feeds this socket; anything else connected to it
         // directly is not ours to carry.
-        if !is_vip(&maps::addr_bytes(dst.ip())) {
+        if !is_vip(&addr_bytes(dst.ip())) {
             debug!(%src, %dst, "direct connection to the capture socket; reset");
             reset(stream);
             return;
         }
-        let Some(service) = self.maps.service(&maps::tcp_key(dst)) else {
+        let Some(service) = self.maps.service(&tcp_key(dst)) else {
             // Removed between the SYN and now.
             debug!(%src, %dst, "service gone; reset");
             reset(stream);

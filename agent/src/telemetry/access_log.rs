@@ -69,6 +69,10 @@ pub struct ConnectionLog {
     pub duration: Duration,
     /// Set on failure: the line is logged at ERROR with `error="..."`.
     pub error: Option<String>,
+    /// The TLS SNI the client sent (waypoint, TLS ports).
+    pub sni: Option<String>,
+    /// The dry-run policies' would-be decision, when one applied.
+    pub shadow: Option<String>,
 }
 
 impl ConnectionLog {
@@ -91,6 +95,8 @@ impl ConnectionLog {
             bytes_recv: 0,
             duration: Duration::ZERO,
             error: None,
+            sni: None,
+            shadow: None,
         }
     }
 
@@ -133,6 +139,7 @@ impl ConnectionLog {
         quoted(&mut out, "dst.workload", &self.dst_workload);
         quoted(&mut out, "dst.namespace", &self.dst_namespace);
         quoted(&mut out, "dst.identity", &self.dst_identity);
+        quoted(&mut out, "sni", &self.sni);
         let _ = write!(
             out,
             " direction={:?} bytes_sent={} bytes_recv={} duration={:?}",
@@ -141,6 +148,7 @@ impl ConnectionLog {
             self.bytes_recv,
             self.duration_str()
         );
+        quoted(&mut out, "shadow", &self.shadow);
         quoted(&mut out, "error", &self.error);
         out
     }
@@ -175,10 +183,12 @@ impl ConnectionLog {
         opt(&mut field, "dst.workload", &self.dst_workload);
         opt(&mut field, "dst.namespace", &self.dst_namespace);
         opt(&mut field, "dst.identity", &self.dst_identity);
+        opt(&mut field, "sni", &self.sni);
         field("direction", s(self.direction.as_str()));
         field("bytes_sent", self.bytes_sent.into());
         field("bytes_recv", self.bytes_recv.into());
         field("duration", s(&self.duration_str()));
+        opt(&mut field, "shadow", &self.shadow);
         opt(&mut field, "error", &self.error);
         out.push('}');
         out

@@ -50,6 +50,10 @@ pub struct RequestLog {
     pub downstream_remote_address: Option<SocketAddr>,
     pub requested_server_name: Option<String>,
     pub route_name: Option<String>,
+    /// The dry-run policies' would-be decision (`shadow allowed: ...`),
+    /// appended as `shadow="..."` only when one applied (Envoy puts it in
+    /// the RBAC filter's dynamic metadata).
+    pub shadow: Option<String>,
 }
 
 fn dash(v: Option<&str>) -> &str {
@@ -104,6 +108,7 @@ impl RequestLog {
             downstream_remote_address: None,
             requested_server_name: None,
             route_name: None,
+            shadow: None,
         }
     }
 
@@ -151,6 +156,9 @@ impl RequestLog {
             dash(self.requested_server_name.as_deref()),
             dash(self.route_name.as_deref()),
         );
+        if let Some(s) = &self.shadow {
+            let _ = write!(out, " shadow={s:?}");
+        }
         out
     }
 
@@ -210,6 +218,9 @@ impl RequestLog {
         for (k, v) in fields {
             out.push(if out.is_empty() { '{' } else { ',' });
             let _ = write!(out, "{}:{}", serde_json::Value::from(k), v);
+        }
+        if let Some(s) = &self.shadow {
+            let _ = write!(out, ",\"shadow\":{}", serde_json::Value::from(s.as_str()));
         }
         out.push('}');
         out

@@ -121,6 +121,32 @@ impl EncodeLabelSet for RequestLabels {
     }
 }
 
+/// Labels of `shunt_authz_shadow_decisions_total`: one dry-run decision, by
+/// shadow engine (`istio_dry_run_allow` / `istio_dry_run_deny`, Istio's
+/// shadow rule stat prefixes), result and deciding policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ShadowLabels {
+    pub engine: &'static str,
+    /// `allowed` or `denied`.
+    pub result: &'static str,
+    /// `namespace/name`, empty when no single policy decided.
+    pub policy: String,
+}
+
+impl EncodeLabelSet for ShadowLabels {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        [
+            ("shadow_engine", self.engine),
+            ("shadow_result", self.result),
+            ("policy", or_unknown(&self.policy)),
+        ]
+        .encode(encoder)
+    }
+}
+
 /// Counters of the DNS proxy. Cloning shares the counters.
 #[derive(Clone, Debug, Default)]
 pub struct DnsMetrics {
@@ -164,6 +190,7 @@ pub struct MetricsBuilder {
     tcp: TcpFamilies,
     requests: RequestFamilies,
     dns: DnsMetrics,
+    shadow: Family<ShadowLabels, Counter>,
 }
 
 impl MetricsBuilder {
@@ -194,6 +221,7 @@ impl MetricsBuilder {
             tcp: self.tcp,
             requests: self.requests,
             dns: self.dns,
+            shadow: self.shadow,
         })
     }
 }
@@ -219,6 +247,7 @@ pub struct Metrics {
     tcp: TcpFamilies,
     requests: RequestFamilies,
     dns: DnsMetrics,
+    shadow: Family<ShadowLabels, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -298,11 +327,18 @@ impl Metrics {
             "Total number of failed upstream DNS requests",
             dns.upstream_failures.clone(),
         );
+        let shadow = Family::default();
+        registry.register(
+            "shunt_authz_shadow_decisions",
+            "Decisions of dry-run (istio.io/dry-run) AuthorizationPolicies, never enforced",
+            shadow.clone(),
+        );
         MetricsBuilder {
             registry,
             tcp,
             requests,
             dns,
+            shadow,
         }
     }
 
@@ -331,6 +367,11 @@ impl Metrics {
             .duration
             .get_or_create(labels)
             .observe(duration_ms);
+    }
+
+    /// Counts one dry-run decision (waypoint, per request or connection).
+    pub fn record_shadow(&self, labels: &ShadowLabels) {
+        self.shadow.get_or_create(labels).inc();
     }
 
     /// Prometheus/OpenMetrics text of every registered metric.

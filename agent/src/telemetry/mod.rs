@@ -9,7 +9,7 @@ pub use access_log::{AccessLogger, ConnectionLog, Direction, EgressLog, LogForma
 pub use envoy_log::RequestLog;
 pub use metrics::{
     ConnectionLabels, ConnectionRecorder, DnsMetrics, Metrics, MetricsBuilder, Reporter,
-    RequestLabels,
+    RequestLabels, ShadowLabels,
 };
 
 use std::time::SystemTime;

@@ -19,14 +19,14 @@ use crate::telemetry::{
 };
 use crate::upstream::UpstreamStream;
 
-use super::{l7, routes, Shared};
+use super::{l7, routes, tls, Shared};
 
 pub(crate) struct TunnelHandler {
     pub(crate) shared: Arc<Shared>,
 }
 
 impl TunnelHandler {
-    fn labels(&self, req: &InboundRequest, service: &str) -> ConnectionLabels {
+    pub(crate) fn labels(&self, req: &InboundRequest, service: &str) -> ConnectionLabels {
         ConnectionLabels {
             reporter: Reporter::Destination,
             source_workload: req.peer_identity.service_account().to_string(),
@@ -41,7 +41,7 @@ impl TunnelHandler {
         }
     }
 
-    fn conn_log(
+    pub(crate) fn conn_log(
         &self,
         req: &InboundRequest,
         dst: SocketAddr,
@@ -59,7 +59,13 @@ impl TunnelHandler {
     }
 
     /// A tunnel refused before any byte was relayed: error line + metrics.
-    fn refused(&self, req: &InboundRequest, service: Option<&str>, flags: &str, why: String) {
+    pub(crate) fn refused(
+        &self,
+        req: &InboundRequest,
+        service: Option<&str>,
+        flags: &str,
+        why: String,
+    ) {
         let mut l = self.conn_log(req, req.local_addr, service);
         l.error = Some(why);
         self.shared.access_log.connection(&l);
@@ -117,6 +123,11 @@ impl HboneHandler for TunnelHandler {
             });
         }
 
+        if tls::is_tls_port(&target) {
+            // `connection.sni` needs the ClientHello, sent after the 200.
+            return tls::decision(self, req, target, authority, start);
+        }
+
         // L4: decide on the connection, HTTP fields per Istio's TCP rule.
         let decision = {
             let principal = req.peer_identity.uri();
@@ -132,6 +143,7 @@ impl HboneHandler for TunnelHandler {
                 .for_service(target.service.namespace(), target.service.name())
                 .evaluate(&ctx)
         };
+        let shadow = l7::note_shadow(&self.shared.metrics, &decision);
         if !decision.allowed {
             tracing::info!(identity = %req.peer_identity, %authority, %decision, "connection denied");
             self.refused(
@@ -148,7 +160,8 @@ impl HboneHandler for TunnelHandler {
                     .shared
                     .metrics
                     .connection(self.labels(&req, &target.host));
-                let log = self.conn_log(&req, req.local_addr, Some(&target.host));
+                let mut log = self.conn_log(&req, req.local_addr, Some(&target.host));
+                log.shadow = shadow;
                 Decision::Forward(Box::new(Tracked {
                     io: c.stream,
                     sent: 0,
@@ -159,6 +172,7 @@ impl HboneHandler for TunnelHandler {
                     revoked: Box::pin(revoked(
                         self.shared.clone(),
                         req.peer_identity.uri(),
+                        None,
                         req.source_addr,
                         authority,
                         (
@@ -183,25 +197,26 @@ impl HboneHandler for TunnelHandler {
 
 /// The upstream side of a TCP tunnel: counts bytes and writes the ztunnel
 /// line and closes the metrics when the relay drops it.
-struct Tracked {
-    io: UpstreamStream,
+pub(crate) struct Tracked {
+    pub(crate) io: UpstreamStream,
     /// Written to the upstream (the client's request direction).
-    sent: u64,
+    pub(crate) sent: u64,
     /// Read from the upstream.
-    recv: u64,
-    error: Option<String>,
-    start: Instant,
-    done: Option<(ConnectionLog, ConnectionRecorder, Arc<AccessLogger>)>,
+    pub(crate) recv: u64,
+    pub(crate) error: Option<String>,
+    pub(crate) start: Instant,
+    pub(crate) done: Option<(ConnectionLog, ConnectionRecorder, Arc<AccessLogger>)>,
     /// Resolves (with the reason) when a new config no longer authorizes
     /// this connection; polled with the upstream reads, it ends the relay.
-    revoked: Pin<Box<dyn std::future::Future<Output = String> + Send>>,
+    pub(crate) revoked: Pin<Box<dyn std::future::Future<Output = String> + Send>>,
 }
 
 /// Re-evaluates an open TCP tunnel's L4 decision on every new snapshot, as
 /// ztunnel closes connections that a policy change denies.
-async fn revoked(
+pub(crate) async fn revoked(
     shared: Arc<Shared>,
     principal: String,
+    sni: Option<String>,
     source: SocketAddr,
     authority: SocketAddr,
     service: (String, String),
@@ -217,6 +232,7 @@ async fn revoked(
             source_ip: Some(source.ip()),
             destination_ip: Some(authority.ip()),
             destination_port: authority.port(),
+            sni: sni.as_deref(),
             http: None,
             ..Default::default()
         };

@@ -21,8 +21,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::hbone::H2Stream;
-use crate::policy::{HttpRequest, RequestContext};
-use crate::telemetry::{ConnectionLabels, Reporter, RequestLabels, RequestLog};
+use crate::policy::{Action, Decision, HttpRequest, RequestContext};
+use crate::telemetry::{
+    ConnectionLabels, Metrics, Reporter, RequestLabels, RequestLog, ShadowLabels,
+};
 
 use super::body::{CountingBody, Finish, LoggedBody};
 use super::framing::{Guard, Verdicts};
@@ -42,6 +44,21 @@ pub(crate) struct TunnelInfo {
     pub principal: String,
     pub source_namespace: String,
     pub source_sa: String,
+}
+
+/// Counts a decision's dry-run result, if any, and returns the text the
+/// access log line carries for it. Never changes the decision.
+pub(crate) fn note_shadow(metrics: &Metrics, d: &Decision) -> Option<String> {
+    let s = d.shadow.as_ref()?;
+    metrics.record_shadow(&ShadowLabels {
+        engine: match s.action {
+            Action::Deny => "istio_dry_run_deny",
+            _ => "istio_dry_run_allow",
+        },
+        result: if s.allowed { "allowed" } else { "denied" },
+        policy: s.policy.as_deref().unwrap_or_default().to_string(),
+    });
+    Some(s.to_string())
 }
 
 /// Serves HTTP on one tunnel until the client is done.
@@ -336,6 +353,7 @@ async fn handle(
         target_str,
         &authority,
         &parts.headers,
+        snap.policies.path_normalization(),
     ) {
         Ok(hreq) => {
             let ctx = RequestContext {
@@ -360,7 +378,10 @@ async fn handle(
         Err(e) => Err(e),
     };
     let (decision, mut path) = match evaluated {
-        Ok(d) => d,
+        Ok(d) => {
+            log.shadow = note_shadow(&shared.metrics, &d.0);
+            d
+        }
         Err(e) => {
             tracing::info!(error = %e, "unnormalizable request path, answering 400");
             log.response_code_details = Some("invalid_path".into());

@@ -23,6 +23,8 @@ mod l7;
 mod pool;
 pub(crate) mod reload;
 pub(crate) mod routes;
+mod sni;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -112,6 +112,7 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
         &BuildOptions {
             waypoint: Some(inp.gateway.clone()),
             root_namespace: model.mesh.root_namespace.clone(),
+            path_normalization: cfg.mesh.path_normalization.normalization,
         },
     )
     .map_err(WaypointError::Policy)?;

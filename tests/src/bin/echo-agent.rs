@@ -9,7 +9,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use shunt_agent::{
     app::node::{self, AdminAddrs, DnsSettings, NodeOptions},
-    capture::KernelPaths,
+    kernel::KernelPaths,
     proxy::capture::{enter_netns, BoxFuture, CaptureOptions, Handler, Steered},
 };
 use tokio::io::AsyncWriteExt;

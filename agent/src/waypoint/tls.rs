@@ -1,0 +1,131 @@
+//! TLS and HTTPS ports: the waypoint does not terminate TLS but reads the
+//! client's ClientHello (`sni`) so that `connection.sni` is known to the
+//! policy and the access log, as Envoy's tls_inspector gives it to the RBAC
+//! filter. The tunnel is answered 200 at once (the client sends its
+//! ClientHello only then, as through Istio's waypoint), then: no
+//! well-formed ClientHello within the deadline → the tunnel is reset;
+//! denied → reset; allowed → the upstream is connected, the ClientHello
+//! replayed, and bytes relayed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use tokio::io::AsyncWriteExt;
+
+use crate::hbone::{Decision, H2Stream, InboundRequest};
+use crate::policy::RequestContext;
+
+use super::l4::{revoked, Tracked, TunnelHandler as Handler};
+use super::l7;
+use super::routes::Target;
+use super::sni::{read_client_hello, CLIENT_HELLO_TIMEOUT};
+
+/// Whether a port's traffic is TLS the waypoint passes through.
+pub(crate) fn is_tls_port(t: &Target) -> bool {
+    matches!(
+        t.port.protocol,
+        crate::config::Protocol::Tls | crate::config::Protocol::Https
+    )
+}
+
+/// The tunnel decision for a TLS port.
+pub(crate) fn decision(
+    h: &Handler,
+    req: InboundRequest,
+    target: Arc<Target>,
+    authority: SocketAddr,
+    start: Instant,
+) -> Decision {
+    let h = Handler {
+        shared: h.shared.clone(),
+    };
+    Decision::serve(move |mut stream: H2Stream| async move {
+        let mut log = h.conn_log(&req, req.local_addr, Some(&target.host));
+        let refuse = |mut log: crate::telemetry::ConnectionLog,
+                      stream: &mut H2Stream,
+                      flags: &str,
+                      why: String| {
+            log.error = Some(why);
+            log.duration = start.elapsed();
+            log.time = SystemTime::now();
+            h.shared.access_log.connection(&log);
+            h.shared
+                .metrics
+                .connection(h.labels(&req, &target.host))
+                .close(true, Some(flags));
+            stream.reset();
+        };
+        let (hello, sni) = match read_client_hello(&mut stream, CLIENT_HELLO_TIMEOUT).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(identity = %req.peer_identity, %authority, error = %e, "TLS port without a usable ClientHello, tunnel reset");
+                return refuse(log, &mut stream, "NR", format!("TLS port: {e}"));
+            }
+        };
+        log.sni = sni.clone();
+        let principal = req.peer_identity.uri();
+        let decision = {
+            // Policies as in force now: the ClientHello may come after a reload.
+            let snap = h.shared.routes.load_full();
+            let ctx = RequestContext {
+                principal: Some(&principal),
+                source_ip: Some(req.source_addr.ip()),
+                destination_ip: Some(authority.ip()),
+                destination_port: authority.port(),
+                sni: sni.as_deref(),
+                http: None,
+                ..Default::default()
+            };
+            snap.policies
+                .for_service(target.service.namespace(), target.service.name())
+                .evaluate(&ctx)
+        };
+        log.shadow = l7::note_shadow(&h.shared.metrics, &decision);
+        if !decision.allowed {
+            tracing::debug!(identity = %req.peer_identity, %authority, sni = sni.as_deref().unwrap_or("-"), %decision, "TLS connection denied");
+            return refuse(
+                log,
+                &mut stream,
+                "-",
+                format!("connection denied by authorization policy: {decision}"),
+            );
+        }
+        let c = match target.upstream.connect(authority).await {
+            Ok(c) => c,
+            Err(e) => return refuse(log, &mut stream, "UF", e.to_string()),
+        };
+        let rec = h.shared.metrics.connection(h.labels(&req, &target.host));
+        let mut up = Tracked {
+            io: c.stream,
+            sent: 0,
+            recv: 0,
+            error: None,
+            start,
+            done: Some((log, rec, h.shared.access_log.clone())),
+            revoked: Box::pin(revoked(
+                h.shared.clone(),
+                principal,
+                sni,
+                req.source_addr,
+                authority,
+                (
+                    target.service.namespace().to_string(),
+                    target.service.name().to_string(),
+                ),
+            )),
+        };
+        if let Err(e) = up.write_all(&hello).await {
+            up.error.get_or_insert_with(|| format!("upstream: {e}"));
+            stream.reset();
+            return;
+        }
+        if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut up).await {
+            tracing::debug!(error = %e, %authority, "TLS tunnel relay ended with error");
+            up.error.get_or_insert_with(|| e.to_string());
+            crate::hbone::RelayIo::set_reset_on_close(&up);
+            stream.reset();
+        }
+        // `up`'s drop writes the access-log line and closes the metrics.
+    })
+}
