@@ -84,6 +84,8 @@ pub struct NodeOptions {
     pub admin: AdminAddrs,
     pub log_format: LogFormat,
     pub cert_lifetime: Duration,
+    /// HBONE connections to waypoints: pool, keepalive, connect timeout.
+    pub hbone: ClientSettings,
 }
 
 /// Per-workload data resolved once per config.
@@ -262,7 +264,7 @@ pub async fn run_with(
                 ..Default::default()
             },
         )?;
-        Some(HboneClient::new(ids, ClientSettings::default()))
+        Some(HboneClient::new(ids, opts.hbone.clone()))
     } else {
         None
     };

@@ -80,7 +80,7 @@ impl Decision {
     }
 }
 
-pub trait HboneHandler: Send + Sync + 'static {
+pub trait ConnectHandler: Send + Sync + 'static {
     /// Decides on one tunnel; may connect upstream before answering.
     fn handle(&self, req: InboundRequest) -> impl Future<Output = Decision> + Send;
     /// Called when a `Forward` relay ends (for the access log and metrics).
@@ -104,7 +104,7 @@ impl HboneServer {
     }
 
     /// Accepts connections until the listener fails.
-    pub async fn serve<H: HboneHandler>(
+    pub async fn serve<H: ConnectHandler>(
         self: Arc<Self>,
         listener: TcpListener,
         handler: Arc<H>,
@@ -126,7 +126,7 @@ impl HboneServer {
     }
 
     /// Serves one accepted TCP connection.
-    pub async fn serve_connection<H: HboneHandler>(
+    pub async fn serve_connection<H: ConnectHandler>(
         &self,
         tcp: TcpStream,
         peer: SocketAddr,
@@ -177,7 +177,7 @@ fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let _ = respond.send_response(resp, true);
 }
 
-async fn stream<H: HboneHandler>(
+async fn stream<H: ConnectHandler>(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     identity: SpiffeId,

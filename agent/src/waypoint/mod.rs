@@ -40,7 +40,9 @@ use tokio::task::JoinHandle;
 use crate::admin::{AdminServer, Endpoints};
 use crate::config::watch::ConfigWatcher;
 use crate::config::{Config, ObjectKey};
-use crate::hbone::{Decision, HboneHandler, HboneServer, InboundRequest, RelayIo, ServerSettings};
+use crate::hbone::{
+    ConnectHandler, Decision, HboneServer, InboundRequest, RelayIo, ServerSettings,
+};
 use crate::identity::{Ca, IdentityConfig, IdentityManager, SpiffeId};
 use crate::policy::{GatewayRef, RequestContext};
 use crate::telemetry::{
@@ -539,7 +541,7 @@ impl Handler {
     }
 }
 
-impl HboneHandler for Handler {
+impl ConnectHandler for Handler {
     async fn handle(&self, req: InboundRequest) -> Decision {
         let start = Instant::now();
         let snap = self.shared.snapshot.load_full();
