@@ -154,9 +154,14 @@ impl<S: RelayIo> Relay<'_, S> {
             return Poll::Ready(Err(e));
         }
         if self.up.done && self.down.done {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok(()));
+        }
+        // A reset is noticed even while neither direction touches the stream
+        // (say, waiting on a silent socket after the peer's END_STREAM).
+        match self.send.poll_reset(cx) {
+            Poll::Ready(Ok(reason)) => Poll::Ready(Err(HboneError::StreamReset(reason))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(HboneError::from_h2(e))),
+            Poll::Pending => Poll::Pending,
         }
     }
 
