@@ -603,7 +603,6 @@ mod tests {
     use super::*;
     use crate::alloc::Allocator;
     use shunt_common::v4_mapped;
-    use shunt_common::SVC_F_HTTP;
 
     fn load(files: &[(&str, &str)]) -> Config {
         let d = tempfile::tempdir().unwrap();
