@@ -6,7 +6,15 @@ set -euo pipefail
 STABLE=1.99.1
 NIGHTLY=nightly-2026-07-15
 BPF_LINKER_VERSION=0.13.0
+CARGO_DENY_VERSION=0.20.2
 LLVM=22
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+# The RustSec advisory database has no network source here: a snapshot sits
+# next to the checkout. cargo-deny reads it from deny.toml's db-path, as a git
+# repository named for the default URL.
+ADVISORY_SRC="$(cd "$ROOT/.." && pwd)/shared/advisory-db"
+# Its db-path in deny.toml is cargo-deny's default, $CARGO_HOME/advisory-dbs.
+ADVISORY_DB="${CARGO_HOME:-$HOME/.cargo}/advisory-dbs/advisory-db-3157b0e258782691"
 
 APT_PKGS=(
   "llvm-${LLVM}-dev" "libpolly-${LLVM}-dev" libzstd-dev zlib1g-dev  # bpf-linker
@@ -61,6 +69,46 @@ if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null
   log "building bpf-linker $BPF_LINKER_VERSION against LLVM $LLVM (about a minute)"
   LLVM_PREFIX=/usr/lib/llvm-${LLVM} cargo +"$STABLE" install bpf-linker \
     --version "$BPF_LINKER_VERSION" --no-default-features --features "llvm-${LLVM}" --locked
+fi
+
+if ! cargo-deny --version 2>/dev/null | grep -q " $CARGO_DENY_VERSION\$"; then
+  log "building cargo-deny $CARGO_DENY_VERSION (about 3 minutes)"
+  cargo +"$STABLE" install cargo-deny --version "$CARGO_DENY_VERSION" --locked
+fi
+
+# Copy the snapshot only when it is missing or changed (a stamp of names,
+# sizes and times), committed so cargo-deny sees a git repository. Built
+# aside and renamed into place: a concurrent cargo deny never sees half a copy.
+if [ ! -d "$ADVISORY_SRC/crates" ]; then
+  echo "setup.sh: no RustSec advisory database snapshot at $ADVISORY_SRC" >&2
+  echo "  (expected ../shared/advisory-db next to the checkout; cargo deny needs it)" >&2
+  exit 1
+fi
+stamp="$(cd "$ADVISORY_SRC" && find . -path ./.git -prune -o -type f -printf '%P %s %T@\n' | sort | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$ADVISORY_DB.stamp" 2>/dev/null)" != "$stamp" ]; then
+  log "copying the advisory database snapshot into $ADVISORY_DB"
+  tmp="$ADVISORY_DB.tmp.$$"
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  cp -a "$ADVISORY_SRC/." "$tmp/"
+  chmod -R u+w "$tmp"
+  rm -rf "$tmp/.git"
+  git -C "$tmp" init -q
+  git -C "$tmp" add -A
+  git -C "$tmp" -c user.name=shunt-setup -c user.email=setup@shunt.invalid \
+    commit -q -m "RustSec advisory-db snapshot from $ADVISORY_SRC"
+  rm -rf "$ADVISORY_DB"
+  mv "$tmp" "$ADVISORY_DB"
+  echo "$stamp" > "$ADVISORY_DB.stamp"
+fi
+# `cargo deny --offline` runs `cargo metadata`, which needs every crate of the
+# lockfile local: fetch once per lockfile.
+lock="$(sha256sum "$ROOT/Cargo.lock" | cut -d' ' -f1)"
+if [ "$(cat "$ROOT/target/fetched.stamp" 2>/dev/null)" != "$lock" ]; then
+  log "fetching the crates of Cargo.lock"
+  (cd "$ROOT" && cargo +"$STABLE" fetch --locked -q)
+  mkdir -p "$ROOT/target"
+  echo "$lock" > "$ROOT/target/fetched.stamp"
 fi
 
 # bpffs: pins live there. Mount it if the machine booted without it.

@@ -700,7 +700,6 @@ fn assign_ids(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
     /// A config directory built from `(file, yaml)` pairs.
     pub(crate) fn cfg(files: &[(&str, &str)]) -> Config {

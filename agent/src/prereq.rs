@@ -83,10 +83,11 @@ fn nearest_existing(p: &Path) -> PathBuf {
 
 fn fs_magic(p: &Path) -> Option<i64> {
     let c = CString::new(p.as_os_str().as_bytes()).ok()?;
-    // SAFETY: c is a valid NUL-terminated path; st is written by the kernel.
+    // SAFETY: statfs is plain old data; all-zero is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated path; st is written by the kernel.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return None;
     }
-    Some(st.f_type as i64)
+    Some(st.f_type)
 }

@@ -62,7 +62,7 @@ fn ca_load_issues_workload_cert_with_one_spiffe_san() {
         .unwrap();
     let c = ca.issue(&id, Duration::from_secs(3600)).unwrap();
     assert_eq!(c.chain.len(), 2, "leaf + intermediate (root not sent)");
-    assert_eq!(spiffe_ids(&c.chain[0]).unwrap(), vec![id.clone()]);
+    assert_eq!(spiffe_ids(&c.chain[0]).unwrap(), vec![id]);
     let (_, x) = x509_parser::parse_x509_certificate(&c.chain[0]).unwrap();
     let sans = x.subject_alternative_name().unwrap().unwrap();
     assert_eq!(sans.value.general_names.len(), 1, "exactly one SAN");

@@ -281,22 +281,30 @@ const _: () = assert!(core::mem::size_of::<EgressEvent>() == 40);
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: all types are repr(C), Copy, with explicit padding and no
-    // invalid bit patterns.
-    unsafe impl aya::Pod for ServiceKey {}
-    unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for EnrolledValue {}
-    unsafe impl aya::Pod for Meta {}
-    unsafe impl aya::Pod for DnsOrig {}
-    unsafe impl aya::Pod for CidrAddr {}
-    unsafe impl aya::Pod for EgressEvent {}
+    // SAFETY (for each impl below): all types are repr(C), Copy, with
+    // explicit padding and no invalid bit patterns.
+    macro_rules! pod {
+        ($($t:ty),+) => { $(
+            // SAFETY: see above.
+            unsafe impl aya::Pod for $t {}
+        )+ };
+    }
+    pod!(
+        ServiceKey,
+        ServiceValue,
+        EnrolledValue,
+        Meta,
+        DnsOrig,
+        CidrAddr,
+        EgressEvent
+    );
 }
 
 #[cfg(test)]
 mod tests {
     extern crate std;
     use super::*;
-    use core::mem::{align_of, offset_of};
+    use core::mem::offset_of;
 
     #[test]
     fn service_key_layout() {

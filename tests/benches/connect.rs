@@ -18,8 +18,8 @@ use shunt_tests::{Node, Result};
 
 fn setns(path: &std::path::Path) {
     let f = std::fs::File::open(path).expect("netns");
-    // SAFETY: valid fd.
     assert_eq!(
+        // SAFETY: valid fd.
         unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
         0,
         "setns"

@@ -429,7 +429,7 @@ fn agent_handover_under_load_keeps_open_tunnels_and_refuses_nothing() -> Result<
         cmd.output()
     });
     // ...and short connections through it.
-    let (c2, n2) = (pod_cgroup.clone(), pod_ns.clone());
+    let (c2, n2) = (pod_cgroup, pod_ns);
     let short = std::thread::spawn(move || {
         let mut cmd = std::process::Command::new(probe_bin());
         cmd.args(["many", "240.240.0.2:9100", "--n", "50", "--echo", "1000"]);

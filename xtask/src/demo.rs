@@ -527,7 +527,7 @@ impl Demo {
                 .find(|l| needles.iter().all(|n| l.contains(n)));
             Ok(match hit {
                 Some(l) => {
-                    found = Some(l.clone());
+                    found = Some(l);
                     Ok(String::new())
                 }
                 None => Err(format!(

@@ -26,7 +26,8 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Build everything and run all tests, including the kernel tests (root required).
+    /// Check formatting, clippy and cargo-deny, then build everything and run
+    /// all tests, including the kernel tests (root required), and the demo.
     Test {
         /// Extra arguments passed to `cargo test` after `--` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -71,6 +72,33 @@ fn cargo() -> Command {
 
 fn setup() -> Result<()> {
     run(&mut Command::new(root().join("scripts/setup.sh")))
+}
+
+/// The quality gates, cheapest first: formatting, lints (the workspace's
+/// `[workspace.lints]` as errors), and the dependency audit against the
+/// advisory database snapshot that setup installed (`deny.toml`).
+fn gates() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))
+        .context("code is not formatted: run `cargo fmt --all`")?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy reports warnings")?;
+    run(cargo().args([
+        "deny",
+        "--offline",
+        "check",
+        "advisories",
+        "bans",
+        "licenses",
+        "sources",
+    ]))
+    .context("cargo deny: a dependency fails deny.toml (advisories, bans, licenses or sources)")
 }
 
 /// Build the agent (whose build script builds the kernel crate with
@@ -126,8 +154,7 @@ fn main() -> Result<()> {
                 bail!("the test suite loads kernel programs and creates network namespaces: run it as root");
             }
             setup()?;
-            run(cargo().args(["fmt", "--all", "--check"]))
-                .context("code is not formatted: run `cargo fmt --all`")?;
+            gates()?;
             // Binaries first: kernel tests spawn them.
             run(cargo().args(["build", "--bins"]))?;
             let mut t = cargo();

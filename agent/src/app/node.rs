@@ -80,6 +80,8 @@ pub struct NodeOptions {
     pub admin: AdminAddrs,
     pub log_format: LogFormat,
     pub cert_lifetime: Duration,
+    /// HBONE connections to waypoints: pool, keepalive, connect timeout.
+    pub hbone: ClientSettings,
 }
 
 /// Run the node agent until a signal. Startup order matters: the kernel side
@@ -173,7 +175,7 @@ pub async fn run_with(
                 ..Default::default()
             },
         )?;
-        Some(HboneClient::new(ids, ClientSettings::default()))
+        Some(HboneClient::new(ids, opts.hbone.clone()))
     } else {
         None
     };

@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use shunt_agent::{
     app::node::{self, AdminAddrs, DnsSettings, NodeOptions},
     dns::{parse_upstream, upstreams_from_resolv_conf},
+    hbone::ClientSettings,
     kernel::KernelPaths,
     prereq,
     proxy::capture::{self as capture_server, CaptureOptions},
@@ -84,6 +85,42 @@ pub struct Args {
     /// Lifetime of workload certificates (renewed at half-life).
     #[arg(long, default_value = "24h", value_parser = parse_lifetime)]
     cert_lifetime: Duration,
+    #[command(flatten)]
+    hbone: HboneArgs,
+}
+
+/// The HBONE connections to waypoints.
+#[derive(clap::Args, Debug)]
+struct HboneArgs {
+    /// A pooled HBONE connection with no tunnel for this long is closed.
+    #[arg(long, env = "SHUNT_HBONE_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    hbone_idle_timeout: Duration,
+    /// Tunnels per HBONE connection before another connection is opened.
+    #[arg(long, env = "SHUNT_HBONE_MAX_STREAMS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    hbone_max_streams: u32,
+    /// How often each HBONE connection is checked with an HTTP/2 PING.
+    #[arg(long, env = "SHUNT_HBONE_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    hbone_keepalive_interval: Duration,
+    /// A connection whose PING is unanswered this long is closed.
+    #[arg(long, env = "SHUNT_HBONE_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    hbone_keepalive_timeout: Duration,
+    /// TCP connect plus TLS and HTTP/2 handshakes with a waypoint.
+    #[arg(long, env = "SHUNT_HBONE_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    hbone_connect_timeout: Duration,
+}
+
+impl HboneArgs {
+    fn settings(&self) -> ClientSettings {
+        ClientSettings {
+            max_streams_per_connection: self.hbone_max_streams as usize,
+            idle_timeout: self.hbone_idle_timeout,
+            keepalive_interval: self.hbone_keepalive_interval,
+            keepalive_timeout: self.hbone_keepalive_timeout,
+            connect_timeout: self.hbone_connect_timeout,
+            ..ClientSettings::default()
+        }
+    }
 }
 
 fn parse_lifetime(s: &str) -> Result<Duration, String> {
@@ -155,6 +192,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             shunt_agent::telemetry::LogFormat::Text
         },
         cert_lifetime: args.cert_lifetime,
+        hbone: args.hbone.settings(),
     };
     runtime()?.block_on(node::run(opts))?;
     Ok(ExitCode::SUCCESS)

@@ -1,5 +1,3 @@
-use std::path::{Path, PathBuf};
-
 use super::*;
 
 fn manifest(p: &str) -> PathBuf {
@@ -78,10 +76,7 @@ fn seed_examples_parse() {
     let curl = &cfg.workload_entries[0];
     assert_eq!(curl.spec.service_account(), "curl");
     assert_eq!(
-        curl.metadata
-            .annotations
-            .get(labels::CGROUP_ANNOTATION)
-            .unwrap(),
+        curl.metadata.annotations[labels::CGROUP_ANNOTATION],
         "shunt/curl"
     );
     assert_eq!(cfg.trust_domain(), "cluster.local");

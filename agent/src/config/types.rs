@@ -111,7 +111,7 @@ impl<'de> Deserialize<'de> for Port {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         const WANT: &str = "expected a port 1-65535";
-        impl<'de> Visitor<'de> for V {
+        impl Visitor<'_> for V {
             type Value = Port;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a port 1-65535")
@@ -240,6 +240,8 @@ impl Default for PathNormalization {
     }
 }
 
+// string_enum! declares the enum, so `#[derive(Default)]` cannot mark a variant.
+#[allow(clippy::derivable_impls)]
 impl Default for Resolution {
     fn default() -> Self {
         Resolution::None

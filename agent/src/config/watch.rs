@@ -62,7 +62,7 @@ impl ConfigWatcher {
             loop {
                 tick.tick().await;
                 n = n.wrapping_add(1);
-                let full = n % FULL_EVERY == 0;
+                let full = n.is_multiple_of(FULL_EVERY);
                 let (back, out) = match tokio::task::spawn_blocking(move || {
                     let o = st.poll(full);
                     (st, o)

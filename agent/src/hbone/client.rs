@@ -1,26 +1,24 @@
-//! The HBONE client: a pool of mTLS HTTP/2 connections to waypoints, one
-//! `CONNECT` stream per proxied connection.
+//! The HBONE client's protocol side: one `CONNECT` stream per proxied
+//! connection, with ztunnel's headers, on a connection from the keyed
+//! [`Pool`] (dialed by the [`Dialer`]).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use h2::{RecvStream, SendStream};
+use h2::{Reason, RecvStream, SendStream};
 use http::{HeaderValue, Method, Request, StatusCode};
-use rustls::pki_types::ServerName;
-use rustls::ClientConfig;
-use tokio::net::TcpStream;
-use tracing::Instrument;
 
+use super::dial::{DialSettings, Dialer};
 use super::headers::{format_forwarded, new_traceparent};
+use super::pool::{Pool, PoolKey, PoolSettings, StreamSlot};
 use super::relay::{relay, H2Stream, RelayIo, RelayStats};
 use super::{HboneError, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
-use crate::identity::{peer_identity, IdentityManager, SpiffeId};
+use crate::identity::{IdentityManager, SpiffeId};
 
+/// Everything about the client's connections (`shunt agent --hbone-*`).
 #[derive(Clone, Debug)]
 pub struct ClientSettings {
     pub stream_window: u32,
@@ -28,12 +26,14 @@ pub struct ClientSettings {
     pub max_frame_size: u32,
     /// Streams per pooled connection before another connection is opened.
     pub max_streams_per_connection: usize,
-    pub ping_interval: Duration,
+    /// A PING is sent this often on every connection.
+    pub keepalive_interval: Duration,
     /// A connection whose PING is unanswered this long is closed.
-    pub ping_timeout: Duration,
+    pub keepalive_timeout: Duration,
     /// TCP connect plus TLS and HTTP/2 handshakes.
     pub connect_timeout: Duration,
-    /// A connection with no streams for this long is closed.
+    /// A connection with no streams for this long is closed (and its pool
+    /// key forgotten with its last connection).
     pub idle_timeout: Duration,
 }
 
@@ -44,10 +44,29 @@ impl Default for ClientSettings {
             connection_window: CONNECTION_WINDOW,
             max_frame_size: MAX_FRAME_SIZE,
             max_streams_per_connection: 100,
-            ping_interval: Duration::from_secs(10),
-            ping_timeout: Duration::from_secs(20),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ClientSettings {
+    fn dial(&self) -> DialSettings {
+        DialSettings {
+            stream_window: self.stream_window,
+            connection_window: self.connection_window,
+            max_frame_size: self.max_frame_size,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            connect_timeout: self.connect_timeout,
+        }
+    }
+    fn pool(&self) -> PoolSettings {
+        PoolSettings {
+            max_streams_per_connection: self.max_streams_per_connection.max(1),
+            idle_timeout: self.idle_timeout,
         }
     }
 }
@@ -73,105 +92,39 @@ pub struct ConnectRequest {
     pub traceparent: Option<HeaderValue>,
 }
 
-/// Pool key, as ztunnel: (source identity, destination SAN, source IP,
-/// destination address).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct PoolKey {
-    src: SpiffeId,
-    dst_id: SpiffeId,
-    src_ip: IpAddr,
-    dst: SocketAddr,
-}
-
-struct KeyPool {
-    tls: Arc<ClientConfig>,
-    conns: Mutex<Vec<Arc<PooledConn>>>,
-    /// Serialises dialing for one key so a burst of connects opens one
-    /// connection, not one each.
-    dial: tokio::sync::Mutex<()>,
-}
-
-struct PooledConn {
-    id: u64,
-    send: SendRequest<Bytes>,
-    active: AtomicUsize,
-    opened: AtomicU64,
-    dead: AtomicBool,
-    peer: SpiffeId,
-}
-
-impl PooledConn {
-    fn try_reserve(self: &Arc<Self>, max: usize) -> Option<StreamGuard> {
-        let mut cur = self.active.load(Ordering::Acquire);
-        loop {
-            if cur >= max || self.dead.load(Ordering::Acquire) {
-                return None;
-            }
-            match self.active.compare_exchange_weak(
-                cur,
-                cur + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    self.opened.fetch_add(1, Ordering::Relaxed);
-                    return Some(StreamGuard(self.clone()));
-                }
-                Err(c) => cur = c,
-            }
-        }
-    }
-}
-
-/// Holds one stream slot of a pooled connection until the tunnel ends.
-struct StreamGuard(Arc<PooledConn>);
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Opens HBONE tunnels over pooled connections.
 pub struct HboneClient {
-    identities: IdentityManager,
-    settings: ClientSettings,
-    pools: Mutex<HashMap<PoolKey, Arc<KeyPool>>>,
-    next_conn_id: AtomicU64,
-    connections_opened: AtomicU64,
+    dialer: Arc<Dialer>,
+    pool: Pool,
 }
 
 /// An established tunnel: `200` was received.
 pub struct Tunnel {
     send: SendStream<Bytes>,
     recv: RecvStream,
-    peer: SpiffeId,
-    connection_id: u64,
-    _guard: StreamGuard,
+    slot: StreamSlot,
 }
 
 impl Tunnel {
     /// The waypoint's verified identity.
     pub fn peer_identity(&self) -> &SpiffeId {
-        &self.peer
+        self.slot.conn().peer()
     }
     /// Which pooled connection carries it (for tests and logs).
     pub fn connection_id(&self) -> u64 {
-        self.connection_id
+        self.slot.conn().id()
     }
     /// Relays between `io` and the tunnel until both sides end.
     pub async fn relay<S: RelayIo>(self, io: &mut S) -> RelayStats {
-        let Tunnel {
-            send, recv, _guard, ..
-        } = self;
+        let Tunnel { send, recv, slot } = self;
         let stats = relay(io, send, recv).await;
-        drop(_guard);
+        drop(slot);
         stats
     }
     /// The tunnel as a byte stream (the pool slot is held until it drops).
     pub fn into_stream(self) -> H2Stream {
         let mut s = H2Stream::new(self.send, self.recv);
-        s.guard = Some(Box::new(self._guard));
+        s.guard = Some(Box::new(self.slot));
         s
     }
 }
@@ -179,63 +132,45 @@ impl Tunnel {
 impl HboneClient {
     pub fn new(identities: IdentityManager, settings: ClientSettings) -> Self {
         HboneClient {
-            identities,
-            settings,
-            pools: Mutex::new(HashMap::new()),
-            next_conn_id: AtomicU64::new(1),
-            connections_opened: AtomicU64::new(0),
+            dialer: Arc::new(Dialer::new(identities, settings.dial())),
+            pool: Pool::new(settings.pool()),
         }
     }
 
     /// How many HTTP/2 connections this client has opened so far.
     pub fn connections_opened(&self) -> u64 {
-        self.connections_opened.load(Ordering::Relaxed)
+        self.pool.connections_opened()
     }
 
     /// Live pooled connections across all keys.
     pub fn pooled_connections(&self) -> usize {
-        let pools: Vec<Arc<KeyPool>> = self
-            .pools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        pools
-            .iter()
-            .map(|p| {
-                p.conns
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .filter(|c| !c.dead.load(Ordering::Acquire))
-                    .count()
-            })
-            .sum()
+        self.pool.open_connections()
+    }
+
+    /// Pool keys (source, waypoint pairs) with a connection or a dial.
+    pub fn pool_keys(&self) -> usize {
+        self.pool.keys()
     }
 
     /// Opens a tunnel: one `CONNECT` on a pooled (or new) connection; an
     /// answer other than 200 is `HboneError::Status`.
     pub async fn connect(&self, req: &ConnectRequest) -> Result<Tunnel, HboneError> {
-        let pool = self.key_pool(req)?;
+        let key = PoolKey {
+            source_identity: req.source_identity.clone(),
+            source_ip: req.source_addr.ip(),
+            destination_identity: req.waypoint_identity.clone(),
+            destination: req.waypoint_addr,
+        };
         let request = build_request(req)?;
-        // One retry: a pooled connection may have just been closed by the peer.
+        // A pooled connection may have just been closed or sent GOAWAY: the
+        // stream never started, so it is safe to try another connection.
         let mut last_err = None;
-        for _ in 0..2 {
-            let guard = self.checkout(&pool, req).await?;
-            let conn = guard.0.clone();
-            match send_connect(&conn, request.clone()).await {
-                Ok((send, recv)) => {
-                    return Ok(Tunnel {
-                        send,
-                        recv,
-                        peer: conn.peer.clone(),
-                        connection_id: conn.id,
-                        _guard: guard,
-                    })
-                }
-                Err(e @ HboneError::H2(_)) if !conn_usable(&conn) => {
-                    conn.dead.store(true, Ordering::Release);
+        for _ in 0..CONNECT_ATTEMPTS {
+            let slot = self.pool.checkout(&key, || self.dialer.dial(&key)).await?;
+            match send_connect(slot.conn().sender(), request.clone()).await {
+                Ok((send, recv)) => return Ok(Tunnel { send, recv, slot }),
+                Err(e) if slot.conn().is_closed() || connection_gone(&e) => {
+                    slot.conn().close();
                     last_err = Some(e);
                 }
                 Err(e) => return Err(e),
@@ -243,127 +178,21 @@ impl HboneClient {
         }
         Err(last_err.unwrap_or(HboneError::StreamClosed))
     }
-
-    fn key_pool(&self, req: &ConnectRequest) -> Result<Arc<KeyPool>, HboneError> {
-        let key = PoolKey {
-            src: req.source_identity.clone(),
-            dst_id: req.waypoint_identity.clone(),
-            src_ip: req.source_addr.ip(),
-            dst: req.waypoint_addr,
-        };
-        if let Some(p) = self
-            .pools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
-            return Ok(p.clone());
-        }
-        // Built outside the lock: it may issue a certificate.
-        let tls = self
-            .identities
-            .client_config(&req.source_identity, vec![req.waypoint_identity.clone()])?;
-        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(pools
-            .entry(key)
-            .or_insert_with(|| {
-                Arc::new(KeyPool {
-                    tls,
-                    conns: Mutex::new(Vec::new()),
-                    dial: tokio::sync::Mutex::new(()),
-                })
-            })
-            .clone())
-    }
-
-    fn try_pooled(&self, pool: &KeyPool) -> Option<StreamGuard> {
-        let mut conns = pool.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.retain(|c| !c.dead.load(Ordering::Acquire));
-        conns
-            .iter()
-            .find_map(|c| c.try_reserve(self.settings.max_streams_per_connection))
-    }
-
-    async fn checkout(
-        &self,
-        pool: &Arc<KeyPool>,
-        req: &ConnectRequest,
-    ) -> Result<StreamGuard, HboneError> {
-        if let Some(g) = self.try_pooled(pool) {
-            return Ok(g);
-        }
-        let _dialing = pool.dial.lock().await;
-        if let Some(g) = self.try_pooled(pool) {
-            return Ok(g);
-        }
-        let conn = tokio::time::timeout(self.settings.connect_timeout, self.dial(pool, req))
-            .await
-            .map_err(|_| {
-                HboneError::Timeout(format!("connecting to waypoint {}", req.waypoint_addr))
-            })??;
-        let guard = conn
-            .try_reserve(self.settings.max_streams_per_connection)
-            .ok_or(HboneError::StreamClosed)?;
-        pool.conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(conn);
-        Ok(guard)
-    }
-
-    async fn dial(
-        &self,
-        pool: &Arc<KeyPool>,
-        req: &ConnectRequest,
-    ) -> Result<Arc<PooledConn>, HboneError> {
-        let addr = req.waypoint_addr;
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| HboneError::Connect(addr, e))?;
-        let _ = tcp.set_nodelay(true);
-        // No SNI is sent (enable_sni = false); the name is only a placeholder.
-        let name = ServerName::IpAddress(addr.ip().into());
-        let tls = tokio_rustls::TlsConnector::from(pool.tls.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| HboneError::Tls(addr, e))?;
-        let (_, session) = tls.get_ref();
-        if session.alpn_protocol() != Some(crate::identity::tls::ALPN_H2) {
-            return Err(HboneError::NoAlpn(addr));
-        }
-        let peer = peer_identity(session.peer_certificates())?;
-        let s = &self.settings;
-        let (send, mut conn) = h2::client::Builder::new()
-            .initial_window_size(s.stream_window)
-            .initial_connection_window_size(s.connection_window)
-            .max_frame_size(s.max_frame_size)
-            // h2 stops granting send capacity past this much buffered per
-            // stream (400 KiB by default); a full stream window keeps the pipe full.
-            .max_send_buffer_size(s.stream_window as usize)
-            .enable_push(false)
-            .handshake::<_, Bytes>(tls)
-            .await
-            .map_err(HboneError::H2)?;
-        let ping = conn.ping_pong();
-        let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let pooled = Arc::new(PooledConn {
-            id,
-            send,
-            active: AtomicUsize::new(0),
-            opened: AtomicU64::new(0),
-            dead: AtomicBool::new(false),
-            peer: peer.clone(),
-        });
-        self.connections_opened.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!("hbone_conn", id, dst = %addr, peer = %peer, src = %req.source_identity);
-        tracing::debug!(parent: &span, "connection established");
-        tokio::spawn(drive(conn, ping, Arc::downgrade(&pooled), s.clone()).instrument(span));
-        Ok(pooled)
-    }
 }
 
-fn conn_usable(c: &PooledConn) -> bool {
-    !c.dead.load(Ordering::Acquire)
+/// Tries per tunnel when pooled connections turn out to be gone.
+const CONNECT_ATTEMPTS: usize = 3;
+
+/// The connection, not this stream, failed: the stream was never processed
+/// (GOAWAY, REFUSED_STREAM) or the connection is broken.
+fn connection_gone(e: &HboneError) -> bool {
+    match e {
+        HboneError::H2(e) => {
+            e.is_go_away() || e.is_io() || e.reason() == Some(Reason::REFUSED_STREAM)
+        }
+        HboneError::StreamReset(r) => *r == Reason::REFUSED_STREAM,
+        _ => false,
+    }
 }
 
 fn build_request(req: &ConnectRequest) -> Result<Request<()>, HboneError> {
@@ -386,69 +215,14 @@ fn build_request(req: &ConnectRequest) -> Result<Request<()>, HboneError> {
 }
 
 async fn send_connect(
-    conn: &PooledConn,
+    sender: SendRequest<Bytes>,
     request: Request<()>,
 ) -> Result<(SendStream<Bytes>, RecvStream), HboneError> {
-    let mut sr = conn.send.clone().ready().await.map_err(HboneError::H2)?;
+    let mut sr = sender.ready().await.map_err(HboneError::H2)?;
     let (resp, send) = sr.send_request(request, false).map_err(HboneError::H2)?;
     let resp = resp.await.map_err(HboneError::from_h2)?;
     if resp.status() != StatusCode::OK {
         return Err(HboneError::Status(resp.status()));
     }
     Ok((send, resp.into_body()))
-}
-
-/// Drives one connection: the h2 state machine, PING keepalive and idle
-/// close. The connection ends (and its streams fail) when any of them ends.
-async fn drive<T>(
-    conn: h2::client::Connection<T, Bytes>,
-    ping: Option<h2::PingPong>,
-    pooled: Weak<PooledConn>,
-    s: ClientSettings,
-) where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let watch = pooled.clone();
-    let keepalive = async move {
-        let mut ping = ping;
-        let mut idle_for = Duration::ZERO;
-        let mut last_opened = u64::MAX;
-        loop {
-            tokio::time::sleep(s.ping_interval).await;
-            if let Some(p) = ping.as_mut() {
-                match tokio::time::timeout(s.ping_timeout, p.ping(h2::Ping::opaque())).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return format!("ping failed: {e}"),
-                    Err(_) => return format!("no PING answer in {:?}", s.ping_timeout),
-                }
-            }
-            let Some(c) = watch.upgrade() else {
-                return "dropped".into();
-            };
-            let opened = c.opened.load(Ordering::Relaxed);
-            if c.active.load(Ordering::Acquire) == 0 && opened == last_opened {
-                idle_for += s.ping_interval;
-                if idle_for >= s.idle_timeout {
-                    // Out of the pool first so no new stream picks it.
-                    c.dead.store(true, Ordering::Release);
-                    if c.active.load(Ordering::Acquire) == 0 {
-                        return "idle".into();
-                    }
-                }
-            } else {
-                idle_for = Duration::ZERO;
-            }
-            last_opened = opened;
-        }
-    };
-    tokio::select! {
-        r = conn => match r {
-            Ok(()) => tracing::debug!("connection closed"),
-            Err(e) => tracing::debug!(error = %e, "connection ended"),
-        },
-        why = keepalive => tracing::debug!(reason = %why, "closing connection"),
-    }
-    if let Some(c) = pooled.upgrade() {
-        c.dead.store(true, Ordering::Release);
-    }
 }

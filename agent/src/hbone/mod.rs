@@ -1,9 +1,13 @@
 //! HBONE: HTTP/2 CONNECT tunnels over mutual TLS, as ztunnel speaks them.
-//! `client` is the node agent's side (pooled connections to waypoints),
-//! `server` the waypoint's (port 15008), `relay` moves the bytes.
+//! The node agent's side: `client` (the CONNECT protocol) over `pool`
+//! (keyed HTTP/2 connections) dialed by `dial` (TCP, TLS, handshake,
+//! keepalive). The waypoint's side: `server` (port 15008). `relay` moves
+//! the bytes, `headers` formats and parses what rides on a CONNECT.
 
 pub mod client;
+pub mod dial;
 pub mod headers;
+pub mod pool;
 pub mod relay;
 pub mod server;
 
@@ -11,8 +15,9 @@ use std::net::SocketAddr;
 
 pub use client::{ClientSettings, ConnectRequest, HboneClient, Tunnel};
 pub use headers::{format_forwarded, new_traceparent, parse_forwarded, Baggage};
+pub use pool::PoolKey;
 pub use relay::{relay, H2Stream, RelayIo, RelayStats};
-pub use server::{Decision, HboneHandler, HboneServer, InboundRequest, ServerSettings};
+pub use server::{ConnectHandler, Decision, HboneServer, InboundRequest, ServerSettings};
 
 use crate::identity::IdentityError;
 
@@ -46,6 +51,9 @@ pub enum HboneError {
     BadRequest(String),
     #[error("socket: {0}")]
     Socket(#[source] std::io::Error),
+    /// A dial shared by every caller that waited for it.
+    #[error(transparent)]
+    Dial(std::sync::Arc<HboneError>),
 }
 
 impl HboneError {
@@ -59,6 +67,7 @@ impl HboneError {
     pub fn status(&self) -> Option<http::StatusCode> {
         match self {
             HboneError::Status(s) => Some(*s),
+            HboneError::Dial(e) => e.status(),
             _ => None,
         }
     }

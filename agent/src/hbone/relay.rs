@@ -15,6 +15,7 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::io::poll_read_buf;
 
 use super::HboneError;
 
@@ -153,9 +154,14 @@ impl<S: RelayIo> Relay<'_, S> {
             return Poll::Ready(Err(e));
         }
         if self.up.done && self.down.done {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok(()));
+        }
+        // A reset is noticed even while neither direction touches the stream
+        // (say, waiting on a silent socket after the peer's END_STREAM).
+        match self.send.poll_reset(cx) {
+            Poll::Ready(Ok(reason)) => Poll::Ready(Err(HboneError::StreamReset(reason))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(HboneError::from_h2(e))),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -182,7 +188,7 @@ impl<S: RelayIo> Relay<'_, S> {
             if up.buf.capacity() < up.next_read {
                 up.buf.reserve(up.next_read);
             }
-            let n = ready!(tokio_util_poll_read_buf(&mut *self.io, cx, &mut up.buf))
+            let n = ready!(poll_read_buf(Pin::new(&mut *self.io), cx, &mut up.buf))
                 .map_err(HboneError::Socket)?;
             if n == 0 {
                 up.eof = true;
@@ -244,25 +250,6 @@ fn poll_send_capacity(
             None => return Poll::Ready(Err(HboneError::StreamClosed)),
         }
     }
-}
-
-/// Reads into the spare capacity of `buf` (tokio-util's `poll_read_buf`,
-/// without the extra dependency).
-fn tokio_util_poll_read_buf<R: AsyncRead + Unpin + ?Sized>(
-    io: &mut R,
-    cx: &mut Context<'_>,
-    buf: &mut BytesMut,
-) -> Poll<io::Result<usize>> {
-    use bytes::BufMut;
-    let dst = buf.chunk_mut();
-    // SAFETY: `UninitSlice` is the spare capacity of `buf`; ReadBuf tracks
-    // initialisation and we only advance by what the reader filled.
-    let dst = unsafe { &mut *(dst as *mut _ as *mut [std::mem::MaybeUninit<u8>]) };
-    let mut rb = ReadBuf::uninit(dst);
-    ready!(Pin::new(io).poll_read(cx, &mut rb))?;
-    let n = rb.filled().len();
-    unsafe { buf.advance_mut(n) };
-    Poll::Ready(Ok(n))
 }
 
 /// An h2 stream as a byte stream: reads release flow control as they are

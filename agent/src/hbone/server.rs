@@ -1,17 +1,24 @@
 //! The HBONE server (the waypoint's port 15008): mTLS with trust-domain
 //! check, HTTP/2, one `CONNECT` per stream handed to a handler.
+//!
+//! A stream the client resets cancels its work: the handler's future (an
+//! upstream connect, say) is dropped and the relay ends. Clients that reset
+//! most of their streams right after opening them get GOAWAY, as Envoy
+//! treats premature resets.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use h2::RecvStream;
+use h2::{Reason, RecvStream};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tracing::Instrument;
 
 use super::headers::parse_forwarded;
@@ -26,6 +33,13 @@ pub struct ServerSettings {
     pub max_frame_size: u32,
     pub max_concurrent_streams: u32,
     pub handshake_timeout: Duration,
+    /// A stream the client resets within this long of opening it is a
+    /// premature reset (Envoy: `premature_reset_min_stream_lifetime_seconds`).
+    pub premature_reset_lifetime: Duration,
+    /// Once a connection has closed this many streams, it gets GOAWAY
+    /// (ENHANCE_YOUR_CALM) when half or more of them were premature resets
+    /// (Envoy: `premature_reset_total_stream_count`).
+    pub premature_reset_streams: u32,
 }
 
 impl Default for ServerSettings {
@@ -36,6 +50,8 @@ impl Default for ServerSettings {
             max_frame_size: MAX_FRAME_SIZE,
             max_concurrent_streams: 200,
             handshake_timeout: Duration::from_secs(10),
+            premature_reset_lifetime: Duration::from_secs(1),
+            premature_reset_streams: 500,
         }
     }
 }
@@ -80,7 +96,7 @@ impl Decision {
     }
 }
 
-pub trait HboneHandler: Send + Sync + 'static {
+pub trait ConnectHandler: Send + Sync + 'static {
     /// Decides on one tunnel; may connect upstream before answering.
     fn handle(&self, req: InboundRequest) -> impl Future<Output = Decision> + Send;
     /// Called when a `Forward` relay ends (for the access log and metrics).
@@ -104,7 +120,7 @@ impl HboneServer {
     }
 
     /// Accepts connections until the listener fails.
-    pub async fn serve<H: HboneHandler>(
+    pub async fn serve<H: ConnectHandler>(
         self: Arc<Self>,
         listener: TcpListener,
         handler: Arc<H>,
@@ -126,7 +142,7 @@ impl HboneServer {
     }
 
     /// Serves one accepted TCP connection.
-    pub async fn serve_connection<H: HboneHandler>(
+    pub async fn serve_connection<H: ConnectHandler>(
         &self,
         tcp: TcpStream,
         peer: SocketAddr,
@@ -156,16 +172,68 @@ impl HboneServer {
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(HboneError::H2)?;
-        while let Some(r) = conn.accept().await {
+        let resets = Arc::new(ResetCount::new(s));
+        let mut calm_down = false;
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                () = resets.abuse.notified(), if !calm_down => {
+                    tracing::info!(identity = %identity, "client resets most streams it opens, sending GOAWAY");
+                    conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                    calm_down = true;
+                    continue;
+                }
+            };
+            let Some(r) = next else { break };
             let (req, respond) = r.map_err(HboneError::H2)?;
             let handler = handler.clone();
             let identity = identity.clone();
+            let resets = resets.clone();
             tokio::spawn(
-                async move { stream(req, respond, identity, peer, local, handler).await }
-                    .in_current_span(),
+                async move {
+                    let opened = Instant::now();
+                    let reset = stream(req, respond, identity, peer, local, handler).await;
+                    resets.stream_closed(reset && opened.elapsed() < resets.lifetime);
+                }
+                .in_current_span(),
             );
         }
         Ok(())
+    }
+}
+
+/// Per connection: streams closed, and how many of them the client reset
+/// right after opening.
+struct ResetCount {
+    lifetime: Duration,
+    threshold: u64,
+    closed: AtomicU64,
+    premature: AtomicU64,
+    /// Wakes the connection to send GOAWAY.
+    abuse: Notify,
+}
+
+impl ResetCount {
+    fn new(s: &ServerSettings) -> Self {
+        ResetCount {
+            lifetime: s.premature_reset_lifetime,
+            threshold: u64::from(s.premature_reset_streams.max(1)),
+            closed: AtomicU64::new(0),
+            premature: AtomicU64::new(0),
+            abuse: Notify::new(),
+        }
+    }
+
+    fn stream_closed(&self, premature: bool) {
+        let closed = self.closed.fetch_add(1, Ordering::Relaxed) + 1;
+        let resets = if premature {
+            self.premature.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.premature.load(Ordering::Relaxed)
+        };
+        if closed >= self.threshold && resets * 2 >= closed {
+            self.abuse.notify_one();
+        }
     }
 }
 
@@ -177,14 +245,15 @@ fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let _ = respond.send_response(resp, true);
 }
 
-async fn stream<H: HboneHandler>(
+/// Serves one stream; true when the client reset it.
+async fn stream<H: ConnectHandler>(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     identity: SpiffeId,
     peer: SocketAddr,
     local: SocketAddr,
     handler: Arc<H>,
-) {
+) -> bool {
     let (parts, recv) = req.into_parts();
     let parsed = (|| {
         if parts.method != Method::CONNECT {
@@ -216,7 +285,7 @@ async fn stream<H: HboneHandler>(
             tracing::info!(identity = %identity, reason = %why, "bad HBONE request, answering 400");
             handler.rejected(&identity, peer, &why);
             respond_status(&mut respond, StatusCode::BAD_REQUEST);
-            return;
+            return false;
         }
     };
     let inbound = InboundRequest {
@@ -228,8 +297,17 @@ async fn stream<H: HboneHandler>(
         forwarded_host,
         headers: parts.headers,
     };
-    match handler.handle(inbound.clone()).await {
-        Decision::Refuse(status) => respond_status(&mut respond, status),
+    // The handler's work (an upstream connect that may wait out its timeout
+    // on a silent host) is dropped as soon as the client resets the stream.
+    let decision = tokio::select! {
+        d = handler.handle(inbound.clone()) => d,
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return true,
+    };
+    match decision {
+        Decision::Refuse(status) => {
+            respond_status(&mut respond, status);
+            false
+        }
         Decision::Forward(mut upstream) => {
             let send = match respond.send_response(Response::new(()), false) {
                 Ok(s) => s,
@@ -239,15 +317,22 @@ async fn stream<H: HboneHandler>(
                         ..Default::default()
                     };
                     handler.completed(&inbound, &stats);
-                    return;
+                    return true;
                 }
             };
             let stats = relay(&mut upstream, send, recv).await;
             handler.completed(&inbound, &stats);
+            matches!(stats.error, Some(HboneError::StreamReset(_)))
         }
         Decision::Serve(f) => match respond.send_response(Response::new(()), false) {
-            Ok(send) => f(H2Stream::new(send, recv)).await,
-            Err(e) => tracing::debug!(error = %e, "stream gone before 200"),
+            Ok(send) => {
+                f(H2Stream::new(send, recv)).await;
+                false
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "stream gone before 200");
+                true
+            }
         },
     }
 }

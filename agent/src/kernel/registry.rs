@@ -10,7 +10,6 @@
 
 use std::{
     collections::BTreeMap,
-    mem::size_of,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::Path,
 };

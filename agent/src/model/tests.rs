@@ -1,6 +1,4 @@
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
 
 use super::*;
 use crate::alloc::Allocator;

@@ -163,7 +163,7 @@ pub struct ServicePolicies<'a> {
     pub(crate) target: &'a TargetPolicies,
 }
 
-impl<'a> ServicePolicies<'a> {
+impl ServicePolicies<'_> {
     /// No policy applies (not even a dry-run one): everything is allowed.
     pub fn is_empty(&self) -> bool {
         let t = self.target;

@@ -1,6 +1,10 @@
 //! Compiled value matchers. Everything here is built once per config so that
 //! evaluation is comparisons only: no parsing, no lower-casing, no allocation.
 
+// Header values are visited through a callback (`&dyn Fn(&mut dyn
+// FnMut(&[u8]))`) so that a repeated header costs no allocation.
+#![allow(clippy::type_complexity)]
+
 use std::net::IpAddr;
 
 use ipnet::IpNet;

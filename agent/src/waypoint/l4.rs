@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::hbone::{Decision, HboneHandler, InboundRequest, RelayIo};
+use crate::hbone::{ConnectHandler, Decision, InboundRequest, RelayIo};
 use crate::identity::SpiffeId;
 use crate::policy::RequestContext;
 use crate::telemetry::{
@@ -77,7 +77,7 @@ impl TunnelHandler {
     }
 }
 
-impl HboneHandler for TunnelHandler {
+impl ConnectHandler for TunnelHandler {
     async fn handle(&self, req: InboundRequest) -> Decision {
         let start = Instant::now();
         let snap = self.shared.routes.load_full();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use shunt_agent::hbone::{ClientSettings, ConnectRequest};
 use shunt_agent::hbone::{
-    Decision, HboneClient, HboneHandler, HboneServer, InboundRequest, RelayStats, ServerSettings,
+    ConnectHandler, Decision, HboneClient, HboneServer, InboundRequest, RelayStats, ServerSettings,
 };
 use shunt_agent::identity::{Ca, IdentityConfig, IdentityManager, SpiffeId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -87,7 +87,7 @@ impl TestHandler {
     }
 }
 
-impl HboneHandler for TestHandler {
+impl ConnectHandler for TestHandler {
     async fn handle(&self, req: InboundRequest) -> Decision {
         self.seen.lock().unwrap().push(req);
         match self.mode {
@@ -111,7 +111,7 @@ impl HboneHandler for TestHandler {
 }
 
 /// Starts a waypoint presenting `identity` from `ids`.
-pub async fn start_waypoint<H: HboneHandler>(
+pub async fn start_waypoint<H: ConnectHandler>(
     ids: &IdentityManager,
     identity: &SpiffeId,
     handler: Arc<H>,

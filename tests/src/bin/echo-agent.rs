@@ -84,6 +84,7 @@ fn main() {
         admin: AdminAddrs::default(),
         log_format: shunt_agent::telemetry::LogFormat::Text,
         cert_lifetime: Duration::from_secs(3600),
+        hbone: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,0 +1,196 @@
+//! A CONNECT the client resets cancels the server's work: the upstream
+//! connect is abandoned, and a client that resets most of its streams gets
+//! GOAWAY. Real sockets on 127.0.0.1.
+
+mod hbone_support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hbone_support::*;
+use shunt_agent::identity::{IdentityManager, SpiffeId};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+/// A listener whose accept queue is full and never drained: the kernel
+/// drops every further SYN, so connects to it stay in SYN-SENT (as towards
+/// a host that silently drops packets). Returns the address and the
+/// sockets that fill the queue.
+async fn syn_dropping_upstream() -> (SocketAddr, socket2::Socket, Vec<TcpStream>) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    let mut fill = Vec::new();
+    // Backlog 0 holds one connection; try a few until a connect hangs.
+    for _ in 0..4 {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(c)) => fill.push(c),
+            Ok(Err(e)) => panic!("connect to the full listener failed: {e}"),
+            Err(_) => return (addr, s, fill),
+        }
+    }
+    panic!("the listener's accept queue never filled");
+}
+
+/// TCP sockets of this network namespace connected (or connecting) to
+/// `addr`, other than `except`, as (all, in SYN-SENT).
+fn sockets_to(addr: SocketAddr, except: &[TcpStream]) -> (usize, usize) {
+    let SocketAddr::V4(a) = addr else {
+        unreachable!()
+    };
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(a.ip().octets()),
+        a.port()
+    );
+    let skip: Vec<String> = except
+        .iter()
+        .map(|s| format!(":{:04X}", s.local_addr().unwrap().port()))
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let mut all = 0;
+    let mut syn_sent = 0;
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 3 && f[2] == want && !skip.iter().any(|p| f[1].ends_with(p.as_str())) {
+            all += 1;
+            if f[3] == "02" {
+                syn_sent += 1;
+            }
+        }
+    }
+    (all, syn_sent)
+}
+
+async fn h2_connect(
+    ids: &IdentityManager,
+    src: &SpiffeId,
+    wp: &SpiffeId,
+    addr: SocketAddr,
+) -> h2::client::SendRequest<Bytes> {
+    let tls = ids.client_config(src, vec![wp.clone()]).unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+fn connect_request() -> http::Request<()> {
+    http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("240.240.0.2:80")
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_thousand_reset_connects_leave_no_upstream_sockets_and_the_client_gets_goaway() {
+    let mesh = Mesh::new("cluster.local");
+    let (src, wp) = (id(SRC), id(WAYPOINT));
+    let (upstream, _listener, fill) = syn_dropping_upstream().await;
+    let handler = TestHandler::new(upstream, Mode::Forward);
+    let addr = start_waypoint(&mesh.ids, &wp, handler.clone()).await;
+
+    const STREAMS: usize = 3000;
+    let start = Instant::now();
+    let (mut sent, mut connections, mut goaways) = (0, 0, 0);
+    while sent < STREAMS {
+        let sender = h2_connect(&mesh.ids, &src, &wp, addr).await;
+        connections += 1;
+        // At most 100 streams open at once (below the server's limit), so
+        // every HEADERS reaches the server before its reset.
+        let slots = Arc::new(Semaphore::new(100));
+        let mut resets = tokio::task::JoinSet::new();
+        while sent < STREAMS {
+            let slot = slots.clone().acquire_owned().await.unwrap();
+            let mut ready = match sender.clone().ready().await {
+                Ok(r) => r,
+                Err(e) => {
+                    goaways += usize::from(e.is_go_away());
+                    break;
+                }
+            };
+            let Ok((response, mut stream)) = ready.send_request(connect_request(), false) else {
+                break;
+            };
+            sent += 1;
+            resets.spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                stream.send_reset(h2::Reason::CANCEL);
+                drop((response, slot));
+            });
+        }
+        while resets.join_next().await.is_some() {}
+    }
+    let elapsed = start.elapsed();
+    // The server drops its work as the resets arrive; give it a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (left, syn_sent) = sockets_to(upstream, &fill);
+    let seen = handler.seen().len();
+    println!(
+        "{STREAMS} reset CONNECTs in {elapsed:?} over {connections} connections \
+         ({goaways} GOAWAY), {seen} reached the handler: {left} upstream sockets left \
+         ({syn_sent} SYN-SENT)"
+    );
+    // Streams reset while still queued for accept never reach the handler
+    // (h2 drops them); enough must, or the figure below proves nothing.
+    assert!(
+        seen >= 500,
+        "only {seen} streams started an upstream connect"
+    );
+    assert!(
+        left < 100,
+        "{left} upstream sockets outlive their reset streams"
+    );
+    assert!(goaways >= 1, "a client resetting every stream gets GOAWAY");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_resets_a_minority_of_streams_keeps_its_connection() {
+    let mesh = Mesh::new("cluster.local");
+    let (src, wp) = (id(SRC), id(WAYPOINT));
+    let handler = TestHandler::new(echo_upstream().await, Mode::Forward);
+    let addr = start_waypoint(&mesh.ids, &wp, handler.clone()).await;
+    let sender = h2_connect(&mesh.ids, &src, &wp, addr).await;
+    // 700 tunnels that end normally, then 600 reset right after their 200:
+    // 600 premature resets of 1,300 closed streams is under half.
+    let open = |end: bool| {
+        let sender = sender.clone();
+        async move {
+            let (response, stream) = sender
+                .ready()
+                .await
+                .expect("no GOAWAY")
+                .send_request(connect_request(), end)
+                .unwrap();
+            let response = response.await.unwrap();
+            assert_eq!(response.status(), 200);
+            (response.into_body(), stream)
+        }
+    };
+    for _ in 0..700 {
+        let (mut body, _stream) = open(true).await;
+        // The echo upstream sees EOF and closes: the tunnel ends cleanly.
+        while let Some(d) = body.data().await {
+            d.unwrap();
+        }
+    }
+    for _ in 0..600 {
+        let (_body, mut stream) = open(false).await;
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut body, _stream) = open(true).await;
+    while let Some(d) = body.data().await {
+        d.unwrap();
+    }
+}
