@@ -163,11 +163,7 @@ pub(crate) fn build(
         .collect();
     let policies = PolicySet::build(
         &metas,
-        &BuildOptions {
-            waypoint: Some(inp.gateway.clone()),
-            path_normalization: cfg.mesh.path_normalization.normalization,
-            ..Default::default()
-        },
+        &BuildOptions::for_config(&cfg, Some(inp.gateway.clone())),
     )
     .map_err(WaypointError::Policy)?;
     // Workload warnings concern the agent, not the waypoint.
