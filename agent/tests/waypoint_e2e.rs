@@ -3,6 +3,8 @@
 //! the `curl` and `admin` identities, real upstream HTTP / TLS / TCP
 //! servers.
 
+mod hbone_support;
+
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -1438,4 +1440,62 @@ async fn tls_port_without_a_client_hello_is_reset() {
         ])
         .await;
     assert!(line.contains(" error access "), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_reset_while_their_upstream_connect_hangs_leave_no_upstream_sockets() {
+    // The endpoint's accept queue is full: connects to it hang in SYN-SENT
+    // (for the 5 s upstream timeout here) unless they are abandoned.
+    let (silent, _listener, fill) = hbone_support::syn_dropping_upstream().await;
+    let entry = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: silent
+  namespace: common-infrastructure
+spec:
+  hosts:
+  - silent.example
+  ports:
+  - number: 7000
+    name: tcp
+    protocol: TCP
+    targetPort: {}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+"#,
+        silent.port()
+    );
+    let env = Env::with_files(&[("30-silent.yaml", &entry)]).await;
+    let vip = env.vip("silent.example", 7000);
+    // A client that gives up on a CONNECT after 20 ms drops its stream,
+    // which h2 sends as RST_STREAM(CANCEL).
+    let mut gave_up = 0;
+    for _ in 0..3 {
+        let attempts =
+            (0..100).map(|_| {
+                let req = env.request(CURL, vip);
+                let client = &env.client;
+                async move {
+                    tokio::time::timeout(Duration::from_millis(20), client.connect(&req)).await
+                }
+            });
+        gave_up += futures::future::join_all(attempts)
+            .await
+            .iter()
+            .filter(|r| r.is_err())
+            .count();
+    }
+    assert_eq!(
+        gave_up, 300,
+        "no CONNECT to the silent endpoint is answered in 20 ms"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (left, syn_sent) = hbone_support::sockets_to(silent, &fill);
+    println!("300 reset tunnels: {left} upstream sockets left ({syn_sent} SYN-SENT)");
+    assert!(
+        left < 10,
+        "{left} upstream connects outlive their reset tunnels"
+    );
 }
