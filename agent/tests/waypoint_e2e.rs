@@ -25,6 +25,7 @@ use shunt_agent::hbone::{ClientSettings, ConnectRequest, H2Stream, HboneClient};
 use shunt_agent::identity::{Ca, IdentityConfig, IdentityManager, SpiffeId};
 use shunt_agent::telemetry::{AccessLogger, LogFormat};
 use shunt_agent::waypoint::{Waypoint, WaypointOptions};
+use shunt_testbed::seed;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -188,36 +189,20 @@ async fn closed_port() -> SocketAddr {
 
 // ------------------------------------------------------------- config
 
+/// The seed's AuthorizationPolicy; `extra_curl_methods` (e.g. `, "POST"`)
+/// widens its second rule to those methods and `/post`.
 fn seed_policy(extra_curl_methods: &str) -> String {
-    format!(
-        r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: httpbin
-  namespace: common-infrastructure
-spec:
-  targetRefs:
-  - kind: ServiceEntry
-    group: networking.istio.io
-    name: httpbin.org
-  action: ALLOW
-  rules:
-  # Our admin application can access anything
-  - from:
-    - source:
-        principals: ["cluster.local/ns/default/sa/admin"]
-  # Everything else is only allowed to access /get
-  - to:
-    - operation:
-        methods: ["GET"{extra_curl_methods}]
-        paths: ["/get"{paths}]
-"#,
-        paths = if extra_curl_methods.is_empty() {
-            ""
-        } else {
-            r#", "/post""#
-        }
+    let p = seed::file(seed::POLICY).unwrap();
+    if extra_curl_methods.is_empty() {
+        return p;
+    }
+    let p = seed::edit(
+        &p,
+        r#"methods: ["GET"]"#,
+        &format!(r#"methods: ["GET"{extra_curl_methods}]"#),
     )
+    .unwrap();
+    seed::edit(&p, r#"paths: ["/get"]"#, r#"paths: ["/get", "/post"]"#).unwrap()
 }
 
 fn config_text(
@@ -227,53 +212,16 @@ fn config_text(
     tls: SocketAddr,
     ca_pem: &Path,
 ) -> String {
+    let lo = "127.0.0.1".parse().unwrap();
+    let down_port = seed::ExtraPort {
+        number: 81,
+        name: "http-down",
+        protocol: "HTTP",
+        target_port: down.port(),
+    };
+    let seed = seed::loopback_service(lo, lo, http.port(), &[down_port]).unwrap();
     format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata:
-  name: common-infrastructure
-  labels:
-    istio.io/dataplane-mode: ambient
-    istio.io/use-waypoint: egress-gateway
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: egress-gateway
-  namespace: common-infrastructure
-  labels:
-    istio.io/waypoint-for: service
-spec:
-  gatewayClassName: istio-waypoint
-  addresses:
-  - type: IPAddress
-    value: 127.0.0.1
-  listeners:
-  - name: mesh
-    port: 15008
-    protocol: HBONE
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: httpbin.org
-  namespace: common-infrastructure
-spec:
-  hosts:
-  - httpbin.org
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-    targetPort: {http_port}
-  - number: 81
-    name: http-down
-    protocol: HTTP
-    targetPort: {down_port}
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
----
+        r#"{seed}---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata:
@@ -404,7 +352,6 @@ spec:
       sni: secure.example
       caCertificates: {ca}
 "#,
-        http_port = http.port(),
         echo_port = echo.port(),
         down_port = down.port(),
         tls_port = tls.port(),

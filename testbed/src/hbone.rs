@@ -1,6 +1,6 @@
-//! Shared pieces for the HBONE integration tests: a CA in a temp dir, an
-//! echo upstream, a waypoint with a recording handler.
-#![allow(dead_code)]
+//! Loopback HBONE peers and PKI (`mesh` feature): a CA in a temp dir, an
+//! echo upstream, a waypoint with a recording handler, a client. Used by
+//! the agent's HBONE tests and the HBONE bench.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
