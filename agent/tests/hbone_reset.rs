@@ -2,15 +2,13 @@
 //! connect is abandoned, and a client that resets most of its streams gets
 //! GOAWAY. Real sockets on 127.0.0.1.
 
-mod hbone_support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hbone_support::*;
 use shunt_agent::identity::{IdentityManager, SpiffeId};
+use shunt_testbed::hbone::*;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
