@@ -3,8 +3,6 @@
 //! the `curl` and `admin` identities, real upstream HTTP / TLS / TCP
 //! servers.
 
-mod hbone_support;
-
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -1393,7 +1391,7 @@ async fn tls_port_without_a_client_hello_is_reset() {
 async fn tunnels_reset_while_their_upstream_connect_hangs_leave_no_upstream_sockets() {
     // The endpoint's accept queue is full: connects to it hang in SYN-SENT
     // (for the 5 s upstream timeout here) unless they are abandoned.
-    let (silent, _listener, fill) = hbone_support::syn_dropping_upstream().await;
+    let (silent, _listener, fill) = shunt_testbed::hbone::syn_dropping_upstream().await;
     let entry = format!(
         r#"apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -1439,7 +1437,7 @@ spec:
         "no CONNECT to the silent endpoint is answered in 20 ms"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (left, syn_sent) = hbone_support::sockets_to(silent, &fill);
+    let (left, syn_sent) = shunt_testbed::hbone::sockets_to(silent, &fill);
     println!("300 reset tunnels: {left} upstream sockets left ({syn_sent} SYN-SENT)");
     assert!(
         left < 10,
