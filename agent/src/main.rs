@@ -13,13 +13,22 @@ mod cmd;
     name = "shunt",
     version,
     about = "eBPF egress data plane for Istio-ambient-style meshes",
-    long_about = "shunt steers pod connections to ServiceEntry VIPs (240.240.0.0/16, 2001:2::/48) \
-into the node agent with kernel programs, and carries them over HBONE to the egress waypoint.",
+    long_about = long_about(),
     after_help = "Examples:\n  shunt agent --config-dir /etc/shunt/config\n  shunt waypoint --config-dir /etc/shunt/config --name egress-gateway --namespace common-infrastructure\n  shunt get serviceentries -o yaml\n  shunt maps\n  shunt uninstall"
 )]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// The VIP prefixes as the allocator (and the kernel side) use them.
+fn long_about() -> String {
+    let vips = shunt_agent::alloc::Prefixes::default();
+    format!(
+        "shunt steers pod connections to ServiceEntry VIPs ({}, {}) \
+into the node agent with kernel programs, and carries them over HBONE to the egress waypoint.",
+        vips.v4, vips.v6
+    )
 }
 
 #[derive(Subcommand)]
