@@ -87,7 +87,8 @@ pub struct WorkloadInfo {
     pub identity: String,
     pub address: Option<IpAddr>,
     pub labels: BTreeMap<String, String>,
-    /// Resolved cgroup id when the workload is enrolled.
+    /// Resolved cgroup id when the workload is enrolled (the first, when the
+    /// annotation lists several).
     pub cgroup_id: Option<u64>,
 }
 
@@ -456,31 +457,41 @@ pub fn build(cfg: &Config, alloc: &Allocation, cgroup_id: impl Fn(&str) -> Optio
             let labels_all = we.metadata.labels.iter().chain(we.spec.labels.iter());
             let merged: BTreeMap<String, String> =
                 labels_all.map(|(k, v)| (k.clone(), v.clone())).collect();
-            if !cfg.namespace_is_ambient(we.namespace()) {
+            // Istio's rule: the workload's own label wins (`none` opts
+            // out), else its Namespace's.
+            let ambient = match merged.get(labels::DATAPLANE_MODE).map(String::as_str) {
+                Some("ambient") => true,
+                Some(_) => false,
+                None => cfg.namespace_is_ambient(we.namespace()),
+            };
+            if !ambient {
                 // Not in the mesh: table entry only.
             } else if is_waypoint_pod(we.namespace(), &merged) {
                 d.warnings
                     .push(format!("WorkloadEntry {key}: a waypoint, never enrolled"));
             } else {
-                match cgroup_id(cg) {
-                    Some(cid) => match d.enrolled.entry(cid) {
-                        std::collections::btree_map::Entry::Vacant(e) => {
-                            e.insert(EnrolledValue {
-                                workload_id: id,
-                                flags: dns,
-                            });
-                            cgroup = Some(cid);
-                        }
-                        std::collections::btree_map::Entry::Occupied(e) => {
-                            d.warnings.push(format!(
-                                "WorkloadEntry {key}: cgroup {cg:?} already enrolled for workload id {}",
-                                e.get().workload_id
-                            ));
-                        }
-                    },
-                    None => d.warnings.push(format!(
-                        "WorkloadEntry {key}: cgroup {cg:?} not found; not enrolled"
-                    )),
+                // Several cgroups (comma-separated): a pod's containers.
+                for cg in cg.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                    match cgroup_id(cg) {
+                        Some(cid) => match d.enrolled.entry(cid) {
+                            std::collections::btree_map::Entry::Vacant(e) => {
+                                e.insert(EnrolledValue {
+                                    workload_id: id,
+                                    flags: dns,
+                                });
+                                cgroup.get_or_insert(cid);
+                            }
+                            std::collections::btree_map::Entry::Occupied(e) => {
+                                d.warnings.push(format!(
+                                    "WorkloadEntry {key}: cgroup {cg:?} already enrolled for workload id {}",
+                                    e.get().workload_id
+                                ));
+                            }
+                        },
+                        None => d.warnings.push(format!(
+                            "WorkloadEntry {key}: cgroup {cg:?} not found; not enrolled"
+                        )),
+                    }
                 }
             }
         }
@@ -911,6 +922,33 @@ mod tests {
         let b = d.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap();
         assert_eq!(b.identity, "spiffe://cluster.local/ns/other/sa/bee");
         assert_eq!(b.cgroup_id, None);
+    }
+
+    #[test]
+    fn a_pod_label_overrides_its_namespace_and_every_listed_cgroup_is_enrolled() {
+        let files = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: amb\n  labels: {istio.io/dataplane-mode: ambient}\n---\n\
+            apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: in\n  namespace: plain\n  labels: {istio.io/dataplane-mode: ambient}\n  annotations: {shunt.io/cgroup: 'p/c1,p/c2'}\nspec: {address: 10.0.0.1}\n---\n\
+            apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: out\n  namespace: amb\n  labels: {istio.io/dataplane-mode: none}\n  annotations: {shunt.io/cgroup: q}\nspec: {address: 10.0.0.2}\n";
+        let cfg = load(&[("a.yaml", files)]);
+        let state = tempfile::tempdir().unwrap();
+        let alloc = Allocator::open(state.path())
+            .unwrap()
+            .allocate(&cfg)
+            .unwrap()
+            .clone();
+        let root = tempfile::tempdir().unwrap();
+        for n in ["p/c1", "p/c2", "q"] {
+            std::fs::create_dir_all(root.path().join(n)).unwrap();
+        }
+        let d = build(&cfg, &alloc, cgroup_resolver(root.path().to_path_buf()));
+        use std::os::unix::fs::MetadataExt;
+        let ino = |n: &str| std::fs::metadata(root.path().join(n)).unwrap().ino();
+        let mut want = vec![ino("p/c1"), ino("p/c2")];
+        want.sort();
+        assert_eq!(d.enrolled.keys().copied().collect::<Vec<_>>(), want);
+        let ids: Vec<u32> = d.enrolled.values().map(|e| e.workload_id).collect();
+        assert_eq!(ids[0], ids[1], "one workload for both containers");
+        assert_eq!(d.workload(ids[0]).unwrap().name, "in");
     }
 
     #[test]
