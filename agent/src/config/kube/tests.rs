@@ -1,10 +1,6 @@
 //! The API source against the in-process fake API server (see `fake`).
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
-
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::fake::FakeApi;
 use super::*;
