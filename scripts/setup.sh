@@ -111,6 +111,14 @@ if [ "$(cat "$ROOT/target/fetched.stamp" 2>/dev/null)" != "$lock" ]; then
   echo "$lock" > "$ROOT/target/fetched.stamp"
 fi
 
+# Offline validation of the deploy/ manifests against Kubernetes' OpenAPI
+# schemas (bundled in the package; no cluster or network at test time).
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if ! python3 -m pip show kubernetes-validate 2>/dev/null | grep -qx "Version: ${KUBERNETES_VALIDATE_VERSION}"; then
+  log "installing kubernetes-validate ${KUBERNETES_VALIDATE_VERSION} (pip)"
+  python3 -m pip install -q --disable-pip-version-check "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
+fi
+
 # bpffs: pins live there. Mount it if the machine booted without it.
 if ! grep -q ' /sys/fs/bpf bpf ' /proc/mounts; then
   log "mounting bpffs on /sys/fs/bpf"

@@ -14,17 +14,14 @@
 //! `cargo bench -p shunt-agent --bench hbone` (add `-- throughput` etc. to
 //! filter).
 
-#[path = "../tests/hbone_support/mod.rs"]
-mod hbone_support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
-use hbone_support::*;
 use shunt_agent::hbone::HboneClient;
+use shunt_testbed::hbone::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;

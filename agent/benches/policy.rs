@@ -11,27 +11,12 @@ use shunt_agent::config::meta::ObjectMeta;
 use shunt_agent::policy::{
     BuildOptions, HeaderList, HttpRequest, PathNormalization, PolicySet, RequestContext,
 };
+use shunt_testbed::seed;
 
 const NS: &str = "common-infrastructure";
 const SE: &str = "httpbin.org";
 const CURL: &str = "spiffe://cluster.local/ns/default/sa/curl";
 const ADMIN: &str = "spiffe://cluster.local/ns/default/sa/admin";
-
-const SEED: &str = r#"
-targetRefs:
-- kind: ServiceEntry
-  group: networking.istio.io
-  name: httpbin.org
-action: ALLOW
-rules:
-- from:
-  - source:
-      principals: ["cluster.local/ns/default/sa/admin"]
-- to:
-  - operation:
-      methods: ["GET"]
-      paths: ["/get"]
-"#;
 
 fn meta(name: &str) -> ObjectMeta {
     ObjectMeta {
@@ -49,7 +34,11 @@ fn spec(yaml: &str) -> AuthorizationPolicySpec {
 /// and half ALLOW, none matching the benchmark's requests (the worst case:
 /// every one is evaluated).
 fn policies(extra: usize) -> Vec<(ObjectMeta, AuthorizationPolicySpec)> {
-    let mut v = vec![(meta("httpbin"), spec(SEED))];
+    let seed: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&seed::file(seed::POLICY).expect("the seed's policy"))
+            .expect("the seed's policy YAML");
+    let seed = serde_yaml_ng::from_value(seed["spec"].clone()).expect("the seed's policy spec");
+    let mut v = vec![(meta("httpbin"), seed)];
     for i in 0..extra {
         let y = if i % 2 == 0 {
             format!(

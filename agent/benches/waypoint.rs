@@ -43,13 +43,13 @@ use shunt_agent::hbone::{ClientSettings, ConnectRequest, HboneClient};
 use shunt_agent::identity::{Ca, IdentityConfig, IdentityManager};
 use shunt_agent::telemetry::{AccessLogger, LogFormat};
 use shunt_agent::waypoint::{WaypointOptions, WaypointServer};
+use shunt_testbed::seed;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 
 const TD: &str = "cluster.local";
 const CURL: &str = "spiffe://cluster.local/ns/default/sa/curl";
 const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/common-infrastructure/sa/egress-gateway";
-const SEED_POLICY: &str = include_str!("../../examples/egress/04-authorizationpolicy.yaml");
 /// Roughly httpbin's `/get` answer size.
 const BODY: &[u8] = br#"{"args":{},"headers":{"Accept":"*/*","Host":"httpbin.org","User-Agent":"curl/8.7.1"},"origin":"10.244.1.19","url":"http://httpbin.org/get"}"#;
 
@@ -95,51 +95,8 @@ async fn upstream(count: Arc<AtomicU64>) -> SocketAddr {
 /// ServiceEntry gains static loopback endpoints and a targetPort so the
 /// waypoint reaches the local upstream instead of httpbin.org.
 fn objects(upstream: SocketAddr) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata:
-  name: common-infrastructure
-  labels:
-    istio.io/dataplane-mode: ambient
-    istio.io/use-waypoint: egress-gateway
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: egress-gateway
-  namespace: common-infrastructure
-  labels:
-    istio.io/waypoint-for: service
-spec:
-  gatewayClassName: istio-waypoint
-  addresses:
-  - type: IPAddress
-    value: 127.0.0.1
-  listeners:
-  - name: mesh
-    port: 15008
-    protocol: HBONE
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: httpbin.org
-  namespace: common-infrastructure
-spec:
-  hosts:
-  - httpbin.org
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-    targetPort: {port}
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
-"#,
-        port = upstream.port()
-    )
+    let lo = "127.0.0.1".parse().unwrap();
+    seed::loopback_service(lo, lo, upstream.port(), &[]).expect("the seed's objects")
 }
 
 /// Counts access-log bytes instead of keeping them (the binary writes to
@@ -359,6 +316,7 @@ fn main() {
     let ca = Arc::new(Ca::init(&ca_dir, TD, false).expect("CA init"));
     let up_count = Arc::new(AtomicU64::new(0));
     let up = apps.block_on(upstream(up_count.clone()));
+    let seed_policy = seed::file(seed::POLICY).expect("the seed's policy");
     let (wp_none, wp_seed) = waypoint_rt.block_on(async {
         (
             start_waypoint(&dir.path().join("no-policy"), &ca_dir, up, None).await,
@@ -366,7 +324,7 @@ fn main() {
                 &dir.path().join("seed-policy"),
                 &ca_dir,
                 up,
-                Some(SEED_POLICY),
+                Some(&seed_policy),
             )
             .await,
         )

@@ -13,8 +13,7 @@ mod cmd;
     name = "shunt",
     version,
     about = "eBPF egress data plane for Istio-ambient-style meshes",
-    long_about = "shunt steers pod connections to ServiceEntry VIPs (240.240.0.0/16, 2001:2::/48) \
-into the node agent with kernel programs, and carries them over HBONE to the egress waypoint.",
+    long_about = long_about(),
     after_help = "Examples:\n  shunt agent --config-dir /etc/shunt/config\n  shunt waypoint --config-dir /etc/shunt/config --name egress-gateway --namespace common-infrastructure\n  shunt get serviceentries -o yaml\n  shunt maps\n  shunt uninstall"
 )]
 struct Cli {
@@ -22,11 +21,21 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// The VIP prefixes as the allocator (and the kernel side) use them.
+fn long_about() -> String {
+    let vips = shunt_agent::alloc::Prefixes::default();
+    format!(
+        "shunt steers pod connections to ServiceEntry VIPs ({}, {}) \
+into the node agent with kernel programs, and carries them over HBONE to the egress waypoint.",
+        vips.v4, vips.v6
+    )
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node agent: load and attach the kernel programs, capture VIP
     /// connections and DNS, and carry connections to their waypoint.
-    Agent(cmd::agent::Args),
+    Agent(Box<cmd::agent::Args>),
     /// Run an egress waypoint: HBONE server, authorization, TLS origination.
     Waypoint(cmd::waypoint::Args),
     /// Manage the mesh CA (local CA or Istio's plug-in CA layout).
@@ -51,7 +60,7 @@ fn main() -> ExitCode {
     // returning them to the kernel page by page.
     shunt_agent::hbone::tune_allocator();
     let r = match cli.cmd {
-        Cmd::Agent(a) => cmd::agent::run(a),
+        Cmd::Agent(a) => cmd::agent::run(*a),
         Cmd::Waypoint(a) => cmd::waypoint::run(a),
         Cmd::Ca(a) => cmd::ca::run(a),
         Cmd::Maps(a) => cmd::maps::run(a),
@@ -67,5 +76,62 @@ fn main() -> ExitCode {
             eprintln!("shunt: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent container of deploy/agent.yaml (the DaemonSet).
+    fn daemonset() -> serde_yaml_ng::Value {
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.yaml");
+        serde_yaml_ng::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_daemonset_passes_only_flags_the_agent_accepts_and_outlives_its_drain() {
+        let ds = daemonset();
+        let pod = &ds["spec"]["template"]["spec"];
+        let args: Vec<String> = pod["containers"][0]["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        let cli = Cli::try_parse_from(std::iter::once("shunt".to_string()).chain(args.clone()))
+            .unwrap_or_else(|e| panic!("deploy/agent.yaml args rejected: {e}"));
+        assert!(matches!(cli.cmd, Cmd::Agent(_)));
+        assert!(args.iter().any(|a| a == "--source=kubernetes"));
+        let drain = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--drain-timeout="))
+            .map(|d| cmd::common::parse_duration(d).unwrap())
+            .expect("the DaemonSet sets --drain-timeout");
+        let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+        assert!(
+            grace >= drain.as_secs() + 10,
+            "terminationGracePeriodSeconds {grace} must exceed --drain-timeout {drain:?} with margin"
+        );
+        let ru = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+        assert_eq!(
+            (ru["maxSurge"].as_u64(), ru["maxUnavailable"].as_u64()),
+            (Some(1), Some(0))
+        );
+    }
+
+    #[test]
+    fn the_mesh_config_map_is_a_valid_shunt_mesh_config() {
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/mesh.yaml");
+        let cm: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("mesh.yaml"),
+            cm["data"]["mesh.yaml"].as_str().unwrap(),
+        )
+        .unwrap();
+        let cfg = shunt_agent::config::Config::load_dir(dir.path()).unwrap();
+        assert_eq!(cfg.trust_domain(), "cluster.local");
     }
 }

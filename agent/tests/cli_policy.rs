@@ -124,3 +124,90 @@ fn errors_exit_1_with_one_sentence() {
         assert!(err.starts_with("shunt: "), "{err}");
     }
 }
+
+/// A config with a TLS passthrough port and an SNI policy.
+const TLS_CONFIG: &str = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: api.example
+  namespace: common-infrastructure
+spec:
+  hosts: [api.example]
+  ports:
+  - {number: 443, name: tls, protocol: TLS}
+  - {number: 80, name: http, protocol: HTTP}
+  resolution: DNS
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: sni-only
+  namespace: common-infrastructure
+spec:
+  targetRefs:
+  - {kind: ServiceEntry, group: networking.istio.io, name: api.example}
+  rules:
+  - when:
+    - key: connection.sni
+      values: ["api.example"]
+"#;
+
+fn check_in(dir: &Path, args: &[&str]) -> (String, String, i32) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shunt"))
+        .args(["policy", "check", "--config-dir", dir.to_str().unwrap()])
+        .args(args)
+        .env_remove("SHUNT_CONFIG_DIR")
+        .output()
+        .expect("run shunt");
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+        out.status.code().unwrap(),
+    )
+}
+
+#[test]
+fn sni_flag_decides_connection_sni_on_a_tls_port() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("c.yaml"), TLS_CONFIG).unwrap();
+    let base = [
+        "--host",
+        "api.example",
+        "--port",
+        "443",
+        "--principal",
+        CURL,
+    ];
+    let (out, err, code) = check_in(dir.path(), &[&base[..], &["--sni", "API.example"]].concat());
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("sni=API.example") && out.contains("decision: ALLOW"),
+        "{out}"
+    );
+    let (out, err, code) = check_in(
+        dir.path(),
+        &[&base[..], &["--sni", "other.example"]].concat(),
+    );
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(out.contains("when[connection.sni].values: FAILS"), "{out}");
+    // No SNI sent: the ALLOW cannot match.
+    let (out, err, code) = check_in(dir.path(), &base);
+    assert_eq!(code, 3, "{out}{err}");
+    // On a port where the waypoint never reads an SNI, --sni is refused.
+    let (out, err, code) = check_in(
+        dir.path(),
+        &[
+            "--host",
+            "api.example",
+            "--port",
+            "80",
+            "--sni",
+            "api.example",
+        ],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("reads the SNI only on TLS and HTTPS ports"),
+        "{err}"
+    );
+}

@@ -1,15 +1,13 @@
 //! HBONE client → server → upstream over real TLS on 127.0.0.1.
 
-mod hbone_support;
-
 use std::time::Duration;
 
 use bytes::Bytes;
-use hbone_support::*;
 use http::{Method, Request, StatusCode};
 use sha2::{Digest, Sha256};
 use shunt_agent::hbone::HboneError;
 use shunt_agent::identity::IdentityConfig;
+use shunt_testbed::hbone::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

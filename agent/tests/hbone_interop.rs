@@ -2,15 +2,13 @@
 //! (Debian python3-h2) over python's ssl module, as HBONE client against
 //! `HboneServer` and as HBONE server for `HboneClient`.
 
-mod hbone_support;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use hbone_support::*;
 use shunt_agent::identity::{Ca, SpiffeId};
+use shunt_testbed::hbone::*;
 
 /// A python interpreter that has `h2` (pyenv shims may hide Debian's).
 fn python() -> String {

@@ -2,17 +2,15 @@
 //! reuse, the per-connection stream limit, GOAWAY, idle eviction and one
 //! dial per key.
 
-mod hbone_support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hbone_support::*;
 use shunt_agent::hbone::{ClientSettings, HboneClient, HboneServer, ServerSettings, Tunnel};
 use shunt_agent::identity::{IdentityManager, SpiffeId};
+use shunt_testbed::hbone::*;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;

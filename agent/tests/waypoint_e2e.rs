@@ -23,6 +23,7 @@ use shunt_agent::hbone::{ClientSettings, ConnectRequest, H2Stream, HboneClient};
 use shunt_agent::identity::{Ca, IdentityConfig, IdentityManager, SpiffeId};
 use shunt_agent::telemetry::{AccessLogger, LogFormat};
 use shunt_agent::waypoint::{WaypointOptions, WaypointServer};
+use shunt_testbed::seed;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -186,36 +187,20 @@ async fn closed_port() -> SocketAddr {
 
 // ------------------------------------------------------------- config
 
+/// The seed's AuthorizationPolicy; `extra_curl_methods` (e.g. `, "POST"`)
+/// widens its second rule to those methods and `/post`.
 fn seed_policy(extra_curl_methods: &str) -> String {
-    format!(
-        r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: httpbin
-  namespace: common-infrastructure
-spec:
-  targetRefs:
-  - kind: ServiceEntry
-    group: networking.istio.io
-    name: httpbin.org
-  action: ALLOW
-  rules:
-  # Our admin application can access anything
-  - from:
-    - source:
-        principals: ["cluster.local/ns/default/sa/admin"]
-  # Everything else is only allowed to access /get
-  - to:
-    - operation:
-        methods: ["GET"{extra_curl_methods}]
-        paths: ["/get"{paths}]
-"#,
-        paths = if extra_curl_methods.is_empty() {
-            ""
-        } else {
-            r#", "/post""#
-        }
+    let p = seed::file(seed::POLICY).unwrap();
+    if extra_curl_methods.is_empty() {
+        return p;
+    }
+    let p = seed::edit(
+        &p,
+        r#"methods: ["GET"]"#,
+        &format!(r#"methods: ["GET"{extra_curl_methods}]"#),
     )
+    .unwrap();
+    seed::edit(&p, r#"paths: ["/get"]"#, r#"paths: ["/get", "/post"]"#).unwrap()
 }
 
 fn config_text(
@@ -225,53 +210,16 @@ fn config_text(
     tls: SocketAddr,
     ca_pem: &Path,
 ) -> String {
+    let lo = "127.0.0.1".parse().unwrap();
+    let down_port = seed::ExtraPort {
+        number: 81,
+        name: "http-down",
+        protocol: "HTTP",
+        target_port: down.port(),
+    };
+    let seed = seed::loopback_service(lo, lo, http.port(), &[down_port]).unwrap();
     format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata:
-  name: common-infrastructure
-  labels:
-    istio.io/dataplane-mode: ambient
-    istio.io/use-waypoint: egress-gateway
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: egress-gateway
-  namespace: common-infrastructure
-  labels:
-    istio.io/waypoint-for: service
-spec:
-  gatewayClassName: istio-waypoint
-  addresses:
-  - type: IPAddress
-    value: 127.0.0.1
-  listeners:
-  - name: mesh
-    port: 15008
-    protocol: HBONE
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: httpbin.org
-  namespace: common-infrastructure
-spec:
-  hosts:
-  - httpbin.org
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-    targetPort: {http_port}
-  - number: 81
-    name: http-down
-    protocol: HTTP
-    targetPort: {down_port}
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
----
+        r#"{seed}---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata:
@@ -402,7 +350,6 @@ spec:
       sni: secure.example
       caCertificates: {ca}
 "#,
-        http_port = http.port(),
         echo_port = echo.port(),
         down_port = down.port(),
         tls_port = tls.port(),
@@ -1438,4 +1385,62 @@ async fn tls_port_without_a_client_hello_is_reset() {
         ])
         .await;
     assert!(line.contains(" error access "), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_reset_while_their_upstream_connect_hangs_leave_no_upstream_sockets() {
+    // The endpoint's accept queue is full: connects to it hang in SYN-SENT
+    // (for the 5 s upstream timeout here) unless they are abandoned.
+    let (silent, _listener, fill) = shunt_testbed::hbone::syn_dropping_upstream().await;
+    let entry = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: silent
+  namespace: common-infrastructure
+spec:
+  hosts:
+  - silent.example
+  ports:
+  - number: 7000
+    name: tcp
+    protocol: TCP
+    targetPort: {}
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+"#,
+        silent.port()
+    );
+    let env = Env::with_files(&[("30-silent.yaml", &entry)]).await;
+    let vip = env.vip("silent.example", 7000);
+    // A client that gives up on a CONNECT after 20 ms drops its stream,
+    // which h2 sends as RST_STREAM(CANCEL).
+    let mut gave_up = 0;
+    for _ in 0..3 {
+        let attempts =
+            (0..100).map(|_| {
+                let req = env.request(CURL, vip);
+                let client = &env.client;
+                async move {
+                    tokio::time::timeout(Duration::from_millis(20), client.connect(&req)).await
+                }
+            });
+        gave_up += futures::future::join_all(attempts)
+            .await
+            .iter()
+            .filter(|r| r.is_err())
+            .count();
+    }
+    assert_eq!(
+        gave_up, 300,
+        "no CONNECT to the silent endpoint is answered in 20 ms"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (left, syn_sent) = shunt_testbed::hbone::sockets_to(silent, &fill);
+    println!("300 reset tunnels: {left} upstream sockets left ({syn_sent} SYN-SENT)");
+    assert!(
+        left < 10,
+        "{left} upstream connects outlive their reset tunnels"
+    );
 }

@@ -14,7 +14,7 @@ use std::{
 };
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use shunt_tests::{Node, Result};
+use shunt_testbed::{Node, Result};
 
 fn setns(path: &std::path::Path) {
     let f = std::fs::File::open(path).expect("netns");
@@ -158,7 +158,12 @@ struct LeaveCgroup;
 
 impl Drop for LeaveCgroup {
     fn drop(&mut self) {
-        let _ = std::fs::write(shunt_tests::cgroup2_mount().join("cgroup.procs"), "0");
+        let _ = std::fs::write(
+            shunt_testbed::cgroup2_mount()
+                .expect("cgroup2")
+                .join("cgroup.procs"),
+            "0",
+        );
     }
 }
 

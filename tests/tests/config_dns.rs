@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use shunt_common::Counter;
-use shunt_tests::{wait_for, Node, Result};
+use shunt_testbed::{wait_for, Node, Result};
 
 const ECONNREFUSED: &str = "errno=111";
 /// What the pods' resolv.conf names: nothing listens there; only DNS
@@ -118,12 +118,10 @@ fn config_dir_fills_maps_with_allocated_vips_and_enrollment() -> Result<()> {
 fn config_edits_apply_live_without_refusing_unchanged_vips() -> Result<()> {
     let mut node = setup("ALLOW_ANY", &[])?;
     let maps = start_with_config(&mut node)?;
-    let pod_cgroup = node.pod("app").cgroup.path.join("cgroup.procs");
-    let pod_ns = node.pod("app").ns.path();
+    let enter = node.pod("app").enter();
     let looper = std::thread::spawn(move || {
-        let mut cmd = std::process::Command::new(shunt_tests::probe_bin());
+        let mut cmd = enter.command(shunt_testbed::probe_bin());
         cmd.args(["loop", "240.240.0.1:80", "--for-ms", "8000"]);
-        shunt_tests::in_pod(&mut cmd, Some(&pod_cgroup), Some(&pod_ns));
         cmd.output()
     });
     // Add, edit and remove other entries while the loop runs.
@@ -319,7 +317,7 @@ fn registry_only_refuses_unregistered_destinations_at_connect() -> Result<()> {
     );
     assert!(node.counter(Counter::EgressDenied)? >= 1);
     assert_eq!(
-        shunt_tests::read_count(&count),
+        shunt_testbed::read_count(&count),
         0,
         "a SYN reached the destination"
     );
@@ -404,7 +402,7 @@ fn spoofed_workload_address_is_dropped_by_sk_lookup_without_rp_filter() -> Resul
         },
     )?;
     // Take reverse-path filtering away: the sk_lookup check alone must hold.
-    shunt_tests::sh(
+    shunt_testbed::sh(
         "ip",
         &[
             "netns",

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use shunt_tests::{probe_bin, shunt_bin, wait_for, Node, Proc, Result};
+use shunt_testbed::{probe_bin, shunt_bin, wait_for, Node, Proc, Result};
 
 const SVC_PORT: u16 = 9000;
 const TARGET_PORT: u16 = 7000;
@@ -409,12 +409,11 @@ fn status_reports_a_healthy_agent() -> Result<()> {
 fn agent_handover_under_load_keeps_open_tunnels_and_refuses_nothing() -> Result<()> {
     let mut m = setup()?;
     let vip = format!("240.240.0.1:{SVC_PORT}");
-    let pod_cgroup = m.node.pod("app").cgroup.path.join("cgroup.procs");
-    let pod_ns = m.node.pod("app").ns.path();
+    let enter = m.node.pod("app").enter();
     // A long transfer that spans the handover...
-    let (c1, n1, v1) = (pod_cgroup.clone(), pod_ns.clone(), vip.clone());
+    let (e1, v1) = (enter.clone(), vip.clone());
     let long = std::thread::spawn(move || {
-        let mut cmd = std::process::Command::new(probe_bin());
+        let mut cmd = e1.command(probe_bin());
         // Half the bytes, a 3 s pause across the handover, the rest.
         cmd.args([
             "connect",
@@ -425,15 +424,12 @@ fn agent_handover_under_load_keeps_open_tunnels_and_refuses_nothing() -> Result<
             "--hold-ms",
             "3000",
         ]);
-        shunt_tests::in_pod(&mut cmd, Some(&c1), Some(&n1));
         cmd.output()
     });
     // ...and short connections through it.
-    let (c2, n2) = (pod_cgroup, pod_ns);
     let short = std::thread::spawn(move || {
-        let mut cmd = std::process::Command::new(probe_bin());
+        let mut cmd = enter.command(probe_bin());
         cmd.args(["many", "240.240.0.2:9100", "--n", "50", "--echo", "1000"]);
-        shunt_tests::in_pod(&mut cmd, Some(&c2), Some(&n2));
         cmd.output()
     });
     std::thread::sleep(Duration::from_millis(300));

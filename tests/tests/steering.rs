@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use shunt_common::Counter;
-use shunt_tests::{read_count, shunt_bin, wait_for, Node, Result};
+use shunt_testbed::{read_count, shunt_bin, wait_for, Node, Result};
 
 const ECONNREFUSED: &str = "errno=111";
 
@@ -212,12 +212,10 @@ fn handover_under_connect_loop_refuses_nothing() -> Result<()> {
     node.start_echo_agent()?;
     node.add_service("240.240.0.1:80", 1)?;
     node.enroll("app", 1)?;
-    let pod_cgroup = node.pod("app").cgroup.path.join("cgroup.procs");
-    let pod_ns = node.pod("app").ns.path();
+    let enter = node.pod("app").enter();
     let looper = std::thread::spawn(move || {
-        let mut cmd = std::process::Command::new(shunt_tests::probe_bin());
+        let mut cmd = enter.command(shunt_testbed::probe_bin());
         cmd.args(["loop", "240.240.0.1:80", "--for-ms", "6000"]);
-        shunt_tests::in_pod(&mut cmd, Some(&pod_cgroup), Some(&pod_ns));
         cmd.output()
     });
     std::thread::sleep(Duration::from_millis(1500));
@@ -263,7 +261,7 @@ fn restarted_agent_keeps_links_and_updates_their_programs_in_place() -> Result<(
     let link = node.pin_dir.join("link_shunt_sk_lookup");
     // `bpftool link show pinned` prints "ID: sk_lookup  prog PROG_ID ...".
     let link_info = || -> Result<(String, String)> {
-        let out = shunt_tests::sh(
+        let out = shunt_testbed::sh(
             "bpftool",
             &["link", "show", "pinned", &link.display().to_string()],
         )?;
@@ -303,7 +301,7 @@ fn bpftool_dump_shows_field_names() -> Result<()> {
     let mut node = Node::new()?;
     node.start_echo_agent()?;
     node.add_service("240.240.0.1:80", 7)?;
-    let out = shunt_tests::sh(
+    let out = shunt_testbed::sh(
         "bpftool",
         &[
             "map",

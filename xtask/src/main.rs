@@ -139,6 +139,48 @@ fn build_ebpf(release: bool) -> Result<PathBuf> {
     Ok(obj)
 }
 
+/// Kubernetes version whose OpenAPI schemas the manifests must satisfy (the
+/// oldest shunt supports; k8s-openapi's feature in agent/Cargo.toml).
+const KUBERNETES_VERSION: &str = "1.33.0";
+
+/// Validates every manifest under deploy/ against Kubernetes' OpenAPI
+/// schemas, offline (kubernetes-validate bundles them; setup installs it),
+/// strictly (unknown fields fail), and checks that the kustomization lists
+/// exactly those files.
+fn validate_manifests() -> Result<()> {
+    println!("\n== deploy/ manifests (Kubernetes {KUBERNETES_VERSION} schemas) ==");
+    let dir = root().join("deploy");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    files.sort();
+    let kust = std::fs::read_to_string(dir.join("kustomization.yaml"))
+        .context("reading deploy/kustomization.yaml")?;
+    let mut listed: Vec<String> = kust
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .map(|s| s.trim().to_string())
+        .collect();
+    listed.sort();
+    if listed != files {
+        bail!("deploy/kustomization.yaml lists {listed:?}, deploy/ has {files:?}");
+    }
+    let mut c = Command::new("python3");
+    c.args([
+        "-m",
+        "kubernetes_validate",
+        "--strict",
+        "--quiet",
+        "-k",
+        KUBERNETES_VERSION,
+    ]);
+    c.args(files.iter().map(|f| dir.join(f)));
+    run(&mut c).context("a manifest under deploy/ does not match Kubernetes' schema")
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -155,6 +197,7 @@ fn main() -> Result<()> {
             }
             setup()?;
             gates()?;
+            validate_manifests()?;
             // Binaries first: kernel tests spawn them.
             run(cargo().args(["build", "--bins"]))?;
             let mut t = cargo();

@@ -39,6 +39,8 @@ pub enum NodeError {
     CaptureServer(#[from] CaptureServerError),
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Kube(#[from] crate::config::kube::KubeError),
     #[error("CA in {dir}: {source} (create one with `shunt ca init --ca-dir {dir}`)")]
     Ca {
         dir: String,
@@ -75,6 +77,8 @@ pub struct AdminAddrs {
 pub struct NodeOptions {
     pub agent: CaptureOptions,
     pub config_dir: PathBuf,
+    /// Read config from the Kubernetes API instead of `config_dir`.
+    pub kubernetes: Option<KubernetesSource>,
     pub ca_dir: PathBuf,
     pub dns: DnsSettings,
     pub admin: AdminAddrs,
@@ -83,6 +87,18 @@ pub struct NodeOptions {
     /// HBONE connections to waypoints: pool, keepalive, connect timeout.
     pub hbone: ClientSettings,
 }
+
+/// The API source's settings (`shunt agent --source kubernetes`).
+#[derive(Clone, Debug)]
+pub struct KubernetesSource {
+    /// `None`: the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    pub options: crate::config::kube::KubeOptions,
+}
+
+/// How long start-up waits for the API source's first complete config
+/// before going on with the pinned maps as they are.
+const FIRST_SYNC_WAIT: Duration = Duration::from_secs(10);
 
 /// Run the node agent until a signal. Startup order matters: the kernel side
 /// is installed and the capture socket inserted before config is applied, so
@@ -98,10 +114,18 @@ pub async fn run_with(
     mut opts: NodeOptions,
     handler: Option<Arc<dyn Handler>>,
 ) -> Result<(), NodeError> {
-    let watcher = ConfigWatcher::spawn(
-        opts.config_dir.clone(),
-        crate::config::watch::DEFAULT_INTERVAL,
-    );
+    let watcher = match &opts.kubernetes {
+        None => ConfigWatcher::spawn(
+            opts.config_dir.clone(),
+            crate::config::watch::DEFAULT_INTERVAL,
+        ),
+        Some(k) => {
+            let client = crate::config::kube::client(k.kubeconfig.as_deref()).await?;
+            let mut w = crate::config::kube::spawn(client, k.options.clone())?;
+            let _ = tokio::time::timeout(FIRST_SYNC_WAIT, w.config.wait_for(Option::is_some)).await;
+            w
+        }
+    };
     let initial = watcher.config.borrow().clone();
     if initial.is_none() {
         match watcher.rejected.borrow().as_ref() {
@@ -136,6 +160,26 @@ pub async fn run_with(
             },
         );
     }
+    let h = watcher.health.clone();
+    mb.register_gauge_fn(
+        "shunt_config_source_up",
+        "1 while the config source (directory or Kubernetes API) is readable; 0 while the last good config is kept because it is not.",
+        move || i64::from(h.borrow().up),
+    );
+    let h = watcher.health.clone();
+    mb.register_gauge_fn(
+        "shunt_config_last_sync_timestamp_seconds",
+        "Unix time the config source was last known complete and current.",
+        move || {
+            crate::config::watch::HealthRecord::from(&*h.borrow())
+                .last_sync
+                .map_or(0, |s| s as i64)
+        },
+    );
+    let _health_file = crate::config::watch::persist_health(
+        watcher.health.clone(),
+        opts.agent.state_dir.join(crate::config::watch::HEALTH_FILE),
+    );
     let metrics = mb.build();
     let logger = Arc::new(AccessLogger::stdout(opts.log_format));
 

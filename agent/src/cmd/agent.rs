@@ -9,7 +9,8 @@ use std::{
 
 use anyhow::Context as _;
 use shunt_agent::{
-    app::node::{self, AdminAddrs, DnsSettings, NodeOptions},
+    app::node::{self, AdminAddrs, DnsSettings, KubernetesSource, NodeOptions},
+    config::kube::KubeOptions,
     dns::{parse_upstream, upstreams_from_resolv_conf},
     hbone::ClientSettings,
     kernel::KernelPaths,
@@ -22,6 +23,7 @@ use super::common::{parse_duration, runtime, ConfigDirArgs, KernelArgs, LogArgs,
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Examples:
   shunt agent --config-dir /etc/shunt/config --ca-dir /etc/shunt/ca
+  NODE_NAME=node-a shunt agent --source kubernetes --mesh-config /etc/shunt/mesh/mesh.yaml
   shunt agent --netns /var/run/netns/node --cgroup-root /sys/fs/cgroup/unified/kubepods \\
       --dns-upstream 10.96.0.10 --pin-dir /sys/fs/bpf/shunt")]
 pub struct Args {
@@ -31,6 +33,23 @@ pub struct Args {
     state: StateArgs,
     #[command(flatten)]
     config: ConfigDirArgs,
+    /// Where config comes from: `directory` (--config-dir) or `kubernetes`
+    /// (the API server: Namespaces, this node's Pods, ServiceEntry,
+    /// DestinationRule, WorkloadEntry, AuthorizationPolicy, waypoint Gateways).
+    #[arg(long, env = "SHUNT_SOURCE", default_value = "directory", value_parser = ["directory", "kubernetes"])]
+    source: String,
+    /// kubeconfig for `--source kubernetes`; default: the in-cluster
+    /// service account (else $KUBECONFIG or ~/.kube/config).
+    #[arg(long, env = "SHUNT_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name, for `--source kubernetes` (set from the downward
+    /// API: `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// MeshConfig file (named mesh.yaml) for `--source kubernetes`, e.g. a
+    /// ConfigMap volume; re-read on every change.
+    #[arg(long, env = "SHUNT_MESH_CONFIG")]
+    mesh_config: Option<PathBuf>,
     #[command(flatten)]
     log: LogArgs,
     /// Mesh CA (Istio plug-in layout: ca-cert.pem, ca-key.pem, root-cert.pem,
@@ -161,6 +180,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .context("no cgroup2 filesystem is mounted: mount one or pass --cgroup-root")?,
         ),
     };
+    let kubernetes = match args.source.as_str() {
+        "kubernetes" => {
+            let node = args.node_name.filter(|n| !n.is_empty()).context(
+                "--source kubernetes needs --node-name (or NODE_NAME from the downward API)",
+            )?;
+            let mut options = KubeOptions::new(node, cgroup_root.clone());
+            options.mesh_file = args.mesh_config;
+            Some(KubernetesSource {
+                kubeconfig: args.kubeconfig,
+                options,
+            })
+        }
+        _ => None,
+    };
     let opts = NodeOptions {
         agent: CaptureOptions {
             paths: KernelPaths {
@@ -173,6 +206,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             meta: None,
         },
         config_dir: args.config.config_dir,
+        kubernetes,
         ca_dir: args.ca_dir,
         dns: DnsSettings {
             enabled: !args.no_dns,

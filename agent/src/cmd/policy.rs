@@ -85,11 +85,10 @@ struct CheckArgs {
     /// Evaluate a TCP connection (no HTTP attributes).
     #[arg(long, conflicts_with_all = ["method", "path", "host_header", "headers"])]
     tcp: bool,
-}
-
-/// `meshConfig.rootNamespace`, else Istio's default (the model's rule).
-pub fn root_namespace(cfg: &Config) -> String {
-    shunt_agent::model::Mesh::from_config(&cfg.mesh).root_namespace
+    /// TLS SNI the client sends, for `connection.sni` (TLS/HTTPS ports only,
+    /// where the waypoint reads the ClientHello; the connection is TCP).
+    #[arg(long, conflicts_with_all = ["method", "path", "host_header", "headers"])]
+    sni: Option<String>,
 }
 
 /// The waypoint Gateways of a config, as policy build targets.
@@ -114,14 +113,7 @@ pub fn build_policies(
         .iter()
         .map(|p: &AuthorizationPolicy| (p.metadata.clone(), p.spec.clone()))
         .collect();
-    PolicySet::build(
-        &items,
-        &BuildOptions {
-            root_namespace: root_namespace(cfg),
-            waypoint,
-            path_normalization: cfg.mesh.path_normalization.normalization,
-        },
-    )
+    PolicySet::build(&items, &BuildOptions::for_config(cfg, waypoint))
 }
 
 /// Flattens `PolicyError::Many`.
@@ -246,7 +238,21 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
                 format!("ServiceEntry {} has no ports: add spec.ports", se.key())
             })?,
         };
-    let http = !a.tcp && (port.protocol().is_http() || a.method.is_some() || a.path.is_some());
+    let tls_port = matches!(
+        port.protocol(),
+        shunt_agent::config::Protocol::Tls | shunt_agent::config::Protocol::Https
+    );
+    if a.sni.is_some() && !tls_port {
+        anyhow::bail!(
+            "--sni: port {} of ServiceEntry {} is {}; the waypoint reads the SNI only on TLS and HTTPS ports",
+            port.number.0,
+            se.key(),
+            port.protocol()
+        );
+    }
+    let http = !a.tcp
+        && !tls_port
+        && (port.protocol().is_http() || a.method.is_some() || a.path.is_some());
     let headers: Vec<(&str, &str)> = a
         .headers
         .iter()
@@ -289,7 +295,7 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
         remote_ip: None,
         destination_ip: a.destination_ip,
         destination_port: port.number.0,
-        sni: None,
+        sni: a.sni.as_deref(),
         http: http_req,
     };
     let ex = policy::explain(&set, se.namespace(), se.name(), &req);

@@ -12,6 +12,7 @@ use std::{
 
 use aya::programs::links::{FdLink, PinnedLink};
 use serde::Serialize;
+use shunt_agent::config::watch::{HealthRecord, HEALTH_FILE};
 use shunt_agent::{
     config::OutboundMode,
     kernel::{
@@ -56,6 +57,8 @@ struct Status {
     programs: Vec<LinkStatus>,
     maps: Option<MapsStatus>,
     dns_interface: DnsStatus,
+    /// The agent's config source, as it last recorded it.
+    config_source: Option<HealthRecord>,
 }
 
 #[derive(Serialize)]
@@ -324,6 +327,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Ok(_) => {}
         Err(e) => problems.push(format!("cannot read the pinned maps: {e}")),
     }
+    let config_source: Option<HealthRecord> = std::fs::read(args.state.state_dir.join(HEALTH_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(c) = config_source.as_ref().filter(|c| agent.running && !c.up) {
+        problems.push(format!(
+            "config source {} is down ({}): the last good config stays in force",
+            c.source,
+            c.error.as_deref().unwrap_or("unknown")
+        ));
+    }
     let healthy = problems.is_empty();
     let st = Status {
         healthy,
@@ -334,6 +347,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         programs,
         maps: maps.ok(),
         dns_interface: dns,
+        config_source,
     };
     if args.output == "json" {
         println!("{}", serde_json::to_string_pretty(&st)?);
@@ -372,6 +386,16 @@ fn print_text(s: &Status) {
         (Some(c), _) => println!("  /healthz/ready on {}: {c}", s.ready.addr),
         (None, Some(e)) => println!("  /healthz/ready on {}: not reachable ({e})", s.ready.addr),
         _ => {}
+    }
+    if let Some(c) = &s.config_source {
+        println!(
+            "  config source {}: {}{}",
+            c.source,
+            if c.up { "up" } else { "DOWN" },
+            c.last_sync
+                .map(|t| format!("  last sync {t} (unix)"))
+                .unwrap_or_default()
+        );
     }
     println!("\nPROGRAMS (links pinned in {})", s.pin_dir.display());
     for l in &s.programs {

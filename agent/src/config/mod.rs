@@ -6,6 +6,7 @@
 //! every problem found (file, document, object, field), so a half-applied
 //! config never reaches the kernel maps.
 pub mod authz;
+pub mod kube;
 mod load;
 pub mod meta;
 pub mod render;

@@ -26,8 +26,8 @@ pub struct StatusAddress {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusCondition {
-    /// RFC 3339 with nanoseconds; set by `desired::StatusClock`, `None` from
-    /// the pure desired-state function.
+    /// RFC 3339 with nanoseconds; set by `model::StatusClock`, `None` from
+    /// the pure model build.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<String>,
     pub message: String,

@@ -742,6 +742,7 @@ pub mod labels {
     pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
     pub const AUTOALLOCATE: &str = "networking.istio.io/enable-autoallocate-ip";
     /// shunt's annotation on a WorkloadEntry: its cgroup on this machine,
-    /// relative to the agent's cgroup root unless absolute.
+    /// relative to the agent's cgroup root unless absolute; several
+    /// comma-separated (a pod's containers, written by the API source).
     pub const CGROUP_ANNOTATION: &str = "shunt.io/cgroup";
 }

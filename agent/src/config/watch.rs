@@ -28,13 +28,79 @@ pub struct ConfigWatcher {
     pub config: watch::Receiver<Option<Arc<Config>>>,
     /// The last rejected directory content, `None` once a later one is valid.
     pub rejected: watch::Receiver<Option<Arc<ConfigError>>>,
+    /// Whether the source can be read (a directory always can; the API
+    /// source is down while the API server is unreachable).
+    pub health: watch::Receiver<SourceHealth>,
     task: JoinHandle<()>,
+}
+
+/// A config source's connection state, for metrics and `shunt status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceHealth {
+    /// `directory` or `kubernetes`.
+    pub source: &'static str,
+    /// Every part of the source was read successfully the last time it was
+    /// tried. While false the last good config stays in force.
+    pub up: bool,
+    /// Why not up.
+    pub error: Option<String>,
+    /// Last time the source was known complete and current.
+    pub last_sync: Option<SystemTime>,
 }
 
 impl Drop for ConfigWatcher {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// File in the state directory where the agent keeps its config source's
+/// health for `shunt status` (which may run in another PID namespace).
+pub const HEALTH_FILE: &str = "config-source.json";
+
+/// The JSON form of [`SourceHealth`] in [`HEALTH_FILE`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HealthRecord {
+    pub source: String,
+    pub up: bool,
+    pub error: Option<String>,
+    /// Unix seconds.
+    pub last_sync: Option<u64>,
+}
+
+impl From<&SourceHealth> for HealthRecord {
+    fn from(h: &SourceHealth) -> Self {
+        HealthRecord {
+            source: h.source.to_string(),
+            up: h.up,
+            error: h.error.clone(),
+            last_sync: h
+                .last_sync
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+        }
+    }
+}
+
+/// Writes every health change to `path` (write to a temporary file, then
+/// rename) until the source ends.
+pub fn persist_health(mut rx: watch::Receiver<SourceHealth>, path: PathBuf) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let rec = HealthRecord::from(&*rx.borrow_and_update());
+            let tmp = path.with_extension("json.tmp");
+            let res = serde_json::to_vec(&rec)
+                .map_err(std::io::Error::other)
+                .and_then(|b| std::fs::write(&tmp, b))
+                .and_then(|_| std::fs::rename(&tmp, &path));
+            if let Err(e) = res {
+                tracing::warn!(path = %path.display(), error = %e, "cannot record the config source's health");
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 impl ConfigWatcher {
@@ -54,6 +120,12 @@ impl ConfigWatcher {
         };
         let (cfg_tx, config) = watch::channel(cfg);
         let (rej_tx, rejected) = watch::channel(rej);
+        let (_, health) = watch::channel(SourceHealth {
+            source: "directory",
+            up: true,
+            error: None,
+            last_sync: Some(SystemTime::now()),
+        });
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -93,6 +165,22 @@ impl ConfigWatcher {
         ConfigWatcher {
             config,
             rejected,
+            health,
+            task,
+        }
+    }
+
+    /// A watcher over channels fed by `task` (another source's).
+    pub(crate) fn from_parts(
+        config: watch::Receiver<Option<Arc<Config>>>,
+        rejected: watch::Receiver<Option<Arc<ConfigError>>>,
+        health: watch::Receiver<SourceHealth>,
+        task: JoinHandle<()>,
+    ) -> ConfigWatcher {
+        ConfigWatcher {
+            config,
+            rejected,
+            health,
             task,
         }
     }

@@ -99,15 +99,7 @@ pub struct Installed {
 /// (reusing existing pins), write `meta` (`None`: keep a pinned one, stamp a
 /// fresh one), and attach each program unless its link is already pinned.
 pub fn install(paths: &KernelPaths, meta: Option<Meta>) -> Result<Installed, KernelError> {
-    std::fs::create_dir_all(&paths.pin_dir)
-        .map_err(|e| KernelError::PinDir(paths.pin_dir.clone(), e))?;
-    check_layout(paths)?;
-
-    let mut loader = EbpfLoader::new();
-    for spec in registry::ALL {
-        loader.map_pin_path(spec.name, paths.map(spec));
-    }
-    let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
+    let mut ebpf = load_pinned(paths)?;
     write_meta(&mut ebpf, meta)?;
 
     let mut reused_links = Vec::new();
@@ -146,6 +138,20 @@ pub fn install(paths: &KernelPaths, meta: Option<Meta>) -> Result<Installed, Ker
         info!(program = spec.name, link = %link_path.display(), "attached and pinned");
     }
     Ok(Installed { ebpf, reused_links })
+}
+
+/// Load the object (no program is loaded into the kernel yet) with every
+/// registry map pinned under `paths.pin_dir`, reusing pins whose layout
+/// version matches.
+pub fn load_pinned(paths: &KernelPaths) -> Result<Ebpf, KernelError> {
+    std::fs::create_dir_all(&paths.pin_dir)
+        .map_err(|e| KernelError::PinDir(paths.pin_dir.clone(), e))?;
+    check_layout(paths)?;
+    let mut loader = EbpfLoader::new();
+    for spec in registry::ALL {
+        loader.map_pin_path(spec.name, paths.map(spec));
+    }
+    Ok(loader.load(crate::EBPF_OBJECT)?)
 }
 
 fn write_meta(ebpf: &mut Ebpf, meta: Option<Meta>) -> Result<(), KernelError> {

@@ -139,11 +139,6 @@ registry! {
     AyaLogs = "AYA_LOGS", pinned as "aya_logs"; RingBuf, () => (), Kernel;
 }
 
-/// The registry entry for an object map name.
-pub fn spec(name: &str) -> Option<&'static MapSpec> {
-    ALL.iter().find(|s| s.name == name)
-}
-
 /// Kernel layout of an `events` record.
 pub const EVENT_SIZE: usize = size_of::<EgressEvent>();
 
@@ -239,12 +234,6 @@ impl PinnedMaps {
         self.meta
             .get(&0, 0)
             .map_err(KernelError::map(MetaSlot::SPEC.name, "read"))
-    }
-
-    pub fn set_meta(&mut self, m: &shunt_common::Meta) -> Result<(), KernelError> {
-        self.meta
-            .set(0, m, 0)
-            .map_err(KernelError::map(MetaSlot::SPEC.name, "write"))
     }
 }
 

@@ -238,8 +238,15 @@ impl Model {
             .ok()
             .map(|ip| ip.to_canonical());
         let mut cgroup = None;
-        if let Some(cg) = we.metadata.annotations.get(labels::CGROUP_ANNOTATION) {
-            if !cfg.namespace_is_ambient(we.namespace()) {
+        if let Some(cgs) = we.metadata.annotations.get(labels::CGROUP_ANNOTATION) {
+            // Istio's rule: the workload's own label wins (`none` opts
+            // out), else its Namespace's.
+            let ambient = match all_labels.get(labels::DATAPLANE_MODE).map(String::as_str) {
+                Some("ambient") => true,
+                Some(_) => false,
+                None => cfg.namespace_is_ambient(we.namespace()),
+            };
+            if !ambient {
                 // Not in the mesh: known (for identities), never enrolled.
             } else if is_waypoint_pod(cfg, we.namespace(), &all_labels) {
                 self.warn(
@@ -248,23 +255,27 @@ impl Model {
                     "a waypoint, never enrolled".into(),
                 );
             } else {
-                match cgroups.cgroup_id(cg) {
-                    Some(cid) => match self.by_cgroup.get(&cid) {
-                        None => {
-                            self.by_cgroup.insert(cid, id);
-                            cgroup = Some(cid);
-                        }
-                        Some(other) => {
-                            let msg =
-                                format!("cgroup {cg:?} already enrolled for workload id {other}");
-                            self.warn(Kind::WorkloadEntry, &key, msg);
-                        }
-                    },
-                    None => self.warn(
-                        Kind::WorkloadEntry,
-                        &key,
-                        format!("cgroup {cg:?} not found; not enrolled"),
-                    ),
+                // Several cgroups (comma-separated): a pod's containers.
+                for cg in cgs.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                    match cgroups.cgroup_id(cg) {
+                        Some(cid) => match self.by_cgroup.get(&cid) {
+                            None => {
+                                self.by_cgroup.insert(cid, id);
+                                cgroup.get_or_insert(cid);
+                            }
+                            Some(other) => {
+                                let msg = format!(
+                                    "cgroup {cg:?} already enrolled for workload id {other}"
+                                );
+                                self.warn(Kind::WorkloadEntry, &key, msg);
+                            }
+                        },
+                        None => self.warn(
+                            Kind::WorkloadEntry,
+                            &key,
+                            format!("cgroup {cg:?} not found; not enrolled"),
+                        ),
+                    }
                 }
             }
         }

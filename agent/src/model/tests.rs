@@ -396,6 +396,39 @@ fn enrollment_only_in_ambient_namespaces_and_never_waypoints() {
 }
 
 #[test]
+fn a_pod_label_overrides_its_namespace_and_every_listed_cgroup_is_enrolled() {
+    let files = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: amb\n  labels: {istio.io/dataplane-mode: ambient}\n---\n\
+        apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: in\n  namespace: plain\n  labels: {istio.io/dataplane-mode: ambient}\n  annotations: {shunt.io/cgroup: 'p/c1,p/c2'}\nspec: {address: 10.0.0.1}\n---\n\
+        apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: out\n  namespace: amb\n  labels: {istio.io/dataplane-mode: none}\n  annotations: {shunt.io/cgroup: q}\nspec: {address: 10.0.0.2}\n";
+    let cfg = load(&[("a.yaml", files)]);
+    let root = tempfile::tempdir().unwrap();
+    for n in ["p/c1", "p/c2", "q"] {
+        std::fs::create_dir_all(root.path().join(n)).unwrap();
+    }
+    let (m, _) = model_of(
+        &cfg,
+        &CgroupDir {
+            root: root.path().to_path_buf(),
+        },
+    );
+    use std::os::unix::fs::MetadataExt;
+    let ino = |n: &str| std::fs::metadata(root.path().join(n)).unwrap().ino();
+    let mut want = vec![ino("p/c1"), ino("p/c2")];
+    want.sort();
+    let enrolled: Vec<_> = m
+        .enrolled()
+        .map(|(c, w)| (c, w.name().to_string()))
+        .collect();
+    assert_eq!(
+        enrolled,
+        want.iter()
+            .map(|c| (*c, "in".to_string()))
+            .collect::<Vec<_>>(),
+        "one workload for both containers; `none` on the pod opts out"
+    );
+}
+
+#[test]
 fn the_root_namespace_comes_from_mesh_config() {
     let cfg = load(&[("mesh.yaml", "rootNamespace: mesh-root\n")]);
     let (m, _) = model_of(&cfg, &NoCgroups);

@@ -30,7 +30,8 @@ pub struct Workload {
     pub address: Option<IpAddr>,
     /// Spec labels, then metadata labels where the spec has none.
     pub labels: BTreeMap<String, String>,
-    /// The cgroup id the kernel reports for its sockets, when enrolled.
+    /// The cgroup id the kernel reports for its sockets, when enrolled (the
+    /// first, when the annotation lists several: a pod's containers).
     pub cgroup: Option<u64>,
     /// The HBONE `baggage` header naming this workload (built once).
     pub baggage: Option<HeaderValue>,

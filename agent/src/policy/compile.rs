@@ -224,6 +224,7 @@ impl PolicySet {
                 errors: Vec::new(),
                 warnings: &mut warnings,
                 normalization: opts.path_normalization,
+                sni_conditions: Vec::new(),
             };
             let bindings = b.bindings(meta, spec, opts);
             if !b.errors.is_empty() || bindings.is_empty() {
@@ -231,6 +232,7 @@ impl PolicySet {
                 continue;
             }
             let result = b.policy(meta, spec, &bindings);
+            b.sni_reachable(&bindings, opts);
             errors.append(&mut b.errors);
             if let Some(p) = result {
                 compiled.push((p, bindings));
@@ -315,6 +317,9 @@ struct Builder<'b> {
     errors: Vec<PolicyError>,
     warnings: &'b mut Vec<PolicyWarning>,
     normalization: PathNormalization,
+    /// `spec.rules[i].when[j]` of each `connection.sni` condition with
+    /// `values` (it can match only where an SNI is known).
+    sni_conditions: Vec<String>,
 }
 
 impl Builder<'_> {
@@ -324,6 +329,37 @@ impl Builder<'_> {
             field: field.into(),
             message: message.into(),
         });
+    }
+
+    /// Refuses a `connection.sni` condition that can never match: the SNI
+    /// is known only on TLS/HTTPS ports, and every ServiceEntry the policy
+    /// targets has none (a DENY on it would silently never fire).
+    fn sni_reachable(&mut self, bindings: &[Binding], opts: &BuildOptions) {
+        let Some(tls) = &opts.service_tls else { return };
+        if self.sni_conditions.is_empty() {
+            return;
+        }
+        let mut targets = Vec::new();
+        for b in bindings {
+            match b {
+                Binding::Waypoint(_) => return, // some service may be TLS
+                Binding::ServiceEntry(ns, name) => {
+                    match tls.get(&(ns.clone(), name.clone())) {
+                        Some(false) => targets.push(format!("{ns}/{name}")),
+                        _ => return, // TLS, or not (yet) in the config
+                    }
+                }
+            }
+        }
+        for f in std::mem::take(&mut self.sni_conditions) {
+            self.err(
+                f,
+                format!(
+                    "connection.sni never matches here: the SNI is read only on TLS/HTTPS ports and ServiceEntry {} has none (declare the port protocol TLS or HTTPS)",
+                    targets.join(", ")
+                ),
+            );
+        }
     }
 
     fn warn(&mut self, message: impl Into<String>) {
@@ -875,6 +911,9 @@ impl Builder<'_> {
                 }
             })
         };
+        if key == "connection.sni" && !cond.values.is_empty() {
+            self.sni_conditions.push(f.to_string());
+        }
         if !cond.values.is_empty() {
             match compile(self, &cond.values, "values") {
                 Some(kind) => out.push(Check {

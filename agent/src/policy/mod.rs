@@ -32,6 +32,7 @@ pub mod normalize;
 mod tests;
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -62,6 +63,39 @@ pub struct BuildOptions {
     /// MeshConfig `pathNormalization.normalization`: how request paths are
     /// normalized before matching (and sent upstream).
     pub path_normalization: PathNormalization,
+    /// `(namespace, name)` of every ServiceEntry → whether it has a TLS or
+    /// HTTPS port, where `connection.sni` can be known. `None`: unknown
+    /// (no such check).
+    pub service_tls: Option<HashMap<(String, String), bool>>,
+}
+
+impl BuildOptions {
+    /// The options a waypoint uses for `cfg`: the mesh's root namespace and
+    /// path normalization, and its ServiceEntries' ports. One home, so that
+    /// `shunt config check` and `shunt policy check` compile policies
+    /// exactly as the waypoint does.
+    pub fn for_config(cfg: &crate::config::Config, waypoint: Option<GatewayRef>) -> Self {
+        let root_namespace = crate::model::Mesh::from_config(&cfg.mesh).root_namespace;
+        let service_tls = cfg
+            .service_entries
+            .iter()
+            .map(|se| {
+                let tls = se.spec.ports.iter().any(|p| {
+                    matches!(
+                        p.protocol(),
+                        crate::config::Protocol::Tls | crate::config::Protocol::Https
+                    )
+                });
+                ((se.namespace().to_string(), se.name().to_string()), tls)
+            })
+            .collect();
+        BuildOptions {
+            root_namespace,
+            waypoint,
+            path_normalization: cfg.mesh.path_normalization.normalization,
+            service_tls: Some(service_tls),
+        }
+    }
 }
 
 impl Default for BuildOptions {
@@ -70,6 +104,7 @@ impl Default for BuildOptions {
             root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
             waypoint: None,
             path_normalization: PathNormalization::default(),
+            service_tls: None,
         }
     }
 }

@@ -42,6 +42,7 @@ fn opts() -> BuildOptions {
             name: "egress-gateway".into(),
         }),
         path_normalization: PathNormalization::default(),
+        service_tls: None,
     }
 }
 
@@ -1182,4 +1183,35 @@ fn dry_run_policies_report_a_shadow_decision_and_never_enforce() {
         e.text
     );
     assert!(e.text.contains("shadow denied"), "{}", e.text);
+}
+
+#[test]
+fn connection_sni_is_refused_where_it_can_never_match() {
+    let sni = "action: DENY\nrules: [{when: [{key: connection.sni, values: ['*.evil.example']}]}]";
+    let with = |tls: bool| BuildOptions {
+        service_tls: Some([((NS.to_string(), SE.to_string()), tls)].into()),
+        ..opts()
+    };
+    let e = build(&[(NS, "d", sni)], &with(false))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("common-infrastructure/d")
+            && e.contains("spec.rules[0].when[0]")
+            && e.contains("ServiceEntry common-infrastructure/httpbin.org has none"),
+        "{e}"
+    );
+    // A TLS port, an unknown ServiceEntry, or the whole waypoint: accepted.
+    assert!(build(&[(NS, "d", sni)], &with(true)).is_ok());
+    let other = BuildOptions {
+        service_tls: Some([(("x".to_string(), "y".to_string()), false)].into()),
+        ..opts()
+    };
+    assert!(build(&[(NS, "d", sni)], &other).is_ok());
+    let gw = "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: egress-gateway}]\naction: DENY\nrules: [{when: [{key: connection.sni, values: [x]}]}]";
+    assert!(build(&[(NS, "d", gw)], &with(false)).is_ok());
+    // notValues alone matches a connection without SNI; not refused.
+    let not = "action: DENY\nrules: [{when: [{key: connection.sni, notValues: [ok.example]}]}]";
+    assert!(build(&[(NS, "d", not)], &with(false)).is_ok());
 }

@@ -11,6 +11,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -175,6 +176,30 @@ impl std::fmt::Debug for CallbackCounter {
     }
 }
 
+/// A gauge read at scrape time (e.g. the config source's health).
+struct CallbackGauge {
+    name: String,
+    help: String,
+    read: Arc<dyn Fn() -> i64 + Send + Sync>,
+}
+
+impl std::fmt::Debug for CallbackGauge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallbackGauge")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl Collector for CallbackGauge {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = ConstGauge::new((self.read)());
+        let metric =
+            encoder.encode_descriptor(&self.name, &self.help, None, gauge.metric_type())?;
+        gauge.encode(metric)
+    }
+}
+
 impl Collector for CallbackCounter {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let counter = ConstCounter::new((self.read)());
@@ -209,6 +234,20 @@ impl MetricsBuilder {
         read: impl Fn() -> u64 + Send + Sync + 'static,
     ) {
         self.registry.register_collector(Box::new(CallbackCounter {
+            name: name.into(),
+            help: help.into(),
+            read: Arc::new(read),
+        }));
+    }
+
+    /// Registers a gauge whose value is read by `read` at each scrape.
+    pub fn register_gauge_fn(
+        &mut self,
+        name: impl Into<String>,
+        help: impl Into<String>,
+        read: impl Fn() -> i64 + Send + Sync + 'static,
+    ) {
+        self.registry.register_collector(Box::new(CallbackGauge {
             name: name.into(),
             help: help.into(),
             read: Arc::new(read),

@@ -109,11 +109,7 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
         .collect();
     let policies = PolicySet::build(
         &metas,
-        &BuildOptions {
-            waypoint: Some(inp.gateway.clone()),
-            root_namespace: model.mesh.root_namespace.clone(),
-            path_normalization: cfg.mesh.path_normalization.normalization,
-        },
+        &BuildOptions::for_config(&cfg, Some(inp.gateway.clone())),
     )
     .map_err(WaypointError::Policy)?;
     // Workload warnings concern the agent, not the waypoint.

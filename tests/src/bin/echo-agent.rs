@@ -73,6 +73,7 @@ fn main() {
             meta: None,
         },
         config_dir,
+        kubernetes: None,
         ca_dir: PathBuf::new(),
         dns: DnsSettings {
             enabled: !dns_upstream.is_empty(),

@@ -1,6 +1,6 @@
-//! Shared pieces for the HBONE integration tests: a CA in a temp dir, an
-//! echo upstream, a waypoint with a recording handler.
-#![allow(dead_code)]
+//! Loopback HBONE peers and PKI (`mesh` feature): a CA in a temp dir, an
+//! echo upstream, a waypoint with a recording handler, a client. Used by
+//! the agent's HBONE tests and the HBONE bench.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -166,3 +166,55 @@ pub async fn roundtrip(app: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
 
 pub const SRC: &str = "spiffe://cluster.local/ns/default/sa/sleep";
 pub const WAYPOINT: &str = "spiffe://cluster.local/ns/istio-egress/sa/egress-gateway";
+
+/// A listener whose accept queue is full and never drained: the kernel
+/// drops every further SYN, so connects to it stay in SYN-SENT (as towards
+/// a host that silently drops packets). Returns the address and the
+/// sockets that fill the queue.
+pub async fn syn_dropping_upstream() -> (SocketAddr, socket2::Socket, Vec<TcpStream>) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    let mut fill = Vec::new();
+    // Backlog 0 holds one connection; try a few until a connect hangs.
+    for _ in 0..4 {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(c)) => fill.push(c),
+            Ok(Err(e)) => panic!("connect to the full listener failed: {e}"),
+            Err(_) => return (addr, s, fill),
+        }
+    }
+    panic!("the listener's accept queue never filled");
+}
+
+/// TCP sockets of this network namespace connected (or connecting) to
+/// `addr`, other than `except`, as (all, in SYN-SENT).
+pub fn sockets_to(addr: SocketAddr, except: &[TcpStream]) -> (usize, usize) {
+    let SocketAddr::V4(a) = addr else {
+        unreachable!()
+    };
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(a.ip().octets()),
+        a.port()
+    );
+    let skip: Vec<String> = except
+        .iter()
+        .map(|s| format!(":{:04X}", s.local_addr().unwrap().port()))
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let mut all = 0;
+    let mut syn_sent = 0;
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 3 && f[2] == want && !skip.iter().any(|p| f[1].ends_with(p.as_str())) {
+            all += 1;
+            if f[3] == "02" {
+                syn_sent += 1;
+            }
+        }
+    }
+    (all, syn_sent)
+}
