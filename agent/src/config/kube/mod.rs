@@ -104,7 +104,7 @@ impl KubeOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
-    #[error("kubeconfig {}: {source}", path.display())]
+    #[error("kubeconfig {}", path.display())]
     Kubeconfig {
         path: PathBuf,
         source: ::kube::config::KubeconfigError,
