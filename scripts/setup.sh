@@ -20,6 +20,7 @@ APT_PKGS=(
   "llvm-${LLVM}-dev" "libpolly-${LLVM}-dev" libzstd-dev zlib1g-dev  # bpf-linker
   bpftool iproute2                                                  # inspection, netns
   dnsutils curl openssl iperf3 python3-h2                           # test clients/peers
+  python3-venv python3-pip                                          # kubernetes-validate (manifests)
   nginx-light dnsmasq-base                                          # demo: httpbin.org stand-in, its DNS
   pkg-config build-essential
 )
@@ -112,11 +113,22 @@ if [ "$(cat "$ROOT/target/fetched.stamp" 2>/dev/null)" != "$lock" ]; then
 fi
 
 # Offline validation of the deploy/ manifests against Kubernetes' OpenAPI
-# schemas (bundled in the package; no cluster or network at test time).
+# schemas (bundled in the package; no cluster or network at test time), in
+# its own virtualenv: Debian's python3 is externally managed (PEP 668). A
+# lock keeps concurrent setups from building it twice.
 KUBERNETES_VALIDATE_VERSION=1.37.0
-if ! python3 -m pip show kubernetes-validate 2>/dev/null | grep -qx "Version: ${KUBERNETES_VALIDATE_VERSION}"; then
-  log "installing kubernetes-validate ${KUBERNETES_VALIDATE_VERSION} (pip)"
-  python3 -m pip install -q --disable-pip-version-check "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
+PYTOOLS=/opt/shunt-pytools
+have_kv() { "$PYTOOLS/bin/python" -m pip show kubernetes-validate 2>/dev/null | grep -qx "Version: ${KUBERNETES_VALIDATE_VERSION}"; }
+if ! have_kv; then
+  (
+    flock 9
+    if ! have_kv; then
+      log "installing kubernetes-validate ${KUBERNETES_VALIDATE_VERSION} into $PYTOOLS (pip)"
+      rm -rf "$PYTOOLS"
+      /usr/bin/python3 -m venv "$PYTOOLS"
+      "$PYTOOLS/bin/python" -m pip install -q --disable-pip-version-check "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
+    fi
+  ) 9>/tmp/shunt-pytools.lock
 fi
 
 # bpffs: pins live there. Mount it if the machine booted without it.

@@ -17,26 +17,22 @@ use shunt_agent::{
     },
 };
 use shunt_common::{CidrAddr, EnrolledValue, ServiceValue};
-use shunt_tests::{unique_id, Result};
+use shunt_testbed::{unique_id, PinDir, Result};
 
-/// A pin directory of its own, removed with everything in it.
-struct Pins(KernelPaths);
+/// A pin directory of its own, removed with everything in it (the
+/// testbed's guard) on drop.
+struct Pins(KernelPaths, PinDir);
 
 impl Pins {
     fn new() -> Result<Self> {
+        let dir = PinDir::new(&format!("shunt-test-sync-{}", unique_id()));
         let paths = KernelPaths {
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/shunt-test-sync-{}", unique_id())),
+            pin_dir: dir.to_path_buf(),
             cgroup_root: PathBuf::new(),
         };
         // The object only creates and pins the maps; dropping it leaves them.
         drop(loader::load_pinned(&paths)?);
-        Ok(Pins(paths))
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = loader::remove_pins(&self.0.pin_dir);
+        Ok(Pins(paths, dir))
     }
 }
 

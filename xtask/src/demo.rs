@@ -18,28 +18,28 @@
 //! nothing listens: only the agent's DNS capture makes names work.
 //!
 //! Every check is an observation (a command's output, a log line, an
-//! upstream's own log). Everything is removed on exit, on failure and on
-//! Ctrl-C, and leftovers of an interrupted run are removed at the start.
+//! upstream's own log). Namespaces, veths, cgroups, pins and processes are
+//! `shunt-testbed` guards: everything is removed on exit, on failure, on a
+//! panic and on Ctrl-C, and leftovers of an interrupted (killed) run are
+//! adopted and removed at the start.
 
 use std::{
-    ffi::CString,
     fmt::Write as _,
     fs,
-    io::Read as _,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use shunt_testbed::{cgroup2_mount, read_lossy, seed, Cgroup, Netns, PinDir, Proc, Veth, WorkDir};
 
 // ---------------------------------------------------------------------------
 // Topology, as data.
 
 const PREFIX: &str = "shunt-demo";
-const NODE_NS: &str = "shunt-demo-node";
 /// The pods' default gateway: an address of the node (on its loopback), so
 /// the node answers ARP for it on every veth.
 const GATEWAY: &str = "169.254.1.1";
@@ -62,7 +62,8 @@ struct Ns {
     addrs: &'static [&'static str],
     /// cgroup relative to the agent's cgroup root (pods only).
     cgroup: Option<&'static str>,
-    /// Files for /etc/netns/<ns>/, which `ip netns exec` bind-mounts over /etc.
+    /// Files for /etc/netns/<ns>/, bind-mounted over /etc for every process
+    /// started in the namespace (as `ip netns exec` does).
     etc: &'static [(&'static str, &'static str)],
 }
 
@@ -97,6 +98,14 @@ const INTERNET: Ns = Ns {
     etc: &[],
 };
 const NAMESPACES: [&Ns; 4] = [&CURL, &ADMIN, &WAYPOINT, &INTERNET];
+/// The node: the agent's namespace, the pods' gateway (addresses on its
+/// loopback, not on a veth).
+const NODE: Ns = Ns {
+    name: "node",
+    addrs: &[GATEWAY, NODE_ADDR],
+    cgroup: None,
+    etc: &[],
+};
 
 fn netns(ns: &Ns) -> String {
     format!("{PREFIX}-{}", ns.name)
@@ -161,14 +170,7 @@ struct Paths {
 impl Paths {
     fn new(root: &Path) -> Result<Self> {
         let work = root.join("target").join(PREFIX);
-        let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-        let cg2 = mounts
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-            })
-            .context("no cgroup2 filesystem in /proc/mounts: the demo needs cgroup v2")?;
+        let cg2 = cgroup2_mount().context("the demo needs cgroup v2")?;
         Ok(Self {
             root: root.to_path_buf(),
             shunt: root.join("target/debug/shunt"),
@@ -193,7 +195,7 @@ impl Paths {
         self.root.join("xtask/demo").join(name)
     }
     fn example(&self, name: &str) -> PathBuf {
-        self.root.join("examples/egress").join(name)
+        seed::path(name)
     }
 }
 
@@ -219,6 +221,14 @@ fn display(cmd: &Command) -> String {
         s.push_str(&quote(&a.to_string_lossy()));
     }
     s
+}
+
+/// A command as shown, prefixed with the namespace it runs in.
+fn shown(at: Option<&Ns>, cmd: &Command) -> String {
+    match at {
+        Some(ns) => format!("[{}] {}", netns(ns), display(cmd)),
+        None => display(cmd),
+    }
 }
 
 fn quote(a: &str) -> String {
@@ -252,129 +262,75 @@ fn must(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn ip(args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(args);
-    c
+/// The demo's namespaces, veths, cgroups, pins and processes, as testbed
+/// guards. Dropping it (a panic included) stops the processes, then
+/// removes the rest; [`Topology::close`] does the same in order and says
+/// what could not be removed.
+struct Topology {
+    /// In start order; stopped newest first.
+    procs: Vec<Proc>,
+    veths: Vec<Veth>,
+    /// The agent's cgroup root first, then the pods' (below it).
+    cgroups: Vec<(&'static str, Cgroup)>,
+    pins: PinDir,
+    /// The node first.
+    netns: Vec<(&'static str, Netns)>,
 }
 
-fn in_ns(ns: &str, args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]).args(args);
-    c
-}
-
-/// A command in a pod: join the pod's cgroup first (the cgroup hooks key on
-/// it), then `ip netns exec`, which also bind-mounts the pod's resolv.conf.
-/// (Inside `ip netns exec` /sys is remounted and the cgroup tree is gone.)
-fn in_pod(p: &Paths, pod: &Ns, args: &[&str]) -> Command {
-    let mut c = in_ns(&netns(pod), args);
-    if let Some(cg) = p.cgroup(pod) {
-        let procs = CString::new(
-            cg.join("cgroup.procs")
-                .into_os_string()
-                .into_encoded_bytes(),
-        )
-        .expect("no NUL in a path");
-        // SAFETY: only async-signal-safe calls (open/write/close) between
-        // fork and exec.
-        unsafe {
-            c.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            });
+impl Topology {
+    fn new(p: &Paths) -> Self {
+        Self {
+            procs: Vec::new(),
+            veths: Vec::new(),
+            cgroups: Vec::new(),
+            pins: PinDir::adopt(&p.pin_dir),
+            netns: Vec::new(),
         }
     }
-    c
-}
 
-/// A long-running child: its own process group (Ctrl-C reaches only the
-/// demo), stdout and stderr to a log file; SIGTERM then SIGKILL on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Self> {
-        let f = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        cmd.stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {name}: {}", display(&cmd)))?;
-        Ok(Self {
-            name: name.to_string(),
-            child,
-            log,
-        })
+    fn netns(&self, ns: &Ns) -> &Netns {
+        &self
+            .netns
+            .iter()
+            .find(|(n, _)| *n == ns.name)
+            .expect("namespace is part of the topology")
+            .1
     }
 
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Fails with the log's tail if the process has exited.
-    fn alive(&mut self) -> Result<()> {
-        if let Some(st) = self.child.try_wait()? {
-            bail!(
-                "{} exited ({st}); last lines of {}:\n{}",
-                self.name,
-                self.log.display(),
-                tail(&self.log, 15)
-            );
+    /// A command in `ns`: in a pod, its cgroup first (the cgroup hooks key
+    /// on it), then the namespace and its /etc files (the pods' resolv.conf).
+    fn command(&self, ns: &Ns, args: &[&str]) -> Command {
+        let mut at = self.netns(ns).enter();
+        if let Some((_, cg)) = self.cgroups.iter().find(|(n, _)| *n == ns.name) {
+            at = at.cgroup(&cg.path);
         }
-        Ok(())
+        let mut c = at.command(args[0]);
+        c.args(&args[1..]);
+        c
     }
 
-    fn stop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_some() {
-            return;
+    fn close(self) -> Vec<String> {
+        let Topology {
+            mut procs,
+            veths,
+            cgroups,
+            pins,
+            netns,
+        } = self;
+        while let Some(mut pr) = procs.pop() {
+            pr.stop();
         }
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < end {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let mut problems = Vec::new();
+        for (_, cg) in cgroups {
+            problems.extend(cg.close().err().map(|e| format!("{e:#}")));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        problems.extend(pins.close().err().map(|e| format!("{e:#}")));
+        drop(veths);
+        for (_, ns) in netns.into_iter().rev() {
+            problems.extend(ns.close().err().map(|e| format!("{e:#}")));
+        }
+        problems
     }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn read_lossy(path: &Path) -> String {
-    let mut buf = Vec::new();
-    if let Ok(mut f) = fs::File::open(path) {
-        let _ = f.read_to_end(&mut buf);
-    }
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
-fn tail(path: &Path, n: usize) -> String {
-    let s = read_lossy(path);
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// A position in a log, so that a check only looks at what came after.
@@ -415,7 +371,7 @@ struct Demo {
     check: bool,
     step: &'static str,
     results: Vec<CheckResult>,
-    procs: Vec<Proc>,
+    topo: Topology,
     /// Every pid we started, to prove afterwards that none survived.
     pids: Vec<u32>,
     vip4: Option<String>,
@@ -452,12 +408,12 @@ impl Demo {
 
     /// Show the seed's command and the one that runs here, run it, print its
     /// real output, and return it.
-    fn run_shown(&self, seed: Option<&str>, mut cmd: Command) -> Result<Output> {
+    fn run_shown(&self, seed: Option<&str>, at: Option<&Ns>, mut cmd: Command) -> Result<Output> {
         interrupted()?;
         if let Some(s) = seed {
             println!("{DIM}$ {s}{RESET}");
         }
-        println!("{BOLD}$ {}{RESET}", display(&cmd));
+        println!("{BOLD}$ {}{RESET}", shown(at, &cmd));
         let out = output(&mut cmd)?;
         let so = String::from_utf8_lossy(&out.stdout);
         let se = String::from_utf8_lossy(&out.stderr);
@@ -500,7 +456,7 @@ impl Demo {
         let end = Instant::now() + DEADLINE;
         loop {
             interrupted()?;
-            for pr in &mut self.procs {
+            for pr in &mut self.topo.procs {
                 pr.alive()?;
             }
             let r = f(self)?;
@@ -556,11 +512,19 @@ impl Demo {
         c
     }
 
-    fn spawn(&mut self, name: &str, cmd: Command) -> Result<()> {
-        println!("{DIM}starting {name}: {}{RESET}", display(&cmd));
-        let pr = Proc::spawn(name, cmd, self.p.log(name))?;
+    /// A command in `ns` (see [`Topology::command`]).
+    fn at(&self, ns: &Ns, args: &[&str]) -> Command {
+        self.topo.command(ns, args)
+    }
+
+    /// Start a long-running child in its own process group (Ctrl-C reaches
+    /// only the demo, which stops them in order), logging to `logs/NAME.log`.
+    fn spawn(&mut self, name: &str, at: Option<&Ns>, mut cmd: Command) -> Result<()> {
+        println!("{DIM}starting {name}: {}{RESET}", shown(at, &cmd));
+        cmd.process_group(0);
+        let pr = Proc::spawn(name, cmd, &self.p.log(name))?;
         self.pids.push(pr.pid());
-        self.procs.push(pr);
+        self.topo.procs.push(pr);
         Ok(())
     }
 
@@ -569,15 +533,15 @@ impl Demo {
     fn wait_listening(
         &mut self,
         name: &str,
-        ns: &str,
+        at: &Ns,
         proto: &str,
         what: &str,
         matches: impl Fn(&str) -> bool,
     ) -> Result<()> {
-        let ns = ns.to_string();
+        let ns = netns(at);
         let flag = if proto == "udp" { "-lun" } else { "-ltn" };
-        let ok = self.expect(&format!("{name} listening on {proto} {what}"), |_| {
-            let out = must(&mut in_ns(&ns, &["ss", "-H", flag]))?;
+        let ok = self.expect(&format!("{name} listening on {proto} {what}"), |d| {
+            let out = must(&mut d.at(at, &["ss", "-H", flag]))?;
             Ok(
                 if out
                     .lines()
@@ -602,53 +566,33 @@ impl Demo {
         for d in [&p.config, &p.staging, &p.state, &p.logs] {
             fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
+        let topo = &mut self.topo;
+        topo.cgroups.push(("", Cgroup::new(&p.cgroup_root)?));
         for ns in NAMESPACES {
             if let Some(cg) = p.cgroup(ns) {
-                fs::create_dir_all(&cg)
+                let cg = Cgroup::new(&cg)
                     .with_context(|| format!("creating cgroup {}", cg.display()))?;
+                topo.cgroups.push((ns.name, cg));
             }
         }
-        must(&mut ip(&["netns", "add", NODE_NS]))?;
-        must(&mut ip(&["-n", NODE_NS, "link", "set", "lo", "up"]))?;
-        for a in [GATEWAY, NODE_ADDR] {
-            must(&mut ip(&[
-                "-n",
-                NODE_NS,
-                "addr",
-                "add",
-                &format!("{a}/32"),
-                "dev",
-                "lo",
-            ]))?;
+        let node = Netns::new(netns(&NODE))?;
+        for a in NODE.addrs {
+            node.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"])?;
         }
-        must(&mut in_ns(
-            NODE_NS,
-            &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
-        ))?;
+        must(
+            node.command("sysctl")
+                .args(["-qw", "net.ipv4.ip_forward=1"]),
+        )?;
         for ns in NAMESPACES {
             let name = netns(ns);
             let veth = format!("to-{}", ns.name);
-            must(&mut ip(&["netns", "add", &name]))?;
-            must(&mut ip(&[
-                "-n", NODE_NS, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
-                "netns", &name,
-            ]))?;
-            must(&mut ip(&["-n", NODE_NS, "link", "set", &veth, "up"]))?;
-            must(&mut ip(&["-n", &name, "link", "set", "lo", "up"]))?;
-            must(&mut ip(&["-n", &name, "link", "set", "eth0", "up"]))?;
+            let pod = Netns::with_etc(&name, ns.etc)?;
+            topo.veths.push(Veth::new(&node, &veth, &pod, "eth0")?);
+            node.ip(&["link", "set", &veth, "up"])?;
+            pod.ip(&["link", "set", "eth0", "up"])?;
             for a in ns.addrs {
-                must(&mut ip(&[
-                    "-n",
-                    &name,
-                    "addr",
-                    "add",
-                    &format!("{a}/32"),
-                    "dev",
-                    "eth0",
-                ]))?;
-                must(&mut ip(&[
-                    "-n",
-                    NODE_NS,
+                pod.ip(&["addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
+                node.ip(&[
                     "route",
                     "add",
                     &format!("{a}/32"),
@@ -656,24 +600,16 @@ impl Demo {
                     &veth,
                     "src",
                     NODE_ADDR,
-                ]))?;
+                ])?;
             }
-            must(&mut ip(&[
-                "-n", &name, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
-            ]))?;
-            must(&mut ip(&[
-                "-n", &name, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
-            ]))?;
-            if !ns.etc.is_empty() {
-                let dir = Path::new("/etc/netns").join(&name);
-                fs::create_dir_all(&dir)?;
-                for (f, text) in ns.etc {
-                    fs::write(dir.join(f), text)?;
-                }
-            }
+            pod.ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
+            pod.ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
+            topo.netns.push((ns.name, pod));
         }
+        topo.netns.insert(0, (NODE.name, node));
         println!(
-            "{DIM}network namespaces: {NODE_NS}, {}; cgroup root {}{RESET}",
+            "{DIM}network namespaces: {}, {}; cgroup root {}{RESET}",
+            netns(&NODE),
             NAMESPACES
                 .iter()
                 .map(|n| netns(n))
@@ -700,9 +636,8 @@ impl Demo {
         };
         let nginx_conf = render("nginx.conf")?;
         let dnsmasq_conf = render("dnsmasq.conf")?;
-        let inet = netns(&INTERNET);
-        let nginx = in_ns(
-            &inet,
+        let nginx = self.at(
+            &INTERNET,
             &[
                 "nginx",
                 "-c",
@@ -713,13 +648,16 @@ impl Demo {
                 &p.work.join("nginx/error.log").to_string_lossy(),
             ],
         );
-        let dnsmasq = in_ns(&inet, &["dnsmasq", "-C", &dnsmasq_conf.to_string_lossy()]);
-        self.spawn("nginx", nginx)?;
-        self.spawn("dnsmasq", dnsmasq)?;
+        let dnsmasq = self.at(
+            &INTERNET,
+            &["dnsmasq", "-C", &dnsmasq_conf.to_string_lossy()],
+        );
+        self.spawn("nginx", Some(&INTERNET), nginx)?;
+        self.spawn("dnsmasq", Some(&INTERNET), dnsmasq)?;
         let https = format!("{HTTPBIN_IP}:443");
-        self.wait_listening("nginx", &inet, "tcp", &https, |a| a == https)?;
+        self.wait_listening("nginx", &INTERNET, "tcp", &https, |a| a == https)?;
         let dns = format!("{PUBLIC_DNS}:53");
-        self.wait_listening("dnsmasq", &inet, "udp", &dns, |a| a == dns)?;
+        self.wait_listening("dnsmasq", &INTERNET, "udp", &dns, |a| a == dns)?;
         Ok(())
     }
 
@@ -730,8 +668,9 @@ impl Demo {
         self.say("httpbin.org is nginx in the \"internet\" namespace; its DNS is dnsmasq there.");
         let out = self.run_shown(
             None,
-            in_ns(
-                NODE_NS,
+            Some(&NODE),
+            self.at(
+                &NODE,
                 &["dig", "+short", &format!("@{PUBLIC_DNS}"), "httpbin.org"],
             ),
         )?;
@@ -747,8 +686,9 @@ impl Demo {
         let ca = self.p.pki.join("ca.pem").to_string_lossy().into_owned();
         let out = self.run_shown(
             None,
-            in_ns(
-                &netns(&WAYPOINT),
+            Some(&WAYPOINT),
+            self.at(
+                &WAYPOINT,
                 &[
                     "curl",
                     "-sS",
@@ -774,8 +714,8 @@ impl Demo {
         );
         let out = self.run_shown(
             None,
-            in_pod(
-                &self.p,
+            Some(&CURL),
+            self.at(
                 &CURL,
                 &[
                     "curl",
@@ -796,8 +736,8 @@ impl Demo {
         );
         let out = self.run_shown(
             None,
-            in_pod(
-                &self.p,
+            Some(&CURL),
+            self.at(
                 &CURL,
                 &["dig", "+short", "+time=1", "+tries=1", "httpbin.org"],
             ),
@@ -820,7 +760,7 @@ impl Demo {
     fn start_agent(&mut self) -> Result<()> {
         self.header("1a", "mesh CA and node agent");
         let ca = self.p.mesh_ca.to_string_lossy().into_owned();
-        let out = self.run_shown(None, self.shunt(&["ca", "init", "--ca-dir", &ca]))?;
+        let out = self.run_shown(None, None, self.shunt(&["ca", "init", "--ca-dir", &ca]))?;
         if !out.status.success() {
             bail!("`shunt ca init` failed (see above): the mesh CA is needed for HBONE");
         }
@@ -828,7 +768,7 @@ impl Demo {
         let agent = self.shunt(&[
             "agent",
             "--netns",
-            &format!("/var/run/netns/{NODE_NS}"),
+            &self.topo.netns(&NODE).path().to_string_lossy(),
             "--pin-dir",
             &p.pin_dir.to_string_lossy(),
             "--cgroup-root",
@@ -848,12 +788,11 @@ impl Demo {
             "--drain-timeout",
             "1s",
         ]);
-        self.spawn("agent", agent)?;
+        self.spawn("agent", None, agent)?;
         // Installed: maps pinned, capture socket listening in the node.
         let services = self.p.pin_dir.join("services");
-        let ok = self.expect("agent pinned its maps and listens", |_| {
-            let listening =
-                must(&mut in_ns(NODE_NS, &["ss", "-H", "-ltn"]))?.contains("127.0.0.1]:");
+        let ok = self.expect("agent pinned its maps and listens", |d| {
+            let listening = must(&mut d.at(&NODE, &["ss", "-H", "-ltn"]))?.contains("127.0.0.1]:");
             Ok(if services.exists() && listening {
                 Ok(String::new())
             } else {
@@ -882,7 +821,7 @@ impl Demo {
             println!("{DIM}applied examples/egress/{f}{RESET}");
         }
         let proxy = format!("{DNS_PROXY4}:");
-        self.wait_listening("agent's DNS proxy", NODE_NS, "udp", DNS_PROXY4, |a| {
+        self.wait_listening("agent's DNS proxy", &NODE, "udp", DNS_PROXY4, |a| {
             a.starts_with(&proxy)
         })?;
         let agent_log = self.p.log("agent");
@@ -893,8 +832,7 @@ impl Demo {
         self.expect(
             "DNS capture: the pod resolves httpbin.org through the agent",
             |d| {
-                let out = output(&mut in_pod(
-                    &d.p,
+                let out = output(&mut d.at(
                     &CURL,
                     &["dig", "+short", "+time=1", "+tries=1", "httpbin.org"],
                 ))?;
@@ -908,8 +846,8 @@ impl Demo {
         )?;
         let out = self.run_shown(
             Some("kubectl exec deploy/curl -- curl -sI http://httpbin.org/get"),
-            in_pod(
-                &self.p,
+            Some(&CURL),
+            self.at(
                 &CURL,
                 &["curl", "-sI", "--max-time", "10", "http://httpbin.org/get"],
             ),
@@ -952,8 +890,8 @@ impl Demo {
             println!("{DIM}applied examples/egress/{f}{RESET}");
         }
         let ca = self.p.mesh_ca.to_string_lossy().into_owned();
-        let wp = in_ns(
-            &netns(&WAYPOINT),
+        let wp = self.at(
+            &WAYPOINT,
             &[
                 &self.p.shunt.to_string_lossy(),
                 "waypoint",
@@ -971,12 +909,11 @@ impl Demo {
                 &ca,
             ],
         );
-        self.spawn("waypoint", wp)?;
+        self.spawn("waypoint", Some(&WAYPOINT), wp)?;
         let port = format!(":{HBONE_PORT}");
-        let wns = netns(&WAYPOINT);
         self.wait_listening(
             "waypoint",
-            &wns,
+            &WAYPOINT,
             "tcp",
             &format!("port {HBONE_PORT}"),
             |a| a.ends_with(&port),
@@ -1013,7 +950,7 @@ impl Demo {
                 })
             },
         )?;
-        self.run_shown(Some(seed_get), self.get_se())?;
+        self.run_shown(Some(seed_get), None, self.get_se())?;
         let vip = status
             .split(|c: char| c.is_whitespace() || c == '"')
             .find(|w| w.starts_with("240.240."))
@@ -1029,8 +966,7 @@ impl Demo {
         let (a0, w0, n0) = (mark(&agent_log), mark(&wp_log), mark(&nginx_log));
         let vip_c = vip.clone();
         self.expect(&format!("DNS answers the VIP {vip} in the pod"), |d| {
-            let out = output(&mut in_pod(
-                &d.p,
+            let out = output(&mut d.at(
                 &CURL,
                 &["dig", "+short", "+time=1", "+tries=1", "httpbin.org"],
             ))?;
@@ -1043,8 +979,8 @@ impl Demo {
         })?;
         let out = self.run_shown(
             Some("kubectl exec deploy/curl -- curl -sI http://httpbin.org/get -v"),
-            in_pod(
-                &self.p,
+            Some(&CURL),
+            self.at(
                 &CURL,
                 &[
                     "curl",
@@ -1138,8 +1074,7 @@ impl Demo {
         let wp_log = self.p.log("waypoint");
         // Wait for the reload: the POST that was allowed is now refused.
         self.expect("the policy is in force (POST from curl refused)", |d| {
-            let out = output(&mut in_pod(
-                &d.p,
+            let out = output(&mut d.at(
                 &CURL,
                 &[
                     "curl",
@@ -1166,8 +1101,8 @@ impl Demo {
         self.say("From the low-privilege curl pod:");
         let get = self.run_shown(
             Some("curl httpbin.org/get"),
-            in_pod(
-                &self.p,
+            Some(&CURL),
+            self.at(
                 &CURL,
                 &[
                     "curl",
@@ -1186,8 +1121,8 @@ impl Demo {
         );
         let post = self.run_shown(
             Some("curl -X POST httpbin.org/post"),
-            in_pod(
-                &self.p,
+            Some(&CURL),
+            self.at(
                 &CURL,
                 &[
                     "curl",
@@ -1243,8 +1178,8 @@ impl Demo {
         let w2 = mark(&wp_log);
         let admin = self.run_shown(
             Some("curl httpbin.org/post -X POST"),
-            in_pod(
-                &self.p,
+            Some(&ADMIN),
+            self.at(
                 &ADMIN,
                 &[
                     "curl",
@@ -1289,11 +1224,8 @@ impl Demo {
         let nginx_log = self.p.work.join("nginx/access.log");
         let n0 = mark(&nginx_log);
         self.expect("requests are upgraded to HTTPS", |d| {
-            let out = output(&mut in_pod(
-                &d.p,
-                &CURL,
-                &["curl", "-s", "--max-time", "5", "httpbin.org/get"],
-            ))?;
+            let out =
+                output(&mut d.at(&CURL, &["curl", "-s", "--max-time", "5", "httpbin.org/get"]))?;
             let s = String::from_utf8_lossy(&out.stdout).to_string();
             Ok(if s.contains("\"url\": \"https://httpbin.org/get\"") {
                 Ok(String::new())
@@ -1304,8 +1236,8 @@ impl Demo {
         let n1 = mark(&nginx_log);
         let out = self.run_shown(
             Some("curl httpbin.org/get"),
-            in_pod(
-                &self.p,
+            Some(&CURL),
+            self.at(
                 &CURL,
                 &[
                     "curl",
@@ -1407,107 +1339,27 @@ fn with_ca_certificates(src: &str, ca: &Path) -> Result<String> {
 // ---------------------------------------------------------------------------
 // Tear-down and leftovers.
 
-fn demo_netns() -> Vec<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output();
-    let Ok(out) = out else { return vec![] };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(PREFIX))
-        .map(str::to_string)
+/// Remove what an interrupted (killed) run left: its namespaces (and the
+/// processes still in them), cgroups and pins, adopted by testbed guards.
+/// Returns what could not be removed.
+fn remove_leftovers(p: &Paths) -> Vec<String> {
+    let mut closed: Vec<Result<()>> = Netns::adopt_all(PREFIX)
+        .into_iter()
+        .map(Netns::close)
+        .collect();
+    closed.push(Cgroup::adopt(&p.cgroup_root).close());
+    closed.push(PinDir::adopt(&p.pin_dir).close());
+    closed
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| format!("{e:#}")))
         .collect()
-}
-
-fn kill_pids(pids: &[i32]) {
-    for &pid in pids {
-        // SAFETY: plain kill(2).
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-    }
-    let end = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < end
-        && pids
-            .iter()
-            .any(|p| Path::new(&format!("/proc/{p}")).exists())
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for &pid in pids {
-        // SAFETY: plain kill(2).
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-}
-
-/// Remove everything the demo (this run or an interrupted one) made.
-/// Idempotent; returns what it could not remove.
-fn teardown(p: &Paths) -> Vec<String> {
-    let mut problems = Vec::new();
-    // Processes in the demo's namespaces (the agent entered the node's
-    // itself; the others were started with `ip netns exec`).
-    for ns in demo_netns() {
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns]).output() {
-            let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .filter_map(|s| s.parse().ok())
-                .collect();
-            kill_pids(&pids);
-        }
-    }
-    // Pod cgroups: kill what is left in them, then remove leaf-first.
-    if p.cgroup_root.exists() {
-        let _ = fs::write(p.cgroup_root.join("cgroup.kill"), "1");
-        let end = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < end
-            && !read_lossy(&p.cgroup_root.join("cgroup.events")).contains("populated 0")
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if let Err(e) = rmdir_tree(&p.cgroup_root) {
-            problems.push(format!("cgroup {}: {e}", p.cgroup_root.display()));
-        }
-    }
-    // Pins (links detach when their pins go and no process holds them).
-    if p.pin_dir.exists() {
-        if let Err(e) = fs::remove_dir_all(&p.pin_dir) {
-            problems.push(format!("pins {}: {e}", p.pin_dir.display()));
-        }
-    }
-    // Namespaces take their veths, routes and the DNS interface with them.
-    for ns in demo_netns() {
-        if let Ok(out) = Command::new("ip").args(["netns", "del", &ns]).output() {
-            if !out.status.success() {
-                problems.push(format!(
-                    "netns {ns}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-        }
-    }
-    if let Ok(rd) = fs::read_dir("/etc/netns") {
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with(PREFIX) {
-                if let Err(err) = fs::remove_dir_all(e.path()) {
-                    problems.push(format!("{}: {err}", e.path().display()));
-                }
-            }
-        }
-    }
-    problems
-}
-
-/// cgroup directories are removed with rmdir (their files are virtual).
-fn rmdir_tree(dir: &Path) -> std::io::Result<()> {
-    for e in fs::read_dir(dir)?.flatten() {
-        if e.file_type()?.is_dir() {
-            rmdir_tree(&e.path())?;
-        }
-    }
-    fs::remove_dir(dir)
 }
 
 /// Everything that must not outlive the demo.
 fn leftovers(p: &Paths, pids: &[u32]) -> Vec<String> {
-    let mut left: Vec<String> = demo_netns()
+    let mut left: Vec<String> = Netns::list()
         .into_iter()
+        .filter(|n| n.starts_with(PREFIX))
         .map(|n| format!("netns {n}"))
         .collect();
     for (what, path) in [("pins", &p.pin_dir), ("cgroup", &p.cgroup_root)] {
@@ -1583,23 +1435,22 @@ pub fn run(root: &Path, check: bool) -> Result<()> {
             stale.join(", ")
         );
     }
-    let problems = teardown(&p);
+    let problems = remove_leftovers(&p);
     if !problems.is_empty() {
         bail!(
             "could not remove an earlier run's leftovers: {}",
             problems.join("; ")
         );
     }
-    if p.work.exists() {
-        fs::remove_dir_all(&p.work).with_context(|| format!("emptying {}", p.work.display()))?;
-    }
+    // Emptied now, kept after the run for reading the logs.
+    let _work = WorkDir::kept(&p.work)?;
 
     let mut demo = Demo {
+        topo: Topology::new(&p),
         p,
         check,
         step: "setup",
         results: Vec::new(),
-        procs: Vec::new(),
         pids: Vec::new(),
         vip4: None,
     };
@@ -1620,7 +1471,7 @@ pub fn run(root: &Path, check: bool) -> Result<()> {
             demo.how_to_poke();
             loop {
                 sleep(Duration::from_millis(200))?;
-                for pr in &mut demo.procs {
+                for pr in &mut demo.topo.procs {
                     pr.alive()?;
                 }
             }
@@ -1638,10 +1489,8 @@ pub fn run(root: &Path, check: bool) -> Result<()> {
 
     // Tear down: our processes first (in reverse start order), then the rest.
     println!("\n{DIM}removing the demo's namespaces, cgroups, pins and processes...{RESET}");
-    while let Some(mut pr) = demo.procs.pop() {
-        pr.stop();
-    }
-    let problems = teardown(&demo.p);
+    let topo = std::mem::replace(&mut demo.topo, Topology::new(&demo.p));
+    let problems = topo.close();
     demo.step = "cleanup";
     let left = leftovers(&demo.p, &demo.pids);
     let mut detail = left;

@@ -61,6 +61,8 @@ struct State {
     lists: BTreeMap<String, usize>,
     /// Pending bookmark round: every open watch sends one.
     bookmarks: u64,
+    /// Collections whose CRD is not installed: 404.
+    missing: std::collections::BTreeSet<String>,
 }
 
 pub struct FakeApi {
@@ -212,6 +214,18 @@ impl FakeApi {
         self.bump(true);
     }
 
+    /// Uninstalls a kind's CRD: its collection answers 404 until
+    /// [`FakeApi::install`].
+    pub fn uninstall(&self, api_version: &str, kind: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.missing.insert(collection(api_version, kind));
+    }
+
+    pub fn install(&self, api_version: &str, kind: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.missing.remove(&collection(api_version, kind));
+    }
+
     pub fn lists(&self, api_version: &str, kind: &str) -> usize {
         let s = self.state.lock().unwrap();
         *s.lists.get(&collection(api_version, kind)).unwrap_or(&0)
@@ -277,6 +291,16 @@ fn handle(
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &status(503, "ServiceUnavailable", "apiserver is shutting down"),
+        );
+    }
+    if s.missing.contains(&path) {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            &status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
         );
     }
     if req.method() != hyper::Method::GET {

@@ -44,8 +44,8 @@ use super::watch::{ConfigWatcher, SourceHealth};
 use super::{Config, ConfigError, Problem, Snapshot, WAYPOINT_CLASS};
 
 /// The Istio and Gateway API kinds read, as (group, version, kind, plural).
-/// These CRDs must be installed (Istio's base chart and the Gateway API
-/// standard channel do).
+/// Istio's base chart and the Gateway API standard channel install their
+/// CRDs; a kind whose CRD is missing (404) counts as having no objects.
 pub const ISTIO_KINDS: [(&str, &str, &str, &str); 5] = [
     (
         "networking.istio.io",
@@ -104,7 +104,7 @@ impl KubeOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
-    #[error("kubeconfig {}: {source}", path.display())]
+    #[error("kubeconfig {}", path.display())]
     Kubeconfig {
         path: PathBuf,
         source: ::kube::config::KubeconfigError,
@@ -274,6 +274,11 @@ impl Shared {
         });
     }
 
+    fn is_synced(&self, kind: &str) -> bool {
+        let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        kinds.get(kind).is_some_and(|h| h.synced)
+    }
+
     fn is_up(&self, kind: &str) -> bool {
         let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         kinds.get(kind).is_some_and(|h| h.up)
@@ -340,6 +345,23 @@ async fn run_kind<K>(
             }
             Ok(watcher::Event::Apply(_)) | Ok(watcher::Event::Delete(_)) => {
                 shared.update(kind, mark_up, true);
+                shared.dirty.notify_one();
+            }
+            Err(watcher::Error::InitialListFailed(::kube::Error::Api(s))) if s.is_not_found() => {
+                // The kind's CRD is not installed: there are no such
+                // objects. The watcher keeps retrying, so installing the CRD
+                // later brings them in.
+                if !shared.is_synced(kind) {
+                    tracing::warn!(kind, "CRD not installed (404); counted as no objects");
+                }
+                shared.update(
+                    kind,
+                    |h| {
+                        mark_up(h);
+                        h.synced = true;
+                    },
+                    true,
+                );
                 shared.dirty.notify_one();
             }
             Err(watcher::Error::WatchError(e)) if e.code == 410 => {

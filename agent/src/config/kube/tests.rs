@@ -349,3 +349,21 @@ async fn a_waypoint_address_from_gateway_status_is_used_and_other_gateways_are_i
     assert!(!c.gateways.iter().any(|g| g.name() == "ingress"));
     assert!(w.rejected.borrow().is_none());
 }
+
+#[tokio::test]
+async fn a_kind_whose_crd_is_not_installed_counts_as_empty_until_it_is() {
+    let fake = FakeApi::start().await;
+    for o in seed_objects() {
+        fake.apply(o);
+    }
+    fake.uninstall("gateway.networking.k8s.io/v1", "Gateway");
+    let cg = tempfile::tempdir().unwrap();
+    let mut w = spawn(fake.client(), opts("node-a", cg.path())).unwrap();
+    let c = config_where(&mut w, |_| true).await;
+    assert!(c.gateways.is_empty());
+    assert_eq!(c.service_entries.len(), 1);
+    health_where(&mut w, |h| h.up).await;
+    // Installed later: the watcher's retry finds it.
+    fake.install("gateway.networking.k8s.io/v1", "Gateway");
+    config_where(&mut w, |c| c.gateways.len() == 1).await;
+}
