@@ -37,7 +37,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         "VIP", "PORT", "SERVICE", "WAYPOINT"
     );
     for (k, v) in &services {
-        let wp = if v.flags & SVC_F_WAYPOINT != 0 {
+        // A waypoint required but not resolvable has no address: the agent
+        // refuses those connections.
+        let wp = if v.flags & SVC_F_WAYPOINT != 0 && v.waypoint_port == 0 {
+            "unresolved (refused)".to_string()
+        } else if v.flags & SVC_F_WAYPOINT != 0 {
             SocketAddr::new(addr_from_bytes(v.waypoint_addr), v.waypoint_port).to_string()
         } else {
             "-".to_string()
