@@ -21,7 +21,10 @@ use shunt_testbed::{unique_id, PinDir, Result};
 
 /// A pin directory of its own, removed with everything in it (the
 /// testbed's guard) on drop.
-struct Pins(KernelPaths, PinDir);
+struct Pins {
+    paths: KernelPaths,
+    _dir: PinDir,
+}
 
 impl Pins {
     fn new() -> Result<Self> {
@@ -32,7 +35,7 @@ impl Pins {
         };
         // The object only creates and pins the maps; dropping it leaves them.
         drop(loader::load_pinned(&paths)?);
-        Ok(Pins(paths, dir))
+        Ok(Pins { paths, _dir: dir })
     }
 }
 
@@ -105,7 +108,7 @@ fn allowed(maps: &PinnedMaps, ip: &str) -> bool {
 #[test]
 fn map_sync_reconciles_hash_maps_and_the_lpm_trie_and_a_restart_changes_nothing() -> Result<()> {
     let pins = Pins::new()?;
-    let dir = &pins.0.pin_dir;
+    let dir = &pins.paths.pin_dir;
     let first = projection(
         &[("240.240.0.1:80", 1), ("240.240.0.2:80", 2)],
         &["10.96.0.0/12", "fd00::/64"],
