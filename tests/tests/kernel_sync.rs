@@ -17,7 +17,7 @@ use shunt_agent::{
     },
 };
 use shunt_common::{CidrAddr, EnrolledValue, ServiceValue};
-use shunt_testbed::{unique_id, PinDir, Result};
+use shunt_testbed::{shunt_bin, unique_id, PinDir, Result};
 
 /// A pin directory of its own, removed with everything in it (the
 /// testbed's guard) on drop.
@@ -156,5 +156,24 @@ fn map_sync_reconciles_hash_maps_and_the_lpm_trie_and_a_restart_changes_nothing(
     assert_pinned_equals(&maps, &second)?;
     assert!(allowed(&maps, "192.168.7.7"));
     assert!(!allowed(&maps, "fd00::53"));
+
+    // `shunt maps` reads the same registry handles.
+    let out = std::process::Command::new(shunt_bin())
+        .args(["maps", "--pin-dir", &dir.display().to_string()])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for want in [
+        "SERVICES (2)",
+        "2001:2::3",
+        "SOURCES (1)",
+        "10.0.0.1",
+        "EGRESS_ALLOW (2)",
+        "10.96.0.0/12",
+        "192.168.0.0/16",
+        "egress REGISTRY_ONLY",
+    ] {
+        assert!(text.contains(want), "{want} missing in:\n{text}");
+    }
     Ok(())
 }
