@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::sockets::{Acceptor, ListenerName};
 use crate::telemetry::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -81,16 +82,9 @@ impl Drop for AdminServer {
 }
 
 async fn accept_loop(listener: TcpListener, endpoints: Arc<Endpoints>) {
+    let mut acceptor = Acceptor::new(ListenerName::Admin);
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // EMFILE and friends are transient; keep serving.
-                tracing::warn!(error = %e, "admin accept");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (stream, peer) = acceptor.accept(&listener).await;
         let endpoints = endpoints.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {

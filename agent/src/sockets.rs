@@ -1,11 +1,26 @@
-//! Listening sockets that a successor agent can bind while its predecessor
-//! still drains (SO_REUSEPORT): the DNS proxy and the admin endpoints keep
+//! Listening sockets and their accept loops.
+//!
+//! Sockets that a successor agent can bind while its predecessor still
+//! drains (SO_REUSEPORT): the DNS proxy and the admin endpoints keep
 //! answering through a handover. Not for the capture socket, where a
 //! reuseport group would let the kernel pick the draining listener.
+//!
+//! [`Acceptor`]: every server's accept loop goes through it, so that no
+//! accept error ends or spins a server: out of fds or memory, it backs off
+//! (capped, exponential) and keeps serving; a connection that died in the
+//! queue is skipped at once. Each error is counted in
+//! `shunt_accept_errors_total{listener, reason}` and logged at most once a
+//! second with the number of suppressed lines.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::telemetry::{self, LogLimit};
 
 fn socket(addr: SocketAddr, ty: Type, proto: Protocol) -> std::io::Result<Socket> {
     let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
@@ -25,4 +40,280 @@ pub fn tcp_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener
 pub fn udp_socket(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
     let s = socket(addr, Type::DGRAM, Protocol::UDP)?;
     tokio::net::UdpSocket::from_std(s.into())
+}
+
+/// Which server a listener belongs to: the `listener` label of the accept
+/// and budget metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ListenerName {
+    /// The agent's capture socket (steered VIP connections).
+    Capture,
+    /// The waypoint's HBONE port (15008).
+    Hbone,
+    /// The DNS proxy's TCP side.
+    DnsTcp,
+    /// An admin endpoint (metrics, readiness, config dump).
+    Admin,
+}
+
+impl ListenerName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerName::Capture => "capture",
+            ListenerName::Hbone => "hbone",
+            ListenerName::DnsTcp => "dns_tcp",
+            ListenerName::Admin => "admin",
+        }
+    }
+}
+
+/// What an accept error means for the loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AcceptFailure {
+    /// The connection died in the queue (ECONNABORTED, a pending network
+    /// error): skip it, accept the next one at once.
+    Connection,
+    /// Out of fds or kernel memory: retrying at once would spin; wait.
+    Resources,
+    /// Anything else: also waited on, so that nothing can spin.
+    Other,
+}
+
+impl AcceptFailure {
+    fn of(e: &std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(
+                libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ETIMEDOUT
+                | libc::ENETDOWN
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ENONET
+                | libc::ENOPROTOOPT
+                | libc::EOPNOTSUPP,
+            ) => AcceptFailure::Connection,
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                AcceptFailure::Resources
+            }
+            _ => AcceptFailure::Other,
+        }
+    }
+
+    /// The `reason` label.
+    fn reason(e: &std::io::Error) -> &'static str {
+        match e.raw_os_error() {
+            Some(libc::EMFILE) => "emfile",
+            Some(libc::ENFILE) => "enfile",
+            Some(libc::ENOBUFS) => "enobufs",
+            Some(libc::ENOMEM) => "enomem",
+            Some(libc::ECONNABORTED) => "econnaborted",
+            _ => match Self::of(e) {
+                AcceptFailure::Connection => "connection",
+                _ => "other",
+            },
+        }
+    }
+}
+
+/// First wait after a resource error; doubled per consecutive error.
+const BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest wait: a freed fd is used within this long.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The accept side of one server loop: the listener stays the caller's
+/// (handover code needs it), the backoff and log limit live here.
+#[derive(Debug)]
+pub struct Acceptor {
+    name: ListenerName,
+    backoff: Duration,
+    log: LogLimit,
+    refused_log: LogLimit,
+}
+
+impl Acceptor {
+    pub fn new(name: ListenerName) -> Self {
+        Acceptor {
+            name,
+            backoff: Duration::ZERO,
+            log: LogLimit::new(Duration::from_secs(1)),
+            refused_log: LogLimit::new(Duration::from_secs(1)),
+        }
+    }
+
+    /// Closes a connection a budget has no room for, with RST (nothing
+    /// lingers in TIME_WAIT on this side); counted in
+    /// `shunt_refused_connections_total{listener, reason}` and logged at a
+    /// limited rate.
+    pub fn refuse(&self, stream: TcpStream, peer: SocketAddr, reason: &'static str) {
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+        telemetry::count_refused_connection(self.name.as_str(), reason);
+        if let Some(suppressed) = self.refused_log.allow() {
+            tracing::warn!(
+                listener = self.name.as_str(),
+                %peer,
+                reason,
+                suppressed,
+                "connection budget spent; closing new connection"
+            );
+        }
+    }
+
+    /// The next connection. Never fails: errors are counted, logged at a
+    /// limited rate and waited out. Cancel-safe (the listener's `accept` is,
+    /// and an interrupted wait only shortens one backoff).
+    pub async fn accept(&mut self, listener: &TcpListener) -> (TcpStream, SocketAddr) {
+        loop {
+            match listener.accept().await {
+                Ok(c) => {
+                    self.backoff = Duration::ZERO;
+                    return c;
+                }
+                Err(e) => {
+                    let failure = AcceptFailure::of(&e);
+                    telemetry::count_accept_error(self.name.as_str(), AcceptFailure::reason(&e));
+                    if failure != AcceptFailure::Connection {
+                        self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+                    }
+                    if let Some(suppressed) = self.log.allow() {
+                        tracing::warn!(
+                            listener = self.name.as_str(),
+                            error = %e,
+                            retry_in_ms = if failure == AcceptFailure::Connection { 0 } else { self.backoff.as_millis() as u64 },
+                            suppressed,
+                            "accept failed; still serving"
+                        );
+                    }
+                    if failure != AcceptFailure::Connection {
+                        tokio::time::sleep(self.backoff).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Open connections per source address, capped: one client cannot take a
+/// server's whole fd budget.
+#[derive(Debug)]
+pub struct PerSourceLimit {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One admitted connection; dropping it frees its place.
+#[derive(Debug)]
+pub struct SourceSlot {
+    limit: Arc<PerSourceLimit>,
+    ip: IpAddr,
+}
+
+impl PerSourceLimit {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(PerSourceLimit {
+            max: max.max(1),
+            open: Mutex::default(),
+        })
+    }
+
+    /// A place for one more connection from `ip`, if it has fewer than the
+    /// maximum open.
+    pub fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            limit: Arc::clone(self),
+            ip,
+        })
+    }
+
+    /// Connections open from `ip`.
+    pub fn open(&self, ip: IpAddr) -> usize {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.get(&ip.to_canonical()).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self.limit.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (every connection
+/// is an fd; the common default soft limit of 1024 is far too low for a
+/// proxy). Returns the new soft limit. Call once at process start.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_fds_backs_off_and_a_dead_connection_does_not() {
+        let err = std::io::Error::from_raw_os_error;
+        for e in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert_eq!(AcceptFailure::of(&err(e)), AcceptFailure::Resources);
+        }
+        assert_eq!(
+            AcceptFailure::of(&err(libc::ECONNABORTED)),
+            AcceptFailure::Connection
+        );
+        assert_eq!(AcceptFailure::of(&err(libc::EBADF)), AcceptFailure::Other);
+        assert_eq!(AcceptFailure::reason(&err(libc::EMFILE)), "emfile");
+    }
+
+    #[test]
+    fn a_source_gets_its_maximum_and_its_places_back_when_they_close() {
+        let limit = PerSourceLimit::new(2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let s1 = limit.try_admit(a).unwrap();
+        let _s2 = limit.try_admit(a).unwrap();
+        assert!(limit.try_admit(a).is_none(), "third from the same source");
+        assert!(
+            limit.try_admit(b).is_some(),
+            "another source is not affected"
+        );
+        drop(s1);
+        assert_eq!(limit.open(a), 1);
+        let _s3 = limit.try_admit(a).expect("a freed place is reused");
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert!(
+            limit.try_admit(mapped).is_none(),
+            "a v4-mapped address is the same source"
+        );
+    }
 }

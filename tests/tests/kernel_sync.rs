@@ -17,11 +17,14 @@ use shunt_agent::{
     },
 };
 use shunt_common::{CidrAddr, EnrolledValue, ServiceValue};
-use shunt_testbed::{unique_id, PinDir, Result};
+use shunt_testbed::{shunt_bin, unique_id, PinDir, Result};
 
 /// A pin directory of its own, removed with everything in it (the
 /// testbed's guard) on drop.
-struct Pins(KernelPaths, PinDir);
+struct Pins {
+    paths: KernelPaths,
+    _dir: PinDir,
+}
 
 impl Pins {
     fn new() -> Result<Self> {
@@ -32,7 +35,7 @@ impl Pins {
         };
         // The object only creates and pins the maps; dropping it leaves them.
         drop(loader::load_pinned(&paths)?);
-        Ok(Pins(paths, dir))
+        Ok(Pins { paths, _dir: dir })
     }
 }
 
@@ -105,7 +108,7 @@ fn allowed(maps: &PinnedMaps, ip: &str) -> bool {
 #[test]
 fn map_sync_reconciles_hash_maps_and_the_lpm_trie_and_a_restart_changes_nothing() -> Result<()> {
     let pins = Pins::new()?;
-    let dir = &pins.0.pin_dir;
+    let dir = &pins.paths.pin_dir;
     let first = projection(
         &[("240.240.0.1:80", 1), ("240.240.0.2:80", 2)],
         &["10.96.0.0/12", "fd00::/64"],
@@ -153,5 +156,24 @@ fn map_sync_reconciles_hash_maps_and_the_lpm_trie_and_a_restart_changes_nothing(
     assert_pinned_equals(&maps, &second)?;
     assert!(allowed(&maps, "192.168.7.7"));
     assert!(!allowed(&maps, "fd00::53"));
+
+    // `shunt maps` reads the same registry handles.
+    let out = std::process::Command::new(shunt_bin())
+        .args(["maps", "--pin-dir", &dir.display().to_string()])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for want in [
+        "SERVICES (2)",
+        "2001:2::3",
+        "SOURCES (1)",
+        "10.0.0.1",
+        "EGRESS_ALLOW (2)",
+        "10.96.0.0/12",
+        "192.168.0.0/16",
+        "egress REGISTRY_ONLY",
+    ] {
+        assert!(text.contains(want), "{want} missing in:\n{text}");
+    }
     Ok(())
 }

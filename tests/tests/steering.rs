@@ -337,6 +337,15 @@ fn maps_command_prints_services() -> Result<()> {
         s.contains("240.240.0.1") && s.contains("SERVICES (1)"),
         "{s}"
     );
+    // Every reconciled map of the registry has its table.
+    for table in [
+        "ENROLLED (0)",
+        "SOURCES (0)",
+        "EGRESS_ALLOW (0)",
+        "COUNTERS",
+    ] {
+        assert!(s.contains(table), "{table} missing in:\n{s}");
+    }
     Ok(())
 }
 

@@ -154,6 +154,7 @@ fn parse_lifetime(s: &str) -> Result<Duration, String> {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     args.log.init();
+    super::common::raise_fd_limit();
     // Read the host's resolver before entering the node namespace.
     let upstreams = if args.dns_upstream.is_empty() {
         if args.no_dns {

@@ -81,3 +81,12 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()?)
 }
+
+/// Raises the soft fd limit to the hard one (every connection is an fd) and
+/// logs the result; a failure is logged, not fatal.
+pub fn raise_fd_limit() {
+    match shunt_agent::sockets::raise_fd_limit() {
+        Ok(n) => tracing::info!(nofile = n, "open-file limit raised to the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+}

@@ -68,6 +68,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     for (cg, v) in &enrolled {
         println!("{:<20} {:>8} {:#x}", cg, v.workload_id, v.flags);
     }
+    let sources = maps.read_sources()?;
+    println!("\nSOURCES ({})", sources.len());
+    println!("{:<28} IFINDEX", "WORKLOAD ADDRESS");
+    for (k, ifindex) in &sources {
+        println!("{:<28} {ifindex}", addr_from_bytes(k.addr).to_string());
+    }
+    let allow = maps.read_egress_allow()?;
+    println!("\nEGRESS_ALLOW ({})", allow.len());
+    for k in allow.keys() {
+        let net = match addr_from_bytes(k.addr.addr) {
+            // IPv4 prefixes are stored IPv4-mapped, at 96 + their length.
+            ip @ std::net::IpAddr::V4(_) => format!("{ip}/{}", k.prefix_len.saturating_sub(96)),
+            ip => format!("{ip}/{}", k.prefix_len),
+        };
+        println!("{net}");
+    }
     println!("\nCOUNTERS");
     for (c, n) in maps.counters()? {
         println!("{:<14} {}", c.name(), n);

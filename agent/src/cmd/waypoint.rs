@@ -48,10 +48,22 @@ pub struct Args {
     /// Upstream resolve + connect + TLS handshake timeout.
     #[arg(long, env = "SHUNT_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     upstream_timeout: Duration,
+    /// Deadline for a client's TLS and HTTP/2 handshakes on the HBONE port.
+    #[arg(long, env = "SHUNT_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// TLS handshakes in progress at once on the HBONE port; connections
+    /// beyond are closed at accept.
+    #[arg(long, env = "SHUNT_MAX_HANDSHAKES", default_value_t = 4096)]
+    max_handshakes: usize,
+    /// Open HBONE connections per source address; connections beyond are
+    /// closed at accept.
+    #[arg(long, env = "SHUNT_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 1024)]
+    max_connections_per_source: usize,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     args.log.init();
+    super::common::raise_fd_limit();
     let format = if args.log.json() {
         LogFormat::Json
     } else {
@@ -67,6 +79,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     opts.metrics_addr = Some(args.metrics);
     opts.ready_addr = Some(args.ready);
     opts.upstream_timeout = args.upstream_timeout;
+    opts.server.handshake_timeout = args.handshake_timeout;
+    opts.server.max_handshakes = args.max_handshakes;
+    opts.server.max_connections_per_source = args.max_connections_per_source;
     opts.access_log = Arc::new(AccessLogger::stdout(format));
     runtime()?.block_on(async {
         let wp = WaypointServer::start(opts).await?;

@@ -101,6 +101,18 @@ impl Snapshot {
                 b.mesh(path, text);
                 continue;
             }
+            let fixed;
+            let text = if yaml_parses(text) {
+                text
+            } else {
+                match quote_flow_ipv6(text) {
+                    Some(f) if yaml_parses(&f) => {
+                        fixed = f;
+                        fixed.as_str()
+                    }
+                    _ => text,
+                }
+            };
             for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
                 let origin = Origin {
                     file: path.clone(),
@@ -542,6 +554,16 @@ impl Builder {
                 }
             }
         };
+        if r.spec.workload_selector.is_some() {
+            // Istio applies such a rule only in the selected workloads' own
+            // proxies; shunt applies DestinationRules at the waypoint and
+            // does not match its labels yet, so refusing beats ignoring.
+            self.at(
+                ctx,
+                "spec.workloadSelector",
+                "not supported by shunt: a DestinationRule with workloadSelector applies only to the selected workloads' proxies, and shunt originates TLS at the waypoint; remove it to apply the rule to every client",
+            );
+        }
         if let Some(tp) = &r.spec.traffic_policy {
             check(self, "spec.trafficPolicy".into(), tp);
         }
@@ -571,12 +593,34 @@ impl Builder {
 
     fn validate_we(&mut self, r: &WorkloadEntry, ctx: &Ctx) {
         let a = &r.spec.address;
-        if !a.is_empty() && a.parse::<IpAddr>().is_err() && !a.starts_with("unix://") {
-            self.at(
-                ctx,
-                "spec.address",
-                format!("invalid value {a:?}: expected an IP address"),
-            );
+        let ip = a.parse::<IpAddr>().is_ok() || a.starts_with("unix://");
+        if !a.is_empty() && !ip {
+            // Istio allows a DNS name (resolved by the proxies that use the
+            // entry); an enrolled workload needs its address to check the
+            // source of its packets.
+            if r.metadata
+                .annotations
+                .contains_key(labels::CGROUP_ANNOTATION)
+            {
+                self.at(
+                    ctx,
+                    "spec.address",
+                    format!(
+                        "invalid value {a:?}: a workload enrolled with {} needs an IP address",
+                        labels::CGROUP_ANNOTATION
+                    ),
+                );
+            } else if !is_host(a)
+                || a.contains('*')
+                // An all-numeric last label is a mistyped IPv4, not a name.
+                || a.trim_end_matches('.').rsplit('.').next().is_some_and(|l| l.bytes().all(|c| c.is_ascii_digit()))
+            {
+                self.at(
+                    ctx,
+                    "spec.address",
+                    format!("invalid value {a:?}: expected an IP address or DNS name"),
+                );
+            }
         }
         if let Some(cg) = r.metadata.annotations.get(labels::CGROUP_ANNOTATION) {
             if cg.trim().is_empty() || cg.split('/').any(|c| c == "..") {
@@ -704,6 +748,81 @@ fn is_object_name(s: &str) -> bool {
 }
 
 /// A ServiceEntry host: a DNS name, `*`, or `*.suffix`.
+#[cfg(test)]
+pub(crate) fn quote_flow_ipv6_for_tests(text: &str) -> Option<String> {
+    quote_flow_ipv6(text)
+}
+
+fn yaml_parses(text: &str) -> bool {
+    serde_yaml_ng::Deserializer::from_str(text).all(|d| Value::deserialize(d).is_ok())
+}
+
+/// YAML 1.2 (and so `kubectl`) reads `[::1, fd00::/8]` as two strings;
+/// libyaml, a YAML 1.1 parser, refuses a plain scalar starting with `::`.
+/// Quotes such scalars inside flow collections; `None` when there are none.
+/// Only used on text libyaml refused, so valid input is never rewritten.
+fn quote_flow_ipv6(text: &str) -> Option<String> {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len() + 16);
+    let (mut depth, mut changed) = (0usize, false);
+    let mut quote: Option<u8> = None;
+    let mut token_start = false; // just after `[`, `{` or `,` (and spaces)
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if let Some(q) = quote {
+            if c == q {
+                quote = None;
+            }
+            let len = text[i..].chars().next().map_or(1, char::len_utf8);
+            out.push_str(&text[i..i + len]);
+            i += len;
+            continue;
+        }
+        match c {
+            b'"' | b'\'' => {
+                quote = Some(c);
+                token_start = false;
+            }
+            b'#' if i == 0 || b[i - 1].is_ascii_whitespace() => {
+                // A comment: copy to the end of the line.
+                let end = text[i..].find('\n').map_or(b.len(), |n| i + n);
+                out.push_str(&text[i..end]);
+                i = end;
+                continue;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                token_start = true;
+            }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                token_start = false;
+            }
+            b',' if depth > 0 => token_start = true,
+            b' ' | b'\t' | b'\r' | b'\n' => {}
+            b':' if depth > 0 && token_start && b.get(i + 1) == Some(&b':') => {
+                let end = text[i..]
+                    .find(|ch: char| matches!(ch, ',' | ']' | '}') || ch.is_whitespace())
+                    .map_or(b.len(), |n| i + n);
+                out.push('"');
+                out.push_str(&text[i..end]);
+                out.push('"');
+                changed = true;
+                token_start = false;
+                i = end;
+                continue;
+            }
+            _ => token_start = false,
+        }
+        // Multi-byte UTF-8 is copied whole (only ASCII is inspected above).
+        let len = text[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&text[i..i + len]);
+        i += len;
+    }
+    changed.then_some(out)
+}
+
 pub(crate) fn is_host(h: &str) -> bool {
     let rest = if h == "*" {
         return true;

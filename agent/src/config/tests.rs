@@ -404,3 +404,101 @@ async fn watcher_starting_invalid_has_no_config_until_fixed() {
         .unwrap();
     assert!(w.current().unwrap().namespace("x").is_some());
 }
+
+#[test]
+fn istio_accepts_these_and_so_does_shunt() {
+    let d = dir_with(&[
+        (
+            "se.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a, namespace: ns1}\nspec:\n  hosts: [a.example]\n  # unquoted IPv6, as YAML 1.2 and kubectl read them\n  addresses: [::1, '::2', fd00::/8, 2001:db8::10]\n  ports:\n  - {number: 443, name: https-api, protocol: \"\"}\n  - {number: 80, name: tcp, protocol: ''}\n  resolution: DNS\n",
+        ),
+        (
+            "we.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm, namespace: ns1}\nspec: {address: vm1.example.com, serviceAccount: sa}\n",
+        ),
+        ("mesh.yaml", "pathNormalization: {normalization: MERGE_SLASHES}\n"),
+    ]);
+    let cfg = Config::load_dir(d.path()).unwrap();
+    let se = &cfg.service_entries[0];
+    assert_eq!(
+        se.spec.addresses,
+        ["::1", "::2", "fd00::/8", "2001:db8::10"]
+    );
+    // protocol "" is unset: inferred from the port name, as Istio does.
+    assert_eq!(se.spec.ports[0].protocol, None);
+    assert_eq!(se.spec.ports[0].protocol(), Protocol::Https);
+    assert_eq!(se.spec.ports[1].protocol(), Protocol::Tcp);
+    assert_eq!(cfg.workload_entries[0].spec.address, "vm1.example.com");
+    assert_eq!(
+        cfg.mesh.path_normalization.normalization,
+        PathNormalization::MergeSlashes
+    );
+    // Istio's default when mesh.yaml says nothing.
+    assert_eq!(
+        MeshConfig::default().path_normalization.normalization,
+        PathNormalization::Base
+    );
+}
+
+#[test]
+fn unsupported_istio_values_are_named_not_called_invalid() {
+    let err = |files: &[(&str, &str)]| {
+        let d = dir_with(files);
+        Config::load_dir(d.path()).unwrap_err().to_string()
+    };
+    let e = err(&[(
+        "se.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a, namespace: ns1}\nspec: {hosts: ['*.example'], resolution: DYNAMIC_DNS, ports: [{number: 80, name: http}]}\n",
+    )]);
+    assert!(
+        e.contains("ServiceEntry ns1/a")
+            && e.contains("spec.resolution")
+            && e.contains("DYNAMIC_DNS is not supported by shunt yet"),
+        "{e}"
+    );
+    let e = err(&[(
+        "dr.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: ns1}\nspec:\n  host: a.example\n  workloadSelector: {matchLabels: {app: curl}}\n",
+    )]);
+    assert!(
+        e.contains("DestinationRule ns1/d")
+            && e.contains("spec.workloadSelector: not supported by shunt"),
+        "{e}"
+    );
+    // An enrolled workload needs an IP; a bad address is still refused.
+    let e = err(&[(
+        "we.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm, namespace: ns1, annotations: {shunt.io/cgroup: x}}\nspec: {address: vm1.example.com}\n",
+    )]);
+    assert!(
+        e.contains("spec.address") && e.contains("needs an IP address"),
+        "{e}"
+    );
+    let e = err(&[(
+        "we.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm, namespace: ns1}\nspec: {address: 'not a host'}\n",
+    )]);
+    assert!(e.contains("expected an IP address or DNS name"), "{e}");
+    let e = err(&[("mesh.yaml", "pathNormalization: {normalization: DECODE}\n")]);
+    assert!(
+        e.contains("pathNormalization.normalization") && e.contains("DECODE_AND_MERGE_SLASHES"),
+        "{e}"
+    );
+}
+
+#[test]
+fn ipv6_quoting_touches_only_flow_scalars_starting_with_colons() {
+    let q = |t: &str| super::load::quote_flow_ipv6_for_tests(t);
+    assert_eq!(q("a: [::1, x]\n").as_deref(), Some("a: [\"::1\", x]\n"));
+    assert_eq!(
+        q("a: {b: [::ffff:10.0.0.1]}\n").as_deref(),
+        Some("a: {b: [\"::ffff:10.0.0.1\"]}\n")
+    );
+    // Quoted, commented, block context and mid-token colons are left alone.
+    assert_eq!(q("a: ['::1', \"::2\"] # [::3]\nb: ::4\nc: [a::b]\n"), None);
+    // Non-ASCII text survives.
+    assert_eq!(
+        q("# caf\u{e9}\na: [::1, \"\u{e9}\"]\n").as_deref(),
+        Some("# caf\u{e9}\na: [\"::1\", \"\u{e9}\"]\n")
+    );
+}

@@ -360,7 +360,11 @@ pub struct ServiceEntrySpec {
     pub ports: Vec<ServicePort>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<Location>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "resolution"
+    )]
     pub resolution: Option<Resolution>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<WorkloadEntrySpec>,
@@ -370,6 +374,32 @@ pub struct ServiceEntrySpec {
     pub export_to: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_names: Vec<String>,
+}
+
+/// `resolution`, saying plainly that Istio's `DYNAMIC_DNS` (a wildcard host
+/// resolved per request) is a valid value shunt does not support yet.
+fn resolution<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Resolution>, D::Error> {
+    let v = serde_yaml_ng::Value::deserialize(d)?;
+    if v.as_str() == Some("DYNAMIC_DNS") {
+        return Err(de::Error::custom(
+            "DYNAMIC_DNS is not supported by shunt yet: use DNS with explicit hosts, or STATIC with endpoints",
+        ));
+    }
+    Resolution::deserialize(v)
+        .map(Some)
+        .map_err(de::Error::custom)
+}
+
+/// `protocol`: Istio treats an empty string as unset (inferred from the
+/// port name).
+fn protocol<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Protocol>, D::Error> {
+    let v = serde_yaml_ng::Value::deserialize(d)?;
+    match v.as_str() {
+        Some("") => Ok(None),
+        _ => Protocol::deserialize(v)
+            .map(Some)
+            .map_err(de::Error::custom),
+    }
 }
 
 impl ServiceEntrySpec {
@@ -389,7 +419,11 @@ pub struct WorkloadSelector {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
     pub number: Port,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "protocol"
+    )]
     pub protocol: Option<Protocol>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
@@ -454,8 +488,18 @@ pub struct DestinationRuleSpec {
     pub subsets: Vec<Subset>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub export_to: Vec<String>,
+    /// Istio's `istio.type.v1beta1.WorkloadSelector` (`matchLabels`), not
+    /// the ServiceEntry's (`labels`). Refused at load: see `validate_dr`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload_selector: Option<WorkloadSelector>,
+    pub workload_selector: Option<MatchLabels>,
+}
+
+/// `{matchLabels: {...}}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MatchLabels {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

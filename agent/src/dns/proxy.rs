@@ -14,7 +14,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn, Instrument};
 
 use super::{DnsError, HostAddrs, SharedHostTable, SERVICE_ENTRY_TTL};
-use crate::telemetry::DnsMetrics;
+use crate::sockets::{Acceptor, ListenerName};
+use crate::telemetry::{DnsMetrics, LogLimit};
 
 /// Plain inputs of the proxy.
 #[derive(Clone, Debug)]
@@ -29,8 +30,12 @@ pub struct DnsConfig {
     /// Largest UDP answer the proxy sends whatever the client advertises
     /// (1232: the DNS flag day 2020 value, safe from fragmentation).
     pub max_udp_payload: u16,
-    /// A TCP client idle this long between queries is disconnected.
+    /// A TCP client idle this long between queries (or this slow to send a
+    /// query or read an answer) is disconnected.
     pub tcp_idle_timeout: Duration,
+    /// TCP connections open at once per listener; beyond, new ones are
+    /// closed at accept (clients fall back to UDP or retry).
+    pub max_tcp_connections: usize,
     /// UDP queries being answered at once; beyond that, packets are dropped
     /// (the client retries) rather than queued without bound.
     pub max_inflight_udp: usize,
@@ -44,6 +49,7 @@ impl DnsConfig {
             upstream_timeout: Duration::from_secs(2),
             max_udp_payload: 1232,
             tcp_idle_timeout: Duration::from_secs(10),
+            max_tcp_connections: 256,
             max_inflight_udp: 4096,
         }
     }
@@ -115,8 +121,10 @@ impl DnsProxy {
                 udp_loop(Arc::new(udp), inner.clone(), limit)
                     .instrument(tracing::info_span!("dns_udp", %local)),
             ));
+            let tcp_budget = Arc::new(Semaphore::new(config.max_tcp_connections.max(1)));
             tasks.push(tokio::spawn(
-                tcp_loop(tcp, inner.clone()).instrument(tracing::info_span!("dns_tcp", %local)),
+                tcp_loop(tcp, inner.clone(), tcp_budget)
+                    .instrument(tracing::info_span!("dns_tcp", %local)),
             ));
         }
         Ok(DnsProxy { local_addrs, tasks })
@@ -162,6 +170,9 @@ async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsErro
     Err(last.unwrap_or(DnsError::NoListenAddress))
 }
 
+/// A flood makes every dropped query a candidate line: one a second.
+static SATURATED_LOG: LogLimit = LogLimit::new(Duration::from_secs(1));
+
 async fn udp_loop(sock: Arc<UdpSocket>, inner: Arc<Inner>, limit: Arc<Semaphore>) {
     // One receive buffer for the listener; each query is copied out into
     // its own Vec (the message) for its task.
@@ -176,7 +187,9 @@ async fn udp_loop(sock: Arc<UdpSocket>, inner: Arc<Inner>, limit: Arc<Semaphore>
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             inner.metrics.requests.inc();
-            warn!(%peer, "DNS proxy saturated; dropping UDP query");
+            if let Some(suppressed) = SATURATED_LOG.allow() {
+                warn!(%peer, suppressed, "DNS proxy saturated; dropping UDP query");
+            }
             continue;
         };
         let query = buf[..n].to_vec();
@@ -193,15 +206,13 @@ async fn udp_loop(sock: Arc<UdpSocket>, inner: Arc<Inner>, limit: Arc<Semaphore>
     }
 }
 
-async fn tcp_loop(listener: TcpListener, inner: Arc<Inner>) {
+async fn tcp_loop(listener: TcpListener, inner: Arc<Inner>, budget: Arc<Semaphore>) {
+    let mut acceptor = Acceptor::new(ListenerName::DnsTcp);
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "tcp accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let (stream, peer) = acceptor.accept(&listener).await;
+        let Ok(permit) = budget.clone().try_acquire_owned() else {
+            acceptor.refuse(stream, peer, "connection_limit");
+            continue;
         };
         let inner = inner.clone();
         tokio::spawn(
@@ -209,6 +220,7 @@ async fn tcp_loop(listener: TcpListener, inner: Arc<Inner>) {
                 if let Err(e) = tcp_conn(stream, &inner).await {
                     debug!(error = %e, "dns tcp connection");
                 }
+                drop(permit);
             }
             .instrument(tracing::debug_span!("dns_tcp_conn", %peer)),
         );
@@ -240,7 +252,9 @@ async fn tcp_conn(mut stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
         let mut out = Vec::with_capacity(resp.len() + 2);
         out.extend_from_slice(&(resp.len() as u16).to_be_bytes());
         out.extend_from_slice(&resp);
-        stream.write_all(&out).await?;
+        tokio::time::timeout(inner.tcp_idle_timeout, stream.write_all(&out))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "answer not read"))??;
     }
 }
 

@@ -63,6 +63,30 @@ impl HboneError {
             _ => HboneError::H2(e),
         }
     }
+    /// The peer closed or reset (EOF, RST, broken pipe, a reset stream, a
+    /// GOAWAY without error): a normal end of a connection or stream, to be
+    /// logged as such rather than as a failure.
+    pub fn is_peer_gone(&self) -> bool {
+        fn io_gone(e: &std::io::Error) -> bool {
+            use std::io::ErrorKind::*;
+            matches!(
+                e.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+            )
+        }
+        match self {
+            HboneError::StreamReset(r) => matches!(*r, h2::Reason::CANCEL | h2::Reason::NO_ERROR),
+            HboneError::StreamClosed => true,
+            HboneError::Tls(_, e) | HboneError::Socket(e) => io_gone(e),
+            HboneError::H2(e) => {
+                e.get_io().is_some_and(io_gone)
+                    || (e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR))
+                    || (e.is_reset() && e.reason() == Some(h2::Reason::CANCEL))
+            }
+            _ => false,
+        }
+    }
+
     /// The HTTP status a refused tunnel carried.
     pub fn status(&self) -> Option<http::StatusCode> {
         match self {

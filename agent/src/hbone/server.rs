@@ -18,13 +18,15 @@ use h2::{Reason, RecvStream};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::headers::parse_forwarded;
 use super::relay::{relay, BoxFuture, H2Stream, RelayIo, RelayStats};
 use super::{HboneError, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
 use crate::identity::{peer_identity, SpiffeId};
+use crate::sockets::{Acceptor, ListenerName, PerSourceLimit};
+use crate::telemetry::LogLimit;
 
 #[derive(Clone, Debug)]
 pub struct ServerSettings {
@@ -32,7 +34,13 @@ pub struct ServerSettings {
     pub connection_window: u32,
     pub max_frame_size: u32,
     pub max_concurrent_streams: u32,
+    /// Deadline for the TLS and HTTP/2 handshakes together (slowloris).
     pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once; a connection beyond is closed at
+    /// accept (the client retries).
+    pub max_handshakes: usize,
+    /// Open connections per source address; beyond, closed at accept.
+    pub max_connections_per_source: usize,
     /// A stream the client resets within this long of opening it is a
     /// premature reset (Envoy: `premature_reset_min_stream_lifetime_seconds`).
     pub premature_reset_lifetime: Duration,
@@ -50,6 +58,11 @@ impl Default for ServerSettings {
             max_frame_size: MAX_FRAME_SIZE,
             max_concurrent_streams: 200,
             handshake_timeout: Duration::from_secs(10),
+            // One source holds at most a quarter of the handshake places, so
+            // a single slow-handshake flooder cannot starve other clients;
+            // 1024 connections is far more than a node agent's pool opens.
+            max_handshakes: 4096,
+            max_connections_per_source: 1024,
             premature_reset_lifetime: Duration::from_secs(1),
             premature_reset_streams: 500,
         }
@@ -108,49 +121,88 @@ pub trait ConnectHandler: Send + Sync + 'static {
 pub struct HboneServer {
     tls: tokio_rustls::TlsAcceptor,
     settings: ServerSettings,
+    handshakes: Arc<Semaphore>,
+    per_source: Arc<PerSourceLimit>,
 }
+
+/// Connection-level errors of an unauthenticated port are the attacker's to
+/// make: one line a second, with the count of those not written.
+static CONNECTION_ERROR_LOG: LogLimit = LogLimit::new(Duration::from_secs(1));
 
 impl HboneServer {
     /// `tls` is typically `IdentityManager::server_config(&waypoint_id)`.
     pub fn new(tls: Arc<ServerConfig>, settings: ServerSettings) -> Self {
         HboneServer {
             tls: tokio_rustls::TlsAcceptor::from(tls),
+            handshakes: Arc::new(Semaphore::new(settings.max_handshakes.max(1))),
+            per_source: PerSourceLimit::new(settings.max_connections_per_source),
             settings,
         }
     }
 
-    /// Accepts connections until the listener fails.
+    /// Accepts connections until the task is dropped. Accept errors (out of
+    /// fds...) are waited out, never returned; connections beyond the
+    /// per-source or handshake budget are closed at once.
     pub async fn serve<H: ConnectHandler>(
         self: Arc<Self>,
         listener: TcpListener,
         handler: Arc<H>,
     ) -> Result<(), HboneError> {
+        let mut acceptor = Acceptor::new(ListenerName::Hbone);
         loop {
-            let (tcp, peer) = listener.accept().await.map_err(HboneError::Socket)?;
+            let (tcp, peer) = acceptor.accept(&listener).await;
+            let Some(slot) = self.per_source.try_admit(peer.ip()) else {
+                acceptor.refuse(tcp, peer, "per_source_limit");
+                continue;
+            };
+            let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
+                acceptor.refuse(tcp, peer, "handshake_limit");
+                continue;
+            };
             let this = self.clone();
             let handler = handler.clone();
             let span = tracing::info_span!("hbone_inbound", peer = %peer);
             tokio::spawn(
                 async move {
-                    if let Err(e) = this.serve_connection(tcp, peer, handler).await {
-                        tracing::info!(error = %e, "HBONE connection ended with error");
+                    if let Err(e) = this.serve_admitted(tcp, peer, handler, permit).await {
+                        log_connection_end(&e);
                     }
+                    drop(slot);
                 }
                 .instrument(span),
             );
         }
     }
 
-    /// Serves one accepted TCP connection.
+    /// Serves one accepted TCP connection (waits for a handshake place).
     pub async fn serve_connection<H: ConnectHandler>(
         &self,
         tcp: TcpStream,
         peer: SocketAddr,
         handler: Arc<H>,
     ) -> Result<(), HboneError> {
+        let permit = self
+            .handshakes
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the handshake semaphore is never closed");
+        self.serve_admitted(tcp, peer, handler, permit).await
+    }
+
+    /// Serves a connection holding a handshake place, released once the
+    /// TLS and HTTP/2 handshakes are done.
+    async fn serve_admitted<H: ConnectHandler>(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        handler: Arc<H>,
+        handshake: OwnedSemaphorePermit,
+    ) -> Result<(), HboneError> {
         let _ = tcp.set_nodelay(true);
         let local = tcp.local_addr().map_err(HboneError::Socket)?;
-        let tls = tokio::time::timeout(self.settings.handshake_timeout, self.tls.accept(tcp))
+        let deadline = tokio::time::Instant::now() + self.settings.handshake_timeout;
+        let tls = tokio::time::timeout_at(deadline, self.tls.accept(tcp))
             .await
             .map_err(|_| HboneError::Timeout(format!("TLS handshake from {peer}")))?
             .map_err(|e| HboneError::Tls(peer, e))?;
@@ -161,7 +213,7 @@ impl HboneServer {
         let identity = peer_identity(session.peer_certificates())?;
         tracing::debug!(identity = %identity, "HBONE connection accepted");
         let s = &self.settings;
-        let mut conn = h2::server::Builder::new()
+        let h2 = h2::server::Builder::new()
             .initial_window_size(s.stream_window)
             .initial_connection_window_size(s.connection_window)
             .max_frame_size(s.max_frame_size)
@@ -169,9 +221,12 @@ impl HboneServer {
             // stream (400 KiB by default); a full stream window keeps the pipe full.
             .max_send_buffer_size(s.stream_window as usize)
             .max_concurrent_streams(s.max_concurrent_streams)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(tls);
+        let mut conn = tokio::time::timeout_at(deadline, h2)
             .await
+            .map_err(|_| HboneError::Timeout(format!("HTTP/2 preface from {peer}")))?
             .map_err(HboneError::H2)?;
+        drop(handshake);
         let resets = Arc::new(ResetCount::new(s));
         let mut calm_down = false;
         loop {
@@ -199,6 +254,19 @@ impl HboneServer {
             );
         }
         Ok(())
+    }
+}
+
+/// How a connection ended, at a limited rate: a peer that just went away
+/// (EOF, reset, broken pipe, GOAWAY) is `debug`; handshake failures and
+/// timeouts are `info` (a client's problem, not the waypoint's).
+fn log_connection_end(e: &HboneError) {
+    if e.is_peer_gone() {
+        tracing::debug!(error = %e, "HBONE connection closed by the peer");
+        return;
+    }
+    if let Some(suppressed) = CONNECTION_ERROR_LOG.allow() {
+        tracing::info!(error = %e, suppressed, "HBONE connection ended with error");
     }
 }
 

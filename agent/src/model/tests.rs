@@ -413,7 +413,7 @@ fn a_pod_label_overrides_its_namespace_and_every_listed_cgroup_is_enrolled() {
     );
     use std::os::unix::fs::MetadataExt;
     let ino = |n: &str| std::fs::metadata(root.path().join(n)).unwrap().ino();
-    let mut want = vec![ino("p/c1"), ino("p/c2")];
+    let mut want = [ino("p/c1"), ino("p/c2")];
     want.sort();
     let enrolled: Vec<_> = m
         .enrolled()

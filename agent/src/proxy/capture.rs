@@ -39,6 +39,7 @@ use crate::{
         KernelError, KernelPaths, PinnedMaps,
     },
     prereq::{self, PrereqError},
+    sockets::{Acceptor, ListenerName},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -191,12 +192,10 @@ impl CaptureServer {
         let Some([mut term, mut int, mut usr2]) = self.signals.take() else {
             unreachable!("set by start, taken only here");
         };
+        let mut acceptor = Acceptor::new(ListenerName::Capture);
         let handed_over = loop {
             tokio::select! {
-                r = self.listener.accept() => match r {
-                    Ok((stream, _)) => self.dispatch(stream, &handler),
-                    Err(e) => warn!(error = %e, "accept failed"),
-                },
+                (stream, _) = acceptor.accept(&self.listener) => self.dispatch(stream, &handler),
                 _ = term.recv() => break false,
                 _ = int.recv() => break false,
                 _ = usr2.recv() => break true,
@@ -236,12 +235,11 @@ impl CaptureServer {
     /// completed against this listener before the switch still land here.
     async fn drain_accept_queue(&self, handler: &Arc<dyn Handler>) {
         const QUIET: Duration = Duration::from_millis(500);
-        loop {
-            match tokio::time::timeout(QUIET, self.listener.accept()).await {
-                Ok(Ok((stream, _))) => self.dispatch(stream, handler),
-                Ok(Err(e)) => warn!(error = %e, "accept failed while draining"),
-                Err(_) => return,
-            }
+        let mut acceptor = Acceptor::new(ListenerName::Capture);
+        while let Ok((stream, _)) =
+            tokio::time::timeout(QUIET, acceptor.accept(&self.listener)).await
+        {
+            self.dispatch(stream, handler);
         }
     }
 

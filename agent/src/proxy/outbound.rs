@@ -130,7 +130,11 @@ async fn carry(
                     log.bytes_recv = stats.bytes_received;
                     rec.sent(stats.bytes_sent);
                     rec.received(stats.bytes_received);
-                    log.error = stats.error.map(|e| e.to_string());
+                    // The pod or the upstream closing or resetting is a normal end (info).
+                    log.error = stats
+                        .error
+                        .filter(|e| !e.is_peer_gone())
+                        .map(|e| e.to_string());
                     rec.close(log.error.is_some(), None);
                 }
                 Err(e) => {

@@ -5,7 +5,7 @@
 //! the returned [`ConnectionRecorder`] holds the counters themselves, so
 //! counting bytes on the data path is one atomic add, never a map lookup.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -146,6 +146,34 @@ impl EncodeLabelSet for ShadowLabels {
         ]
         .encode(encoder)
     }
+}
+
+/// Labels of the listener counters: which server, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+/// `shunt_accept_errors_total`. Process-wide (like the listeners' accept
+/// loops, which hold no registry) and registered by every [`Metrics`].
+static ACCEPT_ERRORS: LazyLock<Family<ListenerLabels, Counter>> = LazyLock::new(Family::default);
+/// `shunt_refused_connections_total`: connections closed at accept because
+/// a budget (per source, handshakes, DNS TCP connections) was spent.
+static REFUSED: LazyLock<Family<ListenerLabels, Counter>> = LazyLock::new(Family::default);
+
+/// Counts one failed `accept` on `listener` (`reason`: `emfile`, ...).
+pub fn count_accept_error(listener: &'static str, reason: &'static str) {
+    ACCEPT_ERRORS
+        .get_or_create(&ListenerLabels { listener, reason })
+        .inc();
+}
+
+/// Counts one connection closed at accept because a budget was spent.
+pub fn count_refused_connection(listener: &'static str, reason: &'static str) {
+    REFUSED
+        .get_or_create(&ListenerLabels { listener, reason })
+        .inc();
 }
 
 /// Counters of the DNS proxy. Cloning shares the counters.
@@ -371,6 +399,16 @@ impl Metrics {
             "shunt_authz_shadow_decisions",
             "Decisions of dry-run (istio.io/dry-run) AuthorizationPolicies, never enforced",
             shadow.clone(),
+        );
+        registry.register(
+            "shunt_accept_errors",
+            "Failed accepts per listener and errno (the server keeps serving)",
+            ACCEPT_ERRORS.clone(),
+        );
+        registry.register(
+            "shunt_refused_connections",
+            "Connections closed at accept because a listener budget was spent",
+            REFUSED.clone(),
         );
         MetricsBuilder {
             registry,

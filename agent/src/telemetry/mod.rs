@@ -4,13 +4,15 @@
 mod access_log;
 mod envoy_log;
 mod metrics;
+mod ratelimit;
 
 pub use access_log::{AccessLogger, ConnectionLog, Direction, EgressLog, LogFormat};
 pub use envoy_log::RequestLog;
 pub use metrics::{
-    ConnectionLabels, ConnectionRecorder, DnsMetrics, Metrics, MetricsBuilder, Reporter,
-    RequestLabels, ShadowLabels,
+    count_accept_error, count_refused_connection, ConnectionLabels, ConnectionRecorder, DnsMetrics,
+    Metrics, MetricsBuilder, Reporter, RequestLabels, ShadowLabels,
 };
+pub use ratelimit::LogLimit;
 
 use std::time::SystemTime;
 

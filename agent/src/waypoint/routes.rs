@@ -109,7 +109,7 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
         .collect();
     let policies = PolicySet::build(
         &metas,
-        &BuildOptions::for_config(&cfg, Some(inp.gateway.clone())),
+        &BuildOptions::for_config(cfg, Some(inp.gateway.clone())),
     )
     .map_err(WaypointError::Policy)?;
     // Workload warnings concern the agent, not the waypoint.
