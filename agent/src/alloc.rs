@@ -16,10 +16,16 @@
 //!   has an address keeps it across restarts and edits. If two hosts claim the
 //!   same address in the persisted state (hand edits, a prefix change), the
 //!   host of the older entry keeps it and the other is given a new one.
+//! - A host that disappears keeps its addresses *reserved* for a grace period
+//!   ([`DEFAULT_GRACE`], `--vip-grace`), well above the DNS TTL: an empty or
+//!   truncated file for a moment must not change a VIP that clients cache. A
+//!   host that returns within the grace gets its addresses back; no other
+//!   host is given a reserved address. The release time is persisted, so a
+//!   restart keeps the reservation.
 //! - New addresses come from a cursor that starts at prefix+1 and only moves
-//!   forward, wrapping at the end of the prefix. Addresses of deleted hosts are
-//!   released at once but not handed out again until the cursor wraps, so a
-//!   client that still caches a deleted host's VIP does not reach a different
+//!   forward, wrapping at the end of the prefix. Addresses whose grace ended
+//!   are free but not handed out again until the cursor wraps, so a client
+//!   that still caches a deleted host's VIP does not reach a different
 //!   service in the meantime.
 //! - A full prefix leaves the host without an address of that family and is
 //!   reported as a warning (not a config error).
@@ -31,6 +37,7 @@ use std::fmt;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
@@ -40,6 +47,10 @@ use crate::config::{Config, ObjectKey, ServiceEntry};
 /// File name of the persisted state in the state directory.
 pub const STATE_FILE: &str = "vips.json";
 const STATE_VERSION: u32 = 1;
+
+/// How long a removed host's addresses stay reserved for its return (well
+/// above the DNS TTL of 30 s that clients cache answers for).
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AllocError {
@@ -159,6 +170,9 @@ pub struct Allocation {
     /// Stable ids of every WorkloadEntry; never 0.
     pub workload_ids: HashMap<ObjectKey, u32>,
     pub warnings: Vec<AllocWarning>,
+    /// Hosts that disappeared, with their addresses and release time (unix
+    /// seconds): held for their return until the grace ends.
+    reserved: HashMap<String, (HostAlloc, u64)>,
     prefixes: Option<Prefixes>,
     next_v4: Option<Ipv4Addr>,
     next_v6: Option<Ipv6Addr>,
@@ -188,6 +202,15 @@ impl Allocation {
 
     pub fn workload_id(&self, k: &ObjectKey) -> Option<u32> {
         self.workload_ids.get(k).copied()
+    }
+
+    /// How many hosts the full prefix of `family` ("IPv4", "IPv6") left
+    /// without an address of it.
+    pub fn hosts_without_address(&self, family: &str) -> usize {
+        self.warnings
+            .iter()
+            .filter(|w| matches!(w, AllocWarning::Exhausted { family: f, .. } if f == family))
+            .count()
     }
 
     pub fn warnings_for<'a>(&'a self, k: &'a ObjectKey) -> impl Iterator<Item = &'a AllocWarning> {
@@ -225,6 +248,10 @@ struct HostRecord {
     v4: Option<Ipv4Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     v6: Option<Ipv6Addr>,
+    /// Unix seconds when the host disappeared: its addresses are reserved,
+    /// not live. Absent in files of older agents (every host live).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    released: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -296,21 +323,23 @@ pub fn load(state_dir: &Path) -> Result<Allocation, AllocError> {
         namespace: ns,
         name,
     };
+    let mut hosts = HashMap::with_capacity(st.hosts.len());
+    let mut reserved = HashMap::new();
+    for h in st.hosts {
+        let a = HostAlloc {
+            owner: key(h.namespace, h.name),
+            v4: h.v4,
+            v6: h.v6,
+        };
+        if let Some(t) = h.released {
+            reserved.insert(h.host, (a, t));
+        } else {
+            hosts.insert(h.host, a);
+        }
+    }
     Ok(Allocation {
-        hosts: st
-            .hosts
-            .into_iter()
-            .map(|h| {
-                (
-                    h.host,
-                    HostAlloc {
-                        owner: key(h.namespace, h.name),
-                        v4: h.v4,
-                        v6: h.v6,
-                    },
-                )
-            })
-            .collect(),
+        hosts,
+        reserved,
         service_ids: st
             .services
             .into_iter()
@@ -331,16 +360,19 @@ pub fn load(state_dir: &Path) -> Result<Allocation, AllocError> {
 }
 
 fn to_state(a: &Allocation, prefixes: Prefixes) -> State {
+    let record = |h: &String, x: &HostAlloc, released| HostRecord {
+        host: h.clone(),
+        namespace: x.owner.namespace.clone(),
+        name: x.owner.name.clone(),
+        v4: x.v4,
+        v6: x.v6,
+        released,
+    };
     let mut hosts: Vec<HostRecord> = a
         .hosts
         .iter()
-        .map(|(h, x)| HostRecord {
-            host: h.clone(),
-            namespace: x.owner.namespace.clone(),
-            name: x.owner.name.clone(),
-            v4: x.v4,
-            v6: x.v6,
-        })
+        .map(|(h, x)| record(h, x, None))
+        .chain(a.reserved.iter().map(|(h, (x, t))| record(h, x, Some(*t))))
         .collect();
     hosts.sort_by(|a, b| a.host.cmp(&b.host));
     let ids = |m: &HashMap<ObjectKey, u32>| {
@@ -456,6 +488,7 @@ pub struct Allocator {
     dir: PathBuf,
     prefixes: Prefixes,
     current: Allocation,
+    grace: Duration,
     /// Hash of the last state written, to skip identical writes.
     written: Option<u64>,
 }
@@ -477,8 +510,15 @@ impl Allocator {
             dir: state_dir.to_path_buf(),
             prefixes,
             current,
+            grace: DEFAULT_GRACE,
             written: None,
         })
+    }
+
+    /// How long a removed host's addresses stay reserved for its return.
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
     }
 
     pub fn current(&self) -> &Allocation {
@@ -488,7 +528,20 @@ impl Allocator {
     /// Allocates for `cfg`, persists the result when it changed, and returns
     /// it. Logs each warning that is new since the previous call.
     pub fn allocate(&mut self, cfg: &Config) -> Result<&Allocation, AllocError> {
-        let next = compute(&self.current, cfg, self.prefixes);
+        self.allocate_at(cfg, SystemTime::now())
+    }
+
+    /// [`Allocator::allocate`] at the time `now` (the clock tests move).
+    pub fn allocate_at(
+        &mut self,
+        cfg: &Config,
+        now: SystemTime,
+    ) -> Result<&Allocation, AllocError> {
+        let now = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let next = compute(&self.current, cfg, self.prefixes, now, self.grace);
         // Only new warnings are logged (a set: 100k entries can mean 30k
         // exhaustion warnings).
         let old: HashSet<&AllocWarning> = self.current.warnings.iter().collect();
@@ -513,7 +566,13 @@ impl Allocator {
 }
 
 /// Pure allocation step: previous allocation + config -> next allocation.
-fn compute(prev: &Allocation, cfg: &Config, prefixes: Prefixes) -> Allocation {
+fn compute(
+    prev: &Allocation,
+    cfg: &Config,
+    prefixes: Prefixes,
+    now: u64,
+    grace: Duration,
+) -> Allocation {
     let mut warnings = Vec::new();
 
     // Eligible entries, oldest first: the order that decides collisions.
@@ -568,7 +627,11 @@ fn compute(prev: &Allocation, cfg: &Config, prefixes: Prefixes) -> Allocation {
     let mut hosts: HashMap<String, HostAlloc> = HashMap::with_capacity(owned.len());
     let mut need: Vec<(&str, ObjectKey, bool, bool)> = Vec::new();
     for (h, _se, key) in &owned {
-        let old = prev.hosts.get(*h);
+        // A host back within its grace gets its reserved addresses again.
+        let old = prev
+            .hosts
+            .get(*h)
+            .or_else(|| prev.reserved.get(*h).map(|(a, _)| a));
         let mut v4 = None;
         let mut v6 = None;
         if let Some(a) = old.and_then(|o| o.v4) {
@@ -618,7 +681,30 @@ fn compute(prev: &Allocation, cfg: &Config, prefixes: Prefixes) -> Allocation {
         );
     }
 
-    // 3. New addresses, oldest entry first.
+    // 3. Reservations: hosts gone now (released now) or still within their
+    //    grace keep their addresses out of the pool. An address a live host
+    //    holds (hand edits) or outside the prefix is dropped.
+    let gone = prev
+        .hosts
+        .iter()
+        .map(|(h, a)| (h, a, now))
+        .chain(prev.reserved.iter().map(|(h, (a, t))| (h, a, *t)))
+        .filter(|(h, _, t)| !hosts.contains_key(*h) && now.saturating_sub(*t) < grace.as_secs());
+    let mut gone: Vec<_> = gone.collect();
+    gone.sort_by(|a, b| a.0.cmp(b.0)); // deterministic claims
+    let mut reserved = HashMap::new();
+    for (h, a, t) in gone {
+        let v4 =
+            a.v4.filter(|a| off_v4(prefixes.v4, *a).is_some_and(|o| pool4.claim(o)));
+        let v6 =
+            a.v6.filter(|a| off_v6(prefixes.v6, *a).is_some_and(|o| pool6.claim(o)));
+        if v4.is_some() || v6.is_some() {
+            let owner = a.owner.clone();
+            reserved.insert(h.clone(), (HostAlloc { owner, v4, v6 }, t));
+        }
+    }
+
+    // 4. New addresses, oldest entry first.
     for (h, key, want4, want6) in need {
         let slot = hosts.get_mut(h).expect("inserted above");
         if want4 {
@@ -643,7 +729,7 @@ fn compute(prev: &Allocation, cfg: &Config, prefixes: Prefixes) -> Allocation {
         }
     }
 
-    // 4. Stable ids: kept for known objects, new ones from a counter.
+    // 5. Stable ids: kept for known objects, new ones from a counter.
     let mut next_service_id = prev.next_service_id.max(1);
     let service_ids = assign_ids(
         cfg.service_entries.iter().map(|s| s.key()),
@@ -662,6 +748,7 @@ fn compute(prev: &Allocation, cfg: &Config, prefixes: Prefixes) -> Allocation {
         service_ids,
         workload_ids,
         warnings,
+        reserved,
         prefixes: Some(prefixes),
         next_v4: Some(nth_v4(prefixes.v4, pool4.cursor)),
         next_v6: Some(nth_v6(prefixes.v6, pool6.cursor)),
@@ -890,7 +977,10 @@ mod tests {
             .map(|i| se(&format!("s{i}"), &[&format!("h{i}.example")], ""))
             .collect();
         let c = cfg(&[("a.yaml", &yaml)]);
-        let mut al = Allocator::open_with(dir.path(), pf).unwrap();
+        // No grace: a deleted host's address is free at once.
+        let mut al = Allocator::open_with(dir.path(), pf)
+            .unwrap()
+            .with_grace(Duration::ZERO);
         let a = al.allocate(&c).unwrap().clone();
         assert_eq!(v4(&a, "h0.example"), Some("10.9.0.1".parse().unwrap()));
         assert_eq!(v4(&a, "h1.example"), Some("10.9.0.2".parse().unwrap()));
@@ -909,6 +999,8 @@ mod tests {
             ex,
             ["h2.example IPv4", "h3.example IPv4", "h3.example IPv6"]
         );
+        assert_eq!(a.hosts_without_address("IPv4"), 2);
+        assert_eq!(a.hosts_without_address("IPv6"), 1);
         // Deleting an entry frees its address for the next one (after wrap).
         let yaml: String = [1, 2, 3]
             .iter()
@@ -950,6 +1042,119 @@ mod tests {
         ids.dedup();
         assert_eq!(ids.len(), 5);
         assert!(!ids.contains(&0));
+    }
+
+    /// A fixed start for the tests' clock.
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    /// `n` entries `s{i}` with host `h{i}.example`, for each `i` in `which`.
+    fn hosts_cfg(which: &[usize]) -> Config {
+        let yaml: String = which
+            .iter()
+            .map(|i| se(&format!("s{i}"), &[&format!("h{i}.example")], ""))
+            .collect();
+        cfg(&[("a.yaml", &yaml)])
+    }
+
+    /// Two usable IPv4 and three IPv6 addresses: every free one is reached.
+    fn tiny() -> Prefixes {
+        Prefixes {
+            v4: "10.9.0.0/30".parse().unwrap(),
+            v6: "fd00::/126".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_host_removed_and_restored_within_the_grace_gets_the_same_vips() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut al = Allocator::open(dir.path()).unwrap();
+        let before = al.allocate_at(&hosts_cfg(&[0, 1]), t(0)).unwrap().hosts["h0.example"].clone();
+        // An empty or truncated file for a moment: h0 disappears.
+        let gone = al.allocate_at(&hosts_cfg(&[1]), t(1)).unwrap();
+        assert!(
+            !gone.hosts.contains_key("h0.example"),
+            "not served while gone"
+        );
+        assert!(!load(dir.path()).unwrap().hosts.contains_key("h0.example"));
+        // A new host meanwhile gets neither of h0's addresses.
+        let other = al.allocate_at(&hosts_cfg(&[1, 2]), t(2)).unwrap().hosts["h2.example"].clone();
+        assert_ne!(other.v4, before.v4);
+        assert_ne!(other.v6, before.v6);
+        let back = al.allocate_at(&hosts_cfg(&[0, 1, 2]), t(3)).unwrap();
+        assert_eq!(back.hosts["h0.example"], before);
+        assert_eq!(v4(back, "h0.example"), Some("240.240.0.1".parse().unwrap()));
+        assert_eq!(v6(back, "h0.example"), Some("2001:2::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_reserved_address_is_not_given_to_another_host_and_is_free_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let grace = Duration::from_secs(600);
+        let mut al = Allocator::open_with(dir.path(), tiny())
+            .unwrap()
+            .with_grace(grace);
+        let a = al.allocate_at(&hosts_cfg(&[0, 1]), t(0)).unwrap();
+        assert_eq!(v4(a, "h0.example"), Some("10.9.0.1".parse().unwrap()));
+        al.allocate_at(&hosts_cfg(&[1]), t(10)).unwrap();
+        // Within the grace, h2 finds the IPv4 range full (h0's .1 is held).
+        let a = al.allocate_at(&hosts_cfg(&[1, 2]), t(10 + 599)).unwrap();
+        assert_eq!(v4(a, "h2.example"), None);
+        assert_eq!(v6(a, "h2.example"), Some("fd00::3".parse().unwrap()));
+        assert!(a
+            .warnings
+            .iter()
+            .any(|w| matches!(w, AllocWarning::Exhausted { host, .. } if host == "h2.example")));
+        // The grace counts from the removal; then .1 is free again.
+        let a = al.allocate_at(&hosts_cfg(&[1, 2]), t(10 + 600)).unwrap();
+        assert_eq!(v4(a, "h2.example"), Some("10.9.0.1".parse().unwrap()));
+        // h0 returns too late: its old address now belongs to h2.
+        let a = al.allocate_at(&hosts_cfg(&[1, 2, 0]), t(10 + 601)).unwrap();
+        assert_eq!(v4(a, "h0.example"), None);
+    }
+
+    #[test]
+    fn a_restart_keeps_the_reservation() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = {
+            let mut al = Allocator::open_with(dir.path(), tiny()).unwrap();
+            al.allocate_at(&hosts_cfg(&[0, 1]), t(0)).unwrap();
+            al.allocate_at(&hosts_cfg(&[1]), t(1)).unwrap();
+            load(dir.path()).unwrap()
+        };
+        assert!(
+            !before.hosts.contains_key("h0.example"),
+            "readers see live hosts only"
+        );
+        let mut al = Allocator::open_with(dir.path(), tiny()).unwrap();
+        let a = al.allocate_at(&hosts_cfg(&[1, 2]), t(2)).unwrap();
+        assert_eq!(
+            v4(a, "h2.example"),
+            None,
+            "h0's reserved .1 survived the restart"
+        );
+        let a = al.allocate_at(&hosts_cfg(&[0, 1, 2]), t(3)).unwrap();
+        assert_eq!(v4(a, "h0.example"), Some("10.9.0.1".parse().unwrap()));
+        assert_eq!(v6(a, "h0.example"), Some("fd00::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_state_file_of_an_older_agent_loads_with_every_host_live() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            r#"{"version":1,"prefixes":{"v4":"240.240.0.0/16","v6":"2001:2::/48"},"nextV4":"240.240.0.3","nextV6":"2001:2::3","hosts":[{"host":"h0.example","namespace":"ns","name":"s0","v4":"240.240.0.2","v6":"2001:2::2"}],"nextServiceId":2,"services":[{"namespace":"ns","name":"s0","id":1}],"nextWorkloadId":1,"workloads":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            v4(&load(dir.path()).unwrap(), "h0.example"),
+            Some("240.240.0.2".parse().unwrap())
+        );
+        let mut al = Allocator::open(dir.path()).unwrap();
+        let a = al.allocate_at(&hosts_cfg(&[0]), t(0)).unwrap();
+        assert_eq!(v4(a, "h0.example"), Some("240.240.0.2".parse().unwrap()));
+        assert_eq!(a.service_id(&ObjectKey::new("ns", "s0")), Some(1));
     }
 
     #[test]

@@ -51,7 +51,7 @@ impl Reconciler {
             state_dir: opts.agent.state_dir.clone(),
             cgroup_root: opts.agent.paths.cgroup_root.clone(),
             dns: opts.dns.clone(),
-            alloc: Allocator::open(&opts.agent.state_dir)?,
+            alloc: Allocator::open(&opts.agent.state_dir)?.with_grace(opts.vip_grace),
             sync: MapSync::open(pin_dir)?,
             hosts,
             model,

@@ -86,6 +86,8 @@ pub struct NodeOptions {
     pub cert_lifetime: Duration,
     /// HBONE connections to waypoints: pool, keepalive, connect timeout.
     pub hbone: ClientSettings,
+    /// How long a removed host's VIPs stay reserved for its return.
+    pub vip_grace: Duration,
 }
 
 /// The API source's settings (`shunt agent --source kubernetes`).

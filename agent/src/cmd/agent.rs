@@ -71,6 +71,10 @@ pub struct Args {
     /// How long open connections may finish after a shutdown or handover.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// How long a removed ServiceEntry host keeps its VIPs reserved for its
+    /// return (keep it well above the DNS TTL of 30s).
+    #[arg(long, env = "SHUNT_VIP_GRACE", default_value = "10m", value_parser = parse_duration)]
+    vip_grace: Duration,
     /// IPv4 address of the DNS proxy (link-local, on the agent's dummy
     /// interface, like NodeLocal DNSCache).
     #[arg(long, env = "SHUNT_DNS_ADDR4", default_value = "169.254.20.10")]
@@ -228,6 +232,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
         cert_lifetime: args.cert_lifetime,
         hbone: args.hbone.settings(),
+        vip_grace: args.vip_grace,
     };
     runtime()?.block_on(node::run(opts))?;
     Ok(ExitCode::SUCCESS)

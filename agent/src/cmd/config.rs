@@ -15,7 +15,7 @@ use std::{
 };
 
 use shunt_agent::{
-    alloc::Allocator,
+    alloc::{Allocator, Prefixes},
     config::{render::WAYPOINT_BOUND, Config, ConfigError, Origin, Problem},
     model::Model,
     policy::PolicyError,
@@ -164,6 +164,14 @@ fn check(dir: &Path) -> anyhow::Result<ExitCode> {
         Ok(alloc) => {
             for w in &alloc.warnings {
                 warnings.push(w.to_string());
+            }
+            let left = alloc.hosts_without_address("IPv4");
+            if left > 0 {
+                warnings.push(format!(
+                    "IPv4 VIP range {} exhausted: {} left without an IPv4 address",
+                    Prefixes::default().v4,
+                    plural(left, "host", "hosts")
+                ));
             }
             // Cgroups do not exist here: give each annotation a distinct
             // stand-in id so that only shared cgroups are reported.

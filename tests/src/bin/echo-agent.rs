@@ -86,6 +86,7 @@ fn main() {
         log_format: shunt_agent::telemetry::LogFormat::Text,
         cert_lifetime: Duration::from_secs(3600),
         hbone: Default::default(),
+        vip_grace: shunt_agent::alloc::DEFAULT_GRACE,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
