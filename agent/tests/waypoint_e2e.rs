@@ -218,8 +218,12 @@ fn config_text(
         target_port: down.port(),
     };
     let seed = seed::loopback_service(lo, lo, http.port(), &[down_port]).unwrap();
+    // The clients' WorkloadEntries: a tunnel's `Forwarded: for=` is believed
+    // only for an address of the certificate's workload.
+    let workloads = seed::file(seed::WORKLOADS).unwrap();
     format!(
-        r#"{seed}---
+        r#"{workloads}---
+{seed}---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata:
@@ -481,7 +485,14 @@ impl Env {
     fn request(&self, src: &str, authority: SocketAddr) -> ConnectRequest {
         ConnectRequest {
             source_identity: src.parse().unwrap(),
-            source_addr: "10.244.1.19:45678".parse().unwrap(),
+            // Each client's own WorkloadEntry address (00-curl.yaml).
+            source_addr: if src == ADMIN {
+                "10.244.1.20:45678"
+            } else {
+                "10.244.1.19:45678"
+            }
+            .parse()
+            .unwrap(),
             waypoint_addr: self.wp.hbone_addr(),
             waypoint_identity: WAYPOINT_ID.parse().unwrap(),
             authority,
@@ -1443,4 +1454,130 @@ spec:
         left < 10,
         "{left} upstream connects outlive their reset tunnels"
     );
+}
+
+/// ipBlocks that tell the claimed source from the TCP peer (127.0.0.1):
+/// admin-only also ALLOWs curl's and admin's pod addresses; echo DENYs
+/// loopback.
+const IP_BLOCKS: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: admin-only-pods
+  namespace: common-infrastructure
+spec:
+  targetRefs:
+  - kind: ServiceEntry
+    group: networking.istio.io
+    name: admin-only
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        ipBlocks: ["10.244.1.19/32", "10.244.1.20/32"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: echo-no-loopback
+  namespace: common-infrastructure
+spec:
+  targetRefs:
+  - kind: ServiceEntry
+    group: networking.istio.io
+    name: echo
+  action: DENY
+  rules:
+  - from:
+    - source:
+        ipBlocks: ["127.0.0.0/8"]
+"#;
+
+/// A tunnel from `src`'s certificate claiming `claimed`: the HTTP status
+/// of the CONNECT (200 when it relays a byte).
+async fn claim(env: &Env, src: &str, claimed: &str, authority: SocketAddr) -> u16 {
+    let mut req = env.request(src, authority);
+    req.source_addr = claimed.parse().unwrap();
+    match tokio::time::timeout(T, env.client.connect(&req))
+        .await
+        .unwrap()
+    {
+        Ok(t) => {
+            let mut io = t.into_stream();
+            io.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            io.read_exact(&mut b).await.unwrap();
+            200
+        }
+        Err(e) => e.status().map(|s| s.as_u16()).unwrap_or(0),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_of_the_certificates_own_workload_is_believed() {
+    let env = Env::with_files(&[("30-ipblocks.yaml", IP_BLOCKS)]).await;
+    let admin_only = env.vip("admin-only.example", 9000);
+    let echo = env.vip("echo.example", 9000);
+    // curl's certificate naming curl's pod: its ipBlocks ALLOW admits it,
+    // the DENY on loopback (the TCP peer) does not apply.
+    assert_eq!(
+        claim(&env, CURL, "10.244.1.19:40001", admin_only).await,
+        200
+    );
+    assert_eq!(claim(&env, CURL, "10.244.1.19:40002", echo).await, 200);
+    env.lines
+        .wait_for(&[
+            "src.addr=10.244.1.19:40001",
+            "dst.service=\"admin-only.example\"",
+        ])
+        .await;
+    let (_, m) = get_text(env.wp.metrics_addr().unwrap(), "/metrics").await;
+    assert!(m.contains("shunt_forwarded_rejected_total 0"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_of_another_workload_or_none_is_replaced_by_the_peer() {
+    let env = Env::with_files(&[("30-ipblocks.yaml", IP_BLOCKS)]).await;
+    let admin_only = env.vip("admin-only.example", 9000);
+    let echo = env.vip("echo.example", 9000);
+    // curl's certificate naming admin's pod: the ALLOW for admin's address
+    // does not admit it, and the DENY on its real peer applies.
+    assert_eq!(
+        claim(&env, CURL, "10.244.1.20:40003", admin_only).await,
+        401
+    );
+    assert_eq!(claim(&env, CURL, "10.244.1.20:40004", echo).await, 401);
+    // An address of no workload: the same.
+    assert_eq!(claim(&env, CURL, "10.9.9.9:40005", admin_only).await, 401);
+    // The refusal line names the peer, never the claim.
+    let line = env
+        .lines
+        .wait_for(&["dst.service=\"admin-only.example\"", "src.addr=127.0.0.1:"])
+        .await;
+    assert!(line.contains("authorization policy"), "{line}");
+    // HTTP ports too: the Envoy line's downstream address is the peer.
+    let mut req = env.request(CURL, env.vip("httpbin.org", 80));
+    req.source_addr = "10.244.1.20:40007".parse().unwrap();
+    let io = env.client.connect(&req).await.unwrap().into_stream();
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(send(&mut h1, "GET", "/get?l7", "httpbin.org").await.0, 200);
+    let l7 = env.lines.wait_for(&["\"GET /get?l7 HTTP/1.1\" 200"]).await;
+    assert!(l7.contains(" 127.0.0.1:"), "{l7}");
+    assert!(
+        !env.lines.text().contains("10.244.1.20:4000"),
+        "{}",
+        env.lines.text()
+    );
+    assert!(
+        !env.lines.text().contains("10.9.9.9"),
+        "{}",
+        env.lines.text()
+    );
+    let (_, m) = get_text(env.wp.metrics_addr().unwrap(), "/metrics").await;
+    assert!(m.contains("shunt_forwarded_rejected_total 4"), "{m}");
+    // Admin's own certificate naming admin's pod is believed.
+    assert_eq!(claim(&env, ADMIN, "10.244.1.20:40006", echo).await, 200);
 }

@@ -80,7 +80,8 @@ pub struct InboundRequest {
     pub local_addr: SocketAddr,
     /// `:authority` (the original VIP:port).
     pub authority: SocketAddr,
-    /// `Forwarded: for=`, or the TCP peer when absent.
+    /// `Forwarded: for=`, or the TCP peer when absent. A claim only: the
+    /// waypoint replaces it unless it is the certificate's workload.
     pub source_addr: SocketAddr,
     /// `Forwarded: host=` when present.
     pub forwarded_host: Option<String>,

@@ -254,8 +254,9 @@ pub struct RequestContext<'a> {
     /// The peer's verified SPIFFE identity (`spiffe://td/ns/NS/sa/SA`, the
     /// prefix optional). `None` when the peer is not authenticated.
     pub principal: Option<&'a str>,
-    /// `source.ip`/`ipBlocks`: the client address from the HBONE
-    /// `Forwarded: for=` header of the authenticated tunnel.
+    /// `source.ip`/`ipBlocks`: the client address the waypoint believes
+    /// (`Forwarded: for=` when it is a workload of the principal, else the
+    /// TCP peer).
     pub source_ip: Option<IpAddr>,
     /// `remote.ip`/`remoteIpBlocks`; `None` means the same as `source_ip`
     /// (shunt trusts no X-Forwarded-For hops).

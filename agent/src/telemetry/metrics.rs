@@ -244,6 +244,7 @@ pub struct MetricsBuilder {
     requests: RequestFamilies,
     dns: DnsMetrics,
     shadow: Family<ShadowLabels, Counter>,
+    forwarded_rejected: Counter,
 }
 
 impl MetricsBuilder {
@@ -289,6 +290,7 @@ impl MetricsBuilder {
             requests: self.requests,
             dns: self.dns,
             shadow: self.shadow,
+            forwarded_rejected: self.forwarded_rejected,
         })
     }
 }
@@ -315,6 +317,7 @@ pub struct Metrics {
     requests: RequestFamilies,
     dns: DnsMetrics,
     shadow: Family<ShadowLabels, Counter>,
+    forwarded_rejected: Counter,
 }
 
 fn duration_histogram() -> Histogram {
@@ -410,12 +413,19 @@ impl Metrics {
             "Connections closed at accept because a listener budget was spent",
             REFUSED.clone(),
         );
+        let forwarded_rejected = Counter::default();
+        registry.register(
+            "shunt_forwarded_rejected",
+            "HBONE tunnels whose Forwarded for= address is not a workload of the client certificate's identity (the peer address was used)",
+            forwarded_rejected.clone(),
+        );
         MetricsBuilder {
             registry,
             tcp,
             requests,
             dns,
             shadow,
+            forwarded_rejected,
         }
     }
 
@@ -449,6 +459,11 @@ impl Metrics {
     /// Counts one dry-run decision (waypoint, per request or connection).
     pub fn record_shadow(&self, labels: &ShadowLabels) {
         self.shadow.get_or_create(labels).inc();
+    }
+
+    /// Counts one refused `Forwarded: for=` claim (waypoint, per tunnel).
+    pub fn record_forwarded_rejected(&self) {
+        self.forwarded_rejected.inc();
     }
 
     /// Prometheus/OpenMetrics text of every registered metric.

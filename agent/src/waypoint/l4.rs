@@ -19,7 +19,7 @@ use crate::telemetry::{
 };
 use crate::upstream::UpstreamStream;
 
-use super::{l7, routes, tls, Shared};
+use super::{l7, routes, source, tls, Shared};
 
 pub(crate) struct TunnelHandler {
     pub(crate) shared: Arc<Shared>,
@@ -78,9 +78,12 @@ impl TunnelHandler {
 }
 
 impl ConnectHandler for TunnelHandler {
-    async fn handle(&self, req: InboundRequest) -> Decision {
+    async fn handle(&self, mut req: InboundRequest) -> Decision {
         let start = Instant::now();
         let snap = self.shared.routes.load_full();
+        // From here on `source_addr` is the address the waypoint believes:
+        // every decision (l4, tls, l7) and log line below reads it.
+        req.source_addr = source::trusted(&self.shared, &req, &snap.model);
         let authority = routes::canonical(req.authority);
         let Some(target) = snap.targets.get(&authority).cloned() else {
             let (status, why) = if snap.vips.contains(&authority.ip()) {

@@ -24,6 +24,7 @@ mod pool;
 pub(crate) mod reload;
 pub(crate) mod routes;
 mod sni;
+mod source;
 mod tls;
 
 use std::net::SocketAddr;
