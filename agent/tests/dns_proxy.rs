@@ -104,9 +104,20 @@ fn upstream_answer(req: &Message, limit: usize) -> Vec<u8> {
 }
 
 async fn start_upstream() -> Upstream {
-    let udp = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let addr = udp.local_addr().unwrap();
-    let tcp = TcpListener::bind(addr).await.unwrap();
+    // UDP and TCP on one port: the ephemeral UDP port's TCP twin may be
+    // taken by another test's socket, so pick again until both bind.
+    let (udp, tcp, addr) = {
+        let mut tries = 0;
+        loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = udp.local_addr().unwrap();
+            match TcpListener::bind(addr).await {
+                Ok(tcp) => break (Arc::new(udp), tcp, addr),
+                Err(_) if tries < 50 => tries += 1,
+                Err(e) => panic!("no port free for both UDP and TCP: {e}"),
+            }
+        }
+    };
     let seen: Seen = Arc::default();
     let s = seen.clone();
     let udp_task = tokio::spawn(async move {
