@@ -19,6 +19,7 @@ use shunt_agent::{
     config::{render::WAYPOINT_BOUND, Config, ConfigError, Origin, Problem},
     model::Model,
     policy::PolicyError,
+    waypoint::WaypointError,
 };
 
 use super::policy::{build_policies, flatten_errors, waypoints};
@@ -180,8 +181,19 @@ fn check(dir: &Path) -> anyhow::Result<ExitCode> {
                 cg.hash(&mut h);
                 Some(h.finish() | 1)
             };
-            let d = Model::build(Arc::new(cfg.clone()), &alloc, &stand_in);
+            let d = Arc::new(Model::build(Arc::new(cfg.clone()), &alloc, &stand_in));
             warnings.extend(d.warnings().iter().map(|w| w.to_string()));
+            // What each waypoint would refuse, by the waypoint's own code
+            // (policy errors are reported above).
+            for gw in waypoints(&cfg) {
+                match shunt_agent::waypoint::check_routes(d.clone(), &gw) {
+                    Ok(()) | Err(WaypointError::Policy(_)) => {}
+                    Err(e) => errors.push(format!(
+                        "waypoint {}/{} would refuse this config: {e}",
+                        gw.namespace, gw.name
+                    )),
+                }
+            }
             for se in &cfg.service_entries {
                 let key = se.key();
                 if let Some(c) = d
@@ -248,7 +260,7 @@ fn check(dir: &Path) -> anyhow::Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         println!(
-            "{} found ({summary}): the waypoint would reject these policies",
+            "{} found ({summary}): the waypoint would reject this config",
             plural(errors.len(), "error", "errors")
         );
         Ok(ExitCode::FAILURE)

@@ -41,7 +41,7 @@ use crate::telemetry::{AccessLogger, LogFormat, Metrics};
 
 pub use crate::app::waypoint::WaypointServer;
 pub use l7::RBAC_DENIED_BODY;
-pub use routes::{Routes, Target};
+pub use routes::{check as check_routes, Routes, Target};
 
 /// Errors carry their cause in the message (no `source()` chain), so that
 /// `{:#}` at the binary's edge prints each cause once.

@@ -100,6 +100,19 @@ fn origination(
     })
 }
 
+/// Builds, and drops, the routes a waypoint for `gateway` would serve from
+/// `model`: `shunt config check` calls this so that it refuses exactly what
+/// the waypoint refuses (TLS origination it cannot do, endpoints it cannot
+/// resolve), through the same code.
+pub fn check(model: Arc<Model>, gateway: &GatewayRef) -> Result<(), WaypointError> {
+    let inputs = BuildInputs {
+        gateway,
+        connect_timeout: Duration::from_secs(10),
+        previous: None,
+    };
+    build(model, &inputs).map(|_| ())
+}
+
 pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, WaypointError> {
     let cfg = model.config();
     let metas: Vec<_> = cfg
