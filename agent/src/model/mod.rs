@@ -332,15 +332,6 @@ impl Model {
     pub fn hosts(&self) -> impl Iterator<Item = (&String, &HostRecord)> {
         self.hosts.iter()
     }
-    /// Services whose hosts match `name` (exact or wildcard).
-    pub fn services_for_host<'a>(
-        &'a self,
-        name: &'a str,
-    ) -> impl Iterator<Item = &'a Arc<Service>> {
-        self.services
-            .values()
-            .filter(move |s| s.hosts.iter().any(|h| host::matches(h, name)))
-    }
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.workloads.values()
     }
