@@ -23,6 +23,7 @@ use shunt_agent::hbone::{ClientSettings, ConnectRequest, H2Stream, HboneClient};
 use shunt_agent::identity::{Ca, IdentityConfig, IdentityManager, SpiffeId};
 use shunt_agent::telemetry::{AccessLogger, LogFormat};
 use shunt_agent::waypoint::{WaypointOptions, WaypointServer};
+use shunt_testbed::hbone::echo_upstream;
 use shunt_testbed::seed;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -158,25 +159,6 @@ async fn tls_upstream(dir: &Path, host: &str) -> (SocketAddr, Seen, PathBuf) {
         }
     });
     (addr, seen, ca_pem)
-}
-
-/// TCP echo upstream.
-async fn echo_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
 }
 
 /// A port with nothing listening.
