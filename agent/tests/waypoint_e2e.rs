@@ -96,15 +96,15 @@ async fn http_upstream() -> (SocketAddr, Seen) {
     (addr, seen)
 }
 
-/// HTTPS upstream with a certificate for `host` from a test CA; records SNI.
-async fn tls_upstream(dir: &Path, host: &str) -> (SocketAddr, Seen, PathBuf) {
+/// HTTPS upstream with a certificate for `hosts` from a test CA; records SNI.
+async fn tls_upstream(dir: &Path, hosts: &[&str]) -> (SocketAddr, Seen, PathBuf) {
     let ca_key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = p.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(p, ca_key);
     let sk = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec![host.to_string()])
+    let cert = CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
         .unwrap()
         .signed_by(&sk, &issuer)
         .unwrap();
@@ -411,7 +411,8 @@ impl Env {
         let (http, http_seen) = http_upstream().await;
         let echo = echo_upstream().await;
         let down = closed_port().await;
-        let (tls, tls_seen, ca_pem) = tls_upstream(dir.path(), "secure.example").await;
+        let (tls, tls_seen, ca_pem) =
+            tls_upstream(dir.path(), &["secure.example", "tls.example"]).await;
         std::fs::write(
             cfg_dir.join("10-objects.yaml"),
             config_text(http, echo, down, tls, &ca_pem),
@@ -1194,16 +1195,16 @@ async fn tls_origination_to_an_http2_port_negotiates_h2() {
         .await;
     let seen = env.tls_seen.lock().unwrap().clone();
     assert!(
-        seen.iter()
-            .any(|s| s.3.as_deref() == Some("secure.example")),
+        seen.iter().any(|s| s.3.as_deref() == Some("tls.example")),
         "the upstream saw TLS with the configured SNI: {seen:?}"
     );
 }
 
 // ------------------------------------------------------------- TLS ports
 
-/// A TLS passthrough port (protocol TLS) to the TLS upstream, with SNI
-/// policies: ALLOW secure.example and *.evil.example, DENY *.evil.example.
+/// A TLS passthrough port (protocol TLS) to the TLS upstream (three hosts,
+/// one set of endpoints), with SNI policies: ALLOW tls.example and
+/// *.evil.example, DENY *.evil.example.
 const TLS_PORT_CONFIG: &str = r#"apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata:
@@ -1212,6 +1213,8 @@ metadata:
 spec:
   hosts:
   - tls.example
+  - api.evil.example
+  - other.example
   ports:
   - number: 443
     name: tls
@@ -1234,7 +1237,7 @@ spec:
   rules:
   - when:
     - key: connection.sni
-      values: ["secure.example", "*.evil.example"]
+      values: ["tls.example", "*.evil.example"]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -1303,13 +1306,13 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_port_sni_allow_admits_the_named_server_and_logs_its_sni() {
     let env = Env::with_files(&[("40-tls.yaml", TLS_PORT_CONFIG)]).await;
-    assert_eq!(tls_get(&env, "secure.example").await, Ok(200));
+    assert_eq!(tls_get(&env, "tls.example").await, Ok(200));
     let line = env
         .lines
         .wait_for(&[
             "connection complete",
             "dst.service=\"tls.example\"",
-            "sni=\"secure.example\"",
+            "sni=\"tls.example\"",
         ])
         .await;
     // (The client drops its tunnel without a close: the line may say so.)
@@ -1317,8 +1320,7 @@ async fn tls_port_sni_allow_admits_the_named_server_and_logs_its_sni() {
     // The upstream saw the client's own TLS (SNI passed through untouched).
     let seen = env.tls_seen.lock().unwrap().clone();
     assert!(
-        seen.iter()
-            .any(|s| s.3.as_deref() == Some("secure.example")),
+        seen.iter().any(|s| s.3.as_deref() == Some("tls.example")),
         "{seen:?}"
     );
 }
@@ -1343,12 +1345,21 @@ async fn tls_port_sni_deny_fires_and_other_names_are_not_allowed() {
         line.contains("tls-sni-allow") && line.contains("denied"),
         "{line}"
     );
-    // No SNI at all (a client dialing by IP): the ALLOW cannot match.
+    // A name the upstream serves, but not a host of this ServiceEntry:
+    // refused before policy.
+    assert!(tls_get(&env, "secure.example").await.is_err());
+    env.lines
+        .wait_for(&[
+            "sni=\"secure.example\"",
+            "SNI \\\"secure.example\\\" is not a host of ServiceEntry common-infrastructure/tls.example",
+        ])
+        .await;
+    // No SNI at all (a client dialing by IP): refused, whatever the policy.
     assert!(tls_get(&env, "127.0.0.1").await.is_err());
     env.lines
         .wait_for(&[
             "dst.service=\"tls.example\"",
-            "no rule of ALLOW policy common-infrastructure/tls-sni-allow",
+            "ClientHello without server_name (SNI)",
         ])
         .await;
     assert!(

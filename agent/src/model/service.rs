@@ -114,6 +114,14 @@ impl Service {
         self.tls.get(&(host.to_string(), port))
     }
 
+    /// Whether the upstream is found from the host name itself (DNS
+    /// without endpoints), so that a client naming another host of the
+    /// entry would reach another server.
+    pub fn destination_derives_from_host(&self) -> bool {
+        matches!(self.resolution, Resolution::Dns | Resolution::DnsRoundRobin)
+            && self.endpoints.is_empty()
+    }
+
     /// Where connections to `host`:`port` go.
     pub fn destination(&self, host: &str, port: &ServicePort) -> Result<Destination, String> {
         let endpoint_port =

@@ -30,8 +30,22 @@ pub struct Target {
     /// need HTTP fields); otherwise the tunnel is relayed as bytes.
     pub http: bool,
     pub upstream: Arc<Upstream>,
+    /// Host patterns a client may name (SNI, Host) through this VIP: the
+    /// VIP's own host when the destination is derived from it (DNS without
+    /// endpoints, a wildcard resolved per name), else every host of the
+    /// entry (the endpoints are the same whichever host is named).
+    pub names: Vec<String>,
     /// Envoy's cluster name for the access log: `inbound-vip|80|http|host`.
     pub cluster: String,
+}
+
+impl Target {
+    /// Whether a client may name `name` (its SNI or Host) through this
+    /// VIP: a concrete DNS name matched by one of [`Target::names`]. A
+    /// name holding a wildcard is never a destination.
+    pub fn accepts_name(&self, name: &str) -> bool {
+        !name.contains('*') && self.names.iter().any(|p| model::host::matches(p, name))
+    }
 }
 
 /// Everything the waypoint derives from one model.
@@ -190,12 +204,18 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
                         u
                     }
                 };
+                let names = if svc.destination_derives_from_host() {
+                    vec![host.clone()]
+                } else {
+                    svc.hosts.clone()
+                };
                 let t = Arc::new(Target {
                     service: svc.clone(),
                     host: host.clone(),
                     port: port.clone(),
                     http,
                     upstream,
+                    names,
                     cluster: format!(
                         "inbound-vip|{}|{}|{host}",
                         port.number,

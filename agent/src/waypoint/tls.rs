@@ -2,24 +2,36 @@
 //! client's ClientHello (`sni`) so that `connection.sni` is known to the
 //! policy and the access log, as Envoy's tls_inspector gives it to the RBAC
 //! filter. The tunnel is answered 200 at once (the client sends its
-//! ClientHello only then, as through Istio's waypoint), then: no
-//! well-formed ClientHello within the deadline → the tunnel is reset;
-//! denied → reset; allowed → the upstream is connected, the ClientHello
+//! ClientHello only then, as through Istio's waypoint), then the tunnel is
+//! reset, with the reason in the access log, when: no well-formed
+//! ClientHello arrives within the deadline; it names no server (SNI); the
+//! name is not one this VIP stands for ([`Target::accepts_name`]); policy
+//! denies it. Otherwise the upstream is connected, the ClientHello
 //! replayed, and bytes relayed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::AsyncWriteExt;
 
 use crate::hbone::{Decision, H2Stream, InboundRequest};
 use crate::policy::RequestContext;
+use crate::telemetry::LogLimit;
 
 use super::l4::{revoked, Tracked, TunnelHandler as Handler};
 use super::l7;
 use super::routes::Target;
 use super::sni::{read_client_hello, CLIENT_HELLO_TIMEOUT};
+
+/// One waypoint log line per refused TLS connection, at most one a second
+/// (a client can cause one per tunnel); the access log has every one.
+fn refused_log(req: &InboundRequest, authority: SocketAddr, sni: Option<&str>, why: &str) {
+    static LOG: LogLimit = LogLimit::new(Duration::from_secs(1));
+    if let Some(suppressed) = LOG.allow() {
+        tracing::info!(identity = %req.peer_identity, %authority, sni = sni.unwrap_or("-"), reason = %why, suppressed, "TLS connection refused");
+    }
+}
 
 /// Whether a port's traffic is TLS the waypoint passes through.
 pub(crate) fn is_tls_port(t: &Target) -> bool {
@@ -59,11 +71,28 @@ pub(crate) fn decision(
         let (hello, sni) = match read_client_hello(&mut stream, CLIENT_HELLO_TIMEOUT).await {
             Ok(x) => x,
             Err(e) => {
-                tracing::debug!(identity = %req.peer_identity, %authority, error = %e, "TLS port without a usable ClientHello, tunnel reset");
-                return refuse(log, &mut stream, "NR", format!("TLS port: {e}"));
+                let why = format!("TLS port: {e}");
+                refused_log(&req, authority, None, &why);
+                return refuse(log, &mut stream, "NR", why);
             }
         };
         log.sni = sni.clone();
+        // The name decides what the client reaches (and, for a wildcard,
+        // where the waypoint connects): without one, or with a name this
+        // VIP does not stand for, nothing is connected.
+        let Some(name) = sni.clone() else {
+            let why = "TLS port: ClientHello without server_name (SNI): refused, the destination cannot be checked".to_string();
+            refused_log(&req, authority, None, &why);
+            return refuse(log, &mut stream, "NR", why);
+        };
+        if !target.accepts_name(&name) {
+            let why = format!(
+                "TLS port: SNI {name:?} is not a host of ServiceEntry {} at {authority}",
+                target.service.key
+            );
+            refused_log(&req, authority, Some(&name), &why);
+            return refuse(log, &mut stream, "NR", why);
+        }
         let principal = req.peer_identity.uri();
         let decision = {
             // Policies as in force now: the ClientHello may come after a reload.
@@ -83,17 +112,17 @@ pub(crate) fn decision(
         };
         log.shadow = l7::note_shadow(&h.shared.metrics, &decision);
         if !decision.allowed {
-            tracing::debug!(identity = %req.peer_identity, %authority, sni = sni.as_deref().unwrap_or("-"), %decision, "TLS connection denied");
-            return refuse(
-                log,
-                &mut stream,
-                "-",
-                format!("connection denied by authorization policy: {decision}"),
-            );
+            let why = format!("connection denied by authorization policy: {decision}");
+            refused_log(&req, authority, Some(&name), &why);
+            return refuse(log, &mut stream, "-", why);
         }
         let c = match target.upstream.connect(authority).await {
             Ok(c) => c,
-            Err(e) => return refuse(log, &mut stream, "UF", e.to_string()),
+            Err(e) => {
+                let why = e.to_string();
+                refused_log(&req, authority, Some(&name), &why);
+                return refuse(log, &mut stream, "UF", why);
+            }
         };
         let rec = h.shared.metrics.connection(h.labels(&req, &target.host));
         let mut up = Tracked {
