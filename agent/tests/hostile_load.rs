@@ -12,27 +12,13 @@ use shunt_agent::alloc::Allocator;
 use shunt_agent::config::Config;
 use shunt_agent::hbone::{ClientSettings, ConnectRequest, HboneClient};
 use shunt_agent::identity::{Ca, IdentityConfig, IdentityManager};
+use shunt_testbed::hbone::echo_upstream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 const TD: &str = "cluster.local";
 const CURL: &str = "spiffe://cluster.local/ns/default/sa/curl";
 const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/common-infrastructure/sa/egress-gateway";
-
-async fn echo_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
 
 fn config_text(echo: SocketAddr) -> String {
     format!(

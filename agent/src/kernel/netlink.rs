@@ -92,25 +92,24 @@ impl Netlink {
             .await
     }
 
-    /// The local VIP routes (`ip route add local PREFIX dev lo`).
+    /// The local VIP routes (`ip route add local PREFIX dev lo`), one per
+    /// family, built the same way.
     fn vip_routes() -> [RouteMessage; 2] {
-        let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(VIP4_NET.into(), VIP4_PREFIX_LEN)
-            .kind(RouteType::Local)
-            .table_id(RT_TABLE_LOCAL)
-            .scope(RouteScope::Host)
-            .protocol(RouteProtocol::Static)
-            .output_interface(LOOPBACK_IFINDEX)
-            .build();
-        let v6 = RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(VIP6_NET.into(), VIP6_PREFIX_LEN)
-            .kind(RouteType::Local)
-            .table_id(RT_TABLE_LOCAL)
-            .scope(RouteScope::Host)
-            .protocol(RouteProtocol::Static)
-            .output_interface(LOOPBACK_IFINDEX)
-            .build();
-        [v4, v6]
+        let local = |net: IpAddr, len: u8| {
+            RouteMessageBuilder::<IpAddr>::new()
+                .destination_prefix(net, len)
+                .expect("the VIP prefixes are valid constants")
+                .kind(RouteType::Local)
+                .table_id(RT_TABLE_LOCAL)
+                .scope(RouteScope::Host)
+                .protocol(RouteProtocol::Static)
+                .output_interface(LOOPBACK_IFINDEX)
+                .build()
+        };
+        [
+            local(VIP4_NET.into(), VIP4_PREFIX_LEN),
+            local(VIP6_NET.into(), VIP6_PREFIX_LEN),
+        ]
     }
 
     /// The interface the node reaches `ip` through (`ip route get`).
