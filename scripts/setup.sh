@@ -20,6 +20,7 @@ APT_PKGS=(
   "llvm-${LLVM}-dev" "libpolly-${LLVM}-dev" libzstd-dev zlib1g-dev  # bpf-linker
   bpftool iproute2                                                  # inspection, netns
   dnsutils curl openssl iperf3 python3-h2                           # test clients/peers
+  haproxy wrk sockperf                                              # cargo xtask bench: the plain hop, HTTP load, latency
   python3-venv python3-pip                                          # kubernetes-validate (manifests)
   nginx-light dnsmasq-base                                          # demo: httpbin.org stand-in, its DNS
   pkg-config build-essential

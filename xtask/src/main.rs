@@ -8,6 +8,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 
 #[derive(Parser)]
@@ -41,11 +42,9 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
-    /// Run the criterion benchmarks.
-    Bench {
-        #[arg(trailing_var_arg = true)]
-        args: Vec<String>,
-    },
+    /// The system benchmark (direct, haproxy hop, shunt, shunt with the
+    /// seed's policy; root required); `--micro` runs the criterion benches.
+    Bench(bench::Args),
 }
 
 fn root() -> PathBuf {
@@ -220,17 +219,7 @@ fn main() -> Result<()> {
             run(cargo().args(["build", "--bins"]))?;
             demo::run(&root(), check)
         }
-        Cmd::Bench { args } => {
-            setup()?;
-            // Kernel benches spawn the built binaries.
-            run(cargo().args(["build", "--bins"]))?;
-            let mut b = cargo();
-            b.args(["bench", "-p", "shunt-agent", "-p", "shunt-tests"]);
-            if !args.is_empty() {
-                b.arg("--").args(&args);
-            }
-            run(&mut b)
-        }
+        Cmd::Bench(args) => bench::run(&root(), args),
     }
 }
 
