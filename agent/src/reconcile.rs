@@ -114,10 +114,13 @@ impl Reconciler {
                 return;
             }
         };
-        let table = HostTable::from_entries(
+        let table = HostTable::from_scoped(
             model
                 .hosts()
-                .map(|(h, r)| (h.clone(), r.v4.clone(), r.v6.clone())),
+                .map(|(h, r)| (h.clone(), r.export_to.clone(), r.v4.clone(), r.v6.clone())),
+            model
+                .workloads()
+                .filter_map(|w| w.address.map(|ip| (ip, w.namespace().to_string()))),
         );
         match table {
             Ok(t) => self.hosts.store(Arc::new(t)),

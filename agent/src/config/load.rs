@@ -160,9 +160,8 @@ struct Doc<S> {
     metadata: ObjectMeta,
     #[serde(default)]
     spec: Option<S>,
-    /// Written by controllers; ignored on input.
+    /// Written by controllers; only a Gateway's `status.addresses` is read.
     #[serde(default)]
-    #[allow(dead_code)]
     status: Option<Value>,
 }
 
@@ -445,6 +444,7 @@ impl Builder {
         Some(Resource {
             metadata: doc.metadata,
             spec,
+            status: doc.status,
             origin: ctx.origin.clone(),
             created,
         })
@@ -516,6 +516,15 @@ impl Builder {
                 );
             }
         }
+        self.export_to(ctx, &s.export_to, r.namespace(), true);
+        if s.workload_selector.is_some() && !s.endpoints.is_empty() {
+            // Istio's validation: the endpoints would be ambiguous.
+            self.at(
+                ctx,
+                "spec.workloadSelector",
+                "only one of workloadSelector or endpoints is allowed",
+            );
+        }
         if let Some(v) = r.label(labels::AUTOALLOCATE) {
             if v != "true" && v != "false" {
                 self.at(
@@ -554,6 +563,7 @@ impl Builder {
                 }
             }
         };
+        self.export_to(ctx, &r.spec.export_to, r.namespace(), false);
         if r.spec.workload_selector.is_some() {
             // Istio applies such a rule only in the selected workloads' own
             // proxies; shunt applies DestinationRules at the waypoint and
@@ -574,7 +584,26 @@ impl Builder {
         }
     }
 
+    /// `exportTo` as Istio validates it (`~` only for ServiceEntries).
+    fn export_to(&mut self, ctx: &Ctx, list: &[String], ns: &str, allow_none: bool) {
+        for (i, msg) in crate::model::visibility::validate(list, ns, allow_none) {
+            let field = match i {
+                Some(i) => format!("spec.exportTo[{i}]"),
+                None => "spec.exportTo".into(),
+            };
+            self.at(ctx, field, msg);
+        }
+    }
+
     fn validate_tls(&mut self, ctx: &Ctx, path: &str, t: &ClientTls) {
+        if t.ca_crl.is_some() {
+            // Ignoring a revocation list would accept revoked certificates.
+            self.at(
+                ctx,
+                format!("{path}.caCrl"),
+                "not supported by shunt: certificate revocation lists are not checked; remove it or revoke by rotating caCertificates",
+            );
+        }
         if t.mode == TlsMode::Mutual && t.credential_name.is_none() {
             for (f, v) in [
                 ("clientCertificate", &t.client_certificate),

@@ -36,6 +36,9 @@ impl fmt::Display for Origin {
 pub struct Resource<S> {
     pub metadata: ObjectMeta,
     pub spec: S,
+    /// `status` as written by a controller (only a Gateway's `addresses`
+    /// is read: see [`Gateway::waypoint_address`]).
+    pub status: Option<Opaque>,
     pub origin: Origin,
     /// `creationTimestamp` as (unix seconds, nanoseconds); `None` when absent.
     pub created: Option<(i64, u32)>,
@@ -637,10 +640,27 @@ impl GatewaySpec {
     }
     /// First IP address in `spec.addresses` (validated at load).
     pub fn address(&self) -> Option<std::net::IpAddr> {
-        self.addresses
-            .iter()
-            .filter(|a| a.kind.as_deref().unwrap_or("IPAddress") == "IPAddress")
-            .find_map(|a| a.value.parse().ok())
+        first_ip(&self.addresses)
+    }
+}
+
+fn first_ip(addrs: &[GatewayAddress]) -> Option<std::net::IpAddr> {
+    addrs
+        .iter()
+        .filter(|a| a.kind.as_deref().unwrap_or("IPAddress") == "IPAddress")
+        .find_map(|a| a.value.parse().ok())
+}
+
+impl Gateway {
+    /// The address clients reach the waypoint at: the first IP of
+    /// `spec.addresses`, else of `status.addresses` (what Istio's gateway
+    /// controller writes for the waypoint's Service).
+    pub fn waypoint_address(&self) -> Option<std::net::IpAddr> {
+        self.spec.address().or_else(|| {
+            let addrs = self.status.as_ref()?.get("addresses")?.clone();
+            let addrs: Vec<GatewayAddress> = serde_yaml_ng::from_value(addrs).ok()?;
+            first_ip(&addrs)
+        })
     }
 }
 

@@ -1,14 +1,19 @@
-//! The table of ServiceEntry hosts the proxy answers for itself.
+//! The table of ServiceEntry hosts the proxy answers for itself, each with
+//! the namespaces that see it (`exportTo`): a client sees a host only if
+//! one of its ServiceEntries is exported to the client's namespace (looked
+//! up by the query's source address); otherwise the query goes upstream,
+//! as Istio's DNS proxy does for hosts it does not know.
 
-use std::collections::hash_map::Entry;
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use hickory_proto::rr::Name;
 
 use super::DnsError;
+use crate::model::ExportTo;
 
 /// The live table: the config side calls `store(Arc::new(new_table))`.
 pub type SharedHostTable = Arc<ArcSwap<HostTable>>;
@@ -20,10 +25,19 @@ pub struct HostAddrs {
     pub v6: Vec<Ipv6Addr>,
 }
 
-/// Lower-case host name (no trailing dot) → VIPs.
+/// The VIPs one ServiceEntry gives a host, and who sees them.
+#[derive(Clone, Debug)]
+struct Scoped {
+    export_to: ExportTo,
+    addrs: HostAddrs,
+}
+
+/// Lower-case host name (no trailing dot) → VIPs per visibility; client
+/// address → namespace.
 #[derive(Clone, Debug, Default)]
 pub struct HostTable {
-    hosts: HashMap<Box<str>, HostAddrs>,
+    hosts: HashMap<Box<str>, Vec<Scoped>>,
+    clients: HashMap<IpAddr, Box<str>>,
 }
 
 /// Lower-cases and strips one trailing dot; checks RFC 1035 shape (letters,
@@ -63,34 +77,53 @@ impl HostTable {
         Self::default()
     }
 
-    /// Builds the table from `(host, IPv4 VIPs, IPv6 VIPs)`. A host listed
-    /// twice (two ServiceEntries) gets the union of its addresses, in order.
+    /// Builds the table from `(host, IPv4 VIPs, IPv6 VIPs)`, every host
+    /// visible to every client. A host listed twice gets the union of its
+    /// addresses, in order.
     pub fn from_entries<I, S>(entries: I) -> Result<Self, DnsError>
     where
         I: IntoIterator<Item = (S, Vec<Ipv4Addr>, Vec<Ipv6Addr>)>,
         S: AsRef<str>,
     {
-        let mut hosts: HashMap<Box<str>, HostAddrs> = HashMap::new();
-        for (host, v4, v6) in entries {
+        Self::from_scoped(
+            entries
+                .into_iter()
+                .map(|(h, v4, v6)| (h, ExportTo::public(), v4, v6)),
+            std::iter::empty(),
+        )
+    }
+
+    /// Builds the table from `(host, exportTo, IPv4 VIPs, IPv6 VIPs)` and
+    /// the namespace of each client address (IPv4-mapped as IPv4). Entries
+    /// of one host with the same visibility are merged.
+    pub fn from_scoped<I, S, C>(entries: I, clients: C) -> Result<Self, DnsError>
+    where
+        I: IntoIterator<Item = (S, ExportTo, Vec<Ipv4Addr>, Vec<Ipv6Addr>)>,
+        S: AsRef<str>,
+        C: IntoIterator<Item = (IpAddr, String)>,
+    {
+        let mut hosts: HashMap<Box<str>, Vec<Scoped>> = HashMap::new();
+        for (host, export_to, v4, v6) in entries {
             let key = normalize(host.as_ref())?;
-            match hosts.entry(key.into_boxed_str()) {
-                Entry::Vacant(e) => {
-                    let mut addrs = HostAddrs {
-                        v4: Vec::new(),
-                        v6: Vec::new(),
-                    };
-                    extend_unique(&mut addrs.v4, v4);
-                    extend_unique(&mut addrs.v6, v6);
-                    e.insert(addrs);
+            let scopes = hosts.entry(key.into_boxed_str()).or_default();
+            let i = match scopes.iter().position(|s| s.export_to == export_to) {
+                Some(i) => i,
+                None => {
+                    scopes.push(Scoped {
+                        export_to,
+                        addrs: HostAddrs::default(),
+                    });
+                    scopes.len() - 1
                 }
-                Entry::Occupied(mut e) => {
-                    let addrs = e.get_mut();
-                    extend_unique(&mut addrs.v4, v4);
-                    extend_unique(&mut addrs.v6, v6);
-                }
-            }
+            };
+            extend_unique(&mut scopes[i].addrs.v4, v4);
+            extend_unique(&mut scopes[i].addrs.v6, v6);
         }
-        Ok(HostTable { hosts })
+        let clients = clients
+            .into_iter()
+            .map(|(ip, ns)| (ip.to_canonical(), ns.into_boxed_str()))
+            .collect();
+        Ok(HostTable { hosts, clients })
     }
 
     /// A shareable live handle holding this table.
@@ -106,20 +139,28 @@ impl HostTable {
         self.hosts.is_empty()
     }
 
-    /// Case-insensitive, with or without the trailing dot.
-    pub fn lookup(&self, host: &str) -> Option<&HostAddrs> {
+    /// The VIPs of `host` (any case, with or without the trailing dot)
+    /// that the client at `client` sees (`None`: an unknown client, which
+    /// sees only hosts exported to every namespace).
+    pub fn lookup(&self, host: &str, client: Option<IpAddr>) -> Option<Cow<'_, HostAddrs>> {
         let h = host.strip_suffix('.').unwrap_or(host);
-        if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        let scopes = if h.bytes().any(|b| b.is_ascii_uppercase()) {
             self.hosts.get(h.to_ascii_lowercase().as_str())
         } else {
             self.hosts.get(h)
-        }
+        }?;
+        self.visible(scopes, client)
     }
 
-    /// Lookup of a query name without allocating: the labels are lower-cased
+    /// Lookup of a query name without allocating (unless several
+    /// ServiceEntries of the host are visible): the labels are lower-cased
     /// into a stack buffer. A label holding a literal '.' can never be a
     /// ServiceEntry host.
-    pub(crate) fn lookup_name(&self, name: &Name) -> Option<&HostAddrs> {
+    pub(crate) fn lookup_name(
+        &self,
+        name: &Name,
+        client: Option<IpAddr>,
+    ) -> Option<Cow<'_, HostAddrs>> {
         let mut buf = [0u8; 256];
         let mut len = 0usize;
         for (i, label) in name.iter().enumerate() {
@@ -139,7 +180,29 @@ impl HostTable {
             }
         }
         let s = std::str::from_utf8(&buf[..len]).ok()?;
-        self.hosts.get(s)
+        let scopes = self.hosts.get(s)?;
+        self.visible(scopes, client)
+    }
+
+    fn visible<'a>(
+        &'a self,
+        scopes: &'a [Scoped],
+        client: Option<IpAddr>,
+    ) -> Option<Cow<'a, HostAddrs>> {
+        let ns = client.and_then(|ip| self.clients.get(&ip.to_canonical()));
+        let mut seen = scopes
+            .iter()
+            .filter(|s| s.export_to.public || ns.is_some_and(|ns| s.export_to.visible_to(ns)));
+        let first = seen.next()?;
+        let Some(second) = seen.next() else {
+            return Some(Cow::Borrowed(&first.addrs));
+        };
+        let mut all = first.addrs.clone();
+        for s in std::iter::once(second).chain(seen) {
+            extend_unique(&mut all.v4, s.addrs.v4.clone());
+            extend_unique(&mut all.v6, s.addrs.v6.clone());
+        }
+        Some(Cow::Owned(all))
     }
 }
 
@@ -167,12 +230,67 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(t.len(), 1);
-        let a = t.lookup("httpbin.ORG.").unwrap();
+        let a = t.lookup("httpbin.ORG.", None).unwrap();
         assert_eq!(a.v4.len(), 1);
         assert_eq!(a.v6.len(), 1);
         let name = Name::from_ascii("HttpBin.Org.").unwrap();
-        assert_eq!(t.lookup_name(&name), Some(a));
-        assert!(t.lookup("httpbin.org.default.svc.cluster.local").is_none());
+        assert_eq!(t.lookup_name(&name, None), Some(a));
+        assert!(t
+            .lookup("httpbin.org.default.svc.cluster.local", None)
+            .is_none());
+    }
+
+    #[test]
+    fn a_host_is_answered_only_to_namespaces_it_is_exported_to() {
+        let only = |ns: &str| ExportTo {
+            public: false,
+            namespaces: [ns.to_string()].into(),
+        };
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t = HostTable::from_scoped(
+            [
+                (
+                    "db.example",
+                    only("a"),
+                    vec![Ipv4Addr::new(240, 240, 0, 1)],
+                    vec![],
+                ),
+                (
+                    "db.example",
+                    only("b"),
+                    vec![Ipv4Addr::new(240, 240, 0, 2)],
+                    vec![],
+                ),
+                (
+                    "none.example",
+                    ExportTo::default(),
+                    vec![Ipv4Addr::new(240, 240, 0, 3)],
+                    vec![],
+                ),
+            ],
+            [(a, "a".to_string()), (b, "b".to_string())],
+        )
+        .unwrap();
+        let mapped_a: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(
+            t.lookup("db.example", Some(mapped_a)).unwrap().v4,
+            [Ipv4Addr::new(240, 240, 0, 1)]
+        );
+        assert_eq!(
+            t.lookup("db.example", Some(b)).unwrap().v4,
+            [Ipv4Addr::new(240, 240, 0, 2)]
+        );
+        assert!(
+            t.lookup("db.example", None).is_none(),
+            "unknown clients see only public hosts"
+        );
+        assert!(t
+            .lookup("db.example", Some("10.9.9.9".parse().unwrap()))
+            .is_none());
+        assert!(
+            t.lookup("none.example", Some(a)).is_none(),
+            "exportTo ~ is seen by no one"
+        );
     }
 
     #[test]

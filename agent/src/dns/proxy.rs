@@ -196,7 +196,7 @@ async fn udp_loop(sock: Arc<UdpSocket>, inner: Arc<Inner>, limit: Arc<Semaphore>
         let sock = sock.clone();
         let inner = inner.clone();
         tokio::spawn(async move {
-            if let Some(resp) = inner.handle(&query, true).await {
+            if let Some(resp) = inner.handle(&query, true, peer.ip()).await {
                 if let Err(e) = sock.send_to(&resp, peer).await {
                     debug!(%peer, error = %e, "udp send");
                 }
@@ -217,7 +217,7 @@ async fn tcp_loop(listener: TcpListener, inner: Arc<Inner>, budget: Arc<Semaphor
         let inner = inner.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = tcp_conn(stream, &inner).await {
+                if let Err(e) = tcp_conn(stream, &inner, peer.ip()).await {
                     debug!(error = %e, "dns tcp connection");
                 }
                 drop(permit);
@@ -229,7 +229,7 @@ async fn tcp_loop(listener: TcpListener, inner: Arc<Inner>, budget: Arc<Semaphor
 
 /// Several length-prefixed queries per connection (RFC 7766), answered in
 /// order; TCP answers are never truncated.
-async fn tcp_conn(mut stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
+async fn tcp_conn(mut stream: TcpStream, inner: &Inner, peer: IpAddr) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     loop {
         let mut len = [0u8; 2];
@@ -246,7 +246,7 @@ async fn tcp_conn(mut stream: TcpStream, inner: &Inner) -> std::io::Result<()> {
         tokio::time::timeout(inner.tcp_idle_timeout, stream.read_exact(&mut query))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "partial query"))??;
-        let Some(resp) = inner.handle(&query, false).await else {
+        let Some(resp) = inner.handle(&query, false, peer).await else {
             return Ok(());
         };
         let mut out = Vec::with_capacity(resp.len() + 2);
@@ -281,8 +281,9 @@ fn answer_edns(req: &Message, cap: u16) -> Option<Edns> {
 }
 
 impl Inner {
-    /// One query in, at most one answer out (`None`: drop silently).
-    async fn handle(&self, query: &[u8], udp: bool) -> Option<Vec<u8>> {
+    /// One query from `peer` in, at most one answer out (`None`: drop
+    /// silently). `peer` decides which ServiceEntry hosts it sees.
+    async fn handle(&self, query: &[u8], udp: bool, peer: IpAddr) -> Option<Vec<u8>> {
         self.metrics.requests.inc();
         if query.len() < 12 {
             return None; // not even a header to answer to
@@ -319,8 +320,8 @@ impl Inner {
             && matches!(q.query_type(), RecordType::A | RecordType::AAAA)
         {
             let table = self.hosts.load();
-            if let Some(addrs) = table.lookup_name(q.name()) {
-                return Some(self.local_answer(&req, q, addrs, limit));
+            if let Some(addrs) = table.lookup_name(q.name(), Some(peer)) {
+                return Some(self.local_answer(&req, q, &addrs, limit));
             }
         }
         Some(self.forward(&req, query, limit).await)

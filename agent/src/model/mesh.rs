@@ -17,6 +17,10 @@ pub struct Mesh {
     pub allowed_egress: Vec<ipnet::IpNet>,
     /// Steer enrolled workloads' DNS to the agent (`shunt.dnsCapture`).
     pub dns_capture: bool,
+    /// `defaultServiceExportTo` (Istio's default `["*"]`).
+    pub default_service_export_to: Vec<String>,
+    /// `defaultDestinationRuleExportTo` (Istio's default `["*"]`).
+    pub default_destination_rule_export_to: Vec<String>,
 }
 
 impl Default for Mesh {
@@ -39,6 +43,27 @@ impl Mesh {
             egress: m.outbound_traffic_policy.mode,
             allowed_egress: m.shunt.allowed_egress_cidrs.iter().map(|c| c.0).collect(),
             dns_capture: m.shunt.dns_capture,
+            default_service_export_to: string_list(m, "defaultServiceExportTo"),
+            default_destination_rule_export_to: string_list(m, "defaultDestinationRuleExportTo"),
         }
+    }
+}
+
+/// A MeshConfig list of strings; `["*"]` when absent or empty, as Istio.
+fn string_list(m: &MeshConfig, field: &str) -> Vec<String> {
+    let v: Vec<String> = m
+        .other
+        .get(field)
+        .and_then(|v| v.as_sequence())
+        .map(|s| {
+            s.iter()
+                .filter_map(|e| e.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    if v.is_empty() {
+        vec!["*".into()]
+    } else {
+        v
     }
 }

@@ -16,6 +16,8 @@ pub mod host;
 pub mod mesh;
 pub mod service;
 pub mod status;
+mod unused;
+pub mod visibility;
 pub mod waypoint;
 pub mod workload;
 
@@ -32,6 +34,7 @@ use crate::identity::SpiffeId;
 pub use mesh::Mesh;
 pub use service::{Destination, Service, ServiceId, ServicePort, Vip};
 pub use status::{now_rfc3339, StatusClock};
+pub use visibility::ExportTo;
 pub use waypoint::{Unbindable, Waypoint, WaypointBinding};
 pub use workload::{CgroupDir, CgroupResolver, NoCgroups, Workload, WorkloadId};
 
@@ -40,6 +43,10 @@ pub use workload::{CgroupDir, CgroupResolver, NoCgroups, Workload, WorkloadId};
 pub enum Kind {
     ServiceEntry,
     WorkloadEntry,
+    DestinationRule,
+    Gateway,
+    /// `mesh.yaml`; its [`Warning::object`] is empty.
+    MeshConfig,
 }
 
 impl Kind {
@@ -47,37 +54,46 @@ impl Kind {
         match self {
             Kind::ServiceEntry => "ServiceEntry",
             Kind::WorkloadEntry => "WorkloadEntry",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::Gateway => "Gateway",
+            Kind::MeshConfig => "MeshConfig",
         }
     }
 }
 
-/// Something dropped or degraded while building (two entries on one
-/// VIP:port, a cgroup not found, ...). The config stays valid.
+/// Something dropped, degraded or not acted on while building (two entries
+/// on one VIP:port, a cgroup not found, a field shunt accepts but does not
+/// honour, ...). The config stays valid.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Warning {
     pub kind: Kind,
     pub object: ObjectKey,
+    /// The field the warning is about (`spec.subsets`), when it is one.
+    pub field: Option<String>,
     pub message: String,
 }
 
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {}: {}",
-            self.kind.as_str(),
-            self.object,
-            self.message
-        )
+        f.write_str(self.kind.as_str())?;
+        if !self.object.name.is_empty() {
+            write!(f, " {}", self.object)?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
     }
 }
 
-/// DNS view of a host: its VIPs and service.
+/// DNS view of a host in one ServiceEntry: its VIPs, service and who sees
+/// them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HostRecord {
     pub service: ServiceId,
     pub v4: Vec<Ipv4Addr>,
     pub v6: Vec<Ipv6Addr>,
+    pub export_to: ExportTo,
 }
 
 /// See the module docs. Immutable once built; swapped whole on each change.
@@ -88,8 +104,9 @@ pub struct Model {
     services: BTreeMap<ServiceId, Arc<Service>>,
     /// Canonical VIP:port (TCP ports only) → its service; older entries win.
     by_vip: BTreeMap<SocketAddr, ServiceId>,
-    /// Lowercased host → VIPs, for the DNS proxy.
-    hosts: HashMap<String, HostRecord>,
+    /// Lowercased host → VIPs per ServiceEntry (oldest first), for the DNS
+    /// proxy.
+    hosts: HashMap<String, Vec<HostRecord>>,
     workloads: BTreeMap<WorkloadId, Arc<Workload>>,
     by_addr: HashMap<IpAddr, WorkloadId>,
     by_cgroup: BTreeMap<u64, WorkloadId>,
@@ -106,6 +123,7 @@ impl Model {
         let mesh = Mesh::from_config(&cfg.mesh);
         let mut m = Model {
             mesh,
+            warnings: unused::warnings(&cfg),
             ..Default::default()
         };
         // Older entries first, so they win VIP:port collisions.
@@ -125,6 +143,7 @@ impl Model {
         self.warnings.push(Warning {
             kind,
             object: object.clone(),
+            field: None,
             message,
         });
     }
@@ -168,7 +187,7 @@ impl Model {
             );
             return;
         };
-        let svc = service::resolve(cfg, se, id, vips, binding);
+        let svc = service::resolve(cfg, &self.mesh, se, id, vips, binding, &mut self.warnings);
         for vip in &svc.vips {
             for p in svc.ports.iter().filter(|p| p.is_tcp()) {
                 let at = SocketAddr::new(vip.ip, p.number);
@@ -187,13 +206,18 @@ impl Model {
             }
         }
         for v in svc.vips.iter().filter(|v| v.allocated) {
-            let r = self
-                .hosts
-                .entry(host::dns_key(&v.host))
-                .or_insert_with(|| HostRecord {
-                    service: id,
-                    ..Default::default()
-                });
+            let records = self.hosts.entry(host::dns_key(&v.host)).or_default();
+            let r = match records.iter_mut().position(|r| r.service == id) {
+                Some(i) => &mut records[i],
+                None => {
+                    records.push(HostRecord {
+                        service: id,
+                        export_to: svc.export_to.clone(),
+                        ..Default::default()
+                    });
+                    records.last_mut().expect("just pushed")
+                }
+            };
             match v.ip {
                 IpAddr::V4(a) => r.v4.push(a),
                 IpAddr::V6(a) => r.v6.push(a),
@@ -325,12 +349,19 @@ impl Model {
             .iter()
             .filter_map(|(a, id)| self.services.get(id).map(|s| (*a, s)))
     }
-    /// The DNS view of a host (any case).
+    /// The DNS view of a host (any case) in its oldest ServiceEntry.
     pub fn host(&self, name: &str) -> Option<&HostRecord> {
-        self.hosts.get(&host::dns_key(name))
+        self.hosts.get(&host::dns_key(name)).and_then(|r| r.first())
     }
+    /// Every (host, record), one per ServiceEntry defining the host.
     pub fn hosts(&self) -> impl Iterator<Item = (&String, &HostRecord)> {
-        self.hosts.iter()
+        self.hosts
+            .iter()
+            .flat_map(|(h, rs)| rs.iter().map(move |r| (h, r)))
+    }
+    /// Namespace of the workload at `ip`, for visibility checks.
+    pub fn namespace_of(&self, ip: IpAddr) -> Option<&str> {
+        self.workload_by_addr(ip).map(|w| w.namespace())
     }
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.workloads.values()

@@ -7,11 +7,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use crate::config::{
-    labels, ClientTls, Config, Location, ObjectKey, Protocol, Resolution, ServiceEntry,
+    labels, ClientTls, Config, DestinationRule, Location, ObjectKey, Protocol, Resolution,
+    ServiceEntry, TlsMode, WorkloadEntry,
 };
 
 use super::host;
+use super::mesh::Mesh;
+use super::visibility::ExportTo;
 use super::waypoint::WaypointBinding;
+use super::{Kind, Warning};
 
 /// A stable id from the allocation (the `services` map value's `service_id`).
 pub type ServiceId = u32;
@@ -82,8 +86,13 @@ pub struct Service {
     pub location: Location,
     pub endpoints: Vec<Endpoint>,
     pub subject_alt_names: Vec<String>,
+    /// Namespaces that see this entry (DNS answers, connects).
+    pub export_to: ExportTo,
+    /// Endpoints come from `workloadSelector` (matching WorkloadEntries).
+    pub selects_workloads: bool,
     pub waypoint: WaypointBinding,
-    /// TLS origination per (host, port) from DestinationRules.
+    /// TLS origination per (host, port) from DestinationRules, with the
+    /// entry's `subjectAltNames` where the rule names none.
     tls: HashMap<(String, u16), ClientTls>,
 }
 
@@ -139,7 +148,9 @@ impl Service {
                     })?;
                     addrs.push(SocketAddr::new(ip, endpoint_port(e)));
                 }
-                if addrs.is_empty() {
+                // A workloadSelector matching nothing is a service without
+                // endpoints (connections fail), not a broken config.
+                if addrs.is_empty() && !self.selects_workloads {
                     return Err("resolution STATIC without endpoints".into());
                 }
                 Ok(Destination::Static(addrs))
@@ -194,26 +205,73 @@ pub(super) fn explicit_ips(se: &ServiceEntry) -> impl Iterator<Item = IpAddr> + 
     })
 }
 
-/// TLS settings of the DestinationRules for `host`: an exact host before a
-/// wildcard one; among equals the entry's own namespace first, then any
-/// other, in directory order. Port-level settings override the rule's
-/// default.
-fn tls_for(cfg: &Config, se: &ServiceEntry, host: &str, port: u16) -> Option<ClientTls> {
-    let in_order = || {
-        let same = cfg
-            .destination_rules
-            .iter()
-            .filter(|d| d.namespace() == se.namespace());
-        let other = cfg
-            .destination_rules
-            .iter()
-            .filter(|d| d.namespace() != se.namespace());
-        same.chain(other)
-            .filter(|d| host::matches(&d.spec.host, host))
+/// Istio's rule for which DestinationRule applies to `host` of a service in
+/// namespace `se_ns`, for a proxy in namespace `proxy_ns` (for shunt, the
+/// waypoint that originates TLS; `pilot/pkg/model` push context):
+/// 1. rules in the proxy's namespace visible there (`exportTo` empty, `*`,
+///    `.` or that namespace) — in the root namespace, only its private ones;
+/// 2. rules exported from the service's namespace to the proxy's;
+/// 3. rules exported from the root namespace to the proxy's.
+///
+/// Within one step the most specific host wins (exact, then the longest
+/// wildcard); among rules for the same host the oldest with a
+/// `trafficPolicy`, as Istio's merge keeps the first one set.
+pub fn destination_rule<'a>(
+    cfg: &'a Config,
+    mesh: &Mesh,
+    proxy_ns: &str,
+    se_ns: &str,
+    host: &str,
+) -> Option<&'a DestinationRule> {
+    let root = mesh.root_namespace.as_str();
+    let defaults = &mesh.default_destination_rule_export_to;
+    let private_only = |d: &DestinationRule| {
+        let l = &d.spec.export_to;
+        (l.is_empty() && defaults.iter().any(|e| e == "."))
+            || (l.len() == 1 && (l[0] == "." || l[0] == d.namespace()))
     };
-    let dr = in_order()
-        .find(|d| !host::is_wildcard(&d.spec.host))
-        .or_else(|| in_order().next())?;
+    let local = |d: &DestinationRule| {
+        let l = &d.spec.export_to;
+        l.is_empty() || l.iter().any(|e| e == "*" || e == "." || e == d.namespace())
+    };
+    let exported = |d: &DestinationRule| {
+        let l = &d.spec.export_to;
+        !private_only(d) && (l.is_empty() || l.iter().any(|e| e == "*" || e == proxy_ns))
+    };
+    let pick = |ns: &str, ok: &dyn Fn(&DestinationRule) -> bool| {
+        let mut c: Vec<&DestinationRule> = cfg
+            .destination_rules
+            .iter()
+            .filter(|d| d.namespace() == ns && host::matches(&d.spec.host, host) && ok(d))
+            .collect();
+        // Exact first, then longer (more specific) wildcards; oldest first.
+        c.sort_by_key(|d| {
+            (
+                host::is_wildcard(&d.spec.host),
+                std::cmp::Reverse(d.spec.host.len()),
+                d.age_key(),
+            )
+        });
+        let best = c.first()?.spec.host.as_str();
+        c.iter()
+            .filter(|d| d.spec.host.eq_ignore_ascii_case(best))
+            .find(|d| d.spec.traffic_policy.is_some())
+            .or(c.first())
+            .copied()
+    };
+    let first = if proxy_ns != root {
+        pick(proxy_ns, &local)
+    } else {
+        pick(root, &private_only)
+    };
+    first
+        .or_else(|| pick(se_ns, &exported))
+        .or_else(|| pick(root, &exported))
+}
+
+/// TLS settings of the applicable DestinationRule for (host, port):
+/// port-level settings override the rule's default.
+fn tls_of(dr: &DestinationRule, port: u16) -> Option<ClientTls> {
     let tp = dr.spec.traffic_policy.as_ref()?;
     tp.port_level_settings
         .iter()
@@ -222,14 +280,34 @@ fn tls_for(cfg: &Config, se: &ServiceEntry, host: &str, port: u16) -> Option<Cli
         .or_else(|| tp.tls.clone())
 }
 
-/// Builds one service (VIPs given by the caller from the allocation).
+/// WorkloadEntries of the entry's namespace whose labels (spec labels over
+/// metadata labels, as for enrollment) include every selector label.
+pub(super) fn selected<'a>(
+    cfg: &'a Config,
+    se: &'a ServiceEntry,
+) -> impl Iterator<Item = &'a WorkloadEntry> + 'a {
+    let sel = se.spec.workload_selector.as_ref();
+    cfg.workload_entries.iter().filter(move |we| {
+        let Some(sel) = sel else { return false };
+        we.namespace() == se.namespace()
+            && sel.labels.iter().all(|(k, v)| {
+                we.spec.labels.get(k).or_else(|| we.metadata.labels.get(k)) == Some(v)
+            })
+    })
+}
+
+/// Builds one service (VIPs given by the caller from the allocation);
+/// what it cannot honour goes to `warnings`.
 pub(super) fn resolve(
     cfg: &Config,
+    mesh: &Mesh,
     se: &ServiceEntry,
     id: ServiceId,
     vips: Vec<Vip>,
     waypoint: WaypointBinding,
+    warnings: &mut Vec<Warning>,
 ) -> Service {
+    let key = se.key();
     let ports: Vec<ServicePort> = se
         .spec
         .ports
@@ -242,35 +320,109 @@ pub(super) fn resolve(
             name: p.name.clone(),
         })
         .collect();
+    // The proxy that applies DestinationRules is the waypoint; without one
+    // nothing originates TLS (the rule is reported below).
+    let proxy_ns = waypoint
+        .waypoint()
+        .map(|w| w.gateway.namespace.clone())
+        .unwrap_or_else(|| se.namespace().to_string());
     let mut tls = HashMap::new();
+    let mut unapplied: Vec<ObjectKey> = Vec::new();
     for h in &se.spec.hosts {
         for p in &ports {
-            if let Some(t) = tls_for(cfg, se, h, p.number) {
-                tls.insert((h.clone(), p.number), t);
+            let Some(dr) = destination_rule(cfg, mesh, &proxy_ns, se.namespace(), h) else {
+                continue;
+            };
+            let Some(mut t) = tls_of(dr, p.number) else {
+                continue;
+            };
+            if !waypoint.required() {
+                if t.mode != TlsMode::Disable && !unapplied.contains(&dr.key()) {
+                    unapplied.push(dr.key());
+                }
+                continue;
             }
+            // Istio: an external service's subjectAltNames verify the
+            // upstream's certificate when the rule names none.
+            if matches!(t.mode, TlsMode::Simple | TlsMode::Mutual) && t.subject_alt_names.is_empty()
+            {
+                t.subject_alt_names = se.spec.subject_alt_names.clone();
+            }
+            tls.insert((h.clone(), p.number), t);
         }
     }
+    for dr in unapplied {
+        warnings.push(Warning {
+            kind: Kind::DestinationRule,
+            object: dr,
+            field: Some("spec.trafficPolicy.tls".into()),
+            message: format!(
+                "not applied to ServiceEntry {key}: it has no waypoint, and shunt originates TLS only at a waypoint (the client's connection goes out as it is)"
+            ),
+        });
+    }
+    let originates = tls
+        .values()
+        .any(|t| matches!(t.mode, TlsMode::Simple | TlsMode::Mutual));
+    if !se.spec.subject_alt_names.is_empty() && !originates {
+        warnings.push(Warning {
+            kind: Kind::ServiceEntry,
+            object: key.clone(),
+            field: Some("spec.subjectAltNames".into()),
+            message: "not checked: shunt verifies the upstream's certificate only where the waypoint originates TLS (DestinationRule tls mode SIMPLE or MUTUAL); no port of this entry does".into(),
+        });
+    }
+    let selects_workloads = se.spec.workload_selector.is_some();
+    let endpoints: Vec<Endpoint> = if selects_workloads {
+        let res = se.spec.resolution();
+        selected(cfg, se)
+            .filter(|we| {
+                let ip = we.spec.address.parse::<IpAddr>().is_ok();
+                if res == Resolution::Static && !ip {
+                    warnings.push(Warning {
+                        kind: Kind::ServiceEntry,
+                        object: key.clone(),
+                        field: Some("spec.workloadSelector".into()),
+                        message: format!(
+                            "selected WorkloadEntry {} has address {:?}, not an IP: skipped (resolution STATIC)",
+                            we.key(),
+                            we.spec.address
+                        ),
+                    });
+                }
+                !we.spec.address.is_empty() && (ip || res != Resolution::Static)
+            })
+            .map(|we| endpoint_of(&we.spec))
+            .collect()
+    } else {
+        se.spec.endpoints.iter().map(endpoint_of).collect()
+    };
     Service {
         id,
-        key: se.key(),
+        key,
         hosts: se.spec.hosts.clone(),
         vips,
         ports,
         resolution: se.spec.resolution(),
         location: se.spec.location.unwrap_or(Location::MeshExternal),
-        endpoints: se
-            .spec
-            .endpoints
-            .iter()
-            .map(|e| Endpoint {
-                address: e.address.clone(),
-                ports: e.ports.iter().map(|(k, v)| (k.clone(), v.0)).collect(),
-                labels: e.labels.clone(),
-                service_account: e.service_account().to_string(),
-            })
-            .collect(),
+        endpoints,
         subject_alt_names: se.spec.subject_alt_names.clone(),
+        export_to: ExportTo::resolve(
+            &se.spec.export_to,
+            se.namespace(),
+            &mesh.default_service_export_to,
+        ),
+        selects_workloads,
         waypoint,
         tls,
+    }
+}
+
+fn endpoint_of(e: &crate::config::WorkloadEntrySpec) -> Endpoint {
+    Endpoint {
+        address: e.address.clone(),
+        ports: e.ports.iter().map(|(k, v)| (k.clone(), v.0)).collect(),
+        labels: e.labels.clone(),
+        service_account: e.service_account().to_string(),
     }
 }

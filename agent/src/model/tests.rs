@@ -145,22 +145,276 @@ fn tls_origination_comes_from_the_destination_rule_for_the_host_and_port() {
     assert!(svc.tls_for("httpbin.org", 443).is_none());
 }
 
-#[test]
-fn an_exact_destination_rule_host_beats_a_wildcard_in_any_namespace() {
-    let dr = |ns: &str, host: &str, mode: &str| {
-        format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r{}, namespace: {ns}}}\nspec:\n  host: \"{host}\"\n  trafficPolicy: {{tls: {{mode: {mode}}}}}\n---\n", host.len() + ns.len())
-    };
-    let cfg = load(&[
-        ("a.yaml", &se("apps", "web", "")),
-        ("b.yaml", &dr("apps", "*.EXAMPLE", "DISABLE")),
-        ("c.yaml", &dr("other", "web.example", "SIMPLE")),
-    ]);
+/// A DestinationRule in `ns` for `host` originating TLS with `sni` (which
+/// names the rule in assertions), with `extra` spec lines.
+fn dr(ns: &str, name: &str, host: &str, sni: &str, extra: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  host: \"{host}\"\n  trafficPolicy: {{tls: {{mode: SIMPLE, sni: {sni}}}}}\n{extra}---\n")
+}
+
+/// The SNI of the rule that applies to web.example:80 of apps/web, bound to
+/// the waypoint infra/wp.
+fn dr_sni(rules: &[String], mesh: &str) -> Option<String> {
+    let web = se(
+        "apps",
+        "web",
+        "istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: infra",
+    );
+    let mut files = vec![
+        ("gw.yaml".to_string(), GW.to_string()),
+        ("se.yaml".to_string(), web),
+    ];
+    for (i, r) in rules.iter().enumerate() {
+        files.push((format!("dr{i}.yaml"), r.clone()));
+    }
+    if !mesh.is_empty() {
+        files.push(("mesh.yaml".into(), mesh.to_string()));
+    }
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let cfg = load(&files);
     let (m, _) = model_of(&cfg, &NoCgroups);
     let web = m.service_by_key(&ObjectKey::new("apps", "web")).unwrap();
+    assert!(web.waypoint.waypoint().is_some());
+    web.tls_for("web.example", 80).and_then(|t| t.sni.clone())
+}
+
+#[test]
+fn destination_rules_are_looked_up_in_the_waypoint_namespace_then_the_service_namespace_then_the_root(
+) {
+    let infra_wild = dr("infra", "w", "*.example", "infra", "");
+    let apps = dr("apps", "a", "web.example", "apps", "");
+    let root = dr("istio-system", "r", "web.example", "root", "");
+    // 1. The proxy's (waypoint's) namespace first, even with a wildcard.
+    let all = [infra_wild, apps.clone(), root.clone()];
+    assert_eq!(dr_sni(&all, "").as_deref(), Some("infra"));
+    // 2. Then the service's namespace, 3. then the root namespace.
     assert_eq!(
-        web.tls_for("web.example", 80).unwrap().mode,
-        TlsMode::Simple
+        dr_sni(&[apps, root.clone()], "").as_deref(),
+        Some("apps")
     );
+    assert_eq!(
+        dr_sni(std::slice::from_ref(&root), "").as_deref(),
+        Some("root")
+    );
+    // A rule in a third namespace never applies.
+    let elsewhere = dr("team", "t", "web.example", "team", "");
+    assert_eq!(dr_sni(&[elsewhere], ""), None);
+    // The root namespace is meshConfig.rootNamespace.
+    let custom_root = dr("mesh-root", "r", "web.example", "custom", "");
+    assert_eq!(
+        dr_sni(&[custom_root], "rootNamespace: mesh-root\n").as_deref(),
+        Some("custom")
+    );
+}
+
+#[test]
+fn destination_rule_export_to_hides_rules_from_the_waypoint() {
+    let root = dr("istio-system", "r", "web.example", "root", "");
+    let private = dr("apps", "a", "web.example", "apps", "  exportTo: [\".\"]\n");
+    assert_eq!(
+        dr_sni(&[private, root.clone()], "").as_deref(),
+        Some("root")
+    );
+    let to_infra = dr(
+        "apps",
+        "a",
+        "web.example",
+        "apps",
+        "  exportTo: [\".\", infra]\n",
+    );
+    assert_eq!(
+        dr_sni(&[to_infra, root.clone()], "").as_deref(),
+        Some("apps")
+    );
+    let to_other = dr("apps", "a", "web.example", "apps", "  exportTo: [team]\n");
+    assert_eq!(
+        dr_sni(&[to_other, root], "").as_deref(),
+        Some("root")
+    );
+    // A private root rule is for proxies in the root namespace only.
+    let root_private = dr(
+        "istio-system",
+        "r",
+        "web.example",
+        "root",
+        "  exportTo: [\".\"]\n",
+    );
+    assert_eq!(dr_sni(&[root_private], ""), None);
+    // MeshConfig defaultDestinationRuleExportTo "." makes rules without
+    // exportTo private.
+    assert_eq!(
+        dr_sni(
+            &[dr("apps", "a", "web.example", "apps", "")],
+            "defaultDestinationRuleExportTo: [\".\"]\n"
+        ),
+        None
+    );
+}
+
+#[test]
+fn within_a_namespace_the_most_specific_destination_rule_host_wins() {
+    let exact = dr("apps", "e", "web.example", "exact", "");
+    let short = dr("apps", "s", "*", "star", "");
+    let long = dr("apps", "l", "*.example", "suffix", "");
+    assert_eq!(
+        dr_sni(&[short.clone(), long.clone(), exact], "").as_deref(),
+        Some("exact")
+    );
+    assert_eq!(dr_sni(&[short, long], "").as_deref(), Some("suffix"));
+}
+
+#[test]
+fn service_entry_subject_alt_names_verify_the_upstream_when_the_rule_names_none() {
+    let web = se(
+        "apps",
+        "web",
+        "istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: infra",
+    )
+    .replace(
+        "  resolution: DNS\n",
+        "  resolution: DNS\n  subjectAltNames: [web.example]\n",
+    );
+    let cfg = load(&[
+        ("gw.yaml", GW),
+        ("se.yaml", &web),
+        ("dr.yaml", &dr("apps", "a", "web.example", "x", "")),
+    ]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    let svc = m.service_by_key(&ObjectKey::new("apps", "web")).unwrap();
+    assert_eq!(
+        svc.tls_for("web.example", 80).unwrap().subject_alt_names,
+        ["web.example"]
+    );
+    // Without origination the entry's SANs cannot be checked: a warning.
+    let cfg = load(&[("gw.yaml", GW), ("se.yaml", &web)]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    assert!(m
+        .warnings()
+        .iter()
+        .any(|w| w.field.as_deref() == Some("spec.subjectAltNames")));
+}
+
+#[test]
+fn tls_origination_for_a_service_without_waypoint_is_a_warning_not_silence() {
+    let cfg = load(&[
+        ("se.yaml", &se("apps", "web", "")),
+        ("dr.yaml", &dr("apps", "a", "web.example", "x", "")),
+    ]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    let svc = m.service_by_key(&ObjectKey::new("apps", "web")).unwrap();
+    assert!(svc.tls_for("web.example", 80).is_none());
+    let w = m
+        .warnings()
+        .iter()
+        .find(|w| w.kind == Kind::DestinationRule)
+        .expect("a DestinationRule warning");
+    assert_eq!(w.field.as_deref(), Some("spec.trafficPolicy.tls"));
+    assert!(w.to_string().contains("no waypoint"), "{w}");
+}
+
+#[test]
+fn service_entry_export_to_decides_who_sees_its_hosts() {
+    let a = se("apps", "web", "").replace(
+        "  resolution: DNS\n",
+        "  resolution: DNS\n  exportTo: [\".\", team]\n",
+    );
+    let cfg = load(&[("a.yaml", &a)]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    let svc = m.service_by_key(&ObjectKey::new("apps", "web")).unwrap();
+    assert!(svc.export_to.visible_to("apps") && svc.export_to.visible_to("team"));
+    assert!(!svc.export_to.visible_to("default"));
+    assert_eq!(m.host("web.example").unwrap().export_to, svc.export_to);
+    // The MeshConfig default applies to entries without exportTo.
+    let cfg = load(&[
+        ("a.yaml", &se("apps", "web", "")),
+        ("mesh.yaml", "defaultServiceExportTo: [\".\"]\n"),
+    ]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    let svc = m.service_by_key(&ObjectKey::new("apps", "web")).unwrap();
+    assert!(svc.export_to.visible_to("apps") && !svc.export_to.visible_to("team"));
+}
+
+#[test]
+fn workload_selector_takes_endpoints_from_matching_workload_entries_of_the_namespace() {
+    let se_sel = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: apps}\nspec:\n  hosts: [db.example]\n  addresses: [10.9.0.1]\n  ports: [{number: 5432, name: pg, targetPort: 5433}]\n  resolution: STATIC\n  workloadSelector: {labels: {app: db}}\n---\n";
+    let we = |ns: &str, name: &str, ip: &str, app: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  address: {ip}\n  labels: {{app: {app}}}\n  ports: {{pg: 6000}}\n---\n")
+    };
+    let cfg = load(&[
+        ("se.yaml", se_sel),
+        ("we1.yaml", &we("apps", "db-1", "10.1.0.1", "db")),
+        ("we2.yaml", &we("apps", "web-1", "10.1.0.2", "web")),
+        ("we3.yaml", &we("other", "db-2", "10.1.0.3", "db")),
+    ]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    let svc = m.service_by_key(&ObjectKey::new("apps", "db")).unwrap();
+    // Only apps/db-1, at its named port (ports[pg] over targetPort).
+    assert_eq!(
+        svc.destination("db.example", svc.port(5432).unwrap()),
+        Ok(Destination::Static(vec![at("10.1.0.1:6000")]))
+    );
+    // Selecting nothing: no endpoints (connections fail), not a broken config.
+    let cfg = load(&[("se.yaml", se_sel)]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    let svc = m.service_by_key(&ObjectKey::new("apps", "db")).unwrap();
+    assert_eq!(
+        svc.destination("db.example", svc.port(5432).unwrap()),
+        Ok(Destination::Static(vec![]))
+    );
+}
+
+#[test]
+fn a_waypoint_without_spec_addresses_is_reached_at_its_status_address() {
+    let gw = GW
+        .replace("  addresses: [{value: 10.0.0.9}]\n", "")
+        .replace(
+            "---\n",
+            "status:\n  addresses: [{type: IPAddress, value: 10.0.0.42}]\n---\n",
+        );
+    let web = se(
+        "apps",
+        "web",
+        "istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: infra",
+    );
+    let cfg = load(&[("gw.yaml", &gw), ("se.yaml", &web)]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    let svc = m.service_by_key(&ObjectKey::new("apps", "web")).unwrap();
+    assert_eq!(svc.waypoint.waypoint().unwrap().addr, at("10.0.0.42:15008"));
+}
+
+#[test]
+fn fields_accepted_but_not_honoured_are_warnings_naming_them() {
+    let se_x = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x, namespace: apps}\nspec:\n  hosts: [x.example]\n  location: MESH_INTERNAL\n  ports: [{number: 80, name: http}]\n  resolution: STATIC\n  endpoints: [{address: 10.0.0.1, locality: us-east1, weight: 3, network: n1}]\n---\n";
+    let dr_x = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: x, namespace: apps}\nspec:\n  host: x.example\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n    connectionPool: {tcp: {maxConnections: 1}}\n    outlierDetection: {consecutive5xxErrors: 1}\n  subsets: [{name: v1, labels: {version: v1}}]\n---\n";
+    let gw_x = GW.replace(
+        "listeners: [{name: mesh, port: 15008, protocol: HBONE}]",
+        "listeners: [{name: mesh, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: All}}}]",
+    );
+    let cfg = load(&[("se.yaml", se_x), ("dr.yaml", dr_x), ("gw.yaml", &gw_x)]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    let fields: Vec<(Kind, &str)> = m
+        .warnings()
+        .iter()
+        .filter_map(|w| w.field.as_deref().map(|f| (w.kind, f)))
+        .collect();
+    for want in [
+        (Kind::ServiceEntry, "spec.location"),
+        (Kind::ServiceEntry, "spec.endpoints[0].locality"),
+        (Kind::ServiceEntry, "spec.endpoints[0].weight"),
+        (Kind::ServiceEntry, "spec.endpoints[0].network"),
+        (Kind::DestinationRule, "spec.subsets"),
+        (Kind::DestinationRule, "spec.trafficPolicy.loadBalancer"),
+        (Kind::DestinationRule, "spec.trafficPolicy.connectionPool"),
+        (Kind::DestinationRule, "spec.trafficPolicy.outlierDetection"),
+        (Kind::Gateway, "spec.listeners[0].allowedRoutes"),
+    ] {
+        assert!(
+            fields.contains(&want),
+            "no warning for {want:?} in {fields:?}"
+        );
+    }
 }
 
 #[test]

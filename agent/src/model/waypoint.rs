@@ -18,7 +18,8 @@ pub struct Waypoint {
     pub gateway: ObjectKey,
     /// `spiffe://<td>/ns/<gw ns>/sa/<gw name>`: what its certificate must say.
     pub identity: SpiffeId,
-    /// Address from `spec.addresses`, HBONE listener port.
+    /// Address from `spec.addresses` (else `status.addresses`), HBONE
+    /// listener port.
     pub addr: SocketAddr,
 }
 
@@ -93,10 +94,10 @@ pub(super) fn bind(cfg: &Config, trust_domain: &str, se: &ServiceEntry) -> Waypo
             format!("waypoint {gateway} is for {for_:?} traffic, not service traffic"),
         );
     }
-    let Some(ip) = gw.spec.address() else {
+    let Some(ip) = gw.waypoint_address() else {
         return refuse(
             "MissingAddress",
-            format!("waypoint {gateway} has no IP address in spec.addresses"),
+            format!("waypoint {gateway} has no IP address in spec.addresses or status.addresses"),
         );
     };
     match SpiffeId::new(trust_domain, &gateway.namespace, &gateway.name) {

@@ -3,7 +3,8 @@
 //! waypoint (as ztunnel does). Fail closed by type: an unknown source, a
 //! service missing from the model, or a service whose waypoint cannot be
 //! resolved ([`WaypointBinding::Refused`]) is reset and logged — never
-//! connected around the waypoint.
+//! connected around the waypoint; so is a service not exported to the
+//! source's namespace (`exportTo`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -62,6 +63,16 @@ async fn carry(
     let Some(svc) = model.service(conn.service.service_id).cloned() else {
         return refuse(conn, &logger, "service not in the agent's config".into());
     };
+    // exportTo: a namespace that cannot see the entry has no such service.
+    if !svc.export_to.visible_to(wl.namespace()) {
+        let why = format!(
+            "ServiceEntry {} is not exported to namespace {} (exportTo {}); connection refused",
+            svc.key,
+            wl.namespace(),
+            svc.export_to
+        );
+        return refuse(conn, &logger, why);
+    }
     let host = svc
         .host_of(conn.dst.ip())
         .or(svc.first_host())

@@ -143,7 +143,12 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
     let mut warnings: Vec<String> = model
         .warnings()
         .iter()
-        .filter(|w| w.kind == model::Kind::ServiceEntry)
+        .filter(|w| {
+            matches!(
+                w.kind,
+                model::Kind::ServiceEntry | model::Kind::DestinationRule
+            )
+        })
         .map(|w| w.to_string())
         .collect();
     warnings.extend(policies.warnings().iter().map(|w| w.to_string()));
