@@ -129,6 +129,7 @@ impl Service {
     pub fn destination_derives_from_host(&self) -> bool {
         matches!(self.resolution, Resolution::Dns | Resolution::DnsRoundRobin)
             && self.endpoints.is_empty()
+            && !self.selects_workloads
     }
 
     /// Where connections to `host`:`port` go.
@@ -156,7 +157,9 @@ impl Service {
                 Ok(Destination::Static(addrs))
             }
             Resolution::Dns | Resolution::DnsRoundRobin => {
-                if self.endpoints.is_empty() {
+                // A workloadSelector's endpoints stand in for the host,
+                // even when it selects none.
+                if self.endpoints.is_empty() && !self.selects_workloads {
                     Ok(Destination::Dns(vec![(host.to_string(), port.target_port)]))
                 } else {
                     Ok(Destination::Dns(

@@ -190,10 +190,7 @@ fn destination_rules_are_looked_up_in_the_waypoint_namespace_then_the_service_na
     let all = [infra_wild, apps.clone(), root.clone()];
     assert_eq!(dr_sni(&all, "").as_deref(), Some("infra"));
     // 2. Then the service's namespace, 3. then the root namespace.
-    assert_eq!(
-        dr_sni(&[apps, root.clone()], "").as_deref(),
-        Some("apps")
-    );
+    assert_eq!(dr_sni(&[apps, root.clone()], "").as_deref(), Some("apps"));
     assert_eq!(
         dr_sni(std::slice::from_ref(&root), "").as_deref(),
         Some("root")
@@ -229,10 +226,7 @@ fn destination_rule_export_to_hides_rules_from_the_waypoint() {
         Some("apps")
     );
     let to_other = dr("apps", "a", "web.example", "apps", "  exportTo: [team]\n");
-    assert_eq!(
-        dr_sni(&[to_other, root], "").as_deref(),
-        Some("root")
-    );
+    assert_eq!(dr_sni(&[to_other, root], "").as_deref(), Some("root"));
     // A private root rule is for proxies in the root namespace only.
     let root_private = dr(
         "istio-system",
