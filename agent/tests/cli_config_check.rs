@@ -60,6 +60,8 @@ fn golden_outputs() {
         "wildcard-waypoint",
         "many-errors",
         "valid-egress",
+        "export-to-invalid",
+        "fields-not-honoured",
     ];
     for r in required {
         assert!(
