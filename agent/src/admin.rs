@@ -1,10 +1,16 @@
 //! Admin HTTP endpoints (hyper 1, HTTP/1.1): `/metrics` (15020),
-//! `/healthz/ready` (15021), `/config_dump` (localhost:15000). One small
-//! server task per listener; each listener serves the endpoints it is given
-//! and answers 404 for the rest.
+//! `/healthz/ready` (15021), `/config_dump` and `/config` (localhost:15000).
+//! One small server task per listener; each listener serves the endpoints it
+//! is given and answers 404 for the rest.
+//!
+//! `/config` is the config in force: the files the running model was built
+//! from ([`ConfigInForce`]), which `shunt get` parses with the same parser
+//! the agent used, so it shows exactly what the agent enforces even while
+//! the directory holds a newer, invalid version.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -16,6 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::config::{Config, Snapshot};
 use crate::sockets::{Acceptor, ListenerName};
 use crate::telemetry::Metrics;
 
@@ -31,6 +38,9 @@ pub enum AdminError {
 /// Produces the JSON of `/config_dump` at request time.
 pub type ConfigDumpFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// The config in force at request time (`/config`).
+pub type ConfigFn = Arc<dyn Fn() -> Arc<Config> + Send + Sync>;
+
 /// What one listener serves. Unset endpoints answer 404.
 #[derive(Clone, Default)]
 pub struct Endpoints {
@@ -38,6 +48,50 @@ pub struct Endpoints {
     /// `/healthz/ready`: 200 when set, 503 otherwise.
     pub ready: Option<Arc<AtomicBool>>,
     pub config_dump: Option<ConfigDumpFn>,
+    pub config: Option<ConfigFn>,
+}
+
+/// `/config`'s body: the source files of the config in force, in the order
+/// the parser read them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConfigInForce {
+    pub files: Vec<ConfigFile>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConfigFile {
+    /// As the agent read it (its config directory, or the Kubernetes
+    /// source's object names).
+    pub path: PathBuf,
+    pub content: String,
+}
+
+impl ConfigInForce {
+    /// `None` for a config that was not parsed from a source (the empty
+    /// default before the first valid one).
+    pub fn of(cfg: &Config) -> Option<ConfigInForce> {
+        let src = cfg.source.as_ref()?;
+        Some(ConfigInForce {
+            files: src
+                .files
+                .iter()
+                .map(|(path, b)| ConfigFile {
+                    path: path.clone(),
+                    content: String::from_utf8_lossy(b).into_owned(),
+                })
+                .collect(),
+        })
+    }
+
+    /// The snapshot to parse again (the digest is recomputed).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot::new(
+            self.files
+                .iter()
+                .map(|f| (f.path.clone(), f.content.clone().into_bytes()))
+                .collect(),
+        )
+    }
 }
 
 impl std::fmt::Debug for Endpoints {
@@ -46,6 +100,7 @@ impl std::fmt::Debug for Endpoints {
             .field("metrics", &self.metrics.is_some())
             .field("ready", &self.ready)
             .field("config_dump", &self.config_dump.is_some())
+            .field("config", &self.config.is_some())
             .finish()
     }
 }
@@ -95,7 +150,7 @@ async fn accept_loop(listener: TcpListener, endpoints: Arc<Endpoints>) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                tracing::debug!(%peer, error = %e, "admin connection");
+                tracing::debug!(peer = %crate::telemetry::LogAddr(peer), error = %e, "admin connection");
             }
         });
     }
@@ -161,6 +216,26 @@ fn handle(endpoints: &Endpoints, req: Request<Incoming>) -> Response<Full<Bytes>
                 "text/plain",
                 format!("{e}\n"),
             ),
+        },
+        (
+            "/config",
+            Endpoints {
+                config: Some(f), ..
+            },
+        ) => match ConfigInForce::of(&f()) {
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "no valid config has been loaded yet\n",
+            ),
+            Some(c) => match serde_json::to_vec(&c) {
+                Ok(body) => text(StatusCode::OK, "application/json", body),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{e}\n"),
+                ),
+            },
         },
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }

@@ -155,7 +155,7 @@ impl Acceptor {
         if let Some(suppressed) = self.refused_log.allow() {
             tracing::warn!(
                 listener = self.name.as_str(),
-                %peer,
+                peer = %telemetry::LogAddr(peer),
                 reason,
                 suppressed,
                 "connection budget spent; closing new connection"

@@ -233,3 +233,109 @@ fn invalid_config_is_one_sentence_pointing_at_config_check() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("shunt config check"), "{err}");
 }
+
+/// A copy of the seed's config directory.
+fn seed_copy() -> tempfile::TempDir {
+    let cfg = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(seed()).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            std::fs::copy(&p, cfg.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    cfg
+}
+
+/// The agent's admin listener serving `cfg` as the config in force.
+fn agent_admin(rt: &tokio::runtime::Runtime, cfg: Config) -> shunt_agent::admin::AdminServer {
+    let cfg = std::sync::Arc::new(cfg);
+    rt.block_on(shunt_agent::admin::AdminServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        shunt_agent::admin::Endpoints {
+            config: Some(std::sync::Arc::new(move || cfg.clone())),
+            ..Default::default()
+        },
+    ))
+    .unwrap()
+}
+
+fn get_from(dir: &Path, state: &Path, admin: &str, args: &[&str]) -> (String, String, i32) {
+    let mut a = vec!["get"];
+    a.extend_from_slice(args);
+    a.extend(["--config-dir", dir.to_str().unwrap()]);
+    a.extend(["--state-dir", state.to_str().unwrap()]);
+    a.extend(["--admin-addr", admin]);
+    let out = shunt(&a);
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+        out.status.code().unwrap(),
+    )
+}
+
+#[test]
+fn a_broken_file_in_the_directory_still_shows_the_config_in_force_and_says_so() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let state = allocated_state();
+    let dir = seed_copy();
+    let admin = agent_admin(&rt, Config::load_dir(dir.path()).unwrap());
+    let addr = admin.local_addr().to_string();
+
+    // Directory and agent agree: nothing on stderr.
+    let (out, err, code) = get_from(dir.path(), state.path(), &addr, &["se"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.is_empty(), "{err}");
+    assert!(out.contains("httpbin.org"), "{out}");
+
+    // One broken file: the agent keeps its config; `get` shows it.
+    std::fs::write(
+        dir.path().join("99-broken.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: broken\n  namespace: default\nspec:\n  hosts: [x.example.com]\n  ports:\n  - number: 99999\n    name: http\n",
+    )
+    .unwrap();
+    let (out, err, code) = get_from(dir.path(), state.path(), &addr, &["se", "-o", "yaml"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out).unwrap();
+    assert_eq!(
+        v["items"][0]["metadata"]["name"].as_str(),
+        Some("httpbin.org")
+    );
+    assert_eq!(
+        v["items"][0]["status"]["addresses"][0]["value"].as_str(),
+        Some("240.240.0.1")
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("holds a newer, invalid version (1 problem")
+            && err.contains("shunt config check")
+            && err.contains("config in force"),
+        "{err}"
+    );
+
+    // A valid edit the agent has not loaded: shown as in force, said on stderr.
+    std::fs::remove_file(dir.path().join("99-broken.yaml")).unwrap();
+    std::fs::write(
+        dir.path().join("10-new.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: new\n  namespace: default\nspec:\n  hosts: [new.example.com]\n  ports:\n  - number: 443\n    name: tls\n  resolution: DNS\n",
+    )
+    .unwrap();
+    let (out, err, code) = get_from(dir.path(), state.path(), &addr, &["se"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("new.example.com"), "{out}");
+    assert!(err.contains("differs from the config in force"), "{err}");
+}
+
+#[test]
+fn without_a_reachable_agent_a_broken_directory_says_both() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = seed_copy();
+    std::fs::write(dir.path().join("99-broken.yaml"), "kind: [unclosed\n").unwrap();
+    // Port 1 on localhost: nothing listens.
+    let (out, err, code) = get_from(dir.path(), state.path(), "127.0.0.1:1", &["se"]);
+    assert_eq!((out.as_str(), code), ("", 1));
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("1 problem") && err.contains("127.0.0.1:1/config"),
+        "{err}"
+    );
+}

@@ -615,6 +615,11 @@ async fn tcp_port_relays_and_logs_ztunnel_line() {
         .await;
     assert!(line.contains(" info access "), "{line}");
     assert!(line.contains("src.addr=10.244.1.19:45678"), "{line}");
+    // The source workload from the model, as ztunnel names it.
+    assert!(
+        line.contains("src.addr=10.244.1.19:45678 src.workload=\"curl\" src.namespace=\"default\""),
+        "{line}"
+    );
     assert!(line.contains("dst.service=\"echo.example\""), "{line}");
     assert!(
         line.contains(&format!("dst.identity=\"{WAYPOINT_ID}\"")),
@@ -1548,6 +1553,8 @@ async fn forwarded_for_of_another_workload_or_none_is_replaced_by_the_peer() {
         .wait_for(&["dst.service=\"admin-only.example\"", "src.addr=127.0.0.1:"])
         .await;
     assert!(line.contains("authorization policy"), "{line}");
+    // No workload lives at the peer address: none is named.
+    assert!(!line.contains("src.workload="), "{line}");
     // HTTP ports too: the Envoy line's downstream address is the peer.
     let mut req = env.request(CURL, env.vip("httpbin.org", 80));
     req.source_addr = "10.244.1.20:40007".parse().unwrap();

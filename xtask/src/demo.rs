@@ -1268,38 +1268,105 @@ impl Demo {
         Ok(())
     }
 
-    fn how_to_poke(&self) {
+    /// What the demo tells the user to try, as (comment, shell line)
+    /// pairs: printed as is by [`Demo::how_to_poke`] and run as is by
+    /// [`Demo::check_pokes`].
+    fn pokes(&self) -> Vec<(&'static str, String)> {
         let p = &self.p;
         let cg = p.cgroup(&CURL).expect("curl has a cgroup");
         let shunt = p.shunt.display();
+        let curl = |args: &str| {
+            format!(
+                "sh -c 'echo $$ > {}/cgroup.procs && exec ip netns exec shunt-demo-curl curl -s {args}'",
+                cg.display()
+            )
+        };
+        vec![
+            ("a command in the curl pod: join its cgroup first (DNS capture and egress control key on it)", curl("httpbin.org/get")),
+            ("", curl("-X POST httpbin.org/post")),
+            ("the kernel's view", format!("bpftool map dump pinned {}/services", p.pin_dir.display())),
+            ("", format!("{shunt} maps --pin-dir {}", p.pin_dir.display())),
+            ("", format!(
+                "{shunt} status --pin-dir {} --state-dir {}",
+                p.pin_dir.display(),
+                p.state.display()
+            )),
+            ("", format!(
+                "{shunt} get serviceentries -o yaml --config-dir {} --state-dir {}",
+                p.config.display(),
+                p.state.display()
+            )),
+            ("edit the live config (reloaded within a second)", format!("ls {}", p.config.display())),
+            ("logs", format!(
+                "tail -f {}/agent.log {}/waypoint.log {}/nginx/access.log",
+                p.logs.display(),
+                p.logs.display(),
+                p.work.display()
+            )),
+        ]
+    }
+
+    fn how_to_poke(&self) {
         println!("\n{BOLD}━━ The mesh is up. Poke it (as root, in another terminal):{RESET}");
-        println!("  # a command in the curl pod: join its cgroup first (DNS capture and egress control key on it)");
-        println!("  sh -c 'echo $$ > {}/cgroup.procs && exec ip netns exec shunt-demo-curl curl -s httpbin.org/get'", cg.display());
-        println!("  sh -c 'echo $$ > {}/cgroup.procs && exec ip netns exec shunt-demo-curl curl -s -X POST httpbin.org/post'", cg.display());
-        println!("  # the kernel's view");
-        println!("  bpftool map dump pinned {}/services", p.pin_dir.display());
-        println!("  {shunt} maps --pin-dir {}", p.pin_dir.display());
-        println!(
-            "  {shunt} status --pin-dir {} --state-dir {} --config-dir {}",
-            p.pin_dir.display(),
-            p.state.display(),
-            p.config.display()
-        );
-        println!(
-            "  {shunt} get serviceentries -o yaml --config-dir {} --state-dir {}",
-            p.config.display(),
-            p.state.display()
-        );
-        println!("  # edit the live config (reloaded within a second)");
-        println!("  ls {}", p.config.display());
-        println!("  # logs");
-        println!(
-            "  tail -f {}/agent.log {}/waypoint.log {}/nginx/access.log",
-            p.logs.display(),
-            p.logs.display(),
-            p.work.display()
-        );
+        for (comment, line) in self.pokes() {
+            if !comment.is_empty() {
+                println!("  # {comment}");
+            }
+            println!("  {line}");
+        }
         println!("\nCtrl-C removes everything.");
+    }
+
+    /// Runs every line [`Demo::how_to_poke`] prints, as printed (`sh -c`):
+    /// each must succeed (`tail -f` must still be following after 2s).
+    fn check_pokes(&mut self) -> Result<()> {
+        self.header("poke", "every command the demo prints runs as printed");
+        for (_, line) in self.pokes() {
+            let follows = line.starts_with("tail -f ");
+            let mut cmd = if follows {
+                let mut c = Command::new("timeout");
+                c.args(["2", "sh", "-c", &line]);
+                c
+            } else {
+                let mut c = Command::new("sh");
+                c.args(["-c", &line]);
+                c
+            };
+            let out = output(&mut cmd)?;
+            let code = out.status.code();
+            let ok = if follows {
+                code == Some(124)
+            } else {
+                code == Some(0)
+            };
+            let err = String::from_utf8_lossy(&out.stderr);
+            let r = if ok && err.lines().all(|l| !l.starts_with("warning:")) {
+                Ok(String::new())
+            } else {
+                Err(format!(
+                    "exit {}: {}{}",
+                    code.map(|c| c.to_string())
+                        .unwrap_or_else(|| "by signal".into()),
+                    err.trim(),
+                    String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .filter(|l| l.contains('!') || l.contains("NOT"))
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                ))
+            };
+            // Short names keep the checks table readable.
+            let mut name = line.replace(&self.p.shunt.display().to_string(), "shunt");
+            if name.len() > 72 {
+                let cut = (0..=69)
+                    .rev()
+                    .find(|i| name.is_char_boundary(*i))
+                    .unwrap_or(0);
+                name = format!("{}...", &name[..cut]);
+            }
+            self.record(&format!("$ {name}"), r);
+        }
+        Ok(())
     }
 }
 
@@ -1467,7 +1534,9 @@ pub fn run(root: &Path, check: bool) -> Result<()> {
                 bail!("step {} failed; the later steps build on it", demo.step);
             }
         }
-        if !demo.check {
+        if demo.check {
+            demo.check_pokes()?;
+        } else {
             demo.how_to_poke();
             loop {
                 sleep(Duration::from_millis(200))?;

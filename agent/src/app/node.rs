@@ -243,8 +243,7 @@ pub async fn run_with(
                 a,
                 Endpoints {
                     metrics: Some(metrics.clone()),
-                    ready: None,
-                    config_dump: None,
+                    ..Default::default()
                 },
             )
             .await?,
@@ -255,9 +254,8 @@ pub async fn run_with(
             AdminServer::bind(
                 a,
                 Endpoints {
-                    metrics: None,
                     ready: Some(ready.clone()),
-                    config_dump: None,
+                    ..Default::default()
                 },
             )
             .await?,
@@ -266,13 +264,15 @@ pub async fn run_with(
     if let Some(a) = opts.admin.config_dump {
         let m = model.clone();
         let dump: crate::admin::ConfigDumpFn = Arc::new(move || config_dump(&m.load()));
+        let m = model.clone();
+        let in_force: crate::admin::ConfigFn = Arc::new(move || m.load().config().clone());
         admin.push(
             AdminServer::bind(
                 a,
                 Endpoints {
-                    metrics: None,
-                    ready: None,
                     config_dump: Some(dump),
+                    config: Some(in_force),
+                    ..Default::default()
                 },
             )
             .await?,

@@ -176,6 +176,7 @@ impl WaypointServer {
                 config_dump: Some(dump),
                 ready: Some(ready.clone()),
                 metrics: Some(metrics.clone()),
+                ..Default::default()
             },
         )
         .await?

@@ -10,10 +10,11 @@ pub struct KernelArgs {
     /// Directory on a bpffs where maps and links are pinned.
     #[arg(long, env = "SHUNT_PIN_DIR", default_value = "/sys/fs/bpf/shunt")]
     pub pin_dir: PathBuf,
-    /// Network namespace (a path such as /var/run/netns/NAME) that is the
-    /// node: routes, sk_lookup, the capture socket and the DNS proxy live
-    /// there. Default: the current one.
-    #[arg(long, env = "SHUNT_NETNS")]
+    /// Network namespace that is the node (a name under /run/netns, as
+    /// `ip netns` lists them, or a path): routes, sk_lookup, the capture
+    /// socket, the DNS proxy and the admin endpoints live there. Default:
+    /// the current one (for `status` and `get`: the running agent's).
+    #[arg(long, env = "SHUNT_NETNS", value_parser = super::reach::parse_netns)]
     pub netns: Option<PathBuf>,
 }
 

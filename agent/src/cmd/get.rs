@@ -1,8 +1,11 @@
-//! `shunt get`: Istio objects of the config directory with the status the
-//! agent gives them, as `kubectl get` would show them. Reads the persisted
-//! allocation; never allocates.
+//! `shunt get`: Istio objects with the status the agent gives them, as
+//! `kubectl get` would show them. The objects are the config in force in
+//! the running agent (its `/config`, parsed by the same parser), else the
+//! config directory; a directory that differs from what is in force (a
+//! newer version not loaded yet, or an invalid one the agent refused) is
+//! said on stderr. Reads the persisted allocation; never allocates.
 
-use std::{collections::BTreeMap, path::Path, process::ExitCode, sync::Arc};
+use std::{collections::BTreeMap, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use serde_yaml_ng::Value;
@@ -11,12 +14,13 @@ use shunt_agent::{
     config::{
         labels,
         render::{self, ServiceEntryStatus, TableRow, WAYPOINT_BOUND},
-        Config, ConfigError, ObjectKey, Resource, WaypointRef,
+        Config, ConfigError, ObjectKey, Resource, Snapshot, WaypointRef,
     },
     model::{self, Model, NoCgroups, StatusClock},
 };
 
-use super::common::{ConfigDirArgs, StateArgs};
+use super::common::{runtime, ConfigDirArgs, StateArgs};
+use super::reach::{self, AdminArgs, AgentProcess};
 
 const EXAMPLES: &str = "Examples:\n  shunt get serviceentries\n  \
 shunt get se httpbin.org -n common-infrastructure -o yaml\n  shunt get workloadentries -o wide\n  \
@@ -75,6 +79,8 @@ struct GetArgs {
     config: ConfigDirArgs,
     #[command(flatten)]
     state: StateArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 impl GetArgs {
@@ -91,20 +97,122 @@ pub struct View {
     pub model: Model,
 }
 
-/// Loads the config directory, the persisted allocation and status times.
-pub fn load_view(config_dir: &Path, state_dir: &Path) -> anyhow::Result<View> {
-    let cfg = Config::load_dir(config_dir).map_err(|e| match e {
-        ConfigError::Invalid(p) => anyhow::anyhow!(
-            "the config directory {} has {} problem{}: run `shunt config check {}` to see them",
-            config_dir.display(),
-            p.len(),
-            if p.len() == 1 { "" } else { "s" },
-            config_dir.display()
-        ),
-        e => anyhow::anyhow!(
-            "{e}: pass --config-dir (or SHUNT_CONFIG_DIR) naming a readable directory"
-        ),
-    })?;
+fn problems(n: usize) -> String {
+    format!("{n} problem{}", if n == 1 { "" } else { "s" })
+}
+
+/// The config a `get` shows: the agent's in force when it answers, else the
+/// directory's. Differences are printed on stderr as `warning:` lines.
+fn config_for_get(a: &GetArgs) -> anyhow::Result<Config> {
+    let dir = &a.config.config_dir;
+    let agent = AgentProcess::find(&a.state.state_dir);
+    let addr = a
+        .admin
+        .admin_addr
+        .or(agent.running.then_some(reach::DEFAULT_ADMIN_ADDR));
+    let in_force = addr.map(|addr| {
+        // Before the runtime: its threads keep the namespace they start in.
+        let ns = reach::join_agent_netns(a.admin.netns.as_deref(), &agent);
+        let got = runtime()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(reach::admin_get(addr, "/config")))
+            .and_then(|(code, body)| match code {
+                200 => serde_json::from_slice::<shunt_agent::admin::ConfigInForce>(&body)
+                    .map(|c| c.snapshot())
+                    .map_err(|e| format!("unreadable answer: {e}")),
+                c => Err(format!(
+                    "answered {c}: {}",
+                    String::from_utf8_lossy(&body).trim()
+                )),
+            });
+        got.map_err(|e| match ns.error {
+            Some(ne) => {
+                format!("{e} (looked from this network namespace: cannot enter the agent's: {ne})")
+            }
+            None => e,
+        })
+        .map_err(|e| (addr, e))
+    });
+    let from_dir = Snapshot::read(dir).and_then(|s| s.parse().map(|c| (s, c)));
+    match (in_force, from_dir) {
+        (Some(Ok(snap)), from_dir) => {
+            let cfg = snap.parse().map_err(|e| {
+                anyhow::anyhow!(
+                    "the agent's config in force does not parse with this shunt binary (a different version?): {e}"
+                )
+            })?;
+            let agent_dir = snap.files.first().and_then(|(p, _)| p.parent());
+            let same_dir = agent_dir.is_none_or(|d| {
+                d.canonicalize()
+                    .ok()
+                    .zip(dir.canonicalize().ok())
+                    .is_some_and(|(x, y)| x == y)
+            });
+            if !same_dir {
+                eprintln!(
+                    "warning: the agent reads {}, not {}: showing the agent's config in force",
+                    agent_dir
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_default(),
+                    dir.display()
+                );
+                return Ok(cfg);
+            }
+            match from_dir {
+                Ok((s, _)) if s.same_files(&snap) => {}
+                Ok(_) => eprintln!(
+                    "warning: the config directory {} differs from the config in force in the agent, shown here: the agent reloads within a second (if it did not, see its log)",
+                    dir.display()
+                ),
+                Err(ConfigError::Invalid(p)) => eprintln!(
+                    "warning: the config directory {} holds a newer, invalid version ({}: run `shunt config check {}`); the agent keeps the previous config in force, shown here",
+                    dir.display(),
+                    problems(p.len()),
+                    dir.display()
+                ),
+                Err(e) => eprintln!("warning: {e}; showing the config in force in the agent"),
+            }
+            Ok(cfg)
+        }
+        (in_force, Ok((_, cfg))) => {
+            if let Some(Err((addr, e))) = in_force {
+                eprintln!(
+                    "warning: cannot read the config in force from the agent's {addr}/config ({e}): showing the config directory {}",
+                    dir.display()
+                );
+            }
+            Ok(cfg)
+        }
+        (in_force, Err(e)) => {
+            let agent = match in_force {
+                Some(Err((addr, ae))) => format!(
+                    "; the config in force could not be read from the agent's {addr}/config either ({ae})"
+                ),
+                _ => format!(
+                    "; no running agent in {} to show the config in force",
+                    agent.pid_file.display()
+                ),
+            };
+            Err(match e {
+                ConfigError::Invalid(p) => anyhow::anyhow!(
+                    "the config directory {} has {}: run `shunt config check {}` to see them{agent}",
+                    dir.display(),
+                    problems(p.len()),
+                    dir.display()
+                ),
+                e => anyhow::anyhow!(
+                    "{e}: pass --config-dir (or SHUNT_CONFIG_DIR) naming a readable directory{agent}"
+                ),
+            })
+        }
+    }
+}
+
+/// Loads the config (see [`config_for_get`]), the persisted allocation and
+/// status times.
+fn load_view(a: &GetArgs) -> anyhow::Result<View> {
+    let cfg = config_for_get(a)?;
+    let state_dir = &a.state.state_dir;
     let alloc = alloc::load(state_dir).with_context(|| {
         format!(
             "cannot read the VIP allocation in {}: pass the agent's --state-dir (or SHUNT_STATE_DIR)",
@@ -150,7 +258,7 @@ fn yaml_to_json(yaml: &str) -> anyhow::Result<String> {
 }
 
 fn service_entries(a: &GetArgs) -> anyhow::Result<ExitCode> {
-    let view = load_view(&a.config.config_dir, &a.state.state_dir)?;
+    let view = load_view(a)?;
     let empty = ServiceEntryStatus::default();
     let items: Vec<(&shunt_agent::config::ServiceEntry, &ServiceEntryStatus)> = view
         .cfg
@@ -311,7 +419,7 @@ fn print_objects(a: &GetArgs, items: Vec<Value>) -> anyhow::Result<()> {
 }
 
 fn workload_entries(a: &GetArgs) -> anyhow::Result<ExitCode> {
-    let view = load_view(&a.config.config_dir, &a.state.state_dir)?;
+    let view = load_view(a)?;
     let cfg = &view.cfg;
     let items: Vec<_> = cfg
         .workload_entries
@@ -374,7 +482,7 @@ fn workload_entries(a: &GetArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn waypoints(a: &GetArgs) -> anyhow::Result<ExitCode> {
-    let view = load_view(&a.config.config_dir, &a.state.state_dir)?;
+    let view = load_view(a)?;
     let cfg = &view.cfg;
     let items: Vec<_> = cfg
         .gateways
@@ -436,7 +544,7 @@ fn waypoints(a: &GetArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn policies(a: &GetArgs) -> anyhow::Result<ExitCode> {
-    let view = load_view(&a.config.config_dir, &a.state.state_dir)?;
+    let view = load_view(a)?;
     let items: Vec<_> = view
         .cfg
         .authorization_policies

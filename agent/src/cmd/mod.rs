@@ -8,6 +8,7 @@ pub mod config;
 pub mod get;
 pub mod maps;
 pub mod policy;
+pub mod reach;
 pub mod status;
 pub mod uninstall;
 pub mod waypoint;

@@ -1,13 +1,12 @@
 //! `shunt status`: is the agent installed, running and healthy? Reads the
-//! pins, the pid file and the readiness endpoint; changes nothing. Exits 1
-//! when the agent is not healthy.
+//! pins, the pid file and, from inside the agent's network namespace (see
+//! [`super::reach`]), the readiness endpoint and where the DNS proxy's
+//! addresses are; changes nothing. Exits 1 when the agent is not healthy.
 
 use std::{
-    ffi::CString,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::ExitCode,
-    time::Duration,
 };
 
 use aya::programs::links::{FdLink, PinnedLink};
@@ -18,16 +17,15 @@ use shunt_agent::{
     kernel::{
         link_pin,
         loader::{ProgramSpec, PROGRAMS},
-        netlink::DNS_INTERFACE,
         projection,
         registry::{MapDef, MetaSlot},
         PinnedMaps, LINK_PIN_PREFIX,
     },
-    proxy::capture as agent,
 };
 use shunt_common::LAYOUT_VERSION;
 
 use super::common::{runtime, KernelArgs, StateArgs};
+use super::reach::{self, AgentProcess, NetnsView};
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -39,7 +37,8 @@ pub struct Args {
     kernel: KernelArgs,
     #[command(flatten)]
     state: StateArgs,
-    /// Address of the agent's readiness endpoint (/healthz/ready).
+    /// Address of the agent's readiness endpoint (/healthz/ready), in the
+    /// agent's network namespace (entered through its pid, or --netns).
     #[arg(long, env = "SHUNT_READY_ADDR", default_value = "127.0.0.1:15021")]
     ready: SocketAddr,
     /// Output format: text or json.
@@ -52,21 +51,16 @@ struct Status {
     healthy: bool,
     problems: Vec<String>,
     pin_dir: PathBuf,
-    agent: AgentStatus,
+    agent: AgentProcess,
+    /// The network namespace the agent was looked at from.
+    netns: NetnsView,
     ready: ReadyStatus,
     programs: Vec<LinkStatus>,
     maps: Option<MapsStatus>,
-    dns_interface: DnsStatus,
+    /// `None` without DNS capture.
+    dns: Option<DnsStatus>,
     /// The agent's config source, as it last recorded it.
     config_source: Option<HealthRecord>,
-}
-
-#[derive(Serialize)]
-struct AgentStatus {
-    pid_file: PathBuf,
-    pid: Option<u32>,
-    running: bool,
-    exe: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -92,42 +86,22 @@ struct MapsStatus {
     layout_version: u32,
     egress_mode: &'static str,
     dns_capture: bool,
+    #[serde(skip)]
+    dns: Option<projection::DnsCapture>,
     services: usize,
     enrolled: usize,
     counters: Vec<(String, u64)>,
 }
 
+/// Where the DNS proxy's addresses are, in the agent's namespace: on the
+/// agent's dummy interface, or on `lo` where the kernel has no dummy driver
+/// (both deliver them locally).
 #[derive(Serialize)]
 struct DnsStatus {
-    name: &'static str,
+    addrs: Vec<IpAddr>,
+    /// Interfaces carrying each address, in `addrs` order.
+    interfaces: Vec<Vec<String>>,
     present: bool,
-}
-
-fn agent_status(state_dir: &Path) -> AgentStatus {
-    let pid_file = state_dir.join("agent.pid");
-    let pid = std::fs::read_to_string(&pid_file)
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok());
-    let exe = pid.and_then(|p| {
-        std::fs::read_link(format!("/proc/{p}/exe"))
-            .ok()
-            .map(|e| e.display().to_string())
-    });
-    // A pid file left by a dead agent may name an unrelated process now:
-    // only a process running a `shunt` binary counts.
-    let running = pid.is_some_and(|p| {
-        let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
-        comm.trim() == "shunt"
-            || exe
-                .as_deref()
-                .is_some_and(|e| e.trim_end_matches(" (deleted)").ends_with("/shunt"))
-    });
-    AgentStatus {
-        pid_file,
-        pid,
-        running,
-        exe,
-    }
 }
 
 fn link_status(program: &str, pin: PathBuf) -> LinkStatus {
@@ -200,6 +174,7 @@ fn maps_status(pin_dir: &Path) -> Result<MapsStatus, String> {
             OutboundMode::AllowAny => "ALLOW_ANY",
         },
         dns_capture: projection::dns_capture(&meta).is_some(),
+        dns: projection::dns_capture(&meta),
         services: maps.read_services().map_err(|e| e.to_string())?.len(),
         enrolled: maps.read_enrolled().map_err(|e| e.to_string())?.len(),
         counters: maps
@@ -211,35 +186,63 @@ fn maps_status(pin_dir: &Path) -> Result<MapsStatus, String> {
     })
 }
 
-fn dns_interface_present() -> bool {
-    // if_nametoindex asks the kernel in this process's network namespace
-    // (unlike /sys/class/net, which shows the namespace sysfs was mounted in).
-    let name = CString::new(DNS_INTERFACE).expect("no NUL");
-    // SAFETY: a valid NUL-terminated string.
-    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+/// Interfaces that carry `ip`, in this process's network namespace
+/// (getifaddrs asks the kernel; /sys/class/net shows the namespace sysfs was
+/// mounted in).
+fn interfaces_with(ip: IpAddr) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr whose family says its type.
+        let addr: Option<IpAddr> = unsafe {
+            match (*ifa.ifa_addr).sa_family as libc::c_int {
+                libc::AF_INET => {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    Some(IpAddr::from(
+                        u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                    ))
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+                }
+                _ => None,
+            }
+        };
+        if addr == Some(ip) {
+            // SAFETY: ifa_name is a NUL-terminated string of the list.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+            let name = name.to_string_lossy().into_owned();
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+    }
+    // SAFETY: head came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out
 }
 
-async fn probe_ready(addr: SocketAddr) -> Result<u16, String> {
-    use http_body_util::Empty;
-    use hyper_util::rt::TokioIo;
-    let go = async {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let req = hyper::Request::get("/healthz/ready")
-            .header(hyper::header::HOST, addr.to_string())
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
-        Ok(resp.status().as_u16())
-    };
-    tokio::time::timeout(Duration::from_secs(3), go)
-        .await
-        .map_err(|_| "no answer within 3s".to_string())?
+fn dns_status(m: &MapsStatus) -> Option<DnsStatus> {
+    let d = m.dns?;
+    let addrs = vec![IpAddr::V4(d.addr4), IpAddr::V6(d.addr6)];
+    let interfaces: Vec<Vec<String>> = addrs.iter().map(|a| interfaces_with(*a)).collect();
+    Some(DnsStatus {
+        present: interfaces.iter().all(|i| !i.is_empty()),
+        addrs,
+        interfaces,
+    })
 }
 
 /// True if anything of shunt's is pinned in `pin_dir`.
@@ -264,12 +267,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             pin_dir.display()
         );
     }
-    if let Some(ns) = &args.kernel.netns {
-        agent::enter_netns(ns)?;
+    // Before the runtime: its threads keep the namespace they start in.
+    let agent = AgentProcess::find(&args.state.state_dir);
+    let netns = reach::join_agent_netns(args.kernel.netns.as_deref(), &agent);
+    if let (Some(ns), Some(e)) = (&args.kernel.netns, &netns.error) {
+        anyhow::bail!("cannot enter the network namespace {}: {e}", ns.display());
     }
-    let agent = agent_status(&args.state.state_dir);
-    let ready = match runtime()?.block_on(probe_ready(args.ready)) {
-        Ok(code) => ReadyStatus {
+    let ready = match runtime()?.block_on(reach::admin_get(args.ready, "/healthz/ready")) {
+        Ok((code, _)) => ReadyStatus {
             addr: args.ready,
             code: Some(code),
             error: None,
@@ -282,10 +287,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let programs = programs(&pin_dir);
     let maps = maps_status(&pin_dir);
-    let dns = DnsStatus {
-        name: DNS_INTERFACE,
-        present: dns_interface_present(),
-    };
+    let dns = maps.as_ref().ok().and_then(dns_status);
 
     let mut problems = Vec::new();
     if !agent.running {
@@ -299,6 +301,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 agent.pid_file.display()
             ),
         });
+    }
+    if let (true, Some(e)) = (agent.running, &ready.error) {
+        problems.push(format!(
+            "/healthz/ready on {} is not reachable{} ({e}): pass the agent's --ready-addr as --ready, or its namespace as --netns",
+            ready.addr,
+            match (&netns.entered, &netns.error) {
+                (_, Some(ne)) => format!(" from this namespace (the agent's cannot be entered: {ne})"),
+                (Some(p), None) => format!(" in {}", p.display()),
+                (None, None) => String::new(),
+            }
+        ));
     }
     if let Some(c) = ready.code.filter(|c| *c != 200) {
         problems.push(format!(
@@ -321,8 +334,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "pinned maps have layout v{}, this shunt uses v{LAYOUT_VERSION}: run `shunt uninstall` and restart the agent",
             m.layout_version
         )),
-        Ok(m) if m.dns_capture && !dns.present => problems.push(format!(
-            "DNS capture is on but the interface {DNS_INTERFACE} is missing: restart `shunt agent`"
+        Ok(m) if m.dns_capture && dns.as_ref().is_some_and(|d| !d.present) => problems.push(format!(
+            "DNS capture is on but the DNS proxy's addresses ({}) are on no interface{}: restart `shunt agent`",
+            m.dns.map(|d| format!("{}, {}", d.addr4, d.addr6)).unwrap_or_default(),
+            if netns.entered.is_none() && netns.error.is_some() {
+                " of this namespace (the agent's cannot be entered)"
+            } else {
+                ""
+            }
         )),
         Ok(_) => {}
         Err(e) => problems.push(format!("cannot read the pinned maps: {e}")),
@@ -343,10 +362,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         problems,
         pin_dir,
         agent,
+        netns,
         ready,
         programs,
         maps: maps.ok(),
-        dns_interface: dns,
+        dns,
         config_source,
     };
     if args.output == "json" {
@@ -381,6 +401,13 @@ fn print_text(s: &Status) {
                 .unwrap_or_default()
         ),
         None => println!("  no pid file at {}", a.pid_file.display()),
+    }
+    match (&s.netns.entered, &s.netns.error) {
+        (Some(p), _) => println!("  network namespace {}", p.display()),
+        (None, Some(e)) => {
+            println!("  network namespace: this one (cannot enter the agent's: {e})")
+        }
+        (None, None) => {}
     }
     match (s.ready.code, &s.ready.error) {
         (Some(c), _) => println!("  /healthz/ready on {}: {c}", s.ready.addr),
@@ -427,13 +454,14 @@ fn print_text(s: &Status) {
         }
         None => println!("  unreadable"),
     }
-    println!(
-        "\nDNS interface {}: {}",
-        s.dns_interface.name,
-        if s.dns_interface.present {
-            "present"
-        } else {
-            "absent"
+    if let Some(d) = &s.dns {
+        println!("\nDNS PROXY ADDRESSES");
+        for (a, i) in d.addrs.iter().zip(&d.interfaces) {
+            if i.is_empty() {
+                println!("  {a:<16} ON NO INTERFACE");
+            } else {
+                println!("  {a:<16} on {}", i.join(","));
+            }
         }
-    );
+    }
 }

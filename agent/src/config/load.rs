@@ -69,21 +69,44 @@ impl Snapshot {
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
+        Ok(Snapshot::new(files))
+    }
+
+    /// A snapshot of `files` (sorted by name), with their content hash.
+    pub fn new(files: Vec<(PathBuf, Vec<u8>)>) -> Snapshot {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         for (p, b) in &files {
             p.hash(&mut h);
             b.hash(&mut h);
         }
-        Ok(Snapshot {
+        Snapshot {
             files,
             digest: h.finish(),
-        })
+        }
+    }
+
+    /// Same files with the same contents, by file name: what `shunt get`
+    /// compares (the agent and the operator may spell the directory
+    /// differently).
+    pub fn same_files(&self, other: &Snapshot) -> bool {
+        let names = |s: &Snapshot| -> Vec<(Option<std::ffi::OsString>, u64)> {
+            s.files
+                .iter()
+                .map(|(p, b)| {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    b.hash(&mut h);
+                    (p.file_name().map(|n| n.to_os_string()), h.finish())
+                })
+                .collect()
+        };
+        names(self) == names(other)
     }
 
     /// Parses and validates every file; all problems or a `Config`.
     pub fn parse(&self) -> Result<Config, ConfigError> {
         let mut b = Builder::default();
         b.cfg.digest = self.digest;
+        b.cfg.source = Some(std::sync::Arc::new(self.clone()));
         let mut seq = 0usize;
         for (path, bytes) in &self.files {
             let is_mesh = path

@@ -35,6 +35,9 @@ pub struct Config {
     pub authorization_policies: Vec<AuthorizationPolicy>,
     /// Content hash of the files this config was read from.
     pub digest: u64,
+    /// The files themselves (the agent serves them as the config in force);
+    /// `None` for a config not parsed from a source.
+    pub source: Option<std::sync::Arc<Snapshot>>,
     /// Kinds (`Kind.group`) that were ignored, with their object counts.
     pub ignored_kinds: BTreeMap<String, usize>,
 }

@@ -188,7 +188,7 @@ async fn udp_loop(sock: Arc<UdpSocket>, inner: Arc<Inner>, limit: Arc<Semaphore>
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             inner.metrics.requests.inc();
             if let Some(suppressed) = SATURATED_LOG.allow() {
-                warn!(%peer, suppressed, "DNS proxy saturated; dropping UDP query");
+                warn!(peer = %crate::telemetry::LogAddr(peer), suppressed, "DNS proxy saturated; dropping UDP query");
             }
             continue;
         };
@@ -198,7 +198,7 @@ async fn udp_loop(sock: Arc<UdpSocket>, inner: Arc<Inner>, limit: Arc<Semaphore>
         tokio::spawn(async move {
             if let Some(resp) = inner.handle(&query, true, peer.ip()).await {
                 if let Err(e) = sock.send_to(&resp, peer).await {
-                    debug!(%peer, error = %e, "udp send");
+                    debug!(peer = %crate::telemetry::LogAddr(peer), error = %e, "udp send");
                 }
             }
             drop(permit);
@@ -222,7 +222,9 @@ async fn tcp_loop(listener: TcpListener, inner: Arc<Inner>, budget: Arc<Semaphor
                 }
                 drop(permit);
             }
-            .instrument(tracing::debug_span!("dns_tcp_conn", %peer)),
+            .instrument(
+                tracing::debug_span!("dns_tcp_conn", peer = %crate::telemetry::LogAddr(peer)),
+            ),
         );
     }
 }

@@ -162,7 +162,8 @@ impl HboneServer {
             };
             let this = self.clone();
             let handler = handler.clone();
-            let span = tracing::info_span!("hbone_inbound", peer = %peer);
+            let span =
+                tracing::info_span!("hbone_inbound", peer = %crate::telemetry::LogAddr(peer));
             tokio::spawn(
                 async move {
                     if let Err(e) = this.serve_admitted(tcp, peer, handler, permit).await {

@@ -281,7 +281,8 @@ impl CaptureServer {
     }
 }
 
-const PIDFILE: &str = "agent.pid";
+/// The agent's pid, in its state directory (read by `shunt status`).
+pub const PIDFILE: &str = "agent.pid";
 
 fn pidfile_owner(state_dir: &Path) -> Option<u32> {
     std::fs::read_to_string(state_dir.join(PIDFILE))

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use super::{rfc3339_micros, TelemetryError};
+use super::{rfc3339_micros, LogAddr, TelemetryError};
 
 /// `--log-format`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -121,7 +121,7 @@ impl ConnectionLog {
             "{} {} access connection complete src.addr={}",
             rfc3339_micros(self.time),
             self.level(),
-            self.src_addr
+            LogAddr(self.src_addr)
         );
         let quoted = |out: &mut String, key: &str, v: &Option<String>| {
             if let Some(v) = v {
@@ -131,7 +131,7 @@ impl ConnectionLog {
         quoted(&mut out, "src.workload", &self.src_workload);
         quoted(&mut out, "src.namespace", &self.src_namespace);
         quoted(&mut out, "src.identity", &self.src_identity);
-        let _ = write!(out, " dst.addr={}", self.dst_addr);
+        let _ = write!(out, " dst.addr={}", LogAddr(self.dst_addr));
         if let Some(h) = &self.dst_hbone_addr {
             let _ = write!(out, " dst.hbone_addr={h}");
         }
@@ -168,7 +168,7 @@ impl ConnectionLog {
         field("time", s(&rfc3339_micros(self.time)));
         field("scope", s("access"));
         field("message", s("connection complete"));
-        field("src.addr", s(&self.src_addr.to_string()));
+        field("src.addr", s(&LogAddr(self.src_addr).to_string()));
         let opt = |field: &mut dyn FnMut(&str, serde_json::Value), k: &str, v: &Option<String>| {
             if let Some(v) = v {
                 field(k, serde_json::Value::String(v.clone()));
@@ -177,7 +177,7 @@ impl ConnectionLog {
         opt(&mut field, "src.workload", &self.src_workload);
         opt(&mut field, "src.namespace", &self.src_namespace);
         opt(&mut field, "src.identity", &self.src_identity);
-        field("dst.addr", s(&self.dst_addr.to_string()));
+        field("dst.addr", s(&LogAddr(self.dst_addr).to_string()));
         opt(&mut field, "dst.hbone_addr", &self.dst_hbone_addr);
         opt(&mut field, "dst.service", &self.dst_service);
         opt(&mut field, "dst.workload", &self.dst_workload);
@@ -237,7 +237,7 @@ impl EgressLog {
                 "src.workload": src.map(|s| s.0.as_str()),
                 "src.namespace": src.map(|s| s.1.as_str()),
                 "src.identity": src.map(|s| s.2.as_str()),
-                "dst.addr": self.dst_addr.to_string(), "protocol": proto, "direction": "outbound",
+                "dst.addr": LogAddr(self.dst_addr).to_string(), "protocol": proto, "direction": "outbound",
             })
             .to_string();
         }
@@ -250,7 +250,7 @@ impl EgressLog {
         }
         s.push_str(&format!(
             " dst.addr={} protocol=\"{proto}\" direction=\"outbound\"",
-            self.dst_addr
+            LogAddr(self.dst_addr)
         ));
         s
     }

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
-use super::{rfc3339_millis, LogFormat};
+use super::{rfc3339_millis, LogAddr, LogFormat};
 
 /// One HTTP request seen by the waypoint.
 #[derive(Clone, Debug)]
@@ -73,7 +73,8 @@ fn no_spaces(v: Option<&str>) -> String {
 }
 
 fn addr(a: &Option<SocketAddr>) -> String {
-    a.map(|a| a.to_string()).unwrap_or_else(|| "-".to_string())
+    a.map(|a| LogAddr(a).to_string())
+        .unwrap_or_else(|| "-".to_string())
 }
 
 impl RequestLog {
@@ -166,7 +167,7 @@ impl RequestLog {
     pub fn format_json(&self) -> String {
         let o = |v: &Option<String>| v.clone().map(serde_json::Value::String).unwrap_or_default();
         let a = |v: &Option<SocketAddr>| {
-            v.map(|a| serde_json::Value::String(a.to_string()))
+            v.map(|a| serde_json::Value::String(LogAddr(a).to_string()))
                 .unwrap_or_default()
         };
         // serde_json keeps insertion order only with `preserve_order`, so the

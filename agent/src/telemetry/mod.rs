@@ -2,11 +2,13 @@
 //! logs (waypoint), and the process-wide Prometheus registry.
 
 mod access_log;
+mod addr;
 mod envoy_log;
 mod metrics;
 mod ratelimit;
 
 pub use access_log::{AccessLogger, ConnectionLog, Direction, EgressLog, LogFormat};
+pub use addr::{LogAddr, LogIp};
 pub use envoy_log::RequestLog;
 pub use metrics::{
     count_accept_error, count_refused_connection, ConnectionLabels, ConnectionRecorder, DnsMetrics,

@@ -48,6 +48,7 @@ impl TunnelHandler {
         service: Option<&str>,
     ) -> ConnectionLog {
         let mut l = ConnectionLog::new(req.source_addr, dst, Direction::Inbound);
+        l.src_workload = source::workload_name(&self.shared.routes.load().model, req);
         l.src_namespace = Some(req.peer_identity.namespace().to_string());
         l.src_identity = Some(req.peer_identity.uri());
         l.dst_hbone_addr = Some(req.authority.to_string());
@@ -194,7 +195,7 @@ impl ConnectHandler for TunnelHandler {
     }
 
     fn rejected(&self, peer: &SpiffeId, peer_addr: SocketAddr, why: &str) {
-        tracing::info!(identity = %peer, %peer_addr, reason = %why, "HBONE request rejected with 400");
+        tracing::info!(identity = %peer, peer_addr = %crate::telemetry::LogAddr(peer_addr), reason = %why, "HBONE request rejected with 400");
     }
 }
 

@@ -239,7 +239,7 @@ impl Upstream {
                     tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
                 }
             }
-            .instrument(tracing::debug_span!("upstream", %peer)),
+            .instrument(tracing::debug_span!("upstream", peer = %crate::telemetry::LogAddr(peer))),
         );
         Ok(Idle {
             send,

@@ -53,6 +53,16 @@ pub(crate) fn judge(req: &InboundRequest, model: &Model) -> Source {
     }
 }
 
+/// The source workload's name for log lines, as ztunnel's `src.workload`:
+/// the workload at the (trusted) source address, when its identity is the
+/// certificate's; `None` rather than a name the certificate does not back.
+pub(crate) fn workload_name(model: &Model, req: &InboundRequest) -> Option<String> {
+    model
+        .workload_by_addr(req.source_addr.ip())
+        .filter(|w| w.identity == req.peer_identity)
+        .map(|w| w.key.name.clone())
+}
+
 /// [`judge`], counting and logging (rate-limited: a client can send any
 /// number of tunnels) a refused claim; returns the address to use.
 pub(crate) fn trusted(shared: &Shared, req: &InboundRequest, model: &Model) -> SocketAddr {
@@ -63,8 +73,8 @@ pub(crate) fn trusted(shared: &Shared, req: &InboundRequest, model: &Model) -> S
         if let Some(suppressed) = LOG.allow() {
             tracing::warn!(
                 identity = %req.peer_identity,
-                %claimed,
-                %peer,
+                claimed = %crate::telemetry::LogAddr(claimed),
+                peer = %crate::telemetry::LogAddr(peer),
                 suppressed,
                 "Forwarded for= is not a workload of the client's identity, using the peer address"
             );
