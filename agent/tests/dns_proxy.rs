@@ -710,3 +710,49 @@ async fn dns_config_errors_are_named() {
         .unwrap_err();
     assert!(e.to_string().contains("upstream"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_answers_a_host_only_to_namespaces_it_is_exported_to() {
+    use shunt_agent::model::ExportTo;
+    let up = start_upstream().await;
+    let h = start_proxy(vec![up.addr], Duration::from_secs(2)).await;
+    let only = |ns: &str| ExportTo {
+        public: false,
+        namespaces: [ns.to_string()].into(),
+    };
+    // The client (127.0.0.1) is a workload of namespace apps.
+    h.hosts.store(Arc::new(
+        HostTable::from_scoped(
+            [
+                (
+                    "mine.test",
+                    only("apps"),
+                    vec![Ipv4Addr::new(240, 240, 0, 7)],
+                    vec![],
+                ),
+                (
+                    "theirs.test",
+                    only("team"),
+                    vec![Ipv4Addr::new(240, 240, 0, 8)],
+                    vec![],
+                ),
+            ],
+            [("127.0.0.1".parse().unwrap(), "apps".to_string())],
+        )
+        .unwrap(),
+    ));
+    for transport in ["+notcp", "+tcp"] {
+        let d = dig(h.port(), &[transport, "mine.test", "A"]).await;
+        assert_eq!(
+            d.answers(),
+            vec![("mine.test.".into(), 30, "A".into(), "240.240.0.7".into())],
+            "{}",
+            d.out
+        );
+        // Not exported to apps: no VIP, the query goes upstream.
+        let before = up.asked("theirs.test", RecordType::A).len();
+        let d = dig(h.port(), &[transport, "theirs.test", "A"]).await;
+        assert_eq!(d.status(), "NXDOMAIN", "{}", d.out);
+        assert_eq!(up.asked("theirs.test", RecordType::A).len(), before + 1);
+    }
+}
