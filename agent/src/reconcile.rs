@@ -19,7 +19,7 @@ use crate::{
     alloc::Allocator,
     app::node::{dns_capture, DnsSettings, NodeError, NodeOptions},
     config::{watch::ConfigWatcher, Config},
-    dns::{HostTable, SharedHostTable},
+    dns::{ClientTable, HostTable, SharedClients, SharedHostTable},
     kernel::{self, projection, MapSync},
     model::{now_rfc3339, CgroupDir, Model, StatusClock},
 };
@@ -34,6 +34,8 @@ pub struct Reconciler {
     /// restarted agent changes only what differs.
     sync: MapSync,
     hosts: SharedHostTable,
+    /// Whom the DNS proxy serves: the enrolled workloads and the node.
+    dns_clients: SharedClients,
     model: Arc<ArcSwap<Model>>,
     clock: StatusClock,
     ready: Arc<AtomicBool>,
@@ -44,6 +46,7 @@ impl Reconciler {
         opts: &NodeOptions,
         pin_dir: &std::path::Path,
         hosts: SharedHostTable,
+        dns_clients: SharedClients,
         model: Arc<ArcSwap<Model>>,
         ready: Arc<AtomicBool>,
     ) -> Result<Self, NodeError> {
@@ -54,6 +57,7 @@ impl Reconciler {
             alloc: Allocator::open(&opts.agent.state_dir)?.with_grace(opts.vip_grace),
             sync: MapSync::open(pin_dir)?,
             hosts,
+            dns_clients,
             model,
             clock: StatusClock::load(&opts.agent.state_dir),
             ready,
@@ -126,6 +130,10 @@ impl Reconciler {
             Ok(t) => self.hosts.store(Arc::new(t)),
             Err(e) => error!(error = %e, "DNS host table not updated"),
         }
+        // The node's own addresses are read again too (interfaces change).
+        self.dns_clients.store(Arc::new(ClientTable::new(
+            model.enrolled().filter_map(|(_, w)| w.address),
+        )));
         if self.clock.stamp(&mut model.status, &now_rfc3339()) {
             if let Err(e) = self.clock.save(&self.state_dir) {
                 warn!(error = %e, "saving status times");

@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin::{AdminServer, Endpoints},
     config::watch::ConfigWatcher,
-    dns::{DnsConfig, DnsProxy, HostTable, SharedHostTable},
+    dns::{ClientTable, DnsConfig, DnsProxy, HostTable, SharedClients, SharedHostTable},
     hbone::{ClientSettings, HboneClient},
     identity::{Ca, IdentityConfig, IdentityManager},
     kernel::{
@@ -64,6 +64,8 @@ pub struct DnsSettings {
     pub port: u16,
     /// Where other names are forwarded.
     pub upstreams: Vec<SocketAddr>,
+    /// Forwarded queries in flight per client address.
+    pub max_inflight_per_client: usize,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -186,18 +188,18 @@ pub async fn run_with(
     let logger = Arc::new(AccessLogger::stdout(opts.log_format));
 
     let hosts: SharedHostTable = HostTable::empty().into_shared();
+    // The node until the first config names the enrolled workloads.
+    let dns_clients: SharedClients = ClientTable::node_only().into_shared();
     let _dns = if opts.dns.enabled {
         kernel::netlink::install_dns_interface(opts.dns.addr4, opts.dns.addr6).await?;
         let listen = vec![
             SocketAddr::new(opts.dns.addr4.into(), opts.dns.port),
             SocketAddr::new(opts.dns.addr6.into(), opts.dns.port),
         ];
-        let proxy = DnsProxy::start(
-            DnsConfig::new(listen, opts.dns.upstreams.clone()),
-            hosts.clone(),
-            metrics.dns(),
-        )
-        .await?;
+        let mut config = DnsConfig::new(listen, opts.dns.upstreams.clone());
+        config.max_inflight_per_client = opts.dns.max_inflight_per_client;
+        config.clients = dns_clients.clone();
+        let proxy = DnsProxy::start(config, hosts.clone(), metrics.dns()).await?;
         info!(listen = ?proxy.local_addrs(), upstreams = ?opts.dns.upstreams, "DNS proxy ready");
         Some(proxy)
     } else {
@@ -228,8 +230,14 @@ pub async fn run_with(
 
     let model = Arc::new(ArcSwap::from_pointee(Model::default()));
     let ready = Arc::new(AtomicBool::new(false));
-    let mut reconciler =
-        Reconciler::new(&opts, &pin_dir, hosts.clone(), model.clone(), ready.clone())?;
+    let mut reconciler = Reconciler::new(
+        &opts,
+        &pin_dir,
+        hosts.clone(),
+        dns_clients,
+        model.clone(),
+        ready.clone(),
+    )?;
     if let Some(cfg) = initial {
         reconciler.apply(&cfg).await;
     }

@@ -96,6 +96,10 @@ pub struct Args {
     /// Do not run the DNS proxy or capture DNS.
     #[arg(long)]
     no_dns: bool,
+    /// Forwarded DNS queries in flight per client address; beyond, that
+    /// client's queries are dropped (ServiceEntry answers never are).
+    #[arg(long, env = "SHUNT_DNS_MAX_INFLIGHT_PER_CLIENT", default_value_t = shunt_agent::dns::DEFAULT_MAX_INFLIGHT_PER_CLIENT)]
+    dns_max_inflight_per_client: usize,
     /// Prometheus /metrics listener.
     #[arg(long, env = "SHUNT_METRICS_ADDR", default_value = "[::]:15020")]
     metrics_addr: SocketAddr,
@@ -219,6 +223,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             addr6: args.dns_addr6,
             port: args.dns_port,
             upstreams,
+            max_inflight_per_client: args.dns_max_inflight_per_client,
         },
         admin: AdminAddrs {
             metrics: Some(args.metrics_addr),

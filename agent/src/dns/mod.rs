@@ -1,18 +1,23 @@
 //! DNS proxy: answers A/AAAA for ServiceEntry hosts with their VIPs
 //! (authoritative, TTL 30 s) and forwards everything else to the upstream
-//! resolvers. UDP and TCP on every listen address. Built on hickory-proto
+//! resolvers. UDP and TCP on every listen address. Only enrolled workloads
+//! and the node are served; ServiceEntry answers never wait behind
+//! forwarded queries, which are budgeted per client. Built on hickory-proto
 //! for parsing and serialization only; the proxy logic is ours.
 //!
 //! The host table is read through an [`ArcSwap`], so the config side can
 //! publish a new table at any time and the next query sees it, with no lock
 //! on the query path.
 
+mod budget;
+mod clients;
 mod hosts;
 mod proxy;
 mod upstream;
 
+pub use clients::{ClientTable, SharedClients};
 pub use hosts::{HostAddrs, HostTable, SharedHostTable};
-pub use proxy::{DnsConfig, DnsProxy};
+pub use proxy::{DnsConfig, DnsProxy, DEFAULT_MAX_INFLIGHT_PER_CLIENT};
 pub use upstream::{parse_upstream, upstreams_from_resolv_conf};
 
 use std::net::SocketAddr;

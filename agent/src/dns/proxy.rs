@@ -11,11 +11,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
+use super::budget::{ForwardBudget, Permit};
+use super::clients::{ClientTable, SharedClients};
 use super::{DnsError, HostAddrs, SharedHostTable, SERVICE_ENTRY_TTL};
 use crate::sockets::{Acceptor, ListenerName};
-use crate::telemetry::{DnsMetrics, LogLimit};
+use crate::telemetry::{DnsDropLabels, DnsMetrics, LogLimit};
 
 /// Plain inputs of the proxy.
 #[derive(Clone, Debug)]
@@ -36,9 +38,15 @@ pub struct DnsConfig {
     /// TCP connections open at once per listener; beyond, new ones are
     /// closed at accept (clients fall back to UDP or retry).
     pub max_tcp_connections: usize,
-    /// UDP queries being answered at once; beyond that, packets are dropped
-    /// (the client retries) rather than queued without bound.
-    pub max_inflight_udp: usize,
+    /// Queries waiting on an upstream resolver at once, all clients
+    /// together (UDP and TCP); beyond, queries are dropped (the client
+    /// retries) rather than queued without bound.
+    pub max_inflight: usize,
+    /// The same, per client address: one client's flood of names to forward
+    /// cannot take the others' share. ServiceEntry answers take no budget.
+    pub max_inflight_per_client: usize,
+    /// Whom to serve (enrolled workloads, the node); others get REFUSED.
+    pub clients: SharedClients,
 }
 
 impl DnsConfig {
@@ -50,10 +58,21 @@ impl DnsConfig {
             max_udp_payload: 1232,
             tcp_idle_timeout: Duration::from_secs(10),
             max_tcp_connections: 256,
-            max_inflight_udp: 4096,
+            max_inflight: 4096,
+            max_inflight_per_client: DEFAULT_MAX_INFLIGHT_PER_CLIENT,
+            clients: ClientTable::node_only().into_shared(),
         }
     }
 }
+
+/// Default of [`DnsConfig::max_inflight_per_client`]: a pod's resolver
+/// rarely has more than a few queries outstanding; 256 at a 2 s timeout
+/// still forwards over 100 queries a second to a blackholed upstream.
+pub const DEFAULT_MAX_INFLIGHT_PER_CLIENT: usize = 256;
+
+/// Receive buffer of each UDP listener (the kernel caps it at
+/// `net.core.rmem_max`): ~5,000 queries.
+const UDP_RECV_BUFFER: usize = 4 << 20;
 
 /// Smallest UDP payload any DNS client accepts (RFC 1035).
 const MIN_UDP_PAYLOAD: u16 = 512;
@@ -65,6 +84,8 @@ struct Inner {
     max_udp_payload: u16,
     tcp_idle_timeout: Duration,
     metrics: DnsMetrics,
+    clients: SharedClients,
+    budget: Arc<ForwardBudget>,
 }
 
 /// A running proxy; dropping it stops every listener.
@@ -105,6 +126,8 @@ impl DnsProxy {
             max_udp_payload: config.max_udp_payload.max(MIN_UDP_PAYLOAD),
             tcp_idle_timeout: config.tcp_idle_timeout,
             metrics,
+            clients: config.clients.clone(),
+            budget: ForwardBudget::new(config.max_inflight, config.max_inflight_per_client),
         });
         let mut local_addrs = Vec::new();
         let mut tasks = Vec::new();
@@ -116,9 +139,14 @@ impl DnsProxy {
                 source,
             })?;
             local_addrs.push(local);
-            let limit = Arc::new(Semaphore::new(config.max_inflight_udp.max(1)));
+            // One queue for every client: room for a burst of a flood so
+            // that the others' packets are not dropped by the kernel before
+            // the loop (which answers ServiceEntry names first) sees them.
+            if let Err(e) = socket2::SockRef::from(&udp).set_recv_buffer_size(UDP_RECV_BUFFER) {
+                debug!(error = %e, "SO_RCVBUF on the DNS listener");
+            }
             tasks.push(tokio::spawn(
-                udp_loop(Arc::new(udp), inner.clone(), limit)
+                udp_loop(Arc::new(udp), inner.clone())
                     .instrument(tracing::info_span!("dns_udp", %local)),
             ));
             let tcp_budget = Arc::new(Semaphore::new(config.max_tcp_connections.max(1)));
@@ -170,12 +198,17 @@ async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsErro
     Err(last.unwrap_or(DnsError::NoListenAddress))
 }
 
-/// A flood makes every dropped query a candidate line: one a second.
-static SATURATED_LOG: LogLimit = LogLimit::new(Duration::from_secs(1));
+/// Lines an attacker can trigger per packet: at most one per interval
+/// each, carrying the count since the previous line (the metrics have the
+/// exact totals).
+static DROP_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
+static REFUSED_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
+static SERVFAIL_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 
-async fn udp_loop(sock: Arc<UdpSocket>, inner: Arc<Inner>, limit: Arc<Semaphore>) {
-    // One receive buffer for the listener; each query is copied out into
-    // its own Vec (the message) for its task.
+async fn udp_loop(sock: Arc<UdpSocket>, inner: Arc<Inner>) {
+    // One receive buffer for the listener; a forwarded query is copied out
+    // into its own Vec for its task. Local answers are sent from here, so
+    // they never wait behind forwarded queries.
     let mut buf = vec![0u8; 65535];
     loop {
         let (n, peer) = match sock.recv_from(&mut buf).await {
@@ -185,21 +218,26 @@ async fn udp_loop(sock: Arc<UdpSocket>, inner: Arc<Inner>, limit: Arc<Semaphore>
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            inner.metrics.requests.inc();
-            if let Some(suppressed) = SATURATED_LOG.allow() {
-                warn!(peer = %crate::telemetry::LogAddr(peer), suppressed, "DNS proxy saturated; dropping UDP query");
+        let (req, limit) = match inner.prepare(&buf[..n], true, peer.ip()) {
+            Step::Drop => continue,
+            Step::Answer(resp) => {
+                if let Err(e) = sock.send_to(&resp, peer).await {
+                    debug!(peer = %crate::telemetry::LogAddr(peer), error = %e, "udp send");
+                }
+                continue;
             }
+            Step::Forward { req, limit } => (req, limit),
+        };
+        let Some(permit) = inner.take_budget(peer.ip()) else {
             continue;
         };
         let query = buf[..n].to_vec();
         let sock = sock.clone();
         let inner = inner.clone();
         tokio::spawn(async move {
-            if let Some(resp) = inner.handle(&query, true, peer.ip()).await {
-                if let Err(e) = sock.send_to(&resp, peer).await {
-                    debug!(peer = %crate::telemetry::LogAddr(peer), error = %e, "udp send");
-                }
+            let resp = inner.forward(&req, &query, limit).await;
+            if let Err(e) = sock.send_to(&resp, peer).await {
+                debug!(peer = %crate::telemetry::LogAddr(peer), error = %e, "udp send");
             }
             drop(permit);
         });
@@ -217,7 +255,7 @@ async fn tcp_loop(listener: TcpListener, inner: Arc<Inner>, budget: Arc<Semaphor
         let inner = inner.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = tcp_conn(stream, &inner, peer.ip()).await {
+                if let Err(e) = tcp_conn(stream, peer.ip(), &inner).await {
                     debug!(error = %e, "dns tcp connection");
                 }
                 drop(permit);
@@ -231,7 +269,7 @@ async fn tcp_loop(listener: TcpListener, inner: Arc<Inner>, budget: Arc<Semaphor
 
 /// Several length-prefixed queries per connection (RFC 7766), answered in
 /// order; TCP answers are never truncated.
-async fn tcp_conn(mut stream: TcpStream, inner: &Inner, peer: IpAddr) -> std::io::Result<()> {
+async fn tcp_conn(mut stream: TcpStream, client: IpAddr, inner: &Inner) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     loop {
         let mut len = [0u8; 2];
@@ -248,8 +286,17 @@ async fn tcp_conn(mut stream: TcpStream, inner: &Inner, peer: IpAddr) -> std::io
         tokio::time::timeout(inner.tcp_idle_timeout, stream.read_exact(&mut query))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "partial query"))??;
-        let Some(resp) = inner.handle(&query, false, peer).await else {
-            return Ok(());
+        let resp = match inner.prepare(&query, false, client) {
+            Step::Drop => return Ok(()),
+            Step::Answer(resp) => resp,
+            Step::Forward { req, limit } => {
+                // Budget spent: close, as a UDP query is dropped; the
+                // client retries.
+                let Some(_permit) = inner.take_budget(client) else {
+                    return Ok(());
+                };
+                inner.forward(&req, &query, limit).await
+            }
         };
         let mut out = Vec::with_capacity(resp.len() + 2);
         out.extend_from_slice(&(resp.len() as u16).to_be_bytes());
@@ -282,19 +329,36 @@ fn answer_edns(req: &Message, cap: u16) -> Option<Edns> {
     })
 }
 
+/// What to do with one query, decided without waiting on anything.
+enum Step {
+    /// Not even a header to answer to.
+    Drop,
+    /// A local answer, an error or REFUSED.
+    Answer(Vec<u8>),
+    /// Ask the upstreams (after taking from the forwarding budget).
+    Forward { req: Message, limit: usize },
+}
+
 impl Inner {
-    /// One query from `peer` in, at most one answer out (`None`: drop
-    /// silently). `peer` decides which ServiceEntry hosts it sees.
-    async fn handle(&self, query: &[u8], udp: bool, peer: IpAddr) -> Option<Vec<u8>> {
+    /// Checks the client, parses, answers ServiceEntry hosts (those
+    /// `client` may see) and errors.
+    fn prepare(&self, query: &[u8], udp: bool, client: IpAddr) -> Step {
         self.metrics.requests.inc();
         if query.len() < 12 {
-            return None; // not even a header to answer to
+            return Step::Drop;
+        }
+        if !self.clients.load().allows(client) {
+            self.metrics.refused.inc();
+            if let Some(suppressed) = REFUSED_LOG.allow() {
+                info!(client = %client.to_canonical(), refused_since_last_line = suppressed, "DNS query from an address that is neither an enrolled workload nor the node; REFUSED");
+            }
+            return Step::Answer(raw_error(query, ResponseCode::Refused));
         }
         let req = match Message::from_vec(query) {
             Ok(m) => m,
             Err(e) => {
                 debug!(error = %e, "unparsable DNS query");
-                return Some(raw_error(query, ResponseCode::FormErr));
+                return Step::Answer(raw_error(query, ResponseCode::FormErr));
             }
         };
         let limit = if udp {
@@ -306,27 +370,48 @@ impl Inner {
             u16::MAX as usize
         };
         if req.message_type == MessageType::Response {
-            return Some(self.error(&req, ResponseCode::FormErr, limit));
+            return Step::Answer(self.error(&req, ResponseCode::FormErr, limit));
         }
         if req.op_code != OpCode::Query {
-            return Some(self.error(&req, ResponseCode::NotImp, limit));
+            return Step::Answer(self.error(&req, ResponseCode::NotImp, limit));
         }
         if req.queries.len() != 1 {
-            return Some(self.error(&req, ResponseCode::FormErr, limit));
+            return Step::Answer(self.error(&req, ResponseCode::FormErr, limit));
         }
         if req.edns.as_ref().is_some_and(|e| e.version() > 0) {
-            return Some(self.error(&req, ResponseCode::BADVERS, limit));
+            return Step::Answer(self.error(&req, ResponseCode::BADVERS, limit));
         }
         let q = &req.queries[0];
         if q.query_class() == DNSClass::IN
             && matches!(q.query_type(), RecordType::A | RecordType::AAAA)
         {
             let table = self.hosts.load();
-            if let Some(addrs) = table.lookup_name(q.name(), Some(peer)) {
-                return Some(self.local_answer(&req, q, &addrs, limit));
+            if let Some(addrs) = table.lookup_name(q.name(), Some(client)) {
+                return Step::Answer(self.local_answer(&req, q, &addrs, limit));
             }
         }
-        Some(self.forward(&req, query, limit).await)
+        Step::Forward { req, limit }
+    }
+
+    /// A share of the forwarding budget, or `None` (counted, and logged as
+    /// a periodic summary) when the client's or the total is spent.
+    fn take_budget(&self, client: IpAddr) -> Option<Permit> {
+        match self.budget.try_take(client) {
+            Ok(p) => Some(p),
+            Err(spent) => {
+                self.metrics
+                    .dropped
+                    .get_or_create(&DnsDropLabels {
+                        reason: spent.as_str(),
+                        client: client.to_canonical().to_string(),
+                    })
+                    .inc();
+                if let Some(suppressed) = DROP_LOG.allow() {
+                    warn!(client = %client.to_canonical(), budget = spent.as_str(), dropped_since_last_line = suppressed, "DNS forwarding budget spent; dropping queries (counts in shunt_dns_dropped_total)");
+                }
+                None
+            }
+        }
     }
 
     fn base_response(&self, req: &Message, rcode: ResponseCode) -> Message {
@@ -422,7 +507,9 @@ impl Inner {
             }
             return fit(msg, limit);
         }
-        warn!(name = %req.queries[0].name(), "every upstream resolver failed; SERVFAIL");
+        if let Some(suppressed) = SERVFAIL_LOG.allow() {
+            warn!(name = %req.queries[0].name(), servfail_since_last_line = suppressed, "every upstream resolver failed; SERVFAIL");
+        }
         self.error(req, ResponseCode::ServFail, limit)
     }
 }

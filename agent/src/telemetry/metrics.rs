@@ -185,6 +185,20 @@ pub struct DnsMetrics {
     pub upstream_requests: Counter,
     /// Upstream attempts that timed out, failed or answered garbage.
     pub upstream_failures: Counter,
+    /// Queries dropped unanswered because a forwarding budget was spent.
+    pub dropped: Family<DnsDropLabels, Counter>,
+    /// Queries answered REFUSED: the source is neither an enrolled workload
+    /// nor the node.
+    pub refused: Counter,
+}
+
+/// Labels of `shunt_dns_dropped_total`: the budget that was spent and the
+/// client. Only served clients (enrolled workloads, the node) are ever
+/// dropped, so the client label is bounded by the model.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+pub struct DnsDropLabels {
+    pub reason: &'static str,
+    pub client: String,
 }
 
 /// A counter read at scrape time, e.g. a kernel per-CPU map summed by the lead.
@@ -396,6 +410,16 @@ impl Metrics {
             "istio_dns_upstream_failures",
             "Total number of failed upstream DNS requests",
             dns.upstream_failures.clone(),
+        );
+        registry.register(
+            "shunt_dns_dropped",
+            "DNS queries dropped unanswered because a forwarding budget (per client, total) was spent",
+            dns.dropped.clone(),
+        );
+        registry.register(
+            "shunt_dns_refused",
+            "DNS queries answered REFUSED: the source is neither an enrolled workload nor the node",
+            dns.refused.clone(),
         );
         let shadow = Family::default();
         registry.register(

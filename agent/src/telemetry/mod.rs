@@ -11,8 +11,8 @@ pub use access_log::{AccessLogger, ConnectionLog, Direction, EgressLog, LogForma
 pub use addr::{LogAddr, LogIp};
 pub use envoy_log::RequestLog;
 pub use metrics::{
-    count_accept_error, count_refused_connection, ConnectionLabels, ConnectionRecorder, DnsMetrics,
-    Metrics, MetricsBuilder, Reporter, RequestLabels, ShadowLabels,
+    count_accept_error, count_refused_connection, ConnectionLabels, ConnectionRecorder,
+    DnsDropLabels, DnsMetrics, Metrics, MetricsBuilder, Reporter, RequestLabels, ShadowLabels,
 };
 pub use ratelimit::LogLimit;
 

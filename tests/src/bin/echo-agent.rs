@@ -81,8 +81,14 @@ fn main() {
             addr6: "fd73:6875:6e74::53".parse().unwrap(),
             port: 53,
             upstreams: dns_upstream,
+            max_inflight_per_client: arg(&args, "--dns-max-inflight-per-client")
+                .map(|n| n.parse().expect("--dns-max-inflight-per-client"))
+                .unwrap_or(shunt_agent::dns::DEFAULT_MAX_INFLIGHT_PER_CLIENT),
         },
-        admin: AdminAddrs::default(),
+        admin: AdminAddrs {
+            metrics: arg(&args, "--metrics-addr").map(|a| a.parse().expect("--metrics-addr")),
+            ..AdminAddrs::default()
+        },
         log_format: shunt_agent::telemetry::LogFormat::Text,
         cert_lifetime: Duration::from_secs(3600),
         hbone: Default::default(),
