@@ -1200,7 +1200,8 @@ async fn tls_origination_to_an_http2_port_negotiates_h2() {
         .await;
     let seen = env.tls_seen.lock().unwrap().clone();
     assert!(
-        seen.iter().any(|s| s.3.as_deref() == Some("tls.example")),
+        seen.iter()
+            .any(|s| s.3.as_deref() == Some("secure.example")),
         "the upstream saw TLS with the configured SNI: {seen:?}"
     );
 }
@@ -1580,4 +1581,96 @@ async fn forwarded_for_of_another_workload_or_none_is_replaced_by_the_peer() {
     assert!(m.contains("shunt_forwarded_rejected_total 4"), "{m}");
     // Admin's own certificate naming admin's pod is believed.
     assert_eq!(claim(&env, ADMIN, "10.244.1.20:40006", echo).await, 200);
+}
+
+// ------------------------------------------------------------- wildcards
+
+/// A DYNAMIC_DNS wildcard bound to the waypoint (the namespace's label).
+/// `.invalid` names never resolve (RFC 6761), so the waypoint's own lookup
+/// fails at once.
+const WILDCARD_CONFIG: &str = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: wild
+  namespace: common-infrastructure
+spec:
+  hosts:
+  - "*.wild.invalid"
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  - number: 443
+    name: tls
+    protocol: TLS
+  resolution: DYNAMIC_DNS
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcard_http_routes_by_host_404_outside_it_503_when_the_name_does_not_resolve() {
+    let env = Env::with_files(&[("40-wild.yaml", WILDCARD_CONFIG)]).await;
+    let mut s = env.h1(CURL, "*.wild.invalid").await;
+    // Not under the wildcard: no route, nothing resolved or connected.
+    let (code, _) = send(&mut s, "GET", "/get", "other.example").await;
+    assert_eq!(code, 404);
+    env.lines
+        .wait_for(&["404 NR route_not_found", "\"other.example\""])
+        .await;
+    // The suffix itself is not under it either.
+    let (code, _) = send(&mut s, "GET", "/get", "wild.invalid").await;
+    assert_eq!(code, 404);
+    // Under it, but the name does not resolve: 503, the reason logged.
+    let (code, _) = send(&mut s, "GET", "/get", "a.wild.invalid:80").await;
+    assert_eq!(code, 503);
+    let line = env
+        .lines
+        .wait_for(&["\" 503 UF ", "\"a.wild.invalid:80\""])
+        .await;
+    assert!(line.contains("resolving a.wild.invalid:80"), "{line}");
+    assert!(env.http_seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcard_tls_refuses_names_outside_it_no_sni_and_unresolvable_names() {
+    let env = Env::with_files(&[("40-wild.yaml", WILDCARD_CONFIG)]).await;
+    let get = |sni: &'static str| {
+        let env = &env;
+        async move {
+            let io = env.tunnel(CURL, env.vip("*.wild.invalid", 443)).await;
+            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+            let name = rustls::pki_types::ServerName::try_from(sni).unwrap();
+            tokio::time::timeout(
+                T,
+                tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, io),
+            )
+            .await
+            .expect("TLS handshake timed out")
+            .is_ok()
+        }
+    };
+    assert!(!get("secure.example").await);
+    env.lines
+        .wait_for(&[
+            "sni=\"secure.example\"",
+            "is not a host of ServiceEntry common-infrastructure/wild",
+        ])
+        .await;
+    assert!(!get("127.0.0.1").await);
+    env.lines
+        .wait_for(&[
+            "dst.service=\"*.wild.invalid\"",
+            "without server_name (SNI)",
+        ])
+        .await;
+    assert!(!get("b.wild.invalid").await);
+    env.lines
+        .wait_for(&["sni=\"b.wild.invalid\"", "resolving b.wild.invalid:443"])
+        .await;
+    assert!(env.tls_seen.lock().unwrap().is_empty());
 }

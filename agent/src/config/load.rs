@@ -479,7 +479,14 @@ impl Builder {
             self.at(ctx, "spec.hosts", "at least one host is required");
         }
         for (i, h) in s.hosts.iter().enumerate() {
-            if !is_host(h) {
+            if h == "*" {
+                // Istio: the full wildcard is never a ServiceEntry host.
+                self.at(
+                    ctx,
+                    format!("spec.hosts[{i}]"),
+                    "invalid value \"*\": a ServiceEntry host cannot be the full wildcard",
+                );
+            } else if !is_host(h) {
                 self.at(
                     ctx,
                     format!("spec.hosts[{i}]"),
@@ -507,6 +514,9 @@ impl Builder {
             }
         }
         let res = s.resolution();
+        if res == Resolution::DynamicDns {
+            self.validate_dynamic_dns(r, ctx);
+        }
         for (i, e) in s.endpoints.iter().enumerate() {
             let f = format!("spec.endpoints[{i}].address");
             if e.address.is_empty() {
@@ -556,6 +566,62 @@ impl Builder {
                     format!("invalid value {v:?}: expected \"true\" or \"false\""),
                 );
             }
+        }
+    }
+
+    /// Istio's rules for `resolution: DYNAMIC_DNS` (its
+    /// `ValidateServiceEntry`): every host a wildcard, no addresses, no
+    /// endpoints, only ports whose protocol names the destination (HTTP,
+    /// HTTP2, GRPC by Host/`:authority`, TLS by SNI), and not
+    /// `MESH_INTERNAL` behind a waypoint.
+    fn validate_dynamic_dns(&mut self, r: &ServiceEntry, ctx: &Ctx) {
+        let s = &r.spec;
+        for (i, h) in s.hosts.iter().enumerate() {
+            if !h.starts_with("*.") {
+                self.at(
+                    ctx,
+                    format!("spec.hosts[{i}]"),
+                    format!("invalid value {h:?}: resolution DYNAMIC_DNS needs wildcard hosts (*.example.com)"),
+                );
+            }
+        }
+        if !s.addresses.is_empty() {
+            self.at(
+                ctx,
+                "spec.addresses",
+                "must be empty with resolution DYNAMIC_DNS (addresses are allocated per host)",
+            );
+        }
+        if !s.endpoints.is_empty() {
+            self.at(
+                ctx,
+                "spec.endpoints",
+                "must be empty with resolution DYNAMIC_DNS (the destination is the name the client sends)",
+            );
+        }
+        for (i, p) in s.ports.iter().enumerate() {
+            if !matches!(
+                p.protocol,
+                Some(Protocol::Http | Protocol::Http2 | Protocol::Grpc | Protocol::Tls)
+            ) {
+                let got = p.protocol.map(|p| p.as_str()).unwrap_or("unset");
+                self.at(
+                    ctx,
+                    format!("spec.ports[{i}].protocol"),
+                    format!("{got}: resolution DYNAMIC_DNS needs HTTP, HTTP2, GRPC or TLS (the waypoint must read the name from Host or SNI)"),
+                );
+            }
+        }
+        // Istio looks at the entry's own label only (its `usesWaypoint`).
+        let uses_waypoint = r
+            .label(labels::USE_WAYPOINT)
+            .is_some_and(|v| !v.is_empty() && !v.eq_ignore_ascii_case("none"));
+        if s.location == Some(Location::MeshInternal) && uses_waypoint {
+            self.at(
+                ctx,
+                "spec.location",
+                "MESH_INTERNAL with resolution DYNAMIC_DNS is not supported behind a waypoint",
+            );
         }
     }
 
@@ -751,10 +817,14 @@ impl Builder {
 
     /// Checks that need more than one object.
     fn cross_checks(&mut self) {
-        // Istio: wildcard hosts cannot be bound to a waypoint (the waypoint
-        // could not know which host a VIP stands for).
+        // Istio allocates addresses for wildcard hosts only with resolution
+        // DYNAMIC_DNS, where the waypoint learns the name from SNI or Host;
+        // with any other resolution a bound wildcard could not be routed.
         let mut found = Vec::new();
         for se in &self.cfg.service_entries {
+            if se.spec.resolution() == Resolution::DynamicDns {
+                continue;
+            }
             if let WaypointRef::Gateway { gateway, .. } = self.cfg.waypoint_ref(se) {
                 for (i, h) in se.spec.hosts.iter().enumerate() {
                     if h.starts_with('*') {
@@ -764,7 +834,7 @@ impl Builder {
                             object: Some(format!("ServiceEntry {}", se.key())),
                             field: Some(format!("spec.hosts[{i}]")),
                             message: format!(
-                                "wildcard host {h:?} cannot be bound to a waypoint (bound to {gateway} by {})",
+                                "wildcard host {h:?} can be bound to a waypoint only with resolution DYNAMIC_DNS (bound to {gateway} by {})",
                                 labels::USE_WAYPOINT
                             ),
                         });

@@ -447,16 +447,6 @@ fn unsupported_istio_values_are_named_not_called_invalid() {
         Config::load_dir(d.path()).unwrap_err().to_string()
     };
     let e = err(&[(
-        "se.yaml",
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a, namespace: ns1}\nspec: {hosts: ['*.example'], resolution: DYNAMIC_DNS, ports: [{number: 80, name: http}]}\n",
-    )]);
-    assert!(
-        e.contains("ServiceEntry ns1/a")
-            && e.contains("spec.resolution")
-            && e.contains("DYNAMIC_DNS is not supported by shunt yet"),
-        "{e}"
-    );
-    let e = err(&[(
         "dr.yaml",
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: ns1}\nspec:\n  host: a.example\n  workloadSelector: {matchLabels: {app: curl}}\n",
     )]);
@@ -501,4 +491,38 @@ fn ipv6_quoting_touches_only_flow_scalars_starting_with_colons() {
         q("# caf\u{e9}\na: [::1, \"\u{e9}\"]\n").as_deref(),
         Some("# caf\u{e9}\na: [\"::1\", \"\u{e9}\"]\n")
     );
+}
+
+#[test]
+fn dynamic_dns_follows_istios_rules() {
+    let se = |spec: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: a, namespace: ns1, labels: {{istio.io/use-waypoint: wp}}}}\nspec: {spec}\n")
+    };
+    let ok = se("{hosts: ['*.example.com'], resolution: DYNAMIC_DNS, ports: [{number: 80, name: http, protocol: HTTP}, {number: 443, name: tls, protocol: TLS}]}");
+    let d = dir_with(&[("se.yaml", &ok)]);
+    let cfg = Config::load_dir(d.path()).unwrap();
+    assert_eq!(
+        cfg.service_entries[0].spec.resolution(),
+        Resolution::DynamicDns
+    );
+    let err = |spec: &str| {
+        let d = dir_with(&[("se.yaml", &se(spec))]);
+        Config::load_dir(d.path()).unwrap_err().to_string()
+    };
+    let cases = [
+        ("{hosts: [a.example.com], resolution: DYNAMIC_DNS, ports: [{number: 80, name: http, protocol: HTTP}]}", "spec.hosts[0]", "needs wildcard hosts"),
+        ("{hosts: ['*.example.com'], addresses: [10.0.0.1], resolution: DYNAMIC_DNS, ports: [{number: 80, name: http, protocol: HTTP}]}", "spec.addresses", "must be empty"),
+        ("{hosts: ['*.example.com'], endpoints: [{address: 10.0.0.1}], resolution: DYNAMIC_DNS, ports: [{number: 80, name: http, protocol: HTTP}]}", "spec.endpoints", "must be empty"),
+        ("{hosts: ['*.example.com'], resolution: DYNAMIC_DNS, ports: [{number: 5432, name: tcp, protocol: TCP}]}", "spec.ports[0].protocol", "TCP: resolution DYNAMIC_DNS needs HTTP, HTTP2, GRPC or TLS"),
+        ("{hosts: ['*.example.com'], resolution: DYNAMIC_DNS, ports: [{number: 443, name: https, protocol: HTTPS}]}", "spec.ports[0].protocol", "HTTPS: resolution DYNAMIC_DNS"),
+        ("{hosts: ['*.example.com'], resolution: DYNAMIC_DNS, ports: [{number: 80, name: http}]}", "spec.ports[0].protocol", "unset: resolution DYNAMIC_DNS"),
+        ("{hosts: ['*.example.com'], location: MESH_INTERNAL, resolution: DYNAMIC_DNS, ports: [{number: 80, name: http, protocol: HTTP}]}", "spec.location", "not supported behind a waypoint"),
+        ("{hosts: ['*'], resolution: DYNAMIC_DNS, ports: [{number: 80, name: http, protocol: HTTP}]}", "spec.hosts[0]", "cannot be the full wildcard"),
+        // Other resolutions: a wildcard cannot be routed by a waypoint.
+        ("{hosts: ['*.example.com'], resolution: NONE, ports: [{number: 443, name: tls, protocol: TLS}]}", "spec.hosts[0]", "only with resolution DYNAMIC_DNS"),
+    ];
+    for (spec, field, msg) in cases {
+        let e = err(spec);
+        assert!(e.contains(field) && e.contains(msg), "{spec}: {e}");
+    }
 }

@@ -204,7 +204,9 @@ pub(crate) fn yaml_inline(v: &serde_yaml_ng::Value) -> String {
 
 string_enum!(
     /// `ServiceEntry.spec.resolution`.
-    Resolution { None = "NONE", Static = "STATIC", Dns = "DNS", DnsRoundRobin = "DNS_ROUND_ROBIN" }
+    /// `DYNAMIC_DNS`: wildcard hosts only; the waypoint resolves the name
+    /// the client sent (SNI or Host) itself.
+    Resolution { None = "NONE", Static = "STATIC", Dns = "DNS", DnsRoundRobin = "DNS_ROUND_ROBIN", DynamicDns = "DYNAMIC_DNS" }
 );
 string_enum!(
     /// `ServiceEntry.spec.location`.
@@ -363,11 +365,7 @@ pub struct ServiceEntrySpec {
     pub ports: Vec<ServicePort>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<Location>,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "resolution"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolution: Option<Resolution>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<WorkloadEntrySpec>,
@@ -377,20 +375,6 @@ pub struct ServiceEntrySpec {
     pub export_to: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_names: Vec<String>,
-}
-
-/// `resolution`, saying plainly that Istio's `DYNAMIC_DNS` (a wildcard host
-/// resolved per request) is a valid value shunt does not support yet.
-fn resolution<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Resolution>, D::Error> {
-    let v = serde_yaml_ng::Value::deserialize(d)?;
-    if v.as_str() == Some("DYNAMIC_DNS") {
-        return Err(de::Error::custom(
-            "DYNAMIC_DNS is not supported by shunt yet: use DNS with explicit hosts, or STATIC with endpoints",
-        ));
-    }
-    Resolution::deserialize(v)
-        .map(Some)
-        .map_err(de::Error::custom)
 }
 
 /// `protocol`: Istio treats an empty string as unset (inferred from the

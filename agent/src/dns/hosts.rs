@@ -3,6 +3,12 @@
 //! one of its ServiceEntries is exported to the client's namespace (looked
 //! up by the query's source address); otherwise the query goes upstream,
 //! as Istio's DNS proxy does for hosts it does not know.
+//!
+//! Wildcard hosts (`*.example.com`, DYNAMIC_DNS entries bound to a
+//! waypoint) answer every name strictly below their suffix. The exact host
+//! wins over a wildcard, a more specific wildcard over a broader one
+//! (`model::host`'s rule, walked here without allocating), each among the
+//! entries the client sees.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -37,13 +43,15 @@ struct Scoped {
 #[derive(Clone, Debug, Default)]
 pub struct HostTable {
     hosts: HashMap<Box<str>, Vec<Scoped>>,
+    /// `*.suffix` hosts, keyed by `suffix`.
+    wildcards: HashMap<Box<str>, Vec<Scoped>>,
     clients: HashMap<IpAddr, Box<str>>,
 }
 
 /// Lower-cases and strips one trailing dot; checks RFC 1035 shape (letters,
-/// digits, `-`, `_`; labels 1..=63; at most 253 characters) and refuses
-/// wildcards, which ambient ServiceEntries do not support.
-fn normalize(host: &str) -> Result<String, DnsError> {
+/// digits, `-`, `_`; labels 1..=63; at most 253 characters). A leading
+/// `*.` label makes a wildcard: `(true, suffix)`; any other `*` is refused.
+fn normalize(host: &str) -> Result<(bool, String), DnsError> {
     let bad = |reason| DnsError::InvalidHost {
         host: host.to_string(),
         reason,
@@ -55,8 +63,12 @@ fn normalize(host: &str) -> Result<String, DnsError> {
     if h.len() > 253 {
         return Err(bad("longer than 253 characters"));
     }
+    let (wild, h) = match h.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, h),
+    };
     if h.contains('*') {
-        return Err(bad("wildcard hosts are not answered by the DNS proxy"));
+        return Err(bad("only a leading '*.' label may be a wildcard"));
     }
     for label in h.split('.') {
         if label.is_empty() || label.len() > 63 {
@@ -69,7 +81,7 @@ fn normalize(host: &str) -> Result<String, DnsError> {
             return Err(bad("only letters, digits, '-' and '_' are allowed"));
         }
     }
-    Ok(h.to_ascii_lowercase())
+    Ok((wild, h.to_ascii_lowercase()))
 }
 
 impl HostTable {
@@ -103,9 +115,11 @@ impl HostTable {
         C: IntoIterator<Item = (IpAddr, String)>,
     {
         let mut hosts: HashMap<Box<str>, Vec<Scoped>> = HashMap::new();
+        let mut wildcards: HashMap<Box<str>, Vec<Scoped>> = HashMap::new();
         for (host, export_to, v4, v6) in entries {
-            let key = normalize(host.as_ref())?;
-            let scopes = hosts.entry(key.into_boxed_str()).or_default();
+            let (wild, key) = normalize(host.as_ref())?;
+            let map = if wild { &mut wildcards } else { &mut hosts };
+            let scopes = map.entry(key.into_boxed_str()).or_default();
             let i = match scopes.iter().position(|s| s.export_to == export_to) {
                 Some(i) => i,
                 None => {
@@ -123,7 +137,11 @@ impl HostTable {
             .into_iter()
             .map(|(ip, ns)| (ip.to_canonical(), ns.into_boxed_str()))
             .collect();
-        Ok(HostTable { hosts, clients })
+        Ok(HostTable {
+            hosts,
+            wildcards,
+            clients,
+        })
     }
 
     /// A shareable live handle holding this table.
@@ -131,12 +149,13 @@ impl HostTable {
         Arc::new(ArcSwap::from_pointee(self))
     }
 
+    /// Exact and wildcard hosts.
     pub fn len(&self) -> usize {
-        self.hosts.len()
+        self.hosts.len() + self.wildcards.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.hosts.is_empty()
+        self.len() == 0
     }
 
     /// The VIPs of `host` (any case, with or without the trailing dot)
@@ -144,12 +163,31 @@ impl HostTable {
     /// sees only hosts exported to every namespace).
     pub fn lookup(&self, host: &str, client: Option<IpAddr>) -> Option<Cow<'_, HostAddrs>> {
         let h = host.strip_suffix('.').unwrap_or(host);
-        let scopes = if h.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.hosts.get(h.to_ascii_lowercase().as_str())
+        if h.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.find(&h.to_ascii_lowercase(), client)
         } else {
-            self.hosts.get(h)
-        }?;
-        self.visible(scopes, client)
+            self.find(h, client)
+        }
+    }
+
+    /// A lower-case name: its own entry, else the nearest wildcard, among
+    /// those the client sees.
+    fn find(&self, name: &str, client: Option<IpAddr>) -> Option<Cow<'_, HostAddrs>> {
+        if let Some(a) = self
+            .hosts
+            .get(name)
+            .and_then(|scopes| self.visible(scopes, client))
+        {
+            return Some(a);
+        }
+        if self.wildcards.is_empty() {
+            return None;
+        }
+        crate::model::host::parents(name).find_map(|p| {
+            self.wildcards
+                .get(p)
+                .and_then(|scopes| self.visible(scopes, client))
+        })
     }
 
     /// Lookup of a query name without allocating (unless several
@@ -180,8 +218,7 @@ impl HostTable {
             }
         }
         let s = std::str::from_utf8(&buf[..len]).ok()?;
-        let scopes = self.hosts.get(s)?;
-        self.visible(scopes, client)
+        self.find(s, client)
     }
 
     fn visible<'a>(
@@ -294,8 +331,38 @@ mod tests {
     }
 
     #[test]
+    fn a_wildcard_answers_names_below_it_and_the_more_specific_host_wins() {
+        let v = |n: u8| vec![Ipv4Addr::new(240, 240, 0, n)];
+        let t = HostTable::from_entries([
+            ("*.example.com", v(1), vec![]),
+            ("*.eu.example.com", v(2), vec![]),
+            ("exact.example.com", v(3), vec![]),
+        ])
+        .unwrap();
+        let at = |n: &str| t.lookup(n, None).map(|a| a.v4[0].octets()[3]);
+        assert_eq!(at("a.example.com"), Some(1));
+        assert_eq!(at("A.B.Example.COM."), Some(1));
+        assert_eq!(at("x.eu.example.com"), Some(2));
+        assert_eq!(at("exact.example.com"), Some(3));
+        // Strictly below: never the suffix itself, never a look-alike.
+        assert_eq!(at("example.com"), None);
+        assert_eq!(at("badexample.com"), None);
+        let name = Name::from_ascii("Deep.A.eu.example.com.").unwrap();
+        assert_eq!(
+            t.lookup_name(&name, None).map(|a| a.v4[0].octets()[3]),
+            Some(2)
+        );
+        // The same answers as the model's rule.
+        for n in ["q.example.com", "q.eu.example.com", "example.com"] {
+            let model_pick = crate::model::host::covering(n)
+                .find(|w| ["*.example.com", "*.eu.example.com"].contains(&w.as_str()));
+            assert_eq!(at(n).is_some(), model_pick.is_some(), "{n}");
+        }
+    }
+
+    #[test]
     fn rejects_bad_hosts() {
-        for bad in ["", "*.example.com", "a..b", "exa mple.com"] {
+        for bad in ["", "a.*.example.com", "*", "a..b", "exa mple.com"] {
             let err = HostTable::from_entries([(bad, vec![], vec![])]).unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }

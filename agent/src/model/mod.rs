@@ -188,6 +188,19 @@ impl Model {
             return;
         };
         let svc = service::resolve(cfg, &self.mesh, se, id, vips, binding, &mut self.warnings);
+        if svc.resolution == crate::config::Resolution::DynamicDns
+            && matches!(svc.waypoint, WaypointBinding::None)
+        {
+            // Only a waypoint can learn the name a client wants (Istio:
+            // NoWaypointForWildcardService); the pods' DNS stays as it was.
+            self.warn(
+                Kind::ServiceEntry,
+                &key,
+                "resolution DYNAMIC_DNS does not apply until the entry is bound to a waypoint; not programmed".into(),
+            );
+            self.services.insert(id, Arc::new(svc));
+            return;
+        }
         for vip in &svc.vips {
             for p in svc.ports.iter().filter(|p| p.is_tcp()) {
                 let at = SocketAddr::new(vip.ip, p.number);
@@ -349,9 +362,14 @@ impl Model {
             .iter()
             .filter_map(|(a, id)| self.services.get(id).map(|s| (*a, s)))
     }
-    /// The DNS view of a host (any case) in its oldest ServiceEntry.
+    /// The DNS view of a name (any case) in its oldest ServiceEntry: its
+    /// own host, else the most specific wildcard host covering it.
     pub fn host(&self, name: &str) -> Option<&HostRecord> {
-        self.hosts.get(&host::dns_key(name)).and_then(|r| r.first())
+        let key = host::dns_key(name);
+        self.hosts
+            .get(&key)
+            .or_else(|| host::covering(&key).find_map(|w| self.hosts.get(&w)))
+            .and_then(|r| r.first())
     }
     /// Every (host, record), one per ServiceEntry defining the host.
     pub fn hosts(&self) -> impl Iterator<Item = (&String, &HostRecord)> {

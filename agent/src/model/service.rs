@@ -69,6 +69,10 @@ pub enum Destination {
     /// `resolution: NONE`: the client's original destination (with the
     /// target port).
     Original,
+    /// `resolution: DYNAMIC_DNS` (wildcard hosts): the concrete name the
+    /// client sent (SNI or Host), checked against the wildcard and looked
+    /// up by the waypoint itself, on the target port.
+    Dynamic,
 }
 
 /// Everything the agent, the waypoint and the CLI need about one
@@ -127,9 +131,13 @@ impl Service {
     /// without endpoints), so that a client naming another host of the
     /// entry would reach another server.
     pub fn destination_derives_from_host(&self) -> bool {
-        matches!(self.resolution, Resolution::Dns | Resolution::DnsRoundRobin)
-            && self.endpoints.is_empty()
-            && !self.selects_workloads
+        match self.resolution {
+            Resolution::Dns | Resolution::DnsRoundRobin => {
+                self.endpoints.is_empty() && !self.selects_workloads
+            }
+            Resolution::DynamicDns => true,
+            Resolution::None | Resolution::Static => false,
+        }
     }
 
     /// Where connections to `host`:`port` go.
@@ -138,6 +146,7 @@ impl Service {
             |e: &Endpoint| e.ports.get(&port.name).copied().unwrap_or(port.target_port);
         match self.resolution {
             Resolution::None => Ok(Destination::Original),
+            Resolution::DynamicDns => Ok(Destination::Dynamic),
             Resolution::Static => {
                 let mut addrs = Vec::new();
                 for e in &self.endpoints {
@@ -183,8 +192,10 @@ pub fn no_auto_allocation_reason(se: &ServiceEntry) -> Option<&'static str> {
         Some("spec.addresses is set: those addresses are used")
     } else if se.label(labels::AUTOALLOCATE) == Some("false") {
         Some("label networking.istio.io/enable-autoallocate-ip is \"false\"")
-    } else if se.spec.hosts.iter().any(|h| host::is_wildcard(h)) {
-        Some("a wildcard host: Istio allocates no address")
+    } else if se.spec.resolution() != Resolution::DynamicDns
+        && se.spec.hosts.iter().any(|h| host::is_wildcard(h))
+    {
+        Some("a wildcard host without resolution DYNAMIC_DNS: Istio allocates no address")
     } else {
         None
     }

@@ -731,3 +731,62 @@ fn status_clock_keeps_times_until_the_condition_changes() {
     );
     assert!(now_rfc3339().ends_with('Z'));
 }
+
+fn wildcard_se(name: &str, host: &str, labels: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: infra\n  labels: {{{labels}}}\nspec:\n  hosts: ['{host}']\n  ports: [{{number: 80, name: http, protocol: HTTP}}, {{number: 443, name: tls, protocol: TLS}}]\n  resolution: DYNAMIC_DNS\n---\n")
+}
+
+#[test]
+fn a_bound_dynamic_dns_wildcard_gets_vips_and_answers_names_below_it_after_exact_hosts() {
+    let wp = "istio.io/use-waypoint: wp";
+    let cfg = load(&[(
+        "a.yaml",
+        &format!(
+            "{GW}{}{}{}",
+            wildcard_se("wild", "*.example.com", wp),
+            wildcard_se("wild-eu", "*.eu.example.com", wp),
+            se("infra", "exact", wp).replace("exact.example", "exact.example.com"),
+        ),
+    )]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    let wild = m.service_by_key(&ObjectKey::new("infra", "wild")).unwrap();
+    assert_eq!(wild.vips.len(), 2, "one IPv4 and one IPv6 VIP");
+    assert!(wild.vips.iter().all(|v| v.host == "*.example.com"));
+    assert_eq!(
+        wild.destination("*.example.com", wild.port(443).unwrap()),
+        Ok(Destination::Dynamic)
+    );
+    let id = |n: &str| {
+        m.host(n)
+            .map(|r| m.service(r.service).unwrap().name().to_string())
+    };
+    assert_eq!(id("a.example.com").as_deref(), Some("wild"));
+    assert_eq!(id("A.B.example.com").as_deref(), Some("wild"));
+    assert_eq!(id("x.eu.example.com").as_deref(), Some("wild-eu"));
+    assert_eq!(id("exact.example.com").as_deref(), Some("exact"));
+    assert_eq!(id("example.com"), None);
+    // Its VIP:ports are steered like any other.
+    let v4 = wild.vips.iter().find(|v| v.ip.is_ipv4()).unwrap().ip;
+    assert_eq!(
+        m.service_at(SocketAddr::new(v4, 443)).unwrap().name(),
+        "wild"
+    );
+}
+
+#[test]
+fn a_dynamic_dns_wildcard_without_a_waypoint_is_not_programmed() {
+    let cfg = load(&[(
+        "a.yaml",
+        &format!("{GW}{}", wildcard_se("wild", "*.example.com", "")),
+    )]);
+    let (m, _) = model_of(&cfg, &NoCgroups);
+    assert!(m.host("a.example.com").is_none());
+    assert_eq!(m.vip_ports().count(), 0);
+    assert!(
+        m.warnings().iter().any(|w| w
+            .message
+            .contains("does not apply until the entry is bound to a waypoint")),
+        "{:?}",
+        m.warnings()
+    );
+}

@@ -207,6 +207,14 @@ async fn direct_connect(
             }
             all
         }
+        // Only a waypoint learns the name (the model programs no such
+        // entry without one); never connected from here.
+        Destination::Dynamic => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "resolution DYNAMIC_DNS is served only through a waypoint",
+            ))
+        }
     };
     let mut last = not_found();
     for t in targets {

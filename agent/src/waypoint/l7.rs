@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use crate::hbone::H2Stream;
 use crate::policy::{Action, Decision, HttpRequest, RequestContext};
 use crate::telemetry::{
-    ConnectionLabels, Metrics, Reporter, RequestLabels, RequestLog, ShadowLabels,
+    ConnectionLabels, LogLimit, Metrics, Reporter, RequestLabels, RequestLog, ShadowLabels,
 };
 
 use super::body::{CountingBody, Finish, LoggedBody};
@@ -33,6 +33,10 @@ use super::Shared;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub const RBAC_DENIED_BODY: &str = "RBAC: access denied";
+
+/// Per-request refusals a client can cause at will: one line a second.
+static NAME_LOG: LogLimit = LogLimit::new(std::time::Duration::from_secs(1));
+static UPSTREAM_LOG: LogLimit = LogLimit::new(std::time::Duration::from_secs(1));
 
 /// What a tunnel tells every request in it.
 pub(crate) struct TunnelInfo {
@@ -348,6 +352,44 @@ async fn handle(
         }
     }
 
+    // A wildcard port's destination is the name the request carries
+    // (Host, `:authority`): it must be one the entry covers, else no route
+    // (Envoy's 404 for a host no virtual host matches).
+    let upstream = if target.upstream.is_dynamic() {
+        let name = authority
+            .parse::<http::uri::Authority>()
+            .map(|a| a.host().to_string())
+            .unwrap_or_default();
+        if !target.accepts_name(&name) {
+            if let Some(suppressed) = NAME_LOG.allow() {
+                tracing::info!(source = %tunnel.source, authority = %authority, wildcard = %target.host, suppressed, "request names no host of the wildcard ServiceEntry, answering 404");
+            }
+            log.response_code_details = Some("route_not_found".into());
+            return finish(
+                log,
+                local(StatusCode::NOT_FOUND, "", false),
+                Some(&target),
+                "NR",
+            );
+        }
+        match target.upstream.for_name(&name) {
+            Ok(u) => u,
+            Err(e) => {
+                log.upstream_transport_failure_reason = Some(e.to_string());
+                log.response_code_details =
+                    Some("upstream_reset_before_response_started{overflow}".into());
+                return finish(
+                    log,
+                    local(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow", false),
+                    Some(&target),
+                    "UO",
+                );
+            }
+        }
+    } else {
+        target.upstream.clone()
+    };
+
     let evaluated = match HttpRequest::new(
         parts.method.as_str(),
         target_str,
@@ -431,7 +473,12 @@ async fn handle(
         crate::config::Protocol::Http2 | crate::config::Protocol::Grpc
     );
     let uri = if h2_up {
-        format!("http://{}:{}{}", target.host, target.port.target_port, path)
+        format!(
+            "http://{}:{}{}",
+            upstream.host(),
+            target.port.target_port,
+            path
+        )
     } else {
         path
     };
@@ -471,7 +518,7 @@ async fn handle(
     };
     *up.headers_mut() = headers;
 
-    match target.upstream.send(up, tunnel.authority).await {
+    match upstream.send(up, tunnel.authority).await {
         Ok(sent) => {
             log.upstream_host = Some(sent.peer);
             log.upstream_local_address = Some(sent.local);
@@ -489,7 +536,9 @@ async fn handle(
             finish(log, resp, Some(&target), "")
         }
         Err(e) => {
-            tracing::info!(error = %e, host = %target.host, "upstream request failed, answering 503");
+            if let Some(suppressed) = UPSTREAM_LOG.allow() {
+                tracing::info!(error = %e, host = %upstream.host(), suppressed, "upstream request failed, answering 503");
+            }
             let flags = if e.is_connect() { "UF" } else { "UC" };
             log.upstream_transport_failure_reason = Some(e.to_string());
             log.response_code_details = Some(if e.is_connect() {

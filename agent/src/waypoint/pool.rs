@@ -5,10 +5,16 @@
 //! response has been read (hyper's `ready()`); an HTTP/2 upstream shares one
 //! connection. A request that a pooled connection could not even start
 //! (closed while idle) is retried once on a fresh connection.
+//!
+//! A wildcard (`Destination::Dynamic`) upstream connects nowhere itself: it
+//! hands out one child upstream per concrete name the clients sent
+//! ([`Upstream::for_name`]), each with its own pool and a short-lived
+//! cache of its resolution, at most [`MAX_NAMES`] at a time.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -23,6 +29,15 @@ use super::body::CountingBody;
 
 /// Idle HTTP/1.1 connections kept per upstream.
 const MAX_IDLE: usize = 64;
+/// Concrete names a wildcard upstream keeps at once; a new name beyond
+/// this evicts one not in use, or fails (503) when all are.
+pub const MAX_NAMES: usize = 1024;
+/// getaddrinfo reports no TTL: a wildcard name's addresses are reused for
+/// this long (the TTL of shunt's own DNS answers), a failed lookup for
+/// [`NEGATIVE_TTL`], so a client cannot make the waypoint resolve per
+/// connection.
+pub const RESOLVE_TTL: Duration = Duration::from_secs(30);
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 
 pub use crate::model::Destination;
 
@@ -38,6 +53,8 @@ pub enum UpstreamProtocol {
 pub enum UpstreamFailure {
     #[error("resolving {0}: {1}")]
     Resolve(String, String),
+    #[error("{0}: more than {MAX_NAMES} names of this wildcard in use")]
+    TooManyNames(String),
     #[error("connecting to {0}: {1}")]
     Connect(String, String),
     #[error("connect to {0} timed out")]
@@ -63,6 +80,8 @@ pub struct Connected {
 }
 
 type H1 = http1::SendRequest<CountingBody>;
+/// A lookup's result and the instant it stops being reused.
+type Lookup = (Result<Vec<SocketAddr>, String>, Instant);
 type H2 = http2::SendRequest<CountingBody>;
 
 struct Idle {
@@ -81,6 +100,10 @@ pub struct Upstream {
     timeout: Duration,
     idle: Mutex<Vec<Idle>>,
     h2: tokio::sync::Mutex<Option<(H2, SocketAddr, SocketAddr)>>,
+    /// `Destination::Dynamic`: the child upstream of each name.
+    children: Mutex<HashMap<String, Arc<Upstream>>>,
+    /// A wildcard's child: its last lookup and until when it holds.
+    cached: Option<Mutex<Option<Lookup>>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -116,7 +139,101 @@ impl Upstream {
             timeout,
             idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
+            children: Mutex::new(HashMap::new()),
+            cached: None,
         }
+    }
+
+    /// Whether the destination is the name each client sends.
+    pub fn is_dynamic(&self) -> bool {
+        self.resolve == Destination::Dynamic
+    }
+
+    /// The upstream for `name`: this one, or for a wildcard the child of
+    /// that (lower-cased) name, created on first use. The caller has
+    /// checked that the name is one the target accepts.
+    pub fn for_name(self: &Arc<Self>, name: &str) -> Result<Arc<Upstream>, UpstreamFailure> {
+        if !self.is_dynamic() {
+            return Ok(self.clone());
+        }
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = children.get(&name) {
+            return Ok(c.clone());
+        }
+        if children.len() >= MAX_NAMES {
+            // Drop one no tunnel or request holds (its idle pool goes too).
+            let unused = children
+                .iter()
+                .find(|(_, c)| Arc::strong_count(c) == 1)
+                .map(|(n, _)| n.clone());
+            match unused {
+                Some(n) => {
+                    children.remove(&n);
+                }
+                None => return Err(UpstreamFailure::TooManyNames(self.host.clone())),
+            }
+        }
+        let mut child = Upstream::new(
+            format!("{}|{name}", self.key),
+            name.clone(),
+            self.port,
+            Destination::Dns(vec![(name.clone(), self.port)]),
+            self.connector.clone(),
+            self.protocol,
+            self.timeout,
+        );
+        child.cached = Some(Mutex::new(None));
+        let child = Arc::new(child);
+        children.insert(name, child.clone());
+        Ok(child)
+    }
+
+    /// Names resolved through a wildcard so far (for `/config_dump`).
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// getaddrinfo for each name; for a wildcard's child, through its cache.
+    async fn lookup(&self, names: &[(String, u16)]) -> Result<Vec<SocketAddr>, String> {
+        if let Some(cache) = &self.cached {
+            let hit = cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .filter(|(_, until)| Instant::now() < *until)
+                .map(|(r, _)| r.clone());
+            if let Some(r) = hit {
+                return r;
+            }
+        }
+        let mut out = Vec::new();
+        let mut last_err = None;
+        for (h, p) in names {
+            match tokio::net::lookup_host((h.as_str(), *p)).await {
+                Ok(it) => out.extend(it),
+                Err(e) => last_err = Some(format!("{h}: {e}")),
+            }
+        }
+        let r = if out.is_empty() {
+            Err(last_err.unwrap_or_else(|| "no addresses".into()))
+        } else {
+            Ok(out)
+        };
+        if let Some(cache) = &self.cached {
+            let ttl = if r.is_ok() { RESOLVE_TTL } else { NEGATIVE_TTL };
+            *cache.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((r.clone(), Instant::now() + ttl));
+        }
+        r
     }
 
     pub fn key(&self) -> &str {
@@ -141,6 +258,7 @@ impl Upstream {
                 .collect::<Vec<_>>()
                 .join(","),
             Destination::Original => format!("original-destination:{}", self.port),
+            Destination::Dynamic => format!("dynamic-dns:{}:{}", self.host, self.port),
         }
     }
 
@@ -155,22 +273,16 @@ impl Upstream {
             let addrs: Vec<SocketAddr> = match &self.resolve {
                 Destination::Static(a) => a.clone(),
                 Destination::Original => vec![SocketAddr::new(original.ip(), self.port)],
-                Destination::Dns(names) => {
-                    let mut out = Vec::new();
-                    let mut last_err = None;
-                    for (h, p) in names {
-                        match tokio::net::lookup_host((h.as_str(), *p)).await {
-                            Ok(it) => out.extend(it),
-                            Err(e) => last_err = Some(format!("{h}: {e}")),
-                        }
-                    }
-                    if out.is_empty() {
-                        return Err(UpstreamFailure::Resolve(
-                            what(),
-                            last_err.unwrap_or_else(|| "no addresses".into()),
-                        ));
-                    }
-                    out
+                Destination::Dns(names) => self
+                    .lookup(names)
+                    .await
+                    .map_err(|e| UpstreamFailure::Resolve(what(), e))?,
+                // Never connected itself: `for_name` gives the child.
+                Destination::Dynamic => {
+                    return Err(UpstreamFailure::Resolve(
+                        what(),
+                        "a wildcard destination needs the client's name".into(),
+                    ))
                 }
             };
             let mut last = None;

@@ -264,6 +264,7 @@ impl Routes {
                     "mode": if t.http { "http" } else { "tcp" },
                     "tlsOrigination": t.upstream.originates_tls(),
                     "upstream": t.upstream.describe(),
+                    "names": t.upstream.names(),
                 })
             })
             .collect();

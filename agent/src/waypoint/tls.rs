@@ -116,7 +116,16 @@ pub(crate) fn decision(
             refused_log(&req, authority, Some(&name), &why);
             return refuse(log, &mut stream, "-", why);
         }
-        let c = match target.upstream.connect(authority).await {
+        // A wildcard's upstream is the name's own (resolved here).
+        let upstream = match target.upstream.for_name(&name) {
+            Ok(u) => u,
+            Err(e) => {
+                let why = e.to_string();
+                refused_log(&req, authority, Some(&name), &why);
+                return refuse(log, &mut stream, "UF", why);
+            }
+        };
+        let c = match upstream.connect(authority).await {
             Ok(c) => c,
             Err(e) => {
                 let why = e.to_string();
