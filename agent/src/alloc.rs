@@ -30,7 +30,13 @@
 //! - A full prefix leaves the host without an address of that family and is
 //!   reported as a warning (not a config error).
 //!
-//! There is one allocator (the agent); readers call [`load`].
+//! There is one allocator per state: the agent on one machine, the elected
+//! `shunt controller` on a cluster (state in a ConfigMap, see
+//! `config::kube::controller`). Readers call [`load`]. An agent with
+//! `--source kubernetes` *follows* ([`Allocator::following`]): it takes
+//! each host's addresses from the ServiceEntry's `status.addresses` and
+//! allocates none itself; only its node-local service and workload ids are
+//! its own.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -309,7 +315,12 @@ pub fn load(state_dir: &Path) -> Result<Allocation, AllocError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Allocation::default()),
         Err(source) => return Err(AllocError::Io { path, source }),
     };
-    let st: State = serde_json::from_slice(&bytes).map_err(|source| AllocError::Corrupt {
+    parse_state(&bytes, path)
+}
+
+/// Reads a persisted allocation from `bytes`; `path` names it in errors.
+fn parse_state(bytes: &[u8], path: PathBuf) -> Result<Allocation, AllocError> {
+    let st: State = serde_json::from_slice(bytes).map_err(|source| AllocError::Corrupt {
         path: path.clone(),
         source,
     })?;
@@ -483,9 +494,12 @@ fn off_v6(p: Ipv6Net, a: Ipv6Addr) -> Option<u128> {
         .then(|| u128::from(a) - u128::from(p.network()))
 }
 
-/// The one allocator: owns the state directory.
+/// The one allocator: owns the state directory (or, `dir: None`, state the
+/// caller persists elsewhere through [`Allocator::state_bytes`]).
 pub struct Allocator {
-    dir: PathBuf,
+    dir: Option<PathBuf>,
+    /// Take host addresses from `Config::api_status`, allocate none.
+    follow: bool,
     prefixes: Prefixes,
     current: Allocation,
     grace: Duration,
@@ -507,12 +521,50 @@ impl Allocator {
         })?;
         let current = load(state_dir)?;
         Ok(Allocator {
-            dir: state_dir.to_path_buf(),
+            dir: Some(state_dir.to_path_buf()),
+            follow: false,
             prefixes,
             current,
             grace: DEFAULT_GRACE,
             written: None,
         })
+    }
+
+    /// An allocator without a state directory, resuming from `state` (the
+    /// bytes of [`Allocator::state_bytes`], e.g. from a ConfigMap; `None`:
+    /// a fresh start). `origin` names the state in errors.
+    pub fn from_state(
+        state: Option<&[u8]>,
+        origin: &str,
+        prefixes: Prefixes,
+    ) -> Result<Self, AllocError> {
+        let current = match state {
+            Some(b) => parse_state(b, PathBuf::from(origin))?,
+            None => Allocation::default(),
+        };
+        Ok(Allocator {
+            dir: None,
+            follow: false,
+            prefixes,
+            current,
+            grace: DEFAULT_GRACE,
+            written: None,
+        })
+    }
+
+    /// The persisted form of the current allocation (`vips.json`).
+    pub fn state_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&to_state(&self.current, self.prefixes))
+            .expect("allocation state serializes")
+    }
+
+    /// Follow the cluster's allocator: host addresses come from the
+    /// ServiceEntries' `status.addresses` (`Config::api_status`), none is
+    /// allocated here; a config without API status gives no host an
+    /// address. Service and workload ids are still this allocator's.
+    pub fn following(mut self) -> Self {
+        self.follow = true;
+        self
     }
 
     /// How long a removed host's addresses stay reserved for its return.
@@ -541,7 +593,11 @@ impl Allocator {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        let next = compute(&self.current, cfg, self.prefixes, now, self.grace);
+        let next = if self.follow {
+            follow(&self.current, cfg)
+        } else {
+            compute(&self.current, cfg, self.prefixes, now, self.grace)
+        };
         // Only new warnings are logged (a set: 100k entries can mean 30k
         // exhaustion warnings).
         let old: HashSet<&AllocWarning> = self.current.warnings.iter().collect();
@@ -557,7 +613,9 @@ impl Allocator {
             h.finish()
         };
         if self.written != Some(h) {
-            write_atomic(&state_path(&self.dir), &bytes)?;
+            if let Some(dir) = &self.dir {
+                write_atomic(&state_path(dir), &bytes)?;
+            }
             self.written = Some(h);
         }
         self.current = next;
@@ -627,11 +685,15 @@ fn compute(
     let mut hosts: HashMap<String, HostAlloc> = HashMap::with_capacity(owned.len());
     let mut need: Vec<(&str, ObjectKey, bool, bool)> = Vec::new();
     for (h, _se, key) in &owned {
-        // A host back within its grace gets its reserved addresses again.
+        // A host back within its grace gets its reserved addresses again;
+        // one the state does not know keeps what its status says (a lost
+        // state, or addresses another allocator wrote).
+        let from_status = status_alloc(cfg, key, h);
         let old = prev
             .hosts
             .get(*h)
-            .or_else(|| prev.reserved.get(*h).map(|(a, _)| a));
+            .or_else(|| prev.reserved.get(*h).map(|(a, _)| a))
+            .or(from_status.as_ref());
         let mut v4 = None;
         let mut v6 = None;
         if let Some(a) = old.and_then(|o| o.v4) {
@@ -754,6 +816,76 @@ fn compute(
         next_v6: Some(nth_v6(prefixes.v6, pool6.cursor)),
         next_service_id,
         next_workload_id,
+    }
+}
+
+/// The addresses `key`'s API status gives `host` (first of each family).
+fn status_alloc(cfg: &Config, key: &ObjectKey, host: &str) -> Option<HostAlloc> {
+    let st = cfg.api_status.as_ref()?.get(key)?;
+    let mut a = HostAlloc {
+        owner: key.clone(),
+        v4: None,
+        v6: None,
+    };
+    for sa in st.addresses.iter().filter(|sa| sa.host == host) {
+        match sa.value.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v)) if a.v4.is_none() => a.v4 = Some(v),
+            Ok(IpAddr::V6(v)) if a.v6.is_none() => a.v6 = Some(v),
+            _ => {}
+        }
+    }
+    (a.v4.is_some() || a.v6.is_some()).then_some(a)
+}
+
+/// Follower step: each eligible entry's hosts take the addresses of its
+/// API status (older entries own a host first, as the allocator decides);
+/// ids as in [`compute`]. Nothing is reserved or allocated.
+fn follow(prev: &Allocation, cfg: &Config) -> Allocation {
+    let mut order: Vec<&ServiceEntry> = cfg
+        .service_entries
+        .iter()
+        .filter(|se| eligible(se))
+        .collect();
+    order.sort_by_key(|se| se.age_key());
+    let mut hosts: HashMap<String, HostAlloc> = HashMap::new();
+    let mut taken: HashSet<IpAddr> = HashSet::new();
+    for se in order {
+        let key = se.key();
+        for h in &se.spec.hosts {
+            if hosts.contains_key(h) {
+                continue;
+            }
+            let Some(mut a) = status_alloc(cfg, &key, h) else {
+                continue;
+            };
+            // An address twice in the statuses (hand edits) serves once.
+            a.v4 = a.v4.filter(|v| taken.insert(IpAddr::V4(*v)));
+            a.v6 = a.v6.filter(|v| taken.insert(IpAddr::V6(*v)));
+            hosts.insert(h.clone(), a);
+        }
+    }
+    let mut next_service_id = prev.next_service_id.max(1);
+    let service_ids = assign_ids(
+        cfg.service_entries.iter().map(|s| s.key()),
+        &prev.service_ids,
+        &mut next_service_id,
+    );
+    let mut next_workload_id = prev.next_workload_id.max(1);
+    let workload_ids = assign_ids(
+        cfg.workload_entries.iter().map(|w| w.key()),
+        &prev.workload_ids,
+        &mut next_workload_id,
+    );
+    Allocation {
+        hosts,
+        service_ids,
+        workload_ids,
+        prefixes: prev.prefixes,
+        next_v4: prev.next_v4,
+        next_v6: prev.next_v6,
+        next_service_id,
+        next_workload_id,
+        ..Default::default()
     }
 }
 

@@ -38,6 +38,9 @@ enum Cmd {
     Agent(Box<cmd::agent::Args>),
     /// Run an egress waypoint: HBONE server, authorization, TLS origination.
     Waypoint(cmd::waypoint::Args),
+    /// Run the cluster controller: the one (Lease-elected) allocator of
+    /// ServiceEntry VIPs, writing status.addresses and WaypointBound.
+    Controller(cmd::controller::Args),
     /// Manage the mesh CA (local CA or Istio's plug-in CA layout).
     Ca(cmd::ca::Args),
     /// Print the services, enrolled workloads and counters from the pinned maps.
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Agent(a) => cmd::agent::run(*a),
         Cmd::Waypoint(a) => cmd::waypoint::run(a),
+        Cmd::Controller(a) => cmd::controller::run(a),
         Cmd::Ca(a) => cmd::ca::run(a),
         Cmd::Maps(a) => cmd::maps::run(a),
         Cmd::Status(a) => cmd::status::run(a),
@@ -118,6 +122,26 @@ mod tests {
             (ru["maxSurge"].as_u64(), ru["maxUnavailable"].as_u64()),
             (Some(1), Some(0))
         );
+    }
+
+    #[test]
+    fn the_controller_deployment_passes_only_flags_the_controller_accepts() {
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/controller.yaml");
+        let d: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let args: Vec<String> = d["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        let argv = ["shunt", &args[0], "--identity=x"]
+            .into_iter()
+            .map(str::to_string)
+            .chain(args[1..].iter().cloned());
+        let cli = Cli::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("deploy/controller.yaml args rejected: {e}"));
+        assert!(matches!(cli.cmd, Cmd::Controller(_)));
     }
 
     #[test]

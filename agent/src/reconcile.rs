@@ -24,7 +24,9 @@ use crate::{
     model::{now_rfc3339, CgroupDir, Model, StatusClock},
 };
 
-/// Owns the allocator (the only one) and the kernel maps' mirrors.
+/// Owns the allocator (the only one on one machine; a follower of the
+/// cluster's controller with `--source kubernetes`) and the kernel maps'
+/// mirrors.
 pub struct Reconciler {
     state_dir: PathBuf,
     cgroup_root: PathBuf,
@@ -54,7 +56,16 @@ impl Reconciler {
             state_dir: opts.agent.state_dir.clone(),
             cgroup_root: opts.agent.paths.cgroup_root.clone(),
             dns: opts.dns.clone(),
-            alloc: Allocator::open(&opts.agent.state_dir)?.with_grace(opts.vip_grace),
+            alloc: {
+                let a = Allocator::open(&opts.agent.state_dir)?.with_grace(opts.vip_grace);
+                // On a cluster the elected controller allocates; agents
+                // read ServiceEntry status.
+                if opts.kubernetes.is_some() {
+                    a.following()
+                } else {
+                    a
+                }
+            },
             sync: MapSync::open(pin_dir)?,
             hosts,
             dns_clients,

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod ca;
 pub mod common;
 pub mod config;
+pub mod controller;
 pub mod get;
 pub mod maps;
 pub mod policy;

@@ -40,6 +40,10 @@ pub struct Config {
     pub source: Option<std::sync::Arc<Snapshot>>,
     /// Kinds (`Kind.group`) that were ignored, with their object counts.
     pub ignored_kinds: BTreeMap<String, usize>,
+    /// ServiceEntry status as the API server holds it (`--source
+    /// kubernetes`; `None` from a directory). The cluster's one allocator
+    /// wrote it; agents take their VIPs from here and allocate none.
+    pub api_status: Option<BTreeMap<ObjectKey, render::ServiceEntryStatus>>,
 }
 
 /// Which waypoint an object asks for, and through which label.

@@ -3,9 +3,17 @@
 //! `resourceVersion`, `?watch=true` as a chunked stream of JSON lines
 //! (`ADDED`/`MODIFIED`/`DELETED`/`BOOKMARK`), an `ERROR` event with a `410`
 //! Status when the requested resourceVersion was compacted away, the
-//! `spec.nodeName` field selector, and 503 while "down". Objects are plain
-//! JSON as the API serves them. This is what the API source is tested
-//! against; no real API server runs on the build machines.
+//! `spec.nodeName` field selector, and 503 while "down"; single objects:
+//! `GET`, `POST` (create, `409 AlreadyExists`), `PUT` (replace) and `PATCH`
+//! (JSON merge patch), each refused with `409 Conflict` when the body's
+//! `metadata.resourceVersion` is not the current one; the `status`
+//! subresource of ServiceEntry and Gateway (a write to the object keeps its
+//! status, a write to `/status` changes only the status); Leases and
+//! ConfigMaps; `TokenReview` for tokens the test registers, answering as a
+//! projected service-account token does (`user.extra` with the pod and node
+//! names). Objects are plain JSON as the API serves them. This is what the
+//! API source is tested against; no real API server runs on the build
+//! machines.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -27,6 +35,9 @@ pub fn collection(api_version: &str, kind: &str) -> String {
     let plural = match kind {
         "Namespace" => "namespaces".to_string(),
         "Pod" => "pods".to_string(),
+        "ConfigMap" => "configmaps".to_string(),
+        "Lease" => "leases".to_string(),
+        "TokenReview" => "tokenreviews".to_string(),
         k => super::ISTIO_KINDS
             .iter()
             .find(|(_, _, kk, _)| *kk == k)
@@ -63,6 +74,15 @@ struct State {
     bookmarks: u64,
     /// Collections whose CRD is not installed: 404.
     missing: std::collections::BTreeSet<String>,
+    /// Bearer tokens TokenReview accepts → the `status.user` it answers.
+    tokens: BTreeMap<String, Value>,
+    /// Writes served (method, path), in order.
+    writes: Vec<(String, String)>,
+}
+
+/// Kinds with a status subresource.
+fn has_status(collection: &str) -> bool {
+    collection.ends_with("/serviceentries") || collection.ends_with("/gateways")
 }
 
 pub struct FakeApi {
@@ -98,7 +118,7 @@ impl FakeApi {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let (st, tk) = (st.clone(), tk.clone());
-                        async move { Ok::<_, Infallible>(handle(req, &st, &tk)) }
+                        async move { Ok::<_, Infallible>(handle(req, &st, &tk).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
@@ -131,11 +151,11 @@ impl FakeApi {
 
     /// Creates or replaces an object given in the API's JSON, as `kubectl
     /// apply` would: the server sets uid, resourceVersion, creationTimestamp.
+    /// `kubectl apply` leaves the status of a kind with a status
+    /// subresource alone.
     pub fn apply(&self, mut obj: Value) {
         {
             let mut s = self.state.lock().unwrap();
-            s.rv += 1;
-            let rv = s.rv;
             let api = obj["apiVersion"].as_str().unwrap().to_string();
             let kind = obj["kind"].as_str().unwrap().to_string();
             let col = collection(&api, &kind);
@@ -145,30 +165,44 @@ impl FakeApi {
                 .to_string();
             let name = obj["metadata"]["name"].as_str().unwrap().to_string();
             let key = (col.clone(), ns, name);
-            let prev = s.objects.get(&key).cloned();
-            let md = obj["metadata"].as_object_mut().unwrap();
-            md.insert("resourceVersion".into(), json!(rv.to_string()));
-            let uid = prev
-                .as_ref()
-                .and_then(|p| p["metadata"]["uid"].as_str().map(str::to_string))
-                .unwrap_or_else(|| format!("00000000-0000-4000-8000-{rv:012}"));
-            md.entry("uid").or_insert(json!(uid));
-            md.entry("creationTimestamp")
-                .or_insert(json!("2026-01-01T00:00:00Z"));
-            md.insert(
-                "managedFields".into(),
-                json!([{"manager": "kubectl", "operation": "Apply"}]),
-            );
-            let kind = if prev.is_some() { "MODIFIED" } else { "ADDED" };
-            s.objects.insert(key, obj.clone());
-            s.events.push(Event {
-                rv,
-                collection: col,
-                kind,
-                object: obj,
-            });
+            if has_status(&col) {
+                if let Some(st) = s.objects.get(&key).and_then(|p| p.get("status")).cloned() {
+                    obj["status"] = st;
+                }
+            }
+            store(&mut s, key, obj);
         }
         self.bump(false);
+    }
+
+    /// The object as stored now.
+    pub fn get(&self, api_version: &str, kind: &str, ns: &str, name: &str) -> Option<Value> {
+        let s = self.state.lock().unwrap();
+        s.objects
+            .get(&(collection(api_version, kind), ns.into(), name.into()))
+            .cloned()
+    }
+
+    /// TokenReview will answer `token` as the projected token of pod
+    /// `ns/pod` (service account `sa`) on `node`.
+    pub fn add_pod_token(&self, token: &str, ns: &str, sa: &str, pod: &str, node: &str) {
+        let user = json!({
+            "username": format!("system:serviceaccount:{ns}:{sa}"),
+            "uid": format!("uid-{ns}-{sa}"),
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+            "extra": {
+                "authentication.kubernetes.io/pod-name": [pod],
+                "authentication.kubernetes.io/pod-uid": [format!("uid-{pod}")],
+                "authentication.kubernetes.io/node-name": [node],
+                "authentication.kubernetes.io/node-uid": [format!("uid-{node}")],
+            }
+        });
+        self.state.lock().unwrap().tokens.insert(token.into(), user);
+    }
+
+    /// Writes served so far, as (method, path).
+    pub fn writes(&self) -> Vec<(String, String)> {
+        self.state.lock().unwrap().writes.clone()
     }
 
     pub fn delete(&self, api_version: &str, kind: &str, ns: &str, name: &str) {
@@ -279,13 +313,25 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
            "message": message, "reason": reason, "code": code})
 }
 
-fn handle(
+async fn handle(
     req: Request<Incoming>,
     state: &Arc<Mutex<State>>,
     tick: &watch::Sender<(u64, u64)>,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
     let q = query(&req);
+    if req.method() != hyper::Method::GET || !is_collection(&path) {
+        let method = req.method().to_string();
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => Bytes::new(),
+        };
+        let r = write(&method, &path, &body, state);
+        if method != "GET" {
+            tick.send_modify(|(n, _)| *n += 1);
+        }
+        return r;
+    }
     let mut s = state.lock().unwrap();
     if s.down {
         return json_response(
@@ -301,12 +347,6 @@ fn handle(
                 "NotFound",
                 "the server could not find the requested resource",
             ),
-        );
-    }
-    if req.method() != hyper::Method::GET {
-        return json_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &status(405, "MethodNotAllowed", "only GET is served"),
         );
     }
     let fs = q.get("fieldSelector");
@@ -416,4 +456,261 @@ fn path_kind(path: &str) -> (String, String) {
         .map(|(a, _)| a.to_string())
         .unwrap_or_default();
     (api, kind.to_string())
+}
+
+/// Stores `obj` under `key` as a new version (server-set metadata filled)
+/// and records the watch event. Returns the stored object.
+fn store(s: &mut State, key: (String, String, String), mut obj: Value) -> Value {
+    s.rv += 1;
+    let rv = s.rv;
+    let prev = s.objects.get(&key).cloned();
+    let md = obj["metadata"].as_object_mut().unwrap();
+    md.insert("resourceVersion".into(), json!(rv.to_string()));
+    let uid = prev
+        .as_ref()
+        .and_then(|p| p["metadata"]["uid"].as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("00000000-0000-4000-8000-{rv:012}"));
+    md.entry("uid").or_insert(json!(uid));
+    let created = prev.as_ref().and_then(|p| {
+        p["metadata"]["creationTimestamp"]
+            .as_str()
+            .map(str::to_string)
+    });
+    match created {
+        Some(c) => {
+            md.insert("creationTimestamp".into(), json!(c));
+        }
+        None => {
+            md.entry("creationTimestamp")
+                .or_insert(json!("2026-01-01T00:00:00Z"));
+        }
+    }
+    md.insert(
+        "managedFields".into(),
+        json!([{"manager": "kubectl", "operation": "Apply"}]),
+    );
+    let kind = if prev.is_some() { "MODIFIED" } else { "ADDED" };
+    s.objects.insert(key.clone(), obj.clone());
+    s.events.push(Event {
+        rv,
+        collection: key.0,
+        kind,
+        object: obj.clone(),
+    });
+    obj
+}
+
+/// A request path, split: collection path (all namespaces), namespace,
+/// name and subresource.
+struct Target {
+    collection: String,
+    namespace: Option<String>,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+fn target(path: &str) -> Option<Target> {
+    let (prefix, rest) = if let Some(r) = path.strip_prefix("/api/v1/") {
+        ("/api/v1".to_string(), r)
+    } else {
+        let r = path.strip_prefix("/apis/")?;
+        let mut it = r.splitn(3, '/');
+        let (g, v, rest) = (it.next()?, it.next()?, it.next()?);
+        (format!("/apis/{g}/{v}"), rest)
+    };
+    let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let t = |plural: &str, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| Target {
+        collection: format!("{prefix}/{plural}"),
+        namespace: ns.map(str::to_string),
+        name: name.map(str::to_string),
+        sub: sub.map(str::to_string),
+    };
+    Some(match segs.as_slice() {
+        [p] => t(p, None, None, None),
+        [p, n] => t(p, None, Some(n), None),
+        ["namespaces", ns, p] => t(p, Some(ns), None, None),
+        [p, n, sub] => t(p, None, Some(n), Some(sub)),
+        ["namespaces", ns, p, n] => t(p, Some(ns), Some(n), None),
+        ["namespaces", ns, p, n, sub] => t(p, Some(ns), Some(n), Some(sub)),
+        _ => return None,
+    })
+}
+
+/// Whether `path` is an all-namespaces collection (list and watch).
+fn is_collection(path: &str) -> bool {
+    target(path).is_some_and(|t| t.name.is_none() && t.namespace.is_none())
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+fn conflict(what: &str) -> Response<Body> {
+    json_response(
+        StatusCode::CONFLICT,
+        &status(
+            409,
+            "Conflict",
+            &format!("Operation cannot be fulfilled on {what}: the object has been modified; please apply your changes to the latest version and try again"),
+        ),
+    )
+}
+
+fn not_found(what: &str) -> Response<Body> {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &status(404, "NotFound", &format!("{what} not found")),
+    )
+}
+
+/// Single-object requests and creates.
+fn write(method: &str, path: &str, body: &[u8], state: &Arc<Mutex<State>>) -> Response<Body> {
+    let mut s = state.lock().unwrap();
+    if s.down {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &status(503, "ServiceUnavailable", "apiserver is shutting down"),
+        );
+    }
+    let Some(t) = target(path) else {
+        return not_found(path);
+    };
+    if method != "GET" {
+        s.writes.push((method.to_string(), path.to_string()));
+    }
+    let bad = |m: &str| json_response(StatusCode::BAD_REQUEST, &status(400, "BadRequest", m));
+    let parsed: Option<Value> = if body.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(v) => Some(v),
+            Err(e) => return bad(&format!("invalid JSON: {e}")),
+        }
+    };
+    if t.collection.ends_with("/tokenreviews") && method == "POST" {
+        let token = parsed
+            .as_ref()
+            .and_then(|v| v["spec"]["token"].as_str())
+            .unwrap_or("");
+        let st = match s.tokens.get(token) {
+            Some(user) => json!({"authenticated": true, "user": user,
+                                 "audiences": ["https://kubernetes.default.svc.cluster.local"]}),
+            None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        };
+        let mut v = parsed.unwrap_or(json!({}));
+        v["status"] = st;
+        return json_response(StatusCode::CREATED, &v);
+    }
+    let ns = t.namespace.clone().unwrap_or_default();
+    match (method, &t.name) {
+        ("POST", None) => {
+            let Some(mut obj) = parsed else {
+                return bad("no body");
+            };
+            let Some(name) = obj["metadata"]["name"].as_str().map(str::to_string) else {
+                return bad("metadata.name required");
+            };
+            obj["metadata"]["namespace"] = json!(ns);
+            let key = (t.collection.clone(), ns, name.clone());
+            if s.objects.contains_key(&key) {
+                return json_response(
+                    StatusCode::CONFLICT,
+                    &status(409, "AlreadyExists", &format!("{name} already exists")),
+                );
+            }
+            if let Some(m) = obj["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
+            }
+            let stored = store(&mut s, key, obj);
+            json_response(StatusCode::CREATED, &stored)
+        }
+        (m, Some(name)) => {
+            let key = (t.collection.clone(), ns, name.clone());
+            let Some(cur) = s.objects.get(&key).cloned() else {
+                return not_found(name);
+            };
+            let cur_rv = cur["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let status_sub = t.sub.as_deref() == Some("status");
+            if t.sub.is_some() && !status_sub {
+                return not_found(path);
+            }
+            if status_sub && !has_status(&t.collection) {
+                return not_found(path);
+            }
+            let sent_rv = parsed
+                .as_ref()
+                .and_then(|v| v["metadata"]["resourceVersion"].as_str())
+                .map(str::to_string);
+            if m != "GET" && sent_rv.as_ref().is_some_and(|rv| *rv != cur_rv) {
+                return conflict(name);
+            }
+            let next = match m {
+                "GET" => return json_response(StatusCode::OK, &cur),
+                "PUT" => {
+                    let Some(v) = parsed else {
+                        return bad("no body");
+                    };
+                    v
+                }
+                "PATCH" => {
+                    let Some(p) = parsed else {
+                        return bad("no body");
+                    };
+                    let mut v = cur.clone();
+                    merge_patch(&mut v, &p);
+                    v
+                }
+                _ => {
+                    return json_response(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        &status(405, "MethodNotAllowed", "not served"),
+                    )
+                }
+            };
+            // The status subresource: each write changes only its part.
+            let next = if status_sub {
+                let mut v = cur;
+                v["status"] = next.get("status").cloned().unwrap_or(Value::Null);
+                v
+            } else if has_status(&t.collection) {
+                let mut v = next;
+                match cur.get("status") {
+                    Some(st) => v["status"] = st.clone(),
+                    None => {
+                        if let Some(o) = v.as_object_mut() {
+                            o.remove("status");
+                        }
+                    }
+                }
+                v
+            } else {
+                next
+            };
+            let stored = store(&mut s, key, next);
+            json_response(StatusCode::OK, &stored)
+        }
+        _ => json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &status(405, "MethodNotAllowed", "not served"),
+        ),
+    }
 }

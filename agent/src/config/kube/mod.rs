@@ -18,8 +18,12 @@
 //! [`ConfigWatcher::health`] (metrics, `shunt status`).
 
 pub mod cgroup;
+pub mod controller;
+pub mod lease;
 pub mod pods;
 
+#[cfg(test)]
+mod controller_tests;
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
@@ -40,8 +44,9 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
+use super::render::ServiceEntryStatus;
 use super::watch::{ConfigWatcher, SourceHealth};
-use super::{Config, ConfigError, Problem, Snapshot, WAYPOINT_CLASS};
+use super::{Config, ConfigError, ObjectKey, Problem, Snapshot, WAYPOINT_CLASS};
 
 /// The Istio and Gateway API kinds read, as (group, version, kind, plural).
 /// Istio's base chart and the Gateway API standard channel install their
@@ -78,6 +83,9 @@ pub const ISTIO_KINDS: [(&str, &str, &str, &str); 5] = [
 pub struct KubeOptions {
     /// This node's name (`spec.nodeName` of the pods it serves).
     pub node_name: String,
+    /// Watch this node's Pods (the agent). The controller and waypoints
+    /// serve no pods and do not.
+    pub watch_pods: bool,
     /// MeshConfig (`trustDomain`, `outboundTrafficPolicy`, `shunt`), a file
     /// named `mesh.yaml`/`mesh.yml`, usually a ConfigMap volume; re-read on
     /// every rebuild. `None`: MeshConfig defaults.
@@ -94,6 +102,7 @@ impl KubeOptions {
     pub fn new(node_name: String, kubelet_cgroup_root: PathBuf) -> Self {
         Self {
             node_name,
+            watch_pods: true,
             mesh_file: None,
             kubelet_cgroup_root,
             rescan: Duration::from_millis(500),
@@ -167,6 +176,7 @@ pub fn spawn(client: Client, opts: KubeOptions) -> Result<ConfigWatcher, KubeErr
     let shared = Arc::new(Shared {
         dirty: Notify::new(),
         kinds: Mutex::new(BTreeMap::new()),
+        expected: ISTIO_KINDS.len() + 1 + usize::from(opts.watch_pods),
         health: health_tx,
     });
     let mut tasks = Vec::new();
@@ -181,16 +191,18 @@ pub fn spawn(client: Client, opts: KubeOptions) -> Result<ConfigWatcher, KubeErr
         shared.clone(),
     )));
 
-    let pod_api: Api<Pod> = Api::all(client.clone());
     let (pods, w) = reflector::store();
-    let sel = format!("spec.nodeName={}", opts.node_name);
-    tasks.push(tokio::spawn(run_kind(
-        "Pod",
-        pod_api,
-        watcher::Config::default().fields(&sel),
-        w,
-        shared.clone(),
-    )));
+    if opts.watch_pods {
+        let pod_api: Api<Pod> = Api::all(client.clone());
+        let sel = format!("spec.nodeName={}", opts.node_name);
+        tasks.push(tokio::spawn(run_kind(
+            "Pod",
+            pod_api,
+            watcher::Config::default().fields(&sel),
+            w,
+            shared.clone(),
+        )));
+    }
 
     let mut istio = Vec::new();
     for (group, version, kind, plural) in ISTIO_KINDS {
@@ -235,6 +247,8 @@ impl Drop for AbortAll {
 struct Shared {
     dirty: Notify,
     kinds: Mutex<BTreeMap<&'static str, KindHealth>>,
+    /// How many kinds are watched.
+    expected: usize,
     health: watch::Sender<SourceHealth>,
 }
 
@@ -251,7 +265,7 @@ impl Shared {
     fn update(&self, kind: &'static str, f: impl FnOnce(&mut KindHealth), synced_now: bool) {
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         f(kinds.entry(kind).or_default());
-        let all = kinds.len() == ISTIO_KINDS.len() + 2;
+        let all = kinds.len() == self.expected;
         let up = all && kinds.values().all(|k| k.synced && k.up);
         let error = kinds
             .iter()
@@ -286,7 +300,7 @@ impl Shared {
 
     fn all_synced(&self) -> bool {
         let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
-        kinds.len() == ISTIO_KINDS.len() + 2 && kinds.values().all(|k| k.synced)
+        kinds.len() == self.expected && kinds.values().all(|k| k.synced)
     }
 }
 
@@ -439,7 +453,8 @@ async fn rebuild_loop(
         }
         last_digest = Some(snap.digest);
         match snap.parse() {
-            Ok(c) => {
+            Ok(mut c) => {
+                c.api_status = Some(api_status(&stores));
                 tracing::info!(
                     source = "kubernetes",
                     service_entries = c.service_entries.len(),
@@ -537,6 +552,32 @@ fn snapshot(stores: &Stores, opts: &KubeOptions) -> Result<Snapshot, ConfigError
         files,
         digest: h.finish(),
     })
+}
+
+/// Every ServiceEntry's `status` as the API server holds it (an
+/// unreadable status counts as none: agents then give the entry no VIP).
+fn api_status(stores: &Stores) -> BTreeMap<ObjectKey, ServiceEntryStatus> {
+    let mut out = BTreeMap::new();
+    for (ar, store) in &stores.istio {
+        if ar.kind != "ServiceEntry" {
+            continue;
+        }
+        for obj in store.state() {
+            let Some(st) = obj.data.get("status") else {
+                continue;
+            };
+            let Ok(st) = serde_json::from_value::<ServiceEntryStatus>(st.clone()) else {
+                tracing::debug!(name = ?obj.metadata.name, "unreadable ServiceEntry status");
+                continue;
+            };
+            let key = ObjectKey::new(
+                obj.metadata.namespace.as_deref().unwrap_or(""),
+                obj.metadata.name.as_deref().unwrap_or(""),
+            );
+            out.insert(key, st);
+        }
+    }
+    out
 }
 
 /// Sets apiVersion/kind (list items may omit them) and drops

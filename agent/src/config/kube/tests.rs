@@ -6,12 +6,12 @@ use super::fake::FakeApi;
 use super::*;
 use crate::config::{labels, Resource};
 
-fn seed_dir() -> PathBuf {
+pub(super) fn seed_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/egress")
 }
 
 /// Every document of the seed's YAML files (not mesh.yaml), as JSON.
-fn seed_objects() -> Vec<Value> {
+pub(super) fn seed_objects() -> Vec<Value> {
     let mut out = Vec::new();
     let mut files: Vec<_> = std::fs::read_dir(seed_dir())
         .unwrap()
