@@ -6,6 +6,8 @@ pub mod alloc;
 pub mod app;
 pub mod config;
 pub mod dns;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hbone;
 pub mod identity;
 pub mod kernel;

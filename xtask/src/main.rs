@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod fuzz;
+mod soak;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "shunt's build, test and benchmark tasks")]
@@ -41,6 +43,31 @@ enum Cmd {
         /// observed (CI).
         #[arg(long)]
         check: bool,
+    },
+    /// Run the cargo-fuzz targets of fuzz/ (pinned nightly; installs
+    /// cargo-fuzz if missing), each for --seconds; fails on a crash.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// One target only (default: all).
+        #[arg(long)]
+        target: Option<String>,
+        /// libFuzzer worker processes per target.
+        #[arg(long, default_value_t = 1)]
+        jobs: u32,
+    },
+    /// Load agent and waypoint (short connections at --rate, long-lived
+    /// checksummed streams) across agent handovers for --minutes (root).
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Short connections per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 500)]
+        streams: usize,
+        #[arg(long, default_value_t = 5)]
+        handovers: usize,
     },
     /// The system benchmark (direct, haproxy hop, shunt, shunt with the
     /// seed's policy; root required); `--micro` runs the criterion benches.
@@ -219,6 +246,32 @@ fn main() -> Result<()> {
             run(cargo().args(["build", "--bins"]))?;
             demo::run(&root(), check)
         }
+        Cmd::Fuzz {
+            seconds,
+            target,
+            jobs,
+        } => fuzz::run(
+            &root(),
+            &fuzz::Options {
+                seconds,
+                target,
+                jobs,
+            },
+        ),
+        Cmd::Soak {
+            minutes,
+            rate,
+            streams,
+            handovers,
+        } => soak::run(
+            &root(),
+            &soak::Options {
+                minutes,
+                rate,
+                streams,
+                handovers,
+            },
+        ),
         Cmd::Bench(args) => bench::run(&root(), args),
     }
 }

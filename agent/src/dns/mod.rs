@@ -17,6 +17,7 @@ mod upstream;
 
 pub use clients::{ClientTable, SharedClients};
 pub use hosts::{HostAddrs, HostTable, SharedHostTable};
+pub(crate) use proxy::handle_message;
 pub use proxy::{DnsConfig, DnsProxy, DEFAULT_MAX_INFLIGHT_PER_CLIENT};
 pub use upstream::{parse_upstream, upstreams_from_resolv_conf};
 

@@ -119,16 +119,7 @@ impl DnsProxy {
         if let Some(u) = config.upstreams.iter().find(|u| config.listen.contains(u)) {
             return Err(DnsError::UpstreamIsSelf(*u));
         }
-        let inner = Arc::new(Inner {
-            hosts,
-            upstreams: config.upstreams.clone(),
-            upstream_timeout: config.upstream_timeout,
-            max_udp_payload: config.max_udp_payload.max(MIN_UDP_PAYLOAD),
-            tcp_idle_timeout: config.tcp_idle_timeout,
-            metrics,
-            clients: config.clients.clone(),
-            budget: ForwardBudget::new(config.max_inflight, config.max_inflight_per_client),
-        });
+        let inner = Arc::new(Inner::new(&config, hosts, metrics));
         let mut local_addrs = Vec::new();
         let mut tasks = Vec::new();
         for addr in &config.listen {
@@ -340,6 +331,19 @@ enum Step {
 }
 
 impl Inner {
+    fn new(config: &DnsConfig, hosts: SharedHostTable, metrics: DnsMetrics) -> Inner {
+        Inner {
+            hosts,
+            upstreams: config.upstreams.clone(),
+            upstream_timeout: config.upstream_timeout,
+            max_udp_payload: config.max_udp_payload.max(MIN_UDP_PAYLOAD),
+            tcp_idle_timeout: config.tcp_idle_timeout,
+            metrics,
+            clients: config.clients.clone(),
+            budget: ForwardBudget::new(config.max_inflight, config.max_inflight_per_client),
+        }
+    }
+
     /// Checks the client, parses, answers ServiceEntry hosts (those
     /// `client` may see) and errors.
     fn prepare(&self, query: &[u8], udp: bool, client: IpAddr) -> Step {
@@ -511,6 +515,28 @@ impl Inner {
             warn!(name = %req.queries[0].name(), servfail_since_last_line = suppressed, "every upstream resolver failed; SERVFAIL");
         }
         self.error(req, ResponseCode::ServFail, limit)
+    }
+}
+
+/// The message handling without listeners, for the fuzz targets (`fuzz/`):
+/// one query from `client` as a listener received it (`udp`: over UDP),
+/// forwarded to `config.upstreams` unless answered locally; `None` when
+/// dropped.
+pub(crate) async fn handle_message(
+    config: &DnsConfig,
+    hosts: SharedHostTable,
+    query: &[u8],
+    udp: bool,
+    client: IpAddr,
+) -> Option<Vec<u8>> {
+    let inner = Inner::new(config, hosts, DnsMetrics::default());
+    match inner.prepare(query, udp, client) {
+        Step::Drop => None,
+        Step::Answer(resp) => Some(resp),
+        Step::Forward { req, limit } => {
+            let _permit = inner.take_budget(client)?;
+            Some(inner.forward(&req, query, limit).await)
+        }
     }
 }
 

@@ -315,6 +315,51 @@ fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let _ = respond.send_response(resp, true);
 }
 
+/// What a `CONNECT` request names, before the handler judges it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectTarget {
+    /// `:authority`, which must be an `ip:port` (the original VIP:port).
+    pub authority: SocketAddr,
+    /// `Forwarded: for=`, or the TCP peer when absent.
+    pub source: SocketAddr,
+    /// `Forwarded: host=` when present.
+    pub forwarded_host: Option<String>,
+}
+
+/// Parses a stream's request head (a hostile client's bytes, as h2 decoded
+/// them); `Err` is the reason for a 400.
+pub(crate) fn parse_connect(
+    parts: &http::request::Parts,
+    peer: SocketAddr,
+) -> Result<ConnectTarget, String> {
+    if parts.method != Method::CONNECT {
+        return Err(format!("method {} is not CONNECT", parts.method));
+    }
+    let auth = parts.uri.authority().map(|a| a.as_str()).unwrap_or("");
+    let authority: SocketAddr = auth
+        .parse()
+        .map_err(|_| format!("authority {auth:?} is not ip:port"))?;
+    let (source, forwarded_host) = match parts.headers.get(http::header::FORWARDED) {
+        None => (peer, None),
+        Some(v) => {
+            let v = v
+                .to_str()
+                .map_err(|_| "Forwarded header is not text".to_string())?;
+            let host = v.split(',').next().unwrap_or("").split(';').find_map(|p| {
+                let (k, v) = p.trim().split_once('=')?;
+                k.eq_ignore_ascii_case("host")
+                    .then(|| v.trim_matches('"').to_string())
+            });
+            (parse_forwarded(v)?.unwrap_or(peer), host)
+        }
+    };
+    Ok(ConnectTarget {
+        authority,
+        source,
+        forwarded_host,
+    })
+}
+
 /// Serves one stream; true when the client reset it.
 async fn stream<H: ConnectHandler>(
     req: Request<RecvStream>,
@@ -325,31 +370,12 @@ async fn stream<H: ConnectHandler>(
     handler: Arc<H>,
 ) -> bool {
     let (parts, recv) = req.into_parts();
-    let parsed = (|| {
-        if parts.method != Method::CONNECT {
-            return Err(format!("method {} is not CONNECT", parts.method));
-        }
-        let auth = parts.uri.authority().map(|a| a.as_str()).unwrap_or("");
-        let authority: SocketAddr = auth
-            .parse()
-            .map_err(|_| format!("authority {auth:?} is not ip:port"))?;
-        let (source, host) = match parts.headers.get(http::header::FORWARDED) {
-            None => (peer, None),
-            Some(v) => {
-                let v = v
-                    .to_str()
-                    .map_err(|_| "Forwarded header is not text".to_string())?;
-                let host = v.split(',').next().unwrap_or("").split(';').find_map(|p| {
-                    let (k, v) = p.trim().split_once('=')?;
-                    k.eq_ignore_ascii_case("host")
-                        .then(|| v.trim_matches('"').to_string())
-                });
-                (parse_forwarded(v)?.unwrap_or(peer), host)
-            }
-        };
-        Ok((authority, source, host))
-    })();
-    let (authority, source_addr, forwarded_host) = match parsed {
+    let parsed = parse_connect(&parts, peer);
+    let ConnectTarget {
+        authority,
+        source: source_addr,
+        forwarded_host,
+    } = match parsed {
         Ok(p) => p,
         Err(why) => {
             tracing::info!(identity = %identity, reason = %why, "bad HBONE request, answering 400");

@@ -43,6 +43,10 @@ pub use crate::app::waypoint::WaypointServer;
 pub use l7::RBAC_DENIED_BODY;
 pub use routes::{check as check_routes, Routes, Target};
 
+// For `crate::fuzzing` only.
+pub(crate) use framing::{Guard as FramingGuard, Verdicts as FramingVerdicts};
+pub(crate) use source::judge as judge_source;
+
 /// Errors carry their cause in the message (no `source()` chain), so that
 /// `{:#}` at the binary's edge prints each cause once.
 #[derive(Debug, thiserror::Error)]

@@ -3,6 +3,9 @@
 //! addresses the kernel reported, bytes verified) so that tests assert on
 //! facts rather than on a client's exit code.
 
+#[path = "probe/soak.rs"]
+mod soak;
+
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -11,7 +14,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage:\n  shunt-probe connect ADDR [--echo BYTES] [--bind SRC_IP]\n  shunt-probe loop ADDR --for-ms N\n  shunt-probe listen ADDR --count-file PATH"
+        "usage:\n  shunt-probe connect ADDR [--echo BYTES] [--bind SRC_IP]\n  shunt-probe loop ADDR --for-ms N\n  shunt-probe listen ADDR --count-file PATH\n  shunt-probe soak ADDR [--rate N] [--streams N] [--seconds N] [--workers N]"
     );
     std::process::exit(2)
 }
@@ -49,6 +52,19 @@ fn main() {
                 .unwrap_or(3000),
         ),
         "listen" => listen(addr, &flag("--count-file").unwrap_or_else(|| usage())),
+        "soak" => soak::run(
+            addr,
+            soak::Load {
+                rate: flag("--rate").and_then(|n| n.parse().ok()).unwrap_or(1000),
+                streams: flag("--streams")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(500),
+                seconds: flag("--seconds").and_then(|n| n.parse().ok()).unwrap_or(60),
+                workers: flag("--workers")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(128),
+            },
+        ),
         _ => usage(),
     }
 }
