@@ -57,9 +57,24 @@ pub struct Args {
     /// Connections held open for the per-connection memory figure.
     #[arg(long, default_value_t = 2000)]
     held: usize,
+    /// Record a CPU profile (`perf record -e cpu-clock`) of the agent and
+    /// the waypoint while these metrics (comma-separated) run through shunt (iperf1, iperf4,
+    /// sockperf, conn1, conn4, http; `http` profiles the seed variant);
+    /// perf data and a flat `perf report` land in target/bench/.
+    #[arg(long)]
+    perf: Option<String>,
     /// Skip `cargo build --release` (binaries already built).
     #[arg(long)]
     no_build: bool,
+    /// Benchmark this `shunt` binary instead of the release build (implies
+    /// `--no-build`), e.g. a copy of a baseline to compare against.
+    #[arg(long)]
+    shunt_bin: Option<PathBuf>,
+    /// A second `shunt` binary (a candidate) measured in the same run on a
+    /// node of its own: a second table, with ratios against the same
+    /// direct and hop measurements.
+    #[arg(long)]
+    compare: Option<PathBuf>,
     /// Internal: hold this many connections to ADDR (see `--hold-n`) until
     /// killed; run by the benchmark inside the client pod.
     #[arg(long, hide = true)]
@@ -82,6 +97,8 @@ const SEED_PORT: u16 = 80;
 /// sockperf's fixed message rate (messages/s) and size.
 const SOCKPERF_MPS: &str = "5000";
 const SOCKPERF_MSG: &str = "64";
+/// When memory counts as settled after the load.
+const SETTLE_SECS: u64 = 12;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Variant {
@@ -181,7 +198,7 @@ pub fn run(root: &Path, a: Args) -> Result<()> {
     crate::setup()?;
     raise_nofile();
     let target = target_dir(root);
-    if !a.no_build {
+    if !a.no_build && a.shunt_bin.is_none() {
         crate::run(crate::cargo().args([
             "build",
             "--release",
@@ -191,7 +208,10 @@ pub fn run(root: &Path, a: Args) -> Result<()> {
             "shunt",
         ]))?;
     }
-    let shunt = target.join("release/shunt");
+    let shunt = a
+        .shunt_bin
+        .clone()
+        .unwrap_or_else(|| target.join("release/shunt"));
     ensure!(
         shunt.exists(),
         "{} missing: build it with cargo build --release",
@@ -207,9 +227,20 @@ pub fn run(root: &Path, a: Args) -> Result<()> {
     let started = Instant::now();
     let mut bed = Bed::up(&shunt)?;
     bed.check()?;
+    // The candidate: its own node, measured in the same rounds.
+    let mut bed_b = match &a.compare {
+        Some(p) => {
+            let mut b = Bed::up(p)?;
+            b.check()?;
+            Some(b)
+        }
+        None => None,
+    };
     let pids = bed.pids();
     let rss_idle = rss_all(&pids);
+    let rss_idle_b = bed_b.as_ref().map(|b| rss_all(&b.pids()));
     let mut samples: BTreeMap<(Metric, Variant), Vec<Sample>> = BTreeMap::new();
+    let mut samples_b: BTreeMap<(Metric, Variant), Vec<Sample>> = BTreeMap::new();
     for r in 0..rounds {
         for m in Metric::ALL {
             for v in Variant::ALL {
@@ -222,30 +253,97 @@ pub fn run(root: &Path, a: Args) -> Result<()> {
                     m.name(),
                     v.name()
                 );
+                let profiled = a
+                    .perf
+                    .as_deref()
+                    .is_some_and(|p| p.split(',').any(|x| x == m.name()))
+                    && v == if m == Metric::Http {
+                        Variant::Seed
+                    } else {
+                        Variant::Shunt
+                    };
+                let perf = if profiled {
+                    Some(Perf::start(&bed.pids()[..2], &target.join("bench"), m, r)?)
+                } else {
+                    None
+                };
                 let s = bed
                     .measure(m, v, secs)
                     .with_context(|| format!("{} through {}", m.name(), v.name()))?;
+                if let Some(p) = perf {
+                    p.finish()?;
+                }
                 samples.entry((m, v)).or_default().push(s);
+                match (&bed_b, v) {
+                    (Some(b), Variant::Shunt | Variant::Seed) => {
+                        eprintln!(
+                            "[bench] round {}/{rounds}: {} {} (B)",
+                            r + 1,
+                            m.name(),
+                            v.name()
+                        );
+                        let s = b
+                            .measure(m, v, secs)
+                            .with_context(|| format!("{} through {} (B)", m.name(), v.name()))?;
+                        samples_b.entry((m, v)).or_default().push(s);
+                    }
+                    (Some(_), _) => {
+                        // B's ratios are against the same direct and hop runs.
+                        let s = samples[&(m, v)].last().cloned().unwrap_or_default();
+                        samples_b.entry((m, v)).or_default().push(s);
+                    }
+                    (None, _) => {}
+                }
             }
         }
     }
-    // Memory after load: once the load has stopped and settled.
+    // Memory after load: 2 s after the load stopped, and again later
+    // (whether memory is returned).
     std::thread::sleep(Duration::from_secs(2));
     let rss_after = rss_all(&pids);
+    let rss_after_b = bed_b.as_ref().map(|b| rss_all(&b.pids()));
+    std::thread::sleep(Duration::from_secs(SETTLE_SECS - 2));
+    let rss_settled = rss_all(&pids);
+    let rss_settled_b = bed_b.as_ref().map(|b| rss_all(&b.pids()));
     let mut held_rss = BTreeMap::new();
     for v in [Variant::Hop, Variant::Shunt] {
         held_rss.insert(v, bed.held_rss(v, held)?);
     }
+    let report_b = match bed_b.as_mut() {
+        Some(b) => {
+            let mut h = held_rss.clone();
+            h.insert(Variant::Shunt, b.held_rss(Variant::Shunt, held)?);
+            Some(Report {
+                samples: samples_b,
+                rss_idle: rss_idle_b.unwrap_or_default(),
+                rss_after: rss_after_b.unwrap_or_default(),
+                rss_settled: rss_settled_b.unwrap_or_default(),
+                held_rss: h,
+                held,
+            })
+        }
+        None => None,
+    };
+    drop(bed_b);
     let load_after = loadavg();
     let elapsed = started.elapsed().as_secs();
     let report = Report {
         samples,
         rss_idle,
         rss_after,
+        rss_settled,
         held_rss,
         held,
     };
-    let table = report.table();
+    let mut table = report.table();
+    if let Some(b) = &report_b {
+        table = format!(
+            "A: {}\n\n{table}\nB: {} (same run; direct and hop columns are A's)\n\n{}",
+            shunt.display(),
+            a.compare.as_deref().unwrap_or(Path::new("")).display(),
+            b.table()
+        );
+    }
     let machine = machine();
     let out = json!({
         "machine": machine,
@@ -256,6 +354,7 @@ pub fn run(root: &Path, a: Args) -> Result<()> {
         "held": held,
         "elapsed_s": elapsed,
         "results": report.json(),
+        "results_b": report_b.as_ref().map(Report::json),
         "table": table,
     });
     drop(bed);
@@ -342,6 +441,56 @@ fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cores} × {cpu}, Linux {}", kernel.trim())
+}
+
+/// `perf record` attached to the proxy processes for one measurement.
+struct Perf {
+    child: std::process::Child,
+    data: PathBuf,
+}
+
+impl Perf {
+    fn start(pids: &[(&'static str, u32)], dir: &Path, m: Metric, round: usize) -> Result<Perf> {
+        std::fs::create_dir_all(dir)?;
+        let data = dir.join(format!("perf-{}-{round}.data", m.name()));
+        let list: Vec<String> = pids.iter().map(|(_, p)| p.to_string()).collect();
+        let child = Command::new("perf")
+            .args(["record", "-q", "-e", "cpu-clock", "-F", "2000", "-o"])
+            .arg(&data)
+            .args(["-p", &list.join(",")])
+            .spawn()
+            .context("starting perf record")?;
+        // perf needs a moment to attach before the load starts.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Perf { child, data })
+    }
+
+    fn finish(mut self) -> Result<()> {
+        // SAFETY: plain kill(2) on our child: SIGINT makes perf write its data.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.child.wait()?;
+        let out = Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--sort",
+                "comm,dso,sym",
+                "-i",
+            ])
+            .arg(&self.data)
+            .output()?;
+        let report = self.data.with_extension("txt");
+        std::fs::write(&report, &out.stdout)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let top: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(40)
+            .collect();
+        eprintln!("[bench] profile {}:\n{}", report.display(), top.join("\n"));
+        Ok(())
+    }
 }
 
 /// CPU seconds (user + system, all threads) of a process so far.
@@ -969,6 +1118,7 @@ struct Report {
     samples: BTreeMap<(Metric, Variant), Vec<Sample>>,
     rss_idle: BTreeMap<&'static str, f64>,
     rss_after: BTreeMap<&'static str, f64>,
+    rss_settled: BTreeMap<&'static str, f64>,
     held_rss: BTreeMap<Variant, Value>,
     held: usize,
 }
@@ -1025,6 +1175,7 @@ impl Report {
             "samples": per,
             "rss_idle_mb": self.rss_idle,
             "rss_after_load_mb": self.rss_after,
+            "rss_settled_mb": self.rss_settled,
             "held_connections": self.held,
             "held_kb_per_connection": self.held_rss.iter().map(|(v, x)| (v.name(), x.clone())).collect::<BTreeMap<_, _>>(),
         })
@@ -1160,10 +1311,22 @@ impl Report {
             f64::NAN,
         ];
         row(
-            "RSS after load, MB",
+            "RSS 2 s after load, MB",
             after,
             1,
             check(after[2] <= 25.0, "≤25 MB"),
+        );
+        let settled = [
+            f64::NAN,
+            mb(&self.rss_settled, Hop),
+            mb(&self.rss_settled, Shunt),
+            f64::NAN,
+        ];
+        row(
+            &format!("RSS {SETTLE_SECS} s after load, MB"),
+            settled,
+            1,
+            check(settled[2] <= 25.0, "≤25 MB"),
         );
         let held = |v| {
             self.held_rss
@@ -1185,10 +1348,10 @@ impl Report {
             s.push_str(&format!("| {} |\n", r.join(" | ")));
         }
         s.push_str(&format!(
-            "\nRSS after load by process, MB: agent {:.1}, waypoint {:.1}, haproxy {:.1} (idle: {:.1}, {:.1}, {:.1}).\n",
-            self.rss_after.get("agent").unwrap_or(&0.0),
-            self.rss_after.get("waypoint").unwrap_or(&0.0),
-            self.rss_after.get("haproxy").unwrap_or(&0.0),
+            "\nRSS {SETTLE_SECS} s after load by process, MB: agent {:.1}, waypoint {:.1}, haproxy {:.1} (idle: {:.1}, {:.1}, {:.1}).\n",
+            self.rss_settled.get("agent").unwrap_or(&0.0),
+            self.rss_settled.get("waypoint").unwrap_or(&0.0),
+            self.rss_settled.get("haproxy").unwrap_or(&0.0),
             self.rss_idle.get("agent").unwrap_or(&0.0),
             self.rss_idle.get("waypoint").unwrap_or(&0.0),
             self.rss_idle.get("haproxy").unwrap_or(&0.0),
