@@ -339,3 +339,48 @@ fn without_a_reachable_agent_a_broken_directory_says_both() {
         "{err}"
     );
 }
+
+#[test]
+fn a_wildcard_entry_shows_its_addresses_and_bound_waypoint() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(seed()).unwrap().flatten() {
+        if f.path().extension().is_some_and(|e| e == "yaml") {
+            std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
+        }
+    }
+    std::fs::copy(
+        seed().join("https/05-wildcard.yaml"),
+        dir.path().join("05-wildcard.yaml"),
+    )
+    .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let cfg = Config::load_dir(dir.path()).unwrap();
+    Allocator::open(state.path())
+        .unwrap()
+        .allocate(&cfg)
+        .unwrap();
+    let out = shunt(&[
+        "get",
+        "se",
+        "-n",
+        "common-infrastructure",
+        "--config-dir",
+        dir.path().to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    let line = table
+        .lines()
+        .find(|l| l.contains("example-wildcard"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(line.contains("*.example.com"), "{line}");
+    assert!(
+        line.contains("240.240.0.") && line.contains("2001:2::"),
+        "{line}"
+    );
+    assert!(
+        line.contains("common-infrastructure/egress-gateway") && line.ends_with("True"),
+        "{line}"
+    );
+}

@@ -211,3 +211,76 @@ fn sni_flag_decides_connection_sni_on_a_tls_port() {
         "{err}"
     );
 }
+
+#[test]
+fn a_wildcard_entry_is_found_by_a_name_under_it_and_decided_by_sni_and_host() {
+    // The seed plus the wildcard example, as a user would copy them.
+    let dir = tempfile::tempdir().unwrap();
+    let ex = seed();
+    for f in std::fs::read_dir(&ex).unwrap().flatten() {
+        if f.path().extension().is_some_and(|e| e == "yaml") {
+            std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
+        }
+    }
+    std::fs::copy(
+        ex.join("https/05-wildcard.yaml"),
+        dir.path().join("05-wildcard.yaml"),
+    )
+    .unwrap();
+    let tls = |sni: &str| {
+        check_in(
+            dir.path(),
+            &[
+                "--host",
+                "api.example.com",
+                "--port",
+                "443",
+                "--principal",
+                CURL,
+                "--sni",
+                sni,
+            ],
+        )
+    };
+    let (out, err, code) = tls("api.example.com");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("example-wildcard") && out.contains("decision: ALLOW"),
+        "{out}"
+    );
+    let (out, err, code) = tls("www.example.com");
+    assert_eq!(code, 3, "{out}{err}");
+    // HTTP on port 80: the Host decides.
+    let (out, err, code) = check_in(
+        dir.path(),
+        &[
+            "--host",
+            "api.example.com",
+            "--port",
+            "80",
+            "--principal",
+            CURL,
+            "--method",
+            "GET",
+            "--path",
+            "/",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let (out, err, code) = check_in(
+        dir.path(),
+        &[
+            "--host",
+            "www.example.com",
+            "--port",
+            "80",
+            "--principal",
+            CURL,
+            "--method",
+            "GET",
+            "--path",
+            "/",
+        ],
+    );
+    assert_eq!(code, 3, "{out}{err}");
+}

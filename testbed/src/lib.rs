@@ -22,6 +22,7 @@
 mod bins;
 mod cgroup;
 mod cmd;
+mod internet;
 mod netns;
 mod node;
 mod pins;
@@ -38,6 +39,7 @@ mod maps;
 pub use bins::{bin_dir, echo_agent_bin, probe_bin, shunt_bin};
 pub use cgroup::{cgroup2_mount, Cgroup};
 pub use cmd::{read_count, read_lossy, sh, tail, unique_id, wait_for};
+pub use internet::Internet;
 pub use netns::{Netns, Veth};
 pub use node::Node;
 pub use pins::PinDir;

@@ -148,18 +148,14 @@ fn find_service<'c>(cfg: &'c Config, a: &CheckArgs) -> anyhow::Result<&'c Servic
             });
     }
     let host = a.host.as_deref().unwrap_or_default().to_ascii_lowercase();
-    // An exact host before a wildcard one, as DNS resolution would pick.
-    cfg.service_entries
-        .iter()
-        .find(|se| se.spec.hosts.iter().any(|h| h.eq_ignore_ascii_case(&host)))
-        .or_else(|| {
-            cfg.service_entries.iter().find(|se| {
-                se.spec
-                    .hosts
-                    .iter()
-                    .any(|h| shunt_agent::model::host::matches(h, &host))
-            })
-        })
+    // An exact host before the most specific wildcard, as DNS answers.
+    let with_host = |h: &str| {
+        cfg.service_entries
+            .iter()
+            .find(|se| se.spec.hosts.iter().any(|x| x.eq_ignore_ascii_case(h)))
+    };
+    with_host(&host)
+        .or_else(|| shunt_agent::model::host::covering(&host).find_map(|w| with_host(&w)))
         .with_context(|| {
             format!(
                 "no ServiceEntry has host {host:?} in {}: list them with `shunt get se --config-dir {}`",
