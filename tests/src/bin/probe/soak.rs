@@ -136,7 +136,9 @@ pub fn run(addr: SocketAddr, load: Load) {
         threads.push(spawn(Box::new(move || loop {
             let t = ticket.fetch_add(1, Ordering::Relaxed);
             let due = start + Duration::from_secs_f64(t as f64 / rate as f64);
-            if due >= end {
+            // Behind schedule (the machine cannot sustain the rate), the
+            // tickets left are not worked off after the end.
+            if due >= end || Instant::now() >= end {
                 return;
             }
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
