@@ -23,7 +23,7 @@ mod l7;
 mod pool;
 pub(crate) mod reload;
 pub(crate) mod routes;
-mod sni;
+pub mod sni;
 mod source;
 mod tls;
 
