@@ -105,9 +105,10 @@ pub struct KubernetesSource {
 const FIRST_SYNC_WAIT: Duration = Duration::from_secs(10);
 
 /// Run the node agent until a signal. Startup order matters: the kernel side
-/// is installed and the capture socket inserted before config is applied, so
-/// a restart never opens a window without a socket; an invalid config at
-/// start leaves the pinned maps exactly as they are.
+/// is installed first, config applied, and the capture socket inserted only
+/// when connections can be served (`CaptureServer::serve`); a predecessor
+/// keeps the slot until then, so a restart never opens a window without a
+/// socket. An invalid config at start leaves the pinned maps as they are.
 pub async fn run(opts: NodeOptions) -> Result<(), NodeError> {
     run_with(opts, None).await
 }

@@ -3,8 +3,9 @@
 //! hands each to a [`Handler`] (the outbound path, or a test's), and hands
 //! over to a successor without refusing a single connect.
 //!
-//! Handover: a new agent inserts its listener into the capture SOCKMAP (new
-//! SYNs go to it at once), records its pid in `<state>/agent.pid` and sends
+//! Handover: a new agent, once set up to serve (config applied, outbound
+//! path built), inserts its listener into the capture SOCKMAP (new SYNs go
+//! to it at once), records its pid in `<state>/agent.pid` and sends
 //! the previous agent SIGUSR2. The old agent keeps accepting until its accept
 //! queue stays empty (closing a listener with queued connections would reset
 //! them), closes it, and lets its open connections finish up to a deadline.
@@ -141,8 +142,8 @@ pub struct CaptureServer {
 }
 
 impl CaptureServer {
-    /// Check prerequisites, install programs/maps/routes and insert the
-    /// capture socket. When this returns, VIP connects reach this agent.
+    /// Check prerequisites, install programs/maps/routes and bind the
+    /// capture socket; [`CaptureServer::serve`] inserts it.
     pub async fn start(opts: CaptureOptions) -> Result<Self, CaptureServerError> {
         prereq::check(&opts.paths.pin_dir, &opts.paths.cgroup_root)?;
         // Before the socket is visible: a successor's SIGUSR2 must never hit
@@ -161,17 +162,9 @@ impl CaptureServer {
         let std_listener = capture::listener(opts.capture_addr)?;
         let listener = TcpListener::from_std(std_listener)
             .map_err(|e| KernelError::Socket(opts.capture_addr, e))?;
-        capture::insert(&mut installed.ebpf, &listener)?;
         kernel::events::forward_kernel_log(&mut installed.ebpf);
         std::fs::create_dir_all(&opts.state_dir)
             .map_err(|e| CaptureServerError::State(opts.state_dir.clone(), e))?;
-        signal_predecessor(&opts.state_dir)?;
-        info!(
-            capture = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            pin_dir = %opts.paths.pin_dir.display(),
-            cgroup_root = %opts.paths.cgroup_root.display(),
-            "agent capturing"
-        );
         Ok(Self {
             opts,
             installed,
@@ -186,12 +179,31 @@ impl CaptureServer {
         self.maps.clone()
     }
 
-    /// Accept steered connections until SIGTERM/SIGINT (shutdown) or SIGUSR2
-    /// (handed over), then drain.
+    /// Insert the capture socket (new SYNs come here from now on) and tell
+    /// a predecessor. Only once the caller can serve: a successor that took
+    /// the slot while still loading its CA and config left connections in
+    /// its accept queue, unserved for seconds, while the predecessor that
+    /// could serve them had stopped accepting (#11 item 9). Until then the
+    /// predecessor keeps the slot, so no window opens.
+    fn take_over(&mut self) -> Result<(), CaptureServerError> {
+        capture::insert(&mut self.installed.ebpf, &self.listener)?;
+        signal_predecessor(&self.opts.state_dir)?;
+        info!(
+            capture = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            pin_dir = %self.opts.paths.pin_dir.display(),
+            cgroup_root = %self.opts.paths.cgroup_root.display(),
+            "agent capturing"
+        );
+        Ok(())
+    }
+
+    /// Take over the capture slot, then accept steered connections until
+    /// SIGTERM/SIGINT (shutdown) or SIGUSR2 (handed over), then drain.
     pub async fn serve(mut self, handler: Arc<dyn Handler>) -> Result<(), CaptureServerError> {
         let Some([mut term, mut int, mut usr2]) = self.signals.take() else {
             unreachable!("set by start, taken only here");
         };
+        self.take_over()?;
         let mut acceptor = Acceptor::new(ListenerName::Capture);
         let handed_over = loop {
             tokio::select! {
