@@ -917,7 +917,7 @@ fn assign_ids(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A config directory built from `(file, yaml)` pairs.

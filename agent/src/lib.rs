@@ -19,6 +19,7 @@ pub mod reconcile;
 pub mod sockets;
 pub mod telemetry;
 pub mod upstream;
+pub mod validate;
 pub mod waypoint;
 
 /// The kernel object built by `build.rs` (aya-build) from `ebpf/`.

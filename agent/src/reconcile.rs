@@ -20,8 +20,9 @@ use crate::{
     app::node::{dns_capture, DnsSettings, NodeError, NodeOptions},
     config::{watch::ConfigWatcher, Config},
     dns::{ClientTable, HostTable, SharedClients, SharedHostTable},
-    kernel::{self, projection, MapSync},
+    kernel::{self, projection, projection::Capacity, MapSync},
     model::{now_rfc3339, CgroupDir, Model, StatusClock},
+    validate,
 };
 
 /// Owns the allocator (the only one on one machine; a follower of the
@@ -107,7 +108,7 @@ impl Reconciler {
         let cgroups = CgroupDir {
             root: self.cgroup_root.clone(),
         };
-        let mut model = Model::build(cfg.clone(), &allocation, &cgroups);
+        let model = Model::build(cfg.clone(), &allocation, &cgroups);
         for w in model.warnings() {
             warn!("{w}");
         }
@@ -122,6 +123,13 @@ impl Reconciler {
             }
         };
         let projection = projection::project(&model, dns_capture(&self.dns), sources);
+        // Nothing is written unless all of it fits and every waypoint would
+        // take it too.
+        let mut model = Arc::new(model);
+        if let Err(e) = validate::validate(&model, &projection, &Capacity::KERNEL) {
+            error!("{e}");
+            return;
+        }
         let stats = match self.sync.apply(&projection) {
             Ok(s) => s.total(),
             Err(e) => {
@@ -145,12 +153,14 @@ impl Reconciler {
         self.dns_clients.store(Arc::new(ClientTable::new(
             model.enrolled().filter_map(|(_, w)| w.address),
         )));
-        if self.clock.stamp(&mut model.status, &now_rfc3339()) {
+        let stamped = Arc::get_mut(&mut model)
+            .is_some_and(|m| self.clock.stamp(&mut m.status, &now_rfc3339()));
+        if stamped {
             if let Err(e) = self.clock.save(&self.state_dir) {
                 warn!(error = %e, "saving status times");
             }
         }
-        self.model.store(Arc::new(model));
+        self.model.store(model);
         self.ready.store(true, std::sync::atomic::Ordering::Release);
         info!(
             services = projection.services.len(),

@@ -17,8 +17,10 @@ use std::{
 use shunt_agent::{
     alloc::{Allocator, Prefixes},
     config::{render::WAYPOINT_BOUND, Config, ConfigError, Origin, Problem},
+    kernel::projection::Capacity,
     model::Model,
     policy::PolicyError,
+    validate::{self, Rejected, Rejection},
     waypoint::WaypointError,
 };
 
@@ -183,15 +185,20 @@ fn check(dir: &Path) -> anyhow::Result<ExitCode> {
             };
             let d = Arc::new(Model::build(Arc::new(cfg.clone()), &alloc, &stand_in));
             warnings.extend(d.warnings().iter().map(|w| w.to_string()));
-            // What each waypoint would refuse, by the waypoint's own code
-            // (policy errors are reported above).
-            for gw in waypoints(&cfg) {
-                match shunt_agent::waypoint::check_routes(d.clone(), &gw) {
-                    Ok(()) | Err(WaypointError::Policy(_)) => {}
-                    Err(e) => errors.push(format!(
-                        "waypoint {}/{} would refuse this config: {e}",
-                        gw.namespace, gw.name
-                    )),
+            // The acceptance step the agent and the waypoint run (policy
+            // errors are reported above).
+            let projection = validate::projection_of(&d);
+            if let Err(Rejected(rs)) = validate::validate(&d, &projection, &Capacity::KERNEL) {
+                for r in rs {
+                    if !matches!(
+                        r,
+                        Rejection::Waypoint {
+                            error: WaypointError::Policy(_),
+                            ..
+                        }
+                    ) {
+                        errors.push(r.to_string());
+                    }
                 }
             }
             for se in &cfg.service_entries {

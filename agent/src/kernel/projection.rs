@@ -39,6 +39,26 @@ pub struct Projection {
     pub meta: Meta,
 }
 
+/// How many entries each reconciled map holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub services: usize,
+    pub enrolled: usize,
+    pub sources: usize,
+    pub egress_allow: usize,
+}
+
+impl Capacity {
+    /// `max_entries` of the kernel object's maps (the registry test checks
+    /// these against the object).
+    pub const KERNEL: Capacity = Capacity {
+        services: 262_144,
+        enrolled: 65_536,
+        sources: 65_536,
+        egress_allow: 4096,
+    };
+}
+
 /// Where DNS capture sends queries (the agent's DNS proxy).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DnsCapture {

@@ -380,6 +380,20 @@ mod tests {
                 assert_eq!(m.value_size(), s.value_size, "{} value size", s.name);
             }
         }
+        // What validation checks a config's projection against.
+        let cap = crate::kernel::projection::Capacity::KERNEL;
+        for (name, limit) in [
+            (map_names::SERVICES, cap.services),
+            (map_names::ENROLLED, cap.enrolled),
+            (map_names::SOURCES, cap.sources),
+            (map_names::EGRESS_ALLOW, cap.egress_allow),
+        ] {
+            assert_eq!(
+                obj.maps[name].max_entries() as usize,
+                limit,
+                "{name} capacity"
+            );
+        }
         // Pin names are unique files under the pin directory.
         let mut pins: Vec<&str> = ALL.iter().map(|s| s.pin).collect();
         pins.sort();

@@ -1,13 +1,16 @@
 //! Reload: a new valid config, or a changed allocation, rebuilds the model
 //! and the waypoint's [`Routes`](super::Routes); a config the waypoint
-//! cannot use keeps the previous routes whole.
+//! cannot use, or that [`validate`](crate::validate) refuses, keeps the
+//! previous routes whole.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::watch::ConfigWatcher;
+use crate::kernel::projection::Capacity;
 use crate::model::{Model, NoCgroups};
+use crate::validate;
 
 use super::{routes, Shared};
 
@@ -45,6 +48,13 @@ pub(crate) async fn reload_loop(
         };
         let prev = shared.routes.load_full();
         let model = Arc::new(Model::build(cfg, &allocation, &NoCgroups));
+        // The agent's acceptance step: a config the agent refuses (too big
+        // for its maps, refused by another waypoint) is refused here too.
+        let projection = validate::projection_of(&model);
+        if let Err(e) = validate::validate(&model, &projection, &Capacity::KERNEL) {
+            tracing::error!("waypoint config rejected: {e}");
+            continue;
+        }
         let built = routes::build(
             model,
             &routes::BuildInputs {
