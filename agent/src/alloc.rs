@@ -837,6 +837,13 @@ fn status_alloc(cfg: &Config, key: &ObjectKey, host: &str) -> Option<HostAlloc> 
     (a.v4.is_some() || a.v6.is_some()).then_some(a)
 }
 
+/// The allocation a reader without state of its own (a waypoint with
+/// `--source kubernetes`) serves: host addresses from the API status, ids
+/// in config order (stable for this config, not across processes).
+pub fn from_status(cfg: &Config) -> Allocation {
+    follow(&Allocation::default(), cfg)
+}
+
 /// Follower step: each eligible entry's hosts take the addresses of its
 /// API status (older entries own a host first, as the allocator decides);
 /// ids as in [`compute`]. Nothing is reserved or allocated.

@@ -145,6 +145,27 @@ mod tests {
     }
 
     #[test]
+    fn the_waypoint_deployment_passes_only_flags_the_waypoint_accepts() {
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/waypoint.yaml");
+        let text = std::fs::read_to_string(p).unwrap();
+        let d: serde_yaml_ng::Value = serde_yaml_ng::Deserializer::from_str(&text)
+            .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+            .find(|v: &serde_yaml_ng::Value| v["kind"] == "Deployment")
+            .unwrap();
+        let args: Vec<String> = d["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        let cli = Cli::try_parse_from(std::iter::once("shunt".to_string()).chain(args.clone()))
+            .unwrap_or_else(|e| panic!("deploy/waypoint.yaml args rejected: {e}"));
+        assert!(matches!(cli.cmd, Cmd::Waypoint(_)));
+        assert!(args.iter().any(|a| a == "--source=kubernetes"));
+        assert!(args.iter().any(|a| a.ends_with(":15008")));
+    }
+
+    #[test]
     fn the_mesh_config_map_is_a_valid_shunt_mesh_config() {
         let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/mesh.yaml");
         let cm: serde_yaml_ng::Value =

@@ -90,7 +90,23 @@ impl WaypointServer {
     /// Loads config, allocation and CA, binds the HBONE and admin
     /// listeners and starts serving. Must run inside a tokio runtime.
     pub async fn start(opts: WaypointOptions) -> Result<WaypointServer, WaypointError> {
-        let watcher = ConfigWatcher::spawn(opts.config_dir.clone(), opts.reload_interval);
+        let watcher = match &opts.kubernetes {
+            None => ConfigWatcher::spawn(opts.config_dir.clone(), opts.reload_interval),
+            Some(k) => {
+                let client = crate::config::kube::client(k.kubeconfig.as_deref()).await?;
+                let mut ko =
+                    crate::config::kube::KubeOptions::new(String::new(), std::path::PathBuf::new());
+                ko.watch_pods = false;
+                ko.mesh_file = k.mesh_file.clone();
+                let mut w = crate::config::kube::spawn(client, ko)?;
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(30),
+                    w.config.wait_for(Option::is_some),
+                )
+                .await;
+                w
+            }
+        };
         let cfg = match watcher.current() {
             Some(c) => c,
             None => {
@@ -108,7 +124,11 @@ impl WaypointServer {
         };
         let gateway = pick_gateway(&cfg, opts.gateway.clone())?;
         let mut alloc = crate::alloc::Reader::new(&opts.state_dir);
-        let model = Arc::new(Model::build(cfg.clone(), &alloc.read()?, &NoCgroups));
+        let allocation = match cfg.api_status {
+            Some(_) => crate::alloc::from_status(&cfg),
+            None => alloc.read()?,
+        };
+        let model = Arc::new(Model::build(cfg.clone(), &allocation, &NoCgroups));
         let snap = routes::build(
             model,
             &routes::BuildInputs {

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 use shunt_agent::{
     policy::GatewayRef,
     telemetry::{AccessLogger, LogFormat},
-    waypoint::{WaypointOptions, WaypointServer},
+    waypoint::{WaypointKube, WaypointOptions, WaypointServer},
 };
 
 use super::common::{parse_duration, runtime, ConfigDirArgs, LogArgs, StateArgs};
@@ -17,6 +17,18 @@ use super::common::{parse_duration, runtime, ConfigDirArgs, LogArgs, StateArgs};
 pub struct Args {
     #[command(flatten)]
     config: ConfigDirArgs,
+    /// Where config comes from: `directory` (--config-dir, VIPs from the
+    /// agent's state dir) or `kubernetes` (the API server: the same objects
+    /// the agents read, VIPs from ServiceEntry status).
+    #[arg(long, env = "SHUNT_SOURCE", default_value = "directory", value_parser = ["directory", "kubernetes"])]
+    source: String,
+    /// kubeconfig for `--source kubernetes`; default: the in-cluster
+    /// service account.
+    #[arg(long, env = "SHUNT_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// MeshConfig file (named mesh.yaml) for `--source kubernetes`.
+    #[arg(long, env = "SHUNT_MESH_CONFIG")]
+    mesh_config: Option<PathBuf>,
     #[command(flatten)]
     state: StateArgs,
     #[command(flatten)]
@@ -70,6 +82,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         LogFormat::Text
     };
     let mut opts = WaypointOptions::new(args.config.config_dir, args.state.state_dir, args.ca_dir);
+    if args.source == "kubernetes" {
+        opts.kubernetes = Some(WaypointKube {
+            kubeconfig: args.kubeconfig,
+            mesh_file: args.mesh_config,
+        });
+    }
     opts.gateway = match (args.name, args.namespace) {
         (Some(name), Some(namespace)) => Some(GatewayRef { namespace, name }),
         _ => None,

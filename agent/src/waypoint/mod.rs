@@ -55,6 +55,8 @@ pub enum WaypointError {
     ConfigDir { dir: PathBuf, msg: String },
     #[error("{0}")]
     Config(String),
+    #[error("Kubernetes API: {0}")]
+    Kube(crate::config::kube::KubeError),
     #[error("authorization policies: {0}")]
     Policy(crate::policy::PolicyError),
     #[error("state directory: {0}")]
@@ -87,6 +89,7 @@ macro_rules! from_err {
     };
 }
 from_err!(crate::alloc::AllocError, Alloc);
+from_err!(crate::config::kube::KubeError, Kube);
 from_err!(crate::identity::IdentityError, Identity);
 from_err!(crate::admin::AdminError, Admin);
 from_err!(crate::hbone::HboneError, Server);
@@ -94,6 +97,9 @@ from_err!(crate::hbone::HboneError, Server);
 /// How to start a waypoint.
 pub struct WaypointOptions {
     pub config_dir: PathBuf,
+    /// Read the API server instead of `config_dir` (and VIPs from
+    /// ServiceEntry status instead of `state_dir`).
+    pub kubernetes: Option<WaypointKube>,
     /// Read only: the agent's persisted VIP allocation (`alloc::load`).
     pub state_dir: PathBuf,
     /// Istio plug-in CA layout (`identity::Ca::load`).
@@ -121,11 +127,20 @@ pub struct WaypointOptions {
     pub server: ServerSettings,
 }
 
+/// `shunt waypoint --source kubernetes`.
+#[derive(Clone, Debug, Default)]
+pub struct WaypointKube {
+    /// `None`: the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    pub mesh_file: Option<PathBuf>,
+}
+
 impl WaypointOptions {
     /// Defaults from the port plan (ztunnel's), text access log on stdout.
     pub fn new(config_dir: PathBuf, state_dir: PathBuf, ca_dir: PathBuf) -> Self {
         WaypointOptions {
             config_dir,
+            kubernetes: None,
             state_dir,
             ca_dir,
             gateway: None,

@@ -39,7 +39,12 @@ pub(crate) async fn reload_loop(
         let Some(cfg) = cfg_rx.borrow_and_update().clone() else {
             continue;
         };
-        let allocation = match alloc.read() {
+        // From the API, addresses come with the config (ServiceEntry status).
+        let read = match cfg.api_status {
+            Some(_) => Ok(crate::alloc::from_status(&cfg)),
+            None => alloc.read(),
+        };
+        let allocation = match read {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "reading the allocation; previous config stays in force");
