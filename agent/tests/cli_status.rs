@@ -151,3 +151,27 @@ fn ready_endpoint_answer_is_reported() {
         drop(server);
     }
 }
+
+#[test]
+fn a_netns_that_cannot_be_entered_is_one_sentence() {
+    let pins = fake_pins();
+    let state = tempfile::tempdir().unwrap();
+    // A bare name is one of `ip netns`' (/run/netns/NAME).
+    let out = shunt(&[
+        "status",
+        "--pin-dir",
+        pins.path().to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--netns",
+        "shunt-no-such-netns",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot enter the network namespace /run/netns/shunt-no-such-netns"),
+        "{err}"
+    );
+}

@@ -189,7 +189,7 @@ impl CaptureServer {
         capture::insert(&mut self.installed.ebpf, &self.listener)?;
         signal_predecessor(&self.opts.state_dir)?;
         info!(
-            capture = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            capture = %self.listener.local_addr().map(|a| crate::telemetry::LogAddr(a).to_string()).unwrap_or_default(),
             pin_dir = %self.opts.paths.pin_dir.display(),
             cgroup_root = %self.opts.paths.cgroup_root.display(),
             "agent capturing"
