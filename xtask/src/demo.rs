@@ -1268,6 +1268,96 @@ impl Demo {
         Ok(())
     }
 
+    fn step5(&mut self) -> Result<()> {
+        self.header("5", "HTTPS passthrough");
+        self.say("examples/egress/https/03-serviceentry.yaml replaces the ServiceEntry: httpbin.org keeps port 80\nand gains 443 as TLS. The waypoint reads the ClientHello's SNI and relays the pod's own TLS.\nThe seed's policy still applies: its HTTP-only rule (GET /get) cannot match a TLS connection,\nso, as under Istio, only admin (the rule without HTTP fields) gets through.");
+        let text = fs::read_to_string(self.p.example("https/03-serviceentry.yaml"))?;
+        put_config(&self.p, "03-serviceentry.yaml", &text)?;
+        println!("{DIM}applied examples/egress/https/03-serviceentry.yaml{RESET}");
+        let ca = self.p.pki.join("ca.pem").to_string_lossy().into_owned();
+        let nginx_log = self.p.work.join("nginx/access.log");
+        let n0 = mark(&nginx_log);
+        let wp_log = self.p.log("waypoint");
+        let w0 = mark(&wp_log);
+        let https = |d: &Demo, ns: &Ns| {
+            d.at(
+                ns,
+                &[
+                    "curl",
+                    "-s",
+                    "--max-time",
+                    "5",
+                    "--cacert",
+                    &ca,
+                    "-w",
+                    "%{stderr}HTTP %{http_code}\\n",
+                    "https://httpbin.org/get",
+                ],
+            )
+        };
+        self.expect(
+            "admin: curl https://httpbin.org/get through the waypoint",
+            |d| {
+                let out = output(&mut https(d, &ADMIN))?;
+                Ok(ok_body(&out, "200", "\"url\": \"https://httpbin.org/get\""))
+            },
+        )?;
+        self.say("httpbin.org's own log: the pod's TLS (SNI httpbin.org), from the waypoint:");
+        self.expect_log(
+            "upstream saw the pod's TLS with SNI httpbin.org from the waypoint",
+            &nginx_log,
+            n0,
+            &[
+                &format!("{}:", WAYPOINT.addrs[0]),
+                "scheme=https sni=httpbin.org",
+                "\"GET /get",
+            ],
+        )?;
+        self.expect_log(
+            "waypoint: admin's identity and the SNI on the access line",
+            &wp_log,
+            w0,
+            &[
+                "connection complete",
+                "src.identity=\"spiffe://cluster.local/ns/default/sa/admin\"",
+                "sni=\"httpbin.org\"",
+            ],
+        )?;
+        let n1 = mark(&nginx_log);
+        let w1 = mark(&wp_log);
+        let out = self.run_shown(
+            Some("curl https://httpbin.org/get"),
+            Some(&CURL),
+            https(self, &CURL),
+        )?;
+        let refused = if out.status.success() {
+            Err("curl's TLS connection was allowed".to_string())
+        } else {
+            Ok(String::new())
+        };
+        self.record("curl: TLS refused by the seed's HTTP-only rule", refused);
+        self.expect_log(
+            "waypoint: the refusal names curl and the seed's policy",
+            &wp_log,
+            w1,
+            &[
+                "TLS connection refused",
+                "sa/curl",
+                "ALLOW policy common-infrastructure/httpbin",
+            ],
+        )?;
+        let reached = lines_since(&nginx_log, n1);
+        self.record(
+            "the refused connection never reached httpbin.org",
+            if reached.is_empty() {
+                Ok(String::new())
+            } else {
+                Err(format!("nginx logged {reached:?}"))
+            },
+        );
+        Ok(())
+    }
+
     /// What the demo tells the user to try, as (comment, shell line)
     /// pairs: printed as is by [`Demo::how_to_poke`] and run as is by
     /// [`Demo::check_pokes`].
@@ -1526,8 +1616,13 @@ pub fn run(root: &Path, check: bool) -> Result<()> {
         demo.start_internet()?;
         demo.check_plumbing()?;
         demo.start_agent()?;
-        let steps: [fn(&mut Demo) -> Result<()>; 4] =
-            [Demo::step1, Demo::step2, Demo::step3, Demo::step4];
+        let steps: [fn(&mut Demo) -> Result<()>; 5] = [
+            Demo::step1,
+            Demo::step2,
+            Demo::step3,
+            Demo::step4,
+            Demo::step5,
+        ];
         for step in steps {
             step(&mut demo)?;
             if !demo.step_ok() {
