@@ -1,14 +1,17 @@
 //! A CONNECT the client resets cancels the server's work: the upstream
 //! connect is abandoned, and a client that resets most of its streams gets
-//! GOAWAY. Real sockets on 127.0.0.1.
+//! GOAWAY; a server's NO_ERROR reset after its answer is a normal end.
+//! Real sockets on 127.0.0.1.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use shunt_agent::hbone::{ConnectHandler, Decision, H2Stream, InboundRequest};
 use shunt_agent::identity::{IdentityManager, SpiffeId};
 use shunt_testbed::hbone::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
@@ -139,4 +142,68 @@ async fn a_client_that_resets_a_minority_of_streams_keeps_its_connection() {
     while let Some(d) = body.data().await {
         d.unwrap();
     }
+}
+
+/// Answers each tunnel's first request with `RESPONSE_LEN` bytes and
+/// END_STREAM, then drops the stream without reading on: h2 follows with
+/// RST_STREAM(NO_ERROR), as after a `Connection: close` response.
+struct AnswerThenDrop;
+
+const RESPONSE_LEN: usize = 3 << 20;
+
+impl ConnectHandler for AnswerThenDrop {
+    async fn handle(&self, _req: InboundRequest) -> Decision {
+        Decision::serve(|mut s: H2Stream| async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "request head cut short");
+                head.extend_from_slice(&buf[..n]);
+            }
+            let body: Vec<u8> = (0..RESPONSE_LEN).map(|i| (i % 251) as u8).collect();
+            s.write_all(&body).await.unwrap();
+            s.shutdown().await.unwrap();
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_error_reset_after_the_answer_is_a_normal_end_and_the_answer_arrives_whole() {
+    let mesh = Mesh::new("cluster.local");
+    let (src, wp) = (id(SRC), id(WAYPOINT));
+    let addr = start_waypoint(&mesh.ids, &wp, Arc::new(AnswerThenDrop)).await;
+    let client = client(&mesh.ids);
+    let tunnel = client.connect(&request(&src, addr, &wp)).await.unwrap();
+    let (mut app, mut agent_side) = socket_pair().await;
+    let relay = tokio::spawn(async move { tunnel.relay(&mut agent_side).await });
+
+    app.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), app.read_to_end(&mut got))
+        .await
+        .expect("the answer never ended");
+    assert!(
+        read.is_ok(),
+        "the answer ended with {read:?} after {} of {RESPONSE_LEN} bytes, not with a FIN",
+        got.len()
+    );
+    assert_eq!(got.len(), RESPONSE_LEN);
+    assert!(got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    // The RST_STREAM(NO_ERROR) has long arrived when the app closes, as a
+    // client closes after a `Connection: close` answer.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.shutdown().await.unwrap();
+    let stats = tokio::time::timeout(Duration::from_secs(10), relay)
+        .await
+        .expect("the relay did not end after the app's EOF")
+        .unwrap();
+    assert!(
+        stats.error.is_none(),
+        "a normal end was reported as {:?}",
+        stats.error.map(|e| e.to_string())
+    );
+    assert_eq!(stats.bytes_received, RESPONSE_LEN as u64);
 }

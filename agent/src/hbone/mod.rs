@@ -67,13 +67,7 @@ impl HboneError {
     /// GOAWAY without error): a normal end of a connection or stream, to be
     /// logged as such rather than as a failure.
     pub fn is_peer_gone(&self) -> bool {
-        fn io_gone(e: &std::io::Error) -> bool {
-            use std::io::ErrorKind::*;
-            matches!(
-                e.kind(),
-                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
-            )
-        }
+        let io_gone = is_peer_gone_io;
         match self {
             HboneError::StreamReset(r) => matches!(*r, h2::Reason::CANCEL | h2::Reason::NO_ERROR),
             HboneError::StreamClosed => true,
@@ -95,6 +89,16 @@ impl HboneError {
             _ => None,
         }
     }
+}
+
+/// A socket error that only says the other end closed or reset (EOF, RST,
+/// broken pipe): a normal end of a connection, logged as such.
+pub fn is_peer_gone_io(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
 }
 
 /// Makes glibc malloc keep freed memory instead of returning it to the

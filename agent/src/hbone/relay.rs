@@ -87,6 +87,13 @@ struct Down {
 /// Copies both ways until both sides have ended: socket EOF becomes
 /// END_STREAM; the peer's END_STREAM becomes `shutdown(Write)` on the socket;
 /// a reset from the peer resets the socket; a socket error resets the stream.
+///
+/// A NO_ERROR reset is the peer asking us to stop sending because its side
+/// is complete (RFC 9113 §8.1: a server that answered before the whole
+/// request arrived; h2 sends it when a server drops a stream it has
+/// finished): it ends only the socket → tunnel direction, and what the peer
+/// sent is still delivered and closed with a FIN. Only when its END_STREAM
+/// never came does the reset reach the socket.
 pub async fn relay<S: RelayIo>(
     io: &mut S,
     send: SendStream<Bytes>,
@@ -137,21 +144,18 @@ struct Relay<'a, S> {
 
 impl<S: RelayIo> Relay<'_, S> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HboneError>> {
-        let up = if self.up.done {
-            Poll::Ready(Ok(()))
-        } else {
-            self.poll_up(cx)
-        };
-        if let Poll::Ready(Err(e)) = up {
-            return Poll::Ready(Err(e));
+        if !self.up.done {
+            match self.poll_up(cx) {
+                // The peer stops reading; its own data still comes (below).
+                Poll::Ready(Err(HboneError::StreamReset(Reason::NO_ERROR))) => self.up.done = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                _ => {}
+            }
         }
-        let down = if self.down.done {
-            Poll::Ready(Ok(()))
-        } else {
-            self.poll_down(cx)
-        };
-        if let Poll::Ready(Err(e)) = down {
-            return Poll::Ready(Err(e));
+        if !self.down.done {
+            if let Poll::Ready(Err(e)) = self.poll_down(cx) {
+                return Poll::Ready(Err(e));
+            }
         }
         if self.up.done && self.down.done {
             return Poll::Ready(Ok(()));
@@ -159,6 +163,16 @@ impl<S: RelayIo> Relay<'_, S> {
         // A reset is noticed even while neither direction touches the stream
         // (say, waiting on a silent socket after the peer's END_STREAM).
         match self.send.poll_reset(cx) {
+            Poll::Ready(Ok(Reason::NO_ERROR)) => {
+                self.up.done = true;
+                if self.down.done {
+                    Poll::Ready(Ok(()))
+                } else {
+                    // poll_down is pending on the socket or the stream and
+                    // has registered its wakers.
+                    Poll::Pending
+                }
+            }
             Poll::Ready(Ok(reason)) => Poll::Ready(Err(HboneError::StreamReset(reason))),
             Poll::Ready(Err(e)) => Poll::Ready(Err(HboneError::from_h2(e))),
             Poll::Pending => Poll::Pending,
@@ -173,15 +187,15 @@ impl<S: RelayIo> Relay<'_, S> {
                 ready!(poll_send_capacity(&mut self.send, up.pending.len(), cx))?;
                 let n = self.send.capacity().min(up.pending.len());
                 let chunk = up.pending.split_to(n);
-                self.send
-                    .send_data(chunk, false)
-                    .map_err(HboneError::from_h2)?;
+                if let Err(e) = self.send.send_data(chunk, false) {
+                    return Poll::Ready(Err(send_error(&mut self.send, e, cx)));
+                }
                 continue;
             }
             if up.eof {
-                self.send
-                    .send_data(Bytes::new(), true)
-                    .map_err(HboneError::from_h2)?;
+                if let Err(e) = self.send.send_data(Bytes::new(), true) {
+                    return Poll::Ready(Err(send_error(&mut self.send, e, cx)));
+                }
                 up.done = true;
                 return Poll::Ready(Ok(()));
             }
@@ -246,9 +260,23 @@ fn poll_send_capacity(
         }
         match ready!(send.poll_capacity(cx)) {
             Some(Ok(_)) => {}
-            Some(Err(e)) => return Poll::Ready(Err(HboneError::from_h2(e))),
-            None => return Poll::Ready(Err(HboneError::StreamClosed)),
+            Some(Err(e)) => return Poll::Ready(Err(send_error(send, e, cx))),
+            None => {
+                return Poll::Ready(Err(match send.poll_reset(cx) {
+                    Poll::Ready(Ok(reason)) => HboneError::StreamReset(reason),
+                    _ => HboneError::StreamClosed,
+                }))
+            }
         }
+    }
+}
+
+/// A failed send, as the peer's reset when the peer reset the stream: h2
+/// reports sending on such a stream as a user error ("inactive stream").
+fn send_error(send: &mut SendStream<Bytes>, e: h2::Error, cx: &mut Context<'_>) -> HboneError {
+    match send.poll_reset(cx) {
+        Poll::Ready(Ok(reason)) => HboneError::StreamReset(reason),
+        _ => HboneError::from_h2(e),
     }
 }
 

@@ -267,9 +267,11 @@ impl Drop for Tracked {
 }
 
 impl Tracked {
+    /// Records an upstream failure; the upstream closing or resetting is a
+    /// normal end (an `info` line), as on the agent's side.
     fn note<T>(&mut self, r: &Poll<std::io::Result<T>>) {
         if let Poll::Ready(Err(e)) = r {
-            if self.error.is_none() {
+            if self.error.is_none() && !crate::hbone::is_peer_gone_io(e) {
                 self.error = Some(format!("upstream: {e}"));
             }
         }

@@ -160,7 +160,10 @@ pub(crate) fn decision(
         }
         if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut up).await {
             tracing::debug!(error = %e, %authority, "TLS tunnel relay ended with error");
-            up.error.get_or_insert_with(|| e.to_string());
+            // Either side resetting is a normal end (an `info` line).
+            if !crate::hbone::is_peer_gone_io(&e) {
+                up.error.get_or_insert_with(|| e.to_string());
+            }
             crate::hbone::RelayIo::set_reset_on_close(&up);
             stream.reset();
         }
