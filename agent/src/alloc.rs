@@ -22,11 +22,14 @@
 //!   host that returns within the grace gets its addresses back; no other
 //!   host is given a reserved address. The release time is persisted, so a
 //!   restart keeps the reservation.
-//! - New addresses come from a cursor that starts at prefix+1 and only moves
-//!   forward, wrapping at the end of the prefix. Addresses whose grace ended
-//!   are free but not handed out again until the cursor wraps, so a client
-//!   that still caches a deleted host's VIP does not reach a different
-//!   service in the meantime.
+//! - Free addresses are handed out oldest-released first, so a client that
+//!   still caches a deleted host's VIP is the least likely to reach a
+//!   different service: never-used addresses first (a cursor from prefix+1
+//!   that only moves forward), then, once the prefix has been used up, the
+//!   address whose grace ended longest ago. The release times are persisted
+//!   (the most recent [`MAX_FREED`] per family; older ones, and those of
+//!   files written before release times were recorded, count as released
+//!   before all of them and are found by the cursor).
 //! - A full prefix leaves the host without an address of that family and is
 //!   reported as a warning (not a config error).
 //!
@@ -38,7 +41,7 @@
 //! allocates none itself; only its node-local service and workload ids are
 //! its own.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -57,6 +60,11 @@ const STATE_VERSION: u32 = 1;
 /// How long a removed host's addresses stay reserved for its return (well
 /// above the DNS TTL of 30 s that clients cache answers for).
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(600);
+
+/// Release times kept per family. Bounds the state (an IPv6 /48 is never
+/// used up, so its records would only grow); forgetting the oldest keeps
+/// the order, since a forgotten one counts as released before every kept one.
+pub const MAX_FREED: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AllocError {
@@ -179,6 +187,10 @@ pub struct Allocation {
     /// Hosts that disappeared, with their addresses and release time (unix
     /// seconds): held for their return until the grace ends.
     reserved: HashMap<String, (HostAlloc, u64)>,
+    /// Addresses free again after their grace, with their release time
+    /// (unix seconds), oldest first.
+    freed_v4: Vec<(Ipv4Addr, u64)>,
+    freed_v6: Vec<(Ipv6Addr, u64)>,
     prefixes: Option<Prefixes>,
     next_v4: Option<Ipv4Addr>,
     next_v6: Option<Ipv6Addr>,
@@ -242,6 +254,17 @@ struct State {
     workloads: Vec<IdRecord>,
     #[serde(default)]
     warnings: Vec<AllocWarning>,
+    /// Absent in files of older agents: no release time known.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    freed: Vec<FreedRecord>,
+}
+
+/// An address whose grace ended, free for another host.
+#[derive(Serialize, Deserialize)]
+struct FreedRecord {
+    address: IpAddr,
+    /// Unix seconds when its host disappeared.
+    released: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -348,9 +371,18 @@ fn parse_state(bytes: &[u8], path: PathBuf) -> Result<Allocation, AllocError> {
             hosts.insert(h.host, a);
         }
     }
+    let (mut freed_v4, mut freed_v6) = (Vec::new(), Vec::new());
+    for f in st.freed {
+        match f.address {
+            IpAddr::V4(a) => freed_v4.push((a, f.released)),
+            IpAddr::V6(a) => freed_v6.push((a, f.released)),
+        }
+    }
     Ok(Allocation {
         hosts,
         reserved,
+        freed_v4,
+        freed_v6,
         service_ids: st
             .services
             .into_iter()
@@ -409,6 +441,13 @@ fn to_state(a: &Allocation, prefixes: Prefixes) -> State {
         next_workload_id: a.next_workload_id.max(1),
         workloads: ids(&a.workload_ids),
         warnings: a.warnings.clone(),
+        freed: a
+            .freed_v4
+            .iter()
+            .map(|(a, t)| (IpAddr::V4(*a), *t))
+            .chain(a.freed_v6.iter().map(|(a, t)| (IpAddr::V6(*a), *t)))
+            .map(|(address, released)| FreedRecord { address, released })
+            .collect(),
     }
 }
 
@@ -435,9 +474,14 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AllocError> {
 // ------------------------------------------------------------- allocator
 
 /// Offsets inside a prefix: first usable is prefix+1; for IPv4 the last
-/// (broadcast-like) address is not used.
+/// (broadcast-like) address is not used. A free offset is either recorded
+/// in `freed` with its release time or counts as released at time 0 (never
+/// used, or its time is not known); the oldest goes first.
 struct Pool {
     used: HashSet<u128>,
+    /// Free offsets with a known release time, and the same by age.
+    freed: HashMap<u128, u64>,
+    by_age: BTreeSet<(u64, u128)>,
     first: u128,
     last: u128,
     cursor: u128,
@@ -452,6 +496,8 @@ impl Pool {
         };
         Pool {
             used: HashSet::new(),
+            freed: HashMap::new(),
+            by_age: BTreeSet::new(),
             first,
             last,
             cursor,
@@ -462,20 +508,52 @@ impl Pool {
     }
     /// Reserves a specific offset; false when taken or outside the pool.
     fn claim(&mut self, off: u128) -> bool {
-        (self.first..=self.last).contains(&off) && self.used.insert(off)
-    }
-    /// Next free offset at or after the cursor, wrapping once.
-    fn next(&mut self) -> Option<u128> {
-        if self.used.len() as u128 >= self.capacity() {
-            return None;
-        }
-        loop {
-            let c = self.cursor;
-            self.cursor = if c >= self.last { self.first } else { c + 1 };
-            if self.used.insert(c) {
-                return Some(c);
+        let ok = (self.first..=self.last).contains(&off) && self.used.insert(off);
+        if ok {
+            if let Some(t) = self.freed.remove(&off) {
+                self.by_age.remove(&(t, off));
             }
         }
+        ok
+    }
+    /// Records that the free `off` was released at `t` (the later time wins
+    /// if it was recorded already).
+    fn release(&mut self, off: u128, t: u64) {
+        if !(self.first..=self.last).contains(&off) || self.used.contains(&off) {
+            return;
+        }
+        let t = match self.freed.get(&off) {
+            Some(&old) => {
+                self.by_age.remove(&(old, off));
+                old.max(t)
+            }
+            None => t,
+        };
+        self.freed.insert(off, t);
+        self.by_age.insert((t, off));
+    }
+    /// The free offset released longest ago: one without a recorded time at
+    /// or after the cursor (wrapping once), else the oldest recorded one.
+    fn next(&mut self) -> Option<u128> {
+        let unrecorded = self.capacity() - self.used.len() as u128 - self.freed.len() as u128;
+        if unrecorded > 0 {
+            loop {
+                let c = self.cursor;
+                self.cursor = if c >= self.last { self.first } else { c + 1 };
+                if !self.freed.contains_key(&c) && self.used.insert(c) {
+                    return Some(c);
+                }
+            }
+        }
+        let (_, off) = self.by_age.pop_first()?;
+        self.freed.remove(&off);
+        self.used.insert(off);
+        Some(off)
+    }
+    /// The recorded free offsets, oldest first, the most recent `MAX_FREED`.
+    fn freed(&self) -> impl Iterator<Item = (u128, u64)> + '_ {
+        let skip = self.by_age.len().saturating_sub(MAX_FREED);
+        self.by_age.iter().skip(skip).map(|(t, off)| (*off, *t))
     }
 }
 
@@ -589,15 +667,33 @@ impl Allocator {
         cfg: &Config,
         now: SystemTime,
     ) -> Result<&Allocation, AllocError> {
+        let next = self.propose_at(cfg, now);
+        self.commit(next)
+    }
+
+    /// The allocation for `cfg`, neither persisted nor in force: a caller
+    /// that may still refuse the config [`Allocator::commit`]s it only once
+    /// accepted, so a refused config reserves nothing.
+    pub fn propose(&self, cfg: &Config) -> Allocation {
+        self.propose_at(cfg, SystemTime::now())
+    }
+
+    fn propose_at(&self, cfg: &Config, now: SystemTime) -> Allocation {
         let now = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        let next = if self.follow {
+        if self.follow {
             follow(&self.current, cfg)
         } else {
             compute(&self.current, cfg, self.prefixes, now, self.grace)
-        };
+        }
+    }
+
+    /// Persists `next` (from [`Allocator::propose`]) when it changed and
+    /// puts it in force. Logs each warning that is new since the previous
+    /// one.
+    pub fn commit(&mut self, next: Allocation) -> Result<&Allocation, AllocError> {
         // Only new warnings are logged (a set: 100k entries can mean 30k
         // exhaustion warnings).
         let old: HashSet<&AllocWarning> = self.current.warnings.iter().collect();
@@ -682,6 +778,18 @@ fn compute(
         .unwrap_or(1);
     let mut pool4 = Pool::new(1, v4_last, cur4);
     let mut pool6 = Pool::new(1, v6_last, cur6);
+    if same_prefixes {
+        for (a, t) in &prev.freed_v4 {
+            if let Some(off) = off_v4(prefixes.v4, *a) {
+                pool4.release(off, *t);
+            }
+        }
+        for (a, t) in &prev.freed_v6 {
+            if let Some(off) = off_v6(prefixes.v6, *a) {
+                pool6.release(off, *t);
+            }
+        }
+    }
     let mut hosts: HashMap<String, HostAlloc> = HashMap::with_capacity(owned.len());
     let mut need: Vec<(&str, ObjectKey, bool, bool)> = Vec::new();
     for (h, _se, key) in &owned {
@@ -744,18 +852,28 @@ fn compute(
     }
 
     // 3. Reservations: hosts gone now (released now) or still within their
-    //    grace keep their addresses out of the pool. An address a live host
-    //    holds (hand edits) or outside the prefix is dropped.
+    //    grace keep their addresses out of the pool; those whose grace ended
+    //    are free, with their release time. An address a live host holds
+    //    (hand edits) or outside the prefix is dropped.
     let gone = prev
         .hosts
         .iter()
         .map(|(h, a)| (h, a, now))
         .chain(prev.reserved.iter().map(|(h, (a, t))| (h, a, *t)))
-        .filter(|(h, _, t)| !hosts.contains_key(*h) && now.saturating_sub(*t) < grace.as_secs());
+        .filter(|(h, _, _)| !hosts.contains_key(*h));
     let mut gone: Vec<_> = gone.collect();
     gone.sort_by(|a, b| a.0.cmp(b.0)); // deterministic claims
     let mut reserved = HashMap::new();
     for (h, a, t) in gone {
+        if now.saturating_sub(t) >= grace.as_secs() {
+            if let Some(off) = a.v4.and_then(|a| off_v4(prefixes.v4, a)) {
+                pool4.release(off, t);
+            }
+            if let Some(off) = a.v6.and_then(|a| off_v6(prefixes.v6, a)) {
+                pool6.release(off, t);
+            }
+            continue;
+        }
         let v4 =
             a.v4.filter(|a| off_v4(prefixes.v4, *a).is_some_and(|o| pool4.claim(o)));
         let v6 =
@@ -791,31 +909,26 @@ fn compute(
         }
     }
 
-    // 5. Stable ids: kept for known objects, new ones from a counter.
-    let mut next_service_id = prev.next_service_id.max(1);
-    let service_ids = assign_ids(
-        cfg.service_entries.iter().map(|s| s.key()),
-        &prev.service_ids,
-        &mut next_service_id,
-    );
-    let mut next_workload_id = prev.next_workload_id.max(1);
-    let workload_ids = assign_ids(
-        cfg.workload_entries.iter().map(|w| w.key()),
-        &prev.workload_ids,
-        &mut next_workload_id,
-    );
-
+    let ids = Ids::assign(prev, cfg);
     Allocation {
         hosts,
-        service_ids,
-        workload_ids,
+        service_ids: ids.services,
+        workload_ids: ids.workloads,
         warnings,
         reserved,
+        freed_v4: pool4
+            .freed()
+            .map(|(off, t)| (nth_v4(prefixes.v4, off), t))
+            .collect(),
+        freed_v6: pool6
+            .freed()
+            .map(|(off, t)| (nth_v6(prefixes.v6, off), t))
+            .collect(),
         prefixes: Some(prefixes),
         next_v4: Some(nth_v4(prefixes.v4, pool4.cursor)),
         next_v6: Some(nth_v6(prefixes.v6, pool6.cursor)),
-        next_service_id,
-        next_workload_id,
+        next_service_id: ids.next_service_id,
+        next_workload_id: ids.next_workload_id,
     }
 }
 
@@ -846,7 +959,7 @@ pub fn from_status(cfg: &Config) -> Allocation {
 
 /// Follower step: each eligible entry's hosts take the addresses of its
 /// API status (older entries own a host first, as the allocator decides);
-/// ids as in [`compute`]. Nothing is reserved or allocated.
+/// ids as the allocator's. Nothing is reserved or allocated.
 fn follow(prev: &Allocation, cfg: &Config) -> Allocation {
     let mut order: Vec<&ServiceEntry> = cfg
         .service_entries
@@ -871,28 +984,50 @@ fn follow(prev: &Allocation, cfg: &Config) -> Allocation {
             hosts.insert(h.clone(), a);
         }
     }
-    let mut next_service_id = prev.next_service_id.max(1);
-    let service_ids = assign_ids(
-        cfg.service_entries.iter().map(|s| s.key()),
-        &prev.service_ids,
-        &mut next_service_id,
-    );
-    let mut next_workload_id = prev.next_workload_id.max(1);
-    let workload_ids = assign_ids(
-        cfg.workload_entries.iter().map(|w| w.key()),
-        &prev.workload_ids,
-        &mut next_workload_id,
-    );
+    let ids = Ids::assign(prev, cfg);
     Allocation {
         hosts,
-        service_ids,
-        workload_ids,
+        service_ids: ids.services,
+        workload_ids: ids.workloads,
         prefixes: prev.prefixes,
         next_v4: prev.next_v4,
         next_v6: prev.next_v6,
-        next_service_id,
-        next_workload_id,
+        next_service_id: ids.next_service_id,
+        next_workload_id: ids.next_workload_id,
         ..Default::default()
+    }
+}
+
+/// The stable ids of every ServiceEntry and WorkloadEntry (the one home of
+/// id assignment, for allocator and follower alike): kept for known
+/// objects, new ones from a counter.
+struct Ids {
+    services: HashMap<ObjectKey, u32>,
+    workloads: HashMap<ObjectKey, u32>,
+    next_service_id: u32,
+    next_workload_id: u32,
+}
+
+impl Ids {
+    fn assign(prev: &Allocation, cfg: &Config) -> Ids {
+        let mut next_service_id = prev.next_service_id.max(1);
+        let services = assign_ids(
+            cfg.service_entries.iter().map(|s| s.key()),
+            &prev.service_ids,
+            &mut next_service_id,
+        );
+        let mut next_workload_id = prev.next_workload_id.max(1);
+        let workloads = assign_ids(
+            cfg.workload_entries.iter().map(|w| w.key()),
+            &prev.workload_ids,
+            &mut next_workload_id,
+        );
+        Ids {
+            services,
+            workloads,
+            next_service_id,
+            next_workload_id,
+        }
     }
 }
 
@@ -1294,6 +1429,136 @@ pub(crate) mod tests {
         let a = al.allocate_at(&hosts_cfg(&[0]), t(0)).unwrap();
         assert_eq!(v4(a, "h0.example"), Some("240.240.0.2".parse().unwrap()));
         assert_eq!(a.service_id(&ObjectKey::new("ns", "s0")), Some(1));
+    }
+
+    #[test]
+    fn after_the_grace_the_address_released_longest_ago_is_handed_out_first() {
+        let dir = tempfile::tempdir().unwrap();
+        // A /29: offsets 1..=6 usable.
+        let pf = Prefixes {
+            v4: "10.9.0.0/29".parse().unwrap(),
+            v6: "fd00::/125".parse().unwrap(),
+        };
+        let grace = Duration::from_secs(100);
+        let open = || {
+            Allocator::open_with(dir.path(), pf)
+                .unwrap()
+                .with_grace(grace)
+        };
+        let mut al = open();
+        let a = al.allocate_at(&hosts_cfg(&[0, 1, 2, 3]), t(0)).unwrap();
+        assert_eq!(v4(a, "h3.example"), Some("10.9.0.4".parse().unwrap()));
+        // Released in an order that is not the address order: .3, .1, .4.
+        al.allocate_at(&hosts_cfg(&[0, 1, 3]), t(10)).unwrap();
+        al.allocate_at(&hosts_cfg(&[1, 3]), t(20)).unwrap();
+        al.allocate_at(&hosts_cfg(&[1]), t(30)).unwrap();
+        // The release times survive a restart.
+        drop(al);
+        let mut al = open();
+        // Long after every grace: never-used addresses first (.5, .6),
+        // then the one released longest ago (.3, then .1, then .4).
+        let mut next = vec![1];
+        let mut got = Vec::new();
+        for (i, h) in (4..9).enumerate() {
+            next.push(h);
+            let a = al
+                .allocate_at(&hosts_cfg(&next), t(1000 + i as u64))
+                .unwrap();
+            got.push(v4(a, &format!("h{h}.example")).unwrap().to_string());
+        }
+        assert_eq!(
+            got,
+            ["10.9.0.5", "10.9.0.6", "10.9.0.3", "10.9.0.1", "10.9.0.4"]
+        );
+        // IPv6 the same (offsets 1..=7, so one more never-used first).
+        let a = al.allocate_at(&hosts_cfg(&next), t(2000)).unwrap();
+        let got: Vec<_> = (6..9)
+            .map(|h| v6(a, &format!("h{h}.example")).unwrap().to_string())
+            .collect();
+        assert_eq!(got, ["fd00::7", "fd00::3", "fd00::1"]);
+    }
+
+    #[test]
+    fn an_address_freed_within_a_grace_is_not_recorded_until_the_grace_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let grace = Duration::from_secs(100);
+        let mut al = Allocator::open_with(dir.path(), tiny())
+            .unwrap()
+            .with_grace(grace);
+        al.allocate_at(&hosts_cfg(&[0, 1]), t(0)).unwrap();
+        // h0 (.1) goes at 10, h1 (.2) at 50; at 120 only h0's grace ended.
+        al.allocate_at(&hosts_cfg(&[1]), t(10)).unwrap();
+        al.allocate_at(&hosts_cfg(&[]), t(50)).unwrap();
+        let a = al.allocate_at(&hosts_cfg(&[2]), t(120)).unwrap();
+        assert_eq!(v4(a, "h2.example"), Some("10.9.0.1".parse().unwrap()));
+        // h1 returns within its grace and gets .2 back, not h2's .1.
+        let a = al.allocate_at(&hosts_cfg(&[1, 2]), t(140)).unwrap();
+        assert_eq!(v4(a, "h1.example"), Some("10.9.0.2".parse().unwrap()));
+    }
+
+    /// `n` entries `s{i}` with host `h{i}.example`, built without YAML.
+    fn many(n: usize) -> Config {
+        let mut c = Config::default();
+        let base = cfg(&[("a.yaml", &se("x", &["x.example"], ""))]).service_entries[0].clone();
+        for i in 0..n {
+            let mut s = base.clone();
+            s.metadata.name = format!("s{i}");
+            s.spec.hosts = vec![format!("h{i}.example")];
+            s.origin.seq = i;
+            c.service_entries.push(s);
+        }
+        c
+    }
+
+    #[test]
+    fn release_times_kept_are_bounded_and_the_forgotten_count_as_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        // A /19: 8190 usable IPv4 addresses, all of them handed out.
+        let n = 8190;
+        let pf = Prefixes {
+            v4: "10.8.0.0/19".parse().unwrap(),
+            v6: "fd00::/112".parse().unwrap(),
+        };
+        let mut al = Allocator::open_with(dir.path(), pf)
+            .unwrap()
+            .with_grace(Duration::ZERO);
+        let mut c = many(n);
+        al.allocate_at(&c, t(0)).unwrap();
+        // h0..h3 are released first, then all the others.
+        c.service_entries.drain(..4);
+        al.allocate_at(&c, t(1)).unwrap();
+        c.service_entries.clear();
+        al.allocate_at(&c, t(2)).unwrap();
+        let st: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(STATE_FILE)).unwrap()).unwrap();
+        let freed = st["freed"].as_array().unwrap();
+        assert_eq!(freed.len(), 2 * MAX_FREED);
+        let recorded: HashSet<&str> = freed.iter().filter_map(|f| f["address"].as_str()).collect();
+        assert!(!recorded.contains("10.8.0.1"), "the oldest are forgotten");
+        assert!(recorded.contains("10.8.31.254"), "the most recent are kept");
+        // A forgotten one still goes before every recorded one.
+        let a = al.allocate_at(&hosts_cfg(&[0]), t(3)).unwrap();
+        assert_eq!(v4(a, "h0.example"), Some("10.8.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_proposal_not_committed_reserves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut al = Allocator::open(dir.path()).unwrap();
+        al.allocate(&hosts_cfg(&[0])).unwrap();
+        let file = std::fs::read(dir.path().join(STATE_FILE)).unwrap();
+        // A config refused after allocation: h1 would get .2.
+        let refused = al.propose(&hosts_cfg(&[0, 1]));
+        assert_eq!(
+            v4(&refused, "h1.example"),
+            Some("240.240.0.2".parse().unwrap())
+        );
+        drop(refused);
+        assert_eq!(std::fs::read(dir.path().join(STATE_FILE)).unwrap(), file);
+        assert_eq!(al.current().hosts.len(), 1);
+        // The next accepted config's new host takes .2: nothing was held.
+        let a = al.allocate(&hosts_cfg(&[0, 2])).unwrap();
+        assert_eq!(v4(a, "h2.example"), Some("240.240.0.2".parse().unwrap()));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The reconciler: applies each new valid config, in order, to everything
-//! that serves from it — allocation (the one writer of `vips.json`), the
-//! model, the kernel maps (by difference: adds and updates first, removals
+//! that serves from it — allocation (the one writer of `vips.json`,
+//! persisted only once the config passed validation), the model, the
+//! kernel maps (by difference: adds and updates first, removals
 //! last), the DNS host table, the data path's model and the ServiceEntry
 //! status times. A config that cannot be applied leaves all of them as
 //! they were.
@@ -98,13 +99,9 @@ impl Reconciler {
 
     pub async fn apply(&mut self, cfg: &Arc<Config>) {
         let started = Instant::now();
-        let allocation = match self.alloc.allocate(cfg) {
-            Ok(a) => a.clone(),
-            Err(e) => {
-                error!(error = %e, "VIP allocation failed; maps unchanged");
-                return;
-            }
-        };
+        // Allocate, validate, then persist: a refused config must not keep
+        // addresses reserved for its new hosts.
+        let allocation = self.alloc.propose(cfg);
         let cgroups = CgroupDir {
             root: self.cgroup_root.clone(),
         };
@@ -128,6 +125,12 @@ impl Reconciler {
         let mut model = Arc::new(model);
         if let Err(e) = validate::validate(&model, &projection, &Capacity::KERNEL) {
             error!("{e}");
+            return;
+        }
+        // Persisted before any map names a new VIP, so a restart cannot give
+        // it to another host.
+        if let Err(e) = self.alloc.commit(allocation) {
+            error!(error = %e, "persisting the VIP allocation failed; maps unchanged");
             return;
         }
         let stats = match self.sync.apply(&projection) {
