@@ -9,8 +9,10 @@
 #![no_std]
 
 /// Version of every pinned map layout below. Bump on any change to a key or
-/// value type; the agent refuses to reuse pins written with another version.
-pub const LAYOUT_VERSION: u32 = 2;
+/// value type or a map's size (aya refuses a pinned map whose `max_entries`
+/// differs); the agent refuses to reuse pins written with another version.
+/// 3: `services` holds 524,288 entries.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// The VIP prefixes, 240.240.0.0/16 and 2001:2::/48 (Istio's ranges for
 /// auto-allocated ServiceEntry addresses). The only definition: the local

@@ -14,9 +14,12 @@ use shunt_common::{
 };
 
 /// (VIP, port, proto) → service and waypoint. Written only by the agent's
-/// reconciler, by difference (never flushed).
+/// reconciler, by difference (never flushed). Sized for 100,000
+/// ServiceEntries of one or two ports, each host with an IPv4 and an IPv6
+/// VIP (the IPv4 range holds 65,534); without prealloc an entry costs
+/// memory only once written.
 #[btf_map]
-pub static services: HashMap<ServiceKey, ServiceValue, 262_144, { BPF_F_NO_PREALLOC as usize }> =
+pub static services: HashMap<ServiceKey, ServiceValue, 524_288, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
 
 /// cgroup id → enrolled workload. Only sockets of these cgroups are acted on

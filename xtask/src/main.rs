@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod demo;
 mod fuzz;
+mod scale;
 mod soak;
 
 #[derive(Parser)]
@@ -72,6 +73,9 @@ enum Cmd {
     /// The system benchmark (direct, haproxy hop, shunt, shunt with the
     /// seed's policy; root required); `--micro` runs the criterion benches.
     Bench(bench::Args),
+    /// The control plane at scale: N ServiceEntries (default 100,000)
+    /// through the release agent and waypoint (root required).
+    Scale(scale::Args),
 }
 
 fn root() -> PathBuf {
@@ -273,6 +277,7 @@ fn main() -> Result<()> {
             },
         ),
         Cmd::Bench(args) => bench::run(&root(), args),
+        Cmd::Scale(args) => scale::run(&root(), args),
     }
 }
 

@@ -221,6 +221,7 @@ fn fingerprint(dir: &Path) -> Option<Vec<(PathBuf, u64, Option<SystemTime>)>> {
 
 impl State {
     fn poll(&mut self, full: bool) -> Outcome {
+        let started = std::time::Instant::now();
         let fp = fingerprint(&self.dir);
         if !full && fp.is_some() && fp == self.fingerprint {
             return Outcome::Unchanged;
@@ -253,6 +254,7 @@ impl State {
                     gateways = c.gateways.len(),
                     authorization_policies = c.authorization_policies.len(),
                     destination_rules = c.destination_rules.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
                     "config loaded"
                 );
                 Outcome::Valid(Arc::new(c))

@@ -52,7 +52,7 @@ impl Capacity {
     /// `max_entries` of the kernel object's maps (the registry test checks
     /// these against the object).
     pub const KERNEL: Capacity = Capacity {
-        services: 262_144,
+        services: 524_288,
         enrolled: 65_536,
         sources: 65_536,
         egress_allow: 4096,
