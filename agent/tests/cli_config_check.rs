@@ -143,3 +143,53 @@ fn unreadable_directory_is_one_sentence() {
     );
     assert!(err.contains("/nonexistent/shunt-config"), "{err}");
 }
+
+/// Cases too large to commit as YAML: `yaml` is written to a scratch
+/// directory and the output compared with
+/// `tests/golden/config-check-generated/<case>.txt` (rewritten, too, by
+/// `UPDATE_GOLDEN=1`).
+fn generated_case(case: &str, yaml: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("se.yaml"), yaml).unwrap();
+    let got = run_case(dir.path());
+    let expected_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/config-check-generated")
+        .join(format!("{case}.txt"));
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(expected_path.parent().unwrap()).unwrap();
+        std::fs::write(&expected_path, &got).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&expected_path)
+        .unwrap_or_else(|_| panic!("{} missing", expected_path.display()));
+    assert_eq!(got, expected, "{case}");
+}
+
+/// One ServiceEntry `big` in namespace `default` with `hosts` hosts
+/// `h<i>.example` and TCP ports 1000, 1001, … (`ports` of them).
+fn big_entry(hosts: usize, ports: usize) -> String {
+    let mut y = String::from(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: big\n  namespace: default\nspec:\n  resolution: DNS\n  hosts:\n",
+    );
+    for i in 0..hosts {
+        y.push_str(&format!("  - h{i}.example\n"));
+    }
+    y.push_str("  ports:\n");
+    for p in 1000..1000 + ports {
+        y.push_str(&format!("  - {{number: {p}, name: p{p}, protocol: TCP}}\n"));
+    }
+    y
+}
+
+#[test]
+fn more_vip_ports_than_the_services_map_holds_is_an_error_naming_counts_and_limit() {
+    // 400 hosts × (IPv4 + IPv6 VIP) × just enough ports to pass the limit.
+    let ports = shunt_agent::kernel::projection::Capacity::KERNEL.services / 800 + 1;
+    generated_case("services-map-capacity", &big_entry(400, ports));
+}
+
+#[test]
+fn an_exhausted_ipv4_vip_range_reports_how_many_hosts_were_left_without_an_address() {
+    // 65,534 usable addresses in 240.240.0.0/16: three hosts too many.
+    generated_case("ipv4-range-exhausted", &big_entry(65_537, 1));
+}
