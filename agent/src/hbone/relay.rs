@@ -2,30 +2,39 @@
 //! `AsyncRead + AsyncWrite` view of an h2 stream.
 //!
 //! The relay is one future polling both directions (no task per direction,
-//! no lock around a split socket). Reads land in a `BytesMut` whose read size
-//! grows while reads fill it, and are handed to h2 as `Bytes` without a copy;
-//! data from h2 is written straight from the received `Bytes`. Flow-control
+//! no lock around a split socket). An idle or lightly used connection holds
+//! no read buffer: reads land on the stack and are copied out at their
+//! size. A read that fills that switches to a heap `BytesMut` whose read
+//! size grows while reads fill it; its chunks go to h2 as `Bytes` without a
+//! copy, and it is given back after [`IDLE_RELEASE`] without a read. Data
+//! from h2 is written straight from the received `Bytes`. Flow-control
 //! capacity is released as soon as bytes are written to the socket.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 
 use super::HboneError;
 
-/// First read size; doubled while reads fill it, up to `MAX_READ`.
-const MIN_READ: usize = 16 * 1024;
+/// Reads up to this size are copied off the stack (one page or a few for a
+/// request, none held while the connection is idle); a read that fills it
+/// starts bulk mode.
+const SMALL_READ: usize = 16 * 1024;
 /// Largest read, and so the largest DATA frame we send. 256 KiB rather than
 /// a full 1 MiB frame: the peer's frame buffer and our read buffer stay small
 /// enough for malloc to recycle, and the next hop starts sooner (~3% less
 /// CPU per byte than 1 MiB in `benches/hbone.rs`).
 const MAX_READ: usize = 256 * 1024;
+/// A bulk-mode read buffer unused this long is freed (back to stack reads).
+pub const IDLE_RELEASE: Duration = Duration::from_secs(1);
 
 /// A socket-like thing the relay can drive, and reset when the peer resets.
 pub trait RelayIo: AsyncRead + AsyncWrite + Unpin + Send {
@@ -69,8 +78,14 @@ pub struct RelayStats {
 }
 
 struct Up {
+    /// Bulk mode's read buffer (no allocation otherwise).
     buf: BytesMut,
+    /// Bulk mode's read size; 0 in stack mode.
     next_read: usize,
+    /// Bulk mode: fires every [`IDLE_RELEASE`] to check for reads.
+    idle: Option<Pin<Box<Sleep>>>,
+    /// Bulk mode: a read completed since `idle` was last armed.
+    active: bool,
     pending: Bytes,
     eof: bool,
     done: bool,
@@ -105,7 +120,9 @@ pub async fn relay<S: RelayIo>(
         recv,
         up: Up {
             buf: BytesMut::new(),
-            next_read: MIN_READ,
+            next_read: 0,
+            idle: None,
+            active: false,
             pending: Bytes::new(),
             eof: false,
             done: false,
@@ -186,7 +203,13 @@ impl<S: RelayIo> Relay<'_, S> {
             if !up.pending.is_empty() {
                 ready!(poll_send_capacity(&mut self.send, up.pending.len(), cx))?;
                 let n = self.send.capacity().min(up.pending.len());
-                let chunk = up.pending.split_to(n);
+                // Taking the last chunk drops our reference to the read
+                // buffer (an empty `Bytes` would still hold it).
+                let chunk = if n == up.pending.len() {
+                    std::mem::take(&mut up.pending)
+                } else {
+                    up.pending.split_to(n)
+                };
                 if let Err(e) = self.send.send_data(chunk, false) {
                     return Poll::Ready(Err(send_error(&mut self.send, e, cx)));
                 }
@@ -199,16 +222,44 @@ impl<S: RelayIo> Relay<'_, S> {
                 up.done = true;
                 return Poll::Ready(Ok(()));
             }
+            if up.next_read == 0 {
+                let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); SMALL_READ];
+                let mut rb = ReadBuf::uninit(&mut stack);
+                ready!(Pin::new(&mut *self.io).poll_read(cx, &mut rb))
+                    .map_err(HboneError::Socket)?;
+                let n = rb.filled().len();
+                if n == 0 {
+                    up.eof = true;
+                    continue;
+                }
+                up.bytes += n as u64;
+                up.pending = Bytes::copy_from_slice(rb.filled());
+                if n == SMALL_READ {
+                    up.next_read = 2 * SMALL_READ;
+                    up.active = false;
+                    up.idle = Some(Box::pin(tokio::time::sleep(IDLE_RELEASE)));
+                }
+                continue;
+            }
             if up.buf.capacity() < up.next_read {
                 up.buf.reserve(up.next_read);
             }
-            let n = ready!(poll_read_buf(Pin::new(&mut *self.io), cx, &mut up.buf))
-                .map_err(HboneError::Socket)?;
+            let n = match poll_read_buf(Pin::new(&mut *self.io), cx, &mut up.buf) {
+                Poll::Ready(r) => r.map_err(HboneError::Socket)?,
+                Poll::Pending => {
+                    if up.release_if_idle(cx) {
+                        // Back to stack reads (which register the waker).
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            };
             if n == 0 {
                 up.eof = true;
                 continue;
             }
             up.bytes += n as u64;
+            up.active = true;
             if n >= up.next_read && up.next_read < MAX_READ {
                 up.next_read *= 2;
             }
@@ -227,6 +278,10 @@ impl<S: RelayIo> Relay<'_, S> {
                     return Poll::Ready(Err(HboneError::Socket(io::ErrorKind::WriteZero.into())));
                 }
                 down.pending.advance(n);
+                if down.pending.is_empty() {
+                    // Let go of h2's receive buffer while idle.
+                    down.pending = Bytes::new();
+                }
                 let _ = self.recv.flow_control().release_capacity(n);
                 continue;
             }
@@ -244,6 +299,30 @@ impl<S: RelayIo> Relay<'_, S> {
                 None => down.eos = true,
             }
         }
+    }
+}
+
+impl Up {
+    /// Bulk mode, no read pending: frees the read buffer when no read
+    /// completed for [`IDLE_RELEASE`]; otherwise re-arms the check.
+    fn release_if_idle(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(idle) = self.idle.as_mut() else {
+            return false;
+        };
+        if idle.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if self.active {
+            self.active = false;
+            idle.as_mut().reset(Instant::now() + IDLE_RELEASE);
+            // Registers the timer's waker.
+            let _ = idle.as_mut().poll(cx);
+            return false;
+        }
+        self.buf = BytesMut::new();
+        self.next_read = 0;
+        self.idle = None;
+        true
     }
 }
 
