@@ -1,17 +1,11 @@
 //! `shunt ca init|show|issue` on the built binary.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn shunt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shunt"))
-        .args(args)
-        .env_remove("SHUNT_CA_DIR")
-        .env_remove("SHUNT_TRUST_DOMAIN")
-        .output()
-        .expect("run shunt")
-}
+use common::shunt;
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777

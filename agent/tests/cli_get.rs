@@ -1,23 +1,13 @@
 //! `shunt get` on the seed's config with a state directory written by the
 //! real allocator (as the agent would), read back by the built binary.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::Path;
+
+use common::{shunt, shunt_text};
 use shunt_agent::{alloc::Allocator, config::Config};
-
-fn seed() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/egress")
-}
-
-fn shunt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shunt"))
-        .args(args)
-        .env_remove("SHUNT_CONFIG_DIR")
-        .env_remove("SHUNT_STATE_DIR")
-        .output()
-        .expect("run shunt")
-}
+use shunt_testbed::seed::dir as seed;
 
 fn allocated_state() -> tempfile::TempDir {
     let state = tempfile::tempdir().unwrap();
@@ -35,12 +25,7 @@ fn get(args: &[&str], state: &Path) -> (String, String, i32) {
     let seed = seed();
     a.extend(["--config-dir", seed.to_str().unwrap()]);
     a.extend(["--state-dir", state.to_str().unwrap()]);
-    let out = shunt(&a);
-    (
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-        out.status.code().unwrap(),
-    )
+    shunt_text(&a)
 }
 
 #[test]

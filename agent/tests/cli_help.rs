@@ -1,17 +1,9 @@
 //! The CLI's surface: every subcommand's `--help` carries an example
 //! and `--version` works.
 
-use std::process::Command;
+mod common;
 
-fn shunt(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_shunt"))
-        .args(args)
-        .env_remove("SHUNT_PIN_DIR")
-        .env_remove("SHUNT_STATE_DIR")
-        .env_remove("SHUNT_CONFIG_DIR")
-        .output()
-        .expect("run shunt")
-}
+use common::shunt;
 
 /// Subcommand names listed under "Commands:" in a help text.
 fn subcommands(help: &str) -> Vec<String> {

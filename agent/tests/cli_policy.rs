@@ -1,26 +1,22 @@
 //! `shunt policy check` on the seed's AuthorizationPolicy: exit 0 allowed,
 //! 3 denied, 1 error.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn seed() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/egress")
+use std::path::Path;
+
+use shunt_testbed::seed::dir as seed;
+
+/// `shunt policy check --config-dir <the seed> ARGS`.
+fn check(args: &[&str]) -> (String, String, i32) {
+    check_in(&seed(), args)
 }
 
-fn check(args: &[&str]) -> (String, String, i32) {
-    let seed = seed();
-    let out = Command::new(env!("CARGO_BIN_EXE_shunt"))
-        .args(["policy", "check", "--config-dir", seed.to_str().unwrap()])
-        .args(args)
-        .env_remove("SHUNT_CONFIG_DIR")
-        .output()
-        .expect("run shunt");
-    (
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-        out.status.code().unwrap(),
-    )
+/// `shunt policy check --config-dir DIR ARGS`: stdout, stderr, exit code.
+fn check_in(dir: &Path, args: &[&str]) -> (String, String, i32) {
+    let mut a = vec!["policy", "check", "--config-dir", dir.to_str().unwrap()];
+    a.extend_from_slice(args);
+    common::shunt_text(&a)
 }
 
 const SVC: &[&str] = &["--service", "common-infrastructure/httpbin.org"];
@@ -152,20 +148,6 @@ spec:
       values: ["api.example"]
 "#;
 
-fn check_in(dir: &Path, args: &[&str]) -> (String, String, i32) {
-    let out = Command::new(env!("CARGO_BIN_EXE_shunt"))
-        .args(["policy", "check", "--config-dir", dir.to_str().unwrap()])
-        .args(args)
-        .env_remove("SHUNT_CONFIG_DIR")
-        .output()
-        .expect("run shunt");
-    (
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-        out.status.code().unwrap(),
-    )
-}
-
 #[test]
 fn sni_flag_decides_connection_sni_on_a_tls_port() {
     let dir = tempfile::tempdir().unwrap();
@@ -251,36 +233,25 @@ fn a_wildcard_entry_is_found_by_a_name_under_it_and_decided_by_sni_and_host() {
     let (out, err, code) = tls("www.example.com");
     assert_eq!(code, 3, "{out}{err}");
     // HTTP on port 80: the Host decides.
-    let (out, err, code) = check_in(
-        dir.path(),
-        &[
-            "--host",
-            "api.example.com",
-            "--port",
-            "80",
-            "--principal",
-            CURL,
-            "--method",
-            "GET",
-            "--path",
-            "/",
-        ],
-    );
+    let http = |host: &str| {
+        check_in(
+            dir.path(),
+            &[
+                "--host",
+                host,
+                "--port",
+                "80",
+                "--principal",
+                CURL,
+                "--method",
+                "GET",
+                "--path",
+                "/",
+            ],
+        )
+    };
+    let (out, err, code) = http("api.example.com");
     assert_eq!(code, 0, "{out}{err}");
-    let (out, err, code) = check_in(
-        dir.path(),
-        &[
-            "--host",
-            "www.example.com",
-            "--port",
-            "80",
-            "--principal",
-            CURL,
-            "--method",
-            "GET",
-            "--path",
-            "/",
-        ],
-    );
+    let (out, err, code) = http("www.example.com");
     assert_eq!(code, 3, "{out}{err}");
 }

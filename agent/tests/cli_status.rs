@@ -2,33 +2,34 @@
 //! the readiness probe against the real admin server. (Live pins need the
 //! kernel wiring and are covered by the lead's kernel tests.)
 
-use std::process::Command;
+mod common;
+
+use std::path::Path;
+use std::process::Output;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use common::shunt;
 use shunt_agent::admin::{AdminServer, Endpoints};
 
-fn shunt(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_shunt"))
-        .args(args)
-        .env_remove("SHUNT_PIN_DIR")
-        .env_remove("SHUNT_STATE_DIR")
-        .env_remove("SHUNT_READY_ADDR")
-        .output()
-        .expect("run shunt")
+/// `shunt status --pin-dir PINS --state-dir STATE ARGS`.
+fn status(pins: &Path, state: &Path, args: &[&str]) -> Output {
+    let mut a = vec![
+        "status",
+        "--pin-dir",
+        pins.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    a.extend_from_slice(args);
+    shunt(&a)
 }
 
 #[test]
 fn status_without_agent_is_one_sentence() {
     let pins = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
-    let out = shunt(&[
-        "status",
-        "--pin-dir",
-        pins.path().to_str().unwrap(),
-        "--state-dir",
-        state.path().to_str().unwrap(),
-    ]);
+    let out = status(pins.path(), state.path(), &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     let err = String::from_utf8(out.stderr).unwrap();
@@ -45,22 +46,15 @@ fn status_without_agent_is_one_sentence() {
 fn status_with_broken_pins_is_not_healthy() {
     // Files named like shunt's pins on a non-bpf filesystem: "installed",
     // but no live link and no readable map.
-    let pins = tempfile::tempdir().unwrap();
+    let pins = fake_pins();
     let state = tempfile::tempdir().unwrap();
-    std::fs::write(pins.path().join("link_shunt_sk_lookup"), "").unwrap();
     std::fs::write(pins.path().join("meta"), "").unwrap();
     std::fs::write(state.path().join("agent.pid"), "999999999\n").unwrap();
-    let out = shunt(&[
-        "status",
-        "--pin-dir",
-        pins.path().to_str().unwrap(),
-        "--state-dir",
-        state.path().to_str().unwrap(),
-        "--ready",
-        "127.0.0.1:1",
-        "-o",
-        "json",
-    ]);
+    let out = status(
+        pins.path(),
+        state.path(),
+        &["--ready", "127.0.0.1:1", "-o", "json"],
+    );
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["healthy"], false);
@@ -89,15 +83,7 @@ fn status_with_broken_pins_is_not_healthy() {
         "{problems:?}"
     );
     // Text form: one headline that says so.
-    let out = shunt(&[
-        "status",
-        "--pin-dir",
-        pins.path().to_str().unwrap(),
-        "--state-dir",
-        state.path().to_str().unwrap(),
-        "--ready",
-        "127.0.0.1:1",
-    ]);
+    let out = status(pins.path(), state.path(), &["--ready", "127.0.0.1:1"]);
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.starts_with("shunt agent: NOT HEALTHY\n"), "{text}");
@@ -126,17 +112,7 @@ fn ready_endpoint_answer_is_reported() {
             ))
             .unwrap();
         let addr = server.local_addr().to_string();
-        let out = shunt(&[
-            "status",
-            "--pin-dir",
-            pins.path().to_str().unwrap(),
-            "--state-dir",
-            state.path().to_str().unwrap(),
-            "--ready",
-            &addr,
-            "-o",
-            "json",
-        ]);
+        let out = status(pins.path(), state.path(), &["--ready", &addr, "-o", "json"]);
         // Unhealthy either way here (no live links), but the probe result
         // is reported as the server answered.
         assert_eq!(out.status.code(), Some(1));
@@ -157,15 +133,11 @@ fn a_netns_that_cannot_be_entered_is_one_sentence() {
     let pins = fake_pins();
     let state = tempfile::tempdir().unwrap();
     // A bare name is one of `ip netns`' (/run/netns/NAME).
-    let out = shunt(&[
-        "status",
-        "--pin-dir",
-        pins.path().to_str().unwrap(),
-        "--state-dir",
-        state.path().to_str().unwrap(),
-        "--netns",
-        "shunt-no-such-netns",
-    ]);
+    let out = status(
+        pins.path(),
+        state.path(),
+        &["--netns", "shunt-no-such-netns"],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     let err = String::from_utf8(out.stderr).unwrap();

@@ -13,6 +13,7 @@ use shunt_agent::config::Config;
 use shunt_agent::hbone::{ClientSettings, ConnectRequest, HboneClient};
 use shunt_agent::identity::{Ca, IdentityConfig, IdentityManager};
 use shunt_testbed::hbone::echo_upstream;
+use shunt_testbed::mesh::{self, Port, ServiceEntry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -21,51 +22,20 @@ const CURL: &str = "spiffe://cluster.local/ns/default/sa/curl";
 const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/common-infrastructure/sa/egress-gateway";
 
 fn config_text(echo: SocketAddr) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata:
-  name: common-infrastructure
-  labels:
-    istio.io/dataplane-mode: ambient
-    istio.io/use-waypoint: egress-gateway
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: egress-gateway
-  namespace: common-infrastructure
-  labels:
-    istio.io/waypoint-for: service
-spec:
-  gatewayClassName: istio-waypoint
-  addresses:
-  - type: IPAddress
-    value: 127.0.0.1
-  listeners:
-  - name: mesh
-    port: 15008
-    protocol: HBONE
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: echo
-  namespace: common-infrastructure
-spec:
-  hosts:
-  - echo.example
-  ports:
-  - number: 9000
-    name: tcp
-    protocol: TCP
-    targetPort: {port}
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
-"#,
-        port = echo.port()
-    )
+    const NS: &str = "common-infrastructure";
+    mesh::docs(&[
+        mesh::namespace(NS, Some("egress-gateway")),
+        mesh::waypoint("egress-gateway", NS, "127.0.0.1"),
+        ServiceEntry {
+            name: "echo",
+            namespace: NS,
+            hosts: &["echo.example"],
+            ports: &[Port::tcp(9000, echo.port())],
+            endpoints: &["127.0.0.1"],
+            ..Default::default()
+        }
+        .yaml(),
+    ])
 }
 
 fn free_port() -> u16 {

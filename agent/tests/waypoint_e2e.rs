@@ -24,8 +24,9 @@ use shunt_agent::identity::{Ca, IdentityConfig, IdentityManager, SpiffeId};
 use shunt_agent::telemetry::{AccessLogger, LogFormat};
 use shunt_agent::waypoint::{WaypointOptions, WaypointServer};
 use shunt_testbed::hbone::echo_upstream;
+use shunt_testbed::mesh::{self, Port, ServiceEntry};
 use shunt_testbed::seed;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const TD: &str = "cluster.local";
@@ -33,6 +34,8 @@ const CURL: &str = "spiffe://cluster.local/ns/default/sa/curl";
 const ADMIN: &str = "spiffe://cluster.local/ns/default/sa/admin";
 const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/common-infrastructure/sa/egress-gateway";
 const T: Duration = Duration::from_secs(20);
+/// The seed's namespace, where every object of this test lives.
+const NS: &str = "common-infrastructure";
 
 // ------------------------------------------------------------- upstreams
 
@@ -193,58 +196,54 @@ fn config_text(
     ca_pem: &Path,
 ) -> String {
     let lo = "127.0.0.1".parse().unwrap();
-    let down_port = seed::ExtraPort {
+    let down_port = Port {
         number: 81,
         name: "http-down",
         protocol: "HTTP",
-        target_port: down.port(),
+        target_port: Some(down.port()),
     };
     let seed = seed::loopback_service(lo, lo, http.port(), &[down_port]).unwrap();
     // The clients' WorkloadEntries: a tunnel's `Forwarded: for=` is believed
     // only for an address of the certificate's workload.
     let workloads = seed::file(seed::WORKLOADS).unwrap();
-    format!(
-        r#"{workloads}---
-{seed}---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: echo
-  namespace: common-infrastructure
-spec:
-  hosts:
-  - echo.example
-  ports:
-  - number: 9000
-    name: tcp
-    protocol: TCP
-    targetPort: {echo_port}
-  - number: 9001
-    name: tcp-down
-    protocol: TCP
-    targetPort: {down_port}
-  resolution: DNS
-  endpoints:
-  - address: localhost
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: admin-only
-  namespace: common-infrastructure
-spec:
-  hosts:
-  - admin-only.example
-  ports:
-  - number: 9000
-    name: tcp
-    protocol: TCP
-    targetPort: {echo_port}
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
----
-apiVersion: security.istio.io/v1
+    let entry = |name, host, ports, resolution, endpoint| {
+        ServiceEntry {
+            name,
+            namespace: NS,
+            hosts: &[host],
+            ports,
+            resolution,
+            endpoints: &[endpoint],
+            ..Default::default()
+        }
+        .yaml()
+    };
+    let echo_ports = [
+        Port::tcp(9000, echo.port()),
+        Port {
+            name: "tcp-down",
+            ..Port::tcp(9001, down.port())
+        },
+    ];
+    // HTTP ports to the TLS upstream (TLS originated by a DestinationRule).
+    let secure = |name, protocol| Port {
+        number: 80,
+        name,
+        protocol,
+        target_port: Some(tls.port()),
+    };
+    mesh::docs(&[
+        workloads,
+        seed,
+        entry("echo", "echo.example", &echo_ports, "DNS", "localhost"),
+        entry(
+            "admin-only",
+            "admin-only.example",
+            &[Port::tcp(9000, echo.port())],
+            "STATIC",
+            "127.0.0.1",
+        ),
+        r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
   name: admin-only
@@ -275,25 +274,17 @@ spec:
   - to:
     - operation:
         hosts: ["blocked.example"]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: secure.example
-  namespace: common-infrastructure
-spec:
-  hosts:
-  - secure.example
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-    targetPort: {tls_port}
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
----
-apiVersion: networking.istio.io/v1
+"#
+        .to_string(),
+        entry(
+            "secure.example",
+            "secure.example",
+            &[secure("http", "HTTP")],
+            "STATIC",
+            "127.0.0.1",
+        ),
+        format!(
+            r#"apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata:
   name: secure-tls
@@ -304,26 +295,19 @@ spec:
     tls:
       mode: SIMPLE
       caCertificates: {ca}
----
-# The same TLS upstream, spoken to as HTTP/2 (ALPN h2).
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: secure2.example
-  namespace: common-infrastructure
-spec:
-  hosts:
-  - secure2.example
-  ports:
-  - number: 80
-    name: http2
-    protocol: HTTP2
-    targetPort: {tls_port}
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
----
-apiVersion: networking.istio.io/v1
+"#,
+            ca = ca_pem.display()
+        ),
+        // The same TLS upstream, spoken to as HTTP/2 (ALPN h2).
+        entry(
+            "secure2.example",
+            "secure2.example",
+            &[secure("http2", "HTTP2")],
+            "STATIC",
+            "127.0.0.1",
+        ),
+        format!(
+            r#"apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata:
   name: secure2-tls
@@ -336,11 +320,9 @@ spec:
       sni: secure.example
       caCertificates: {ca}
 "#,
-        echo_port = echo.port(),
-        down_port = down.port(),
-        tls_port = tls.port(),
-        ca = ca_pem.display(),
-    )
+            ca = ca_pem.display()
+        ),
+    ])
 }
 
 /// Shared sink for access-log lines.
@@ -498,13 +480,52 @@ impl Env {
         src: &str,
         host: &str,
     ) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
-        let io = self.tunnel(src, self.vip(host, 80)).await;
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        send
+        h1_over(self.tunnel(src, self.vip(host, 80)).await).await
     }
+}
+
+/// An HTTP/1.1 client over `io`, its connection driven by a task.
+async fn h1_over<I>(io: I) -> hyper::client::conn::http1::SendRequest<Full<Bytes>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// A GET of `path` with `Host: host`.
+fn get(path: &str, host: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// A TLS client trusting `roots`, with ring (the waypoint's provider).
+fn tls_connector(roots: rustls::RootCertStore) -> tokio_rustls::TlsConnector {
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// Writes `bytes` on `io`, half-closes it and asserts they all come back.
+async fn echoes(mut io: H2Stream, bytes: &[u8]) {
+    io.write_all(bytes).await.unwrap();
+    io.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(T, io.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, bytes);
 }
 
 async fn send(
@@ -572,19 +593,8 @@ fn status_of(resp: &str) -> u16 {
 
 async fn get_text(addr: SocketAddr, path: &str) -> (u16, String) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let r = s
-        .send_request(
-            Request::get(path)
-                .header("host", "localhost")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let mut s = h1_over(tcp).await;
+    let r = s.send_request(get(path, "localhost")).await.unwrap();
     let code = r.status().as_u16();
     let b = r.into_body().collect().await.unwrap().to_bytes();
     (code, String::from_utf8_lossy(&b).into_owned())
@@ -596,15 +606,7 @@ async fn get_text(addr: SocketAddr, path: &str) -> (u16, String) {
 async fn tcp_port_relays_and_logs_ztunnel_line() {
     let env = Env::new().await;
     let vip = env.vip("echo.example", 9000);
-    let mut io = env.tunnel(CURL, vip).await;
-    io.write_all(b"hello through the waypoint").await.unwrap();
-    io.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(T, io.read_to_end(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, b"hello through the waypoint");
+    echoes(env.tunnel(CURL, vip).await, b"hello through the waypoint").await;
     let line = env
         .lines
         .wait_for(&[
@@ -758,20 +760,8 @@ async fn seed_policy_over_http1_keepalive() {
         "{m}"
     );
     // Response headers: the upstream's, plus the service time.
-    let io = env.tunnel(CURL, env.vip("httpbin.org", 80)).await;
-    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let r = s
-        .send_request(
-            Request::get("/get")
-                .header("host", "httpbin.org")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let mut s = env.h1(CURL, "httpbin.org").await;
+    let r = s.send_request(get("/get", "httpbin.org")).await.unwrap();
     assert_eq!(r.headers()["server"], "gunicorn/19.9.0");
     assert!(r.headers().contains_key("x-envoy-upstream-service-time"));
 }
@@ -1006,15 +996,11 @@ spec:
         "{line}"
     );
     // TCP: the admin connection is relayed; the ztunnel line carries it.
-    let mut io = env.tunnel(ADMIN, env.vip("admin-only.example", 9000)).await;
-    io.write_all(b"ping").await.unwrap();
-    io.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(T, io.read_to_end(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, b"ping");
+    echoes(
+        env.tunnel(ADMIN, env.vip("admin-only.example", 9000)).await,
+        b"ping",
+    )
+    .await;
     let line = env
         .lines
         .wait_for(&["connection complete", "admin-only.example", "shadow="])
@@ -1064,11 +1050,7 @@ async fn tls_origination_simple() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_upstream_down_is_503() {
     let env = Env::new().await;
-    let io = env.tunnel(CURL, env.vip("httpbin.org", 81)).await;
-    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut s = h1_over(env.tunnel(CURL, env.vip("httpbin.org", 81)).await).await;
     let (code, body) = send(&mut s, "GET", "/get", "httpbin.org").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("connection failure"), "{body}");
@@ -1271,32 +1253,14 @@ async fn tls_get(env: &Env, sni: &str) -> Result<u16, String> {
     for c in rustls_pemfile_certs(&pem) {
         roots.add(c).unwrap();
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-    let tls = tokio::time::timeout(
-        T,
-        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, io),
-    )
-    .await
-    .expect("TLS handshake timed out")
-    .map_err(|e| e.to_string())?;
-    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+    let tls = tokio::time::timeout(T, tls_connector(roots).connect(name, io))
         .await
+        .expect("TLS handshake timed out")
         .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let r = s
-        .send_request(
-            Request::get("/get")
-                .header("host", "secure.example")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
+    let r = h1_over(tls)
+        .await
+        .send_request(get("/get", "secure.example"))
         .await
         .map_err(|e| e.to_string())?;
     Ok(r.status().as_u16())
@@ -1402,26 +1366,15 @@ async fn tunnels_reset_while_their_upstream_connect_hangs_leave_no_upstream_sock
     // The endpoint's accept queue is full: connects to it hang in SYN-SENT
     // (for the 5 s upstream timeout here) unless they are abandoned.
     let (silent, _listener, fill) = shunt_testbed::hbone::syn_dropping_upstream().await;
-    let entry = format!(
-        r#"apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: silent
-  namespace: common-infrastructure
-spec:
-  hosts:
-  - silent.example
-  ports:
-  - number: 7000
-    name: tcp
-    protocol: TCP
-    targetPort: {}
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
-"#,
-        silent.port()
-    );
+    let entry = ServiceEntry {
+        name: "silent",
+        namespace: NS,
+        hosts: &["silent.example"],
+        ports: &[Port::tcp(7000, silent.port())],
+        endpoints: &["127.0.0.1"],
+        ..Default::default()
+    }
+    .yaml();
     let env = Env::with_files(&[("30-silent.yaml", &entry)]).await;
     let vip = env.vip("silent.example", 7000);
     // A client that gives up on a CONNECT after 20 ms drops its stream,
@@ -1559,11 +1512,7 @@ async fn forwarded_for_of_another_workload_or_none_is_replaced_by_the_peer() {
     // HTTP ports too: the Envoy line's downstream address is the peer.
     let mut req = env.request(CURL, env.vip("httpbin.org", 80));
     req.source_addr = "10.244.1.20:40007".parse().unwrap();
-    let io = env.client.connect(&req).await.unwrap().into_stream();
-    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut h1 = h1_over(env.client.connect(&req).await.unwrap().into_stream()).await;
     assert_eq!(send(&mut h1, "GET", "/get?l7", "httpbin.org").await.0, 200);
     let l7 = env.lines.wait_for(&["\"GET /get?l7 HTTP/1.1\" 200"]).await;
     assert!(l7.contains(" 127.0.0.1:"), "{l7}");
@@ -1637,17 +1586,10 @@ async fn wildcard_tls_refuses_names_outside_it_no_sni_and_unresolvable_names() {
         let env = &env;
         async move {
             let io = env.tunnel(CURL, env.vip("*.wild.invalid", 443)).await;
-            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
             let name = rustls::pki_types::ServerName::try_from(sni).unwrap();
             tokio::time::timeout(
                 T,
-                tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, io),
+                tls_connector(rustls::RootCertStore::empty()).connect(name, io),
             )
             .await
             .expect("TLS handshake timed out")

@@ -10,7 +10,8 @@
 //! process runs: a cgroup first, then a network namespace, then files
 //! bind-mounted over `/etc` (what `ip netns exec` does, without remounting
 //! /sys and so hiding the cgroup tree). [`seed`] reads the seed's YAML from
-//! `examples/egress/`, its one copy.
+//! `examples/egress/`, its one copy; [`mesh`] builds the Namespaces,
+//! waypoints and ServiceEntries of the tests' own meshes.
 //!
 //! With the `mesh` feature (it depends on `shunt-agent`): a node's pinned
 //! maps ([`Node::maps`] and friends) and loopback HBONE peers and PKI
@@ -23,6 +24,7 @@ mod bins;
 mod cgroup;
 mod cmd;
 mod internet;
+pub mod mesh;
 mod netns;
 mod node;
 mod pins;

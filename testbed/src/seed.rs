@@ -5,7 +5,7 @@
 
 use std::{net::IpAddr, path::PathBuf};
 
-use crate::Result;
+use crate::{mesh::Port, Result};
 
 pub const MESH: &str = "mesh.yaml";
 pub const WORKLOADS: &str = "00-curl.yaml";
@@ -46,14 +46,6 @@ pub fn edit(text: &str, from: &str, to: &str) -> Result<String> {
     Ok(text.replacen(from, to, 1))
 }
 
-/// An extra port for [`loopback_service`]'s ServiceEntry.
-pub struct ExtraPort<'a> {
-    pub number: u16,
-    pub name: &'a str,
-    pub protocol: &'a str,
-    pub target_port: u16,
-}
-
 /// The seed's namespace, waypoint Gateway and ServiceEntry as one
 /// multi-document YAML, rewired for one machine: the waypoint listens at
 /// `waypoint`; httpbin.org is STATIC with the endpoint `endpoint`, its
@@ -62,7 +54,7 @@ pub fn loopback_service(
     waypoint: IpAddr,
     endpoint: IpAddr,
     target_port: u16,
-    extra: &[ExtraPort<'_>],
+    extra: &[Port<'_>],
 ) -> Result<String> {
     let gateway = edit(
         &file(WAYPOINT)?,
@@ -71,10 +63,7 @@ pub fn loopback_service(
     )?;
     let mut ports = format!("    protocol: HTTP\n    targetPort: {target_port}\n");
     for p in extra {
-        ports.push_str(&format!(
-            "  - number: {}\n    name: {}\n    protocol: {}\n    targetPort: {}\n",
-            p.number, p.name, p.protocol, p.target_port
-        ));
+        ports.push_str(&p.yaml());
     }
     let se = edit(&file(SERVICE_ENTRY)?, "    protocol: HTTP\n", &ports)?;
     let se = edit(
@@ -110,11 +99,11 @@ mod tests {
             "127.0.0.1".parse().unwrap(),
             "127.0.0.2".parse().unwrap(),
             8080,
-            &[ExtraPort {
+            &[Port {
                 number: 81,
                 name: "http-down",
                 protocol: "HTTP",
-                target_port: 9,
+                target_port: Some(9),
             }],
         )
         .unwrap();

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use shunt_testbed::mesh::{self, Port, ServiceEntry, NAMESPACE, WAYPOINT};
 use shunt_testbed::{probe_bin, shunt_bin, wait_for, Node, Proc, Result};
 
 const SVC_PORT: u16 = 9000;
@@ -23,91 +24,40 @@ struct Mesh {
 }
 
 fn config(node: &Node, wp_ip: &str, upstream_ip: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata:
-  name: default
-  labels:
-    istio.io/dataplane-mode: ambient
----
-{workload}---
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: wp
-  namespace: default
-  labels:
-    istio.io/waypoint-for: service
-spec:
-  gatewayClassName: istio-waypoint
-  addresses:
-  - type: IPAddress
-    value: {wp_ip}
-  listeners:
-  - name: mesh
-    port: 15008
-    protocol: HBONE
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: echo
-  namespace: default
-  labels:
-    istio.io/use-waypoint: wp
-spec:
-  hosts:
-  - echo.internal
-  ports:
-  - number: {SVC_PORT}
-    name: tcp
-    protocol: TCP
-    targetPort: {TARGET_PORT}
-  resolution: STATIC
-  endpoints:
-  - address: {upstream_ip}
----
-# No waypoint bound: the agent connects to the endpoint itself.
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: direct
-  namespace: default
-spec:
-  hosts:
-  - direct.internal
-  ports:
-  - number: 9100
-    name: tcp
-    protocol: TCP
-    targetPort: {TARGET_PORT}
-  resolution: STATIC
-  endpoints:
-  - address: {upstream_ip}
----
-# Asks for a waypoint that does not exist: refused, never connected around it.
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: nowp
-  namespace: default
-  labels:
-    istio.io/use-waypoint: missing-wp
-spec:
-  hosts:
-  - nowp.internal
-  ports:
-  - number: 9200
-    name: tcp
-    protocol: TCP
-    targetPort: {BYPASS_PORT}
-  resolution: STATIC
-  endpoints:
-  - address: {upstream_ip}
-"#,
-        workload = node.pod("app").workload_entry("default", "app"),
-    )
+    let mut d = mesh::base(node.pod("app").workload_entry(NAMESPACE, "app"), wp_ip);
+    let entry = |name, waypoint, host, port| {
+        ServiceEntry {
+            name,
+            waypoint,
+            hosts: &[host],
+            ports: &[port],
+            endpoints: &[upstream_ip],
+            ..Default::default()
+        }
+        .yaml()
+    };
+    d.push(entry(
+        "echo",
+        Some(WAYPOINT),
+        "echo.internal",
+        Port::tcp(SVC_PORT, TARGET_PORT),
+    ));
+    // No waypoint bound: the agent connects to the endpoint itself.
+    d.push(entry(
+        "direct",
+        None,
+        "direct.internal",
+        Port::tcp(9100, TARGET_PORT),
+    ));
+    // Asks for a waypoint that does not exist: refused, never connected
+    // around it.
+    d.push(entry(
+        "nowp",
+        Some("missing-wp"),
+        "nowp.internal",
+        Port::tcp(9200, BYPASS_PORT),
+    ));
+    mesh::docs(&d)
 }
 
 fn start_upstream(node: &Node, ip: &str) -> Result<Proc> {
@@ -127,11 +77,7 @@ fn start_upstream(node: &Node, ip: &str) -> Result<Proc> {
 }
 
 fn setup() -> Result<Mesh> {
-    let mut node = Node::new()?;
-    node.add_pod("app")?;
-    node.add_pod("wp")?;
-    node.add_pod("inet")?;
-    node.enable_forwarding()?;
+    let mut node = mesh::node()?;
     let wp_ip = node.pod("wp").ip4.clone();
     let upstream_ip = node.pod("inet").ip4.clone();
     let ca_dir = node.work_dir.join("ca");
@@ -156,34 +102,14 @@ fn setup() -> Result<Mesh> {
     // Debug for the HBONE server: it logs each accepted HTTP/2 connection.
     let waypoint = node.pod("wp").spawn_env(
         &shunt_bin(),
-        &[
-            "waypoint",
-            "--config-dir",
-            &cfg,
-            "--state-dir",
-            &state,
-            "--ca-dir",
-            &ca,
-            "--name",
-            "wp",
-            "--namespace",
-            "default",
-        ],
+        &mesh::waypoint_args(&cfg, &state, &ca),
         &[("SHUNT_LOG", "info,shunt_agent::hbone::server=debug")],
         &wlog,
     )?;
     let ready = wait_for(
         "waypoint ready with the service",
         Duration::from_secs(30),
-        || {
-            let l = std::fs::read_to_string(&wlog).ok()?;
-            l.lines()
-                .any(|x| {
-                    (x.contains("waypoint ready") || x.contains("config applied"))
-                        && !x.contains("services=0")
-                })
-                .then_some(())
-        },
+        || mesh::waypoint_serving(&std::fs::read_to_string(&wlog).ok()?).then_some(()),
     );
     if let Err(e) = ready {
         anyhow::bail!("{e}; waypoint log:\n{}", waypoint.log_text());

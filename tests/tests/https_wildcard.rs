@@ -11,6 +11,7 @@
 use std::process::Output;
 use std::time::Duration;
 
+use shunt_testbed::mesh::{self, Port, ServiceEntry, NAMESPACE, WAYPOINT};
 use shunt_testbed::{shunt_bin, wait_for, Internet, Node, Proc, Result};
 
 const POD_RESOLVER: &str = "10.96.0.10";
@@ -38,52 +39,32 @@ impl Drop for Env {
 }
 
 fn config(node: &Node, wp_ip: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata:
-  name: default
-  labels:
-    istio.io/dataplane-mode: ambient
----
-{workload}---
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: wp
-  namespace: default
-  labels:
-    istio.io/waypoint-for: service
-spec:
-  gatewayClassName: istio-waypoint
-  addresses:
-  - type: IPAddress
-    value: {wp_ip}
-  listeners:
-  - name: mesh
-    port: 15008
-    protocol: HBONE
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: example-wildcard
-  namespace: default
-  labels:
-    istio.io/use-waypoint: wp
-spec:
-  hosts:
-  - "*.example.com"
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-  - number: 443
-    name: tls
-    protocol: TLS
-  resolution: DYNAMIC_DNS
----
-apiVersion: security.istio.io/v1
+    let mut d = mesh::base(node.pod("app").workload_entry(NAMESPACE, "app"), wp_ip);
+    let tls = Port {
+        number: 443,
+        name: "tls",
+        protocol: "TLS",
+        target_port: None,
+    };
+    let http = Port {
+        number: 80,
+        name: "http",
+        protocol: "HTTP",
+        target_port: None,
+    };
+    d.push(
+        ServiceEntry {
+            name: "example-wildcard",
+            waypoint: Some(WAYPOINT),
+            hosts: &["*.example.com"],
+            ports: &[http, tls],
+            resolution: "DYNAMIC_DNS",
+            ..Default::default()
+        }
+        .yaml(),
+    );
+    d.push(
+        r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
   name: only-a
@@ -100,33 +81,25 @@ spec:
   - to:
     - operation:
         hosts: ["a.example.com"]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: httpbin.org
-  namespace: default
-  labels:
-    istio.io/use-waypoint: wp
-spec:
-  hosts:
-  - httpbin.org
-  ports:
-  - number: 443
-    name: tls
-    protocol: TLS
-  resolution: DNS
-"#,
-        workload = node.pod("app").workload_entry("default", "app"),
-    )
+"#
+        .to_string(),
+    );
+    d.push(
+        ServiceEntry {
+            name: "httpbin.org",
+            waypoint: Some(WAYPOINT),
+            hosts: &["httpbin.org"],
+            ports: &[tls],
+            resolution: "DNS",
+            ..Default::default()
+        }
+        .yaml(),
+    );
+    mesh::docs(&d)
 }
 
 fn setup() -> Result<Env> {
-    let mut node = Node::new()?;
-    node.add_pod("app")?;
-    node.add_pod("wp")?;
-    node.add_pod("inet")?;
-    node.enable_forwarding()?;
+    let mut node = mesh::node()?;
     let wp_ip = node.pod("wp").ip4.clone();
     let inet_ip = node.pod("inet").ip4.clone();
     let inet = Internet::start(
@@ -173,29 +146,11 @@ fn setup() -> Result<Env> {
         .enter()
         .bind(&resolv, "/etc/resolv.conf")
         .command(shunt_bin());
-    cmd.args([
-        "waypoint",
-        "--config-dir",
-        &cfg,
-        "--state-dir",
-        &state,
-        "--ca-dir",
-        &ca,
-        "--name",
-        "wp",
-        "--namespace",
-        "default",
-    ])
-    .env("SHUNT_LOG", "info");
+    cmd.args(mesh::waypoint_args(&cfg, &state, &ca))
+        .env("SHUNT_LOG", "info");
     let waypoint = Proc::spawn("waypoint", cmd, &wlog)?;
     let ready = wait_for("waypoint ready", Duration::from_secs(30), || {
-        let l = std::fs::read_to_string(&wlog).ok()?;
-        l.lines()
-            .any(|x| {
-                (x.contains("waypoint ready") || x.contains("config applied"))
-                    && !x.contains("services=0")
-            })
-            .then_some(())
+        mesh::waypoint_serving(&std::fs::read_to_string(&wlog).ok()?).then_some(())
     });
     if let Err(e) = ready {
         anyhow::bail!("{e}; waypoint log:\n{}", waypoint.log_text());

@@ -1007,7 +1007,7 @@ fn first_address(v: &Value) -> Option<String> {
 }
 
 fn default_namespace() -> String {
-    "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  labels:\n    istio.io/dataplane-mode: ambient\n".into()
+    shunt_testbed::mesh::namespace(shunt_testbed::mesh::NAMESPACE, None)
 }
 
 /// The L4 ServiceEntry of the *shunt* variant, bound to the seed's

@@ -22,6 +22,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
+use shunt_testbed::mesh::{self, Port, ServiceEntry, NAMESPACE, WAYPOINT};
 use shunt_testbed::{wait_for, Node, Proc};
 
 const SVC_PORT: u16 = 9000;
@@ -45,53 +46,19 @@ pub struct Options {
 }
 
 fn config(node: &Node, wp_ip: &str, upstream_ip: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata:
-  name: default
-  labels:
-    istio.io/dataplane-mode: ambient
----
-{workload}---
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: wp
-  namespace: default
-  labels:
-    istio.io/waypoint-for: service
-spec:
-  gatewayClassName: istio-waypoint
-  addresses:
-  - type: IPAddress
-    value: {wp_ip}
-  listeners:
-  - name: mesh
-    port: 15008
-    protocol: HBONE
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: echo
-  namespace: default
-  labels:
-    istio.io/use-waypoint: wp
-spec:
-  hosts:
-  - echo.internal
-  ports:
-  - number: {SVC_PORT}
-    name: tcp
-    protocol: TCP
-    targetPort: {TARGET_PORT}
-  resolution: STATIC
-  endpoints:
-  - address: {upstream_ip}
-"#,
-        workload = node.pod("app").workload_entry("default", "app"),
-    )
+    let mut d = mesh::base(node.pod("app").workload_entry(NAMESPACE, "app"), wp_ip);
+    d.push(
+        ServiceEntry {
+            name: "echo",
+            waypoint: Some(WAYPOINT),
+            hosts: &["echo.internal"],
+            ports: &[Port::tcp(SVC_PORT, TARGET_PORT)],
+            endpoints: &[upstream_ip],
+            ..Default::default()
+        }
+        .yaml(),
+    );
+    mesh::docs(&d)
 }
 
 /// fds and RSS (KiB) of a process.
@@ -154,11 +121,7 @@ struct Mesh {
 fn setup(bins: &Path) -> Result<Mesh> {
     let shunt = bins.join("shunt");
     let probe = bins.join("shunt-probe");
-    let mut node = Node::new()?;
-    node.add_pod("app")?;
-    node.add_pod("wp")?;
-    node.add_pod("inet")?;
-    node.enable_forwarding()?;
+    let mut node = mesh::node()?;
     let wp_ip = node.pod("wp").ip4.clone();
     let upstream_ip = node.pod("inet").ip4.clone();
     let ca = node.work_dir.join("ca").display().to_string();
@@ -180,34 +143,16 @@ fn setup(bins: &Path) -> Result<Mesh> {
         &ulog,
     )?;
     let wlog = node.work_dir.join("waypoint.log");
-    let waypoint = node.pod("wp").spawn(
-        &shunt,
-        &[
-            "waypoint",
-            "--config-dir",
-            &cfg,
-            "--state-dir",
-            &state,
-            "--ca-dir",
-            &ca,
-            "--name",
-            "wp",
-            "--namespace",
-            "default",
-        ],
-        &wlog,
-    )?;
+    let waypoint = node
+        .pod("wp")
+        .spawn(&shunt, &mesh::waypoint_args(&cfg, &state, &ca), &wlog)?;
     wait_for(
         "waypoint and upstream ready",
         Duration::from_secs(60),
         || {
             let w = std::fs::read_to_string(&wlog).ok()?;
             let u = std::fs::read_to_string(&ulog).ok()?;
-            let serving = w.lines().any(|l| {
-                (l.contains("waypoint ready") || l.contains("config applied"))
-                    && !l.contains("services=0")
-            });
-            (serving && u.contains("listening")).then_some(())
+            (mesh::waypoint_serving(&w) && u.contains("listening")).then_some(())
         },
     )
     .with_context(|| format!("waypoint log:\n{}", waypoint.log_text()))?;
