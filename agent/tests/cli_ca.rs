@@ -4,6 +4,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Output;
 
 use common::shunt;
 
@@ -13,6 +14,20 @@ fn mode(p: &Path) -> u32 {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// `shunt ca issue` of `identity` from the CA in `ca_dir` into `out`.
+fn issue(ca_dir: &Path, identity: &str, out: &Path) -> Output {
+    shunt(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        s(ca_dir),
+        "--identity",
+        identity,
+        "--out",
+        s(out),
+    ])
 }
 
 #[test]
@@ -111,16 +126,7 @@ fn issue_writes_a_workload_cert_with_the_spiffe_san() {
     let out_dir = tmp.path().join("curl");
     assert!(shunt(&["ca", "init", "--ca-dir", s(&dir)]).status.success());
     let id = "spiffe://cluster.local/ns/default/sa/curl";
-    let out = shunt(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        s(&dir),
-        "--identity",
-        id,
-        "--out",
-        s(&out_dir),
-    ]);
+    let out = issue(&dir, id, &out_dir);
     assert!(
         out.status.success(),
         "{}",
@@ -176,30 +182,12 @@ fn issue_writes_a_workload_cert_with_the_spiffe_san() {
     }
 
     // Issuing again into the same directory is refused without --force.
-    let again = shunt(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        s(&dir),
-        "--identity",
-        id,
-        "--out",
-        s(&out_dir),
-    ]);
+    let again = issue(&dir, id, &out_dir);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
 
     // A malformed identity is one sentence that shows the expected form.
-    let bad = shunt(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        s(&dir),
-        "--identity",
-        "curl",
-        "--out",
-        s(&out_dir),
-    ]);
+    let bad = issue(&dir, "curl", &out_dir);
     assert_eq!(bad.status.code(), Some(1));
     let err = String::from_utf8(bad.stderr).unwrap();
     assert!(err.contains("spiffe://<trust-domain>/ns/"), "{err}");

@@ -192,37 +192,35 @@ async fn hbone_unexpected_server_identity_refused() {
     assert!(handler.seen().is_empty());
 }
 
-#[tokio::test]
-async fn hbone_handler_503_reaches_client() {
+/// A CONNECT from [`SRC`] through a waypoint whose handler is `handler`:
+/// the error the client gets.
+async fn refused(handler: std::sync::Arc<TestHandler>) -> HboneError {
     let mesh = Mesh::new("cluster.local");
     let wp = id(WAYPOINT);
-    let handler = TestHandler::new(echo_upstream().await, Mode::Refuse(503));
     let addr = start_waypoint(&mesh.ids, &wp, handler).await;
-    let err = client(&mesh.ids)
+    client(&mesh.ids)
         .connect(&request(&id(SRC), addr, &wp))
         .await
         .err()
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn hbone_handler_503_reaches_client() {
+    let handler = TestHandler::new(echo_upstream().await, Mode::Refuse(503));
+    let err = refused(handler).await;
     assert_eq!(err.status(), Some(StatusCode::SERVICE_UNAVAILABLE), "{err}");
 }
 
 #[tokio::test]
 async fn hbone_upstream_down_is_503() {
-    let mesh = Mesh::new("cluster.local");
-    let wp = id(WAYPOINT);
     // A port with nothing listening.
     let dead = TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap()
         .local_addr()
         .unwrap();
-    let handler = TestHandler::new(dead, Mode::Forward);
-    let addr = start_waypoint(&mesh.ids, &wp, handler).await;
-    let err = client(&mesh.ids)
-        .connect(&request(&id(SRC), addr, &wp))
-        .await
-        .err()
-        .unwrap();
+    let err = refused(TestHandler::new(dead, Mode::Forward)).await;
     assert_eq!(err.status(), Some(StatusCode::SERVICE_UNAVAILABLE), "{err}");
 }
 

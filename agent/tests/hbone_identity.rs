@@ -7,6 +7,11 @@ use shunt_agent::identity::{
     spiffe_ids, Ca, IdentityError, SpiffeId, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT,
 };
 
+/// A file's permission bits.
+fn mode(p: &std::path::Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
 #[test]
 fn ca_init_writes_plugin_layout_and_refuses_overwrite() {
     let dir = tempfile::tempdir().unwrap();
@@ -14,12 +19,7 @@ fn ca_init_writes_plugin_layout_and_refuses_overwrite() {
     for f in [CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN] {
         assert!(dir.path().join(f).is_file(), "{f}");
     }
-    let mode = std::fs::metadata(dir.path().join(CA_KEY))
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
-    assert_eq!(mode, 0o600);
+    assert_eq!(mode(&dir.path().join(CA_KEY)), 0o600);
     // cert-chain.pem = ca-cert + root, as Istio's tooling writes it.
     let chain = std::fs::read_to_string(dir.path().join(CERT_CHAIN)).unwrap();
     assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
@@ -42,12 +42,7 @@ fn ca_init_writes_plugin_layout_and_refuses_overwrite() {
     .unwrap();
     Ca::init(dir.path(), "cluster.local", true).unwrap();
     assert_ne!(std::fs::read(dir.path().join(CA_KEY)).unwrap(), before);
-    let mode = std::fs::metadata(dir.path().join(CA_KEY))
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
-    assert_eq!(mode, 0o600);
+    assert_eq!(mode(&dir.path().join(CA_KEY)), 0o600);
     drop(ca);
 }
 

@@ -3,8 +3,9 @@
 //! `HboneServer` and as HBONE server for `HboneClient`.
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use shunt_agent::identity::{Ca, SpiffeId};
@@ -45,21 +46,18 @@ fn write_identity(ca: &Ca, dir: &Path, id: &SpiffeId, name: &str) -> (PathBuf, P
     (cert, key, root)
 }
 
-fn json_line(line: &str) -> serde_json::Value {
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interop_python_h2_client_against_hbone_server() {
-    let mesh = Mesh::new("cluster.local");
-    let wp = id(WAYPOINT);
-    let py_id = id("spiffe://cluster.local/ns/py/sa/python-client");
-    let handler = TestHandler::new(echo_upstream().await, Mode::Forward);
-    let addr = start_waypoint(&mesh.ids, &wp, handler.clone()).await;
-    let (cert, key, root) = write_identity(&mesh.ca, mesh.dir.path(), &py_id, "py-client");
-
+/// `hbone_client.py` against the HBONE server at `addr` (CONNECT to
+/// 240.240.0.9:443) with the identity files `pem` (chain, key, root), plus
+/// `extra` flags.
+async fn python_client(
+    addr: SocketAddr,
+    pem: (PathBuf, PathBuf, PathBuf),
+    extra: &[&str],
+) -> Output {
+    let (cert, key, root) = pem;
     let py = python();
-    let out = tokio::task::spawn_blocking(move || {
+    let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
         Command::new(py)
             .arg(script("hbone_client.py"))
             .args([
@@ -76,19 +74,40 @@ async fn interop_python_h2_client_against_hbone_server() {
                 "--ca",
                 root.to_str().unwrap(),
             ])
-            .args([
-                "--expect-server-id",
-                WAYPOINT,
-                "--forwarded-for",
-                "10.9.8.7:4321",
-                "--payload",
-                "3000000",
-            ])
+            .args(&extra)
             .output()
             .unwrap()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+fn json_line(line: &str) -> serde_json::Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interop_python_h2_client_against_hbone_server() {
+    let mesh = Mesh::new("cluster.local");
+    let wp = id(WAYPOINT);
+    let py_id = id("spiffe://cluster.local/ns/py/sa/python-client");
+    let handler = TestHandler::new(echo_upstream().await, Mode::Forward);
+    let addr = start_waypoint(&mesh.ids, &wp, handler.clone()).await;
+    let (cert, key, root) = write_identity(&mesh.ca, mesh.dir.path(), &py_id, "py-client");
+
+    let out = python_client(
+        addr,
+        (cert, key, root),
+        &[
+            "--expect-server-id",
+            WAYPOINT,
+            "--forwarded-for",
+            "10.9.8.7:4321",
+            "--payload",
+            "3000000",
+        ],
+    )
+    .await;
     assert!(
         out.status.success(),
         "python client failed: {}",
@@ -121,30 +140,12 @@ async fn interop_python_h2_client_from_other_trust_domain_refused() {
     let addr = start_waypoint(&mesh.ids, &wp, handler.clone()).await;
     let bad = id("spiffe://evil.local/ns/py/sa/python-client");
     let (cert, key, root) = write_identity(&mesh.ca, mesh.dir.path(), &bad, "evil");
-    let py = python();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(py)
-            .arg(script("hbone_client.py"))
-            .args([
-                "--addr",
-                &addr.to_string(),
-                "--authority",
-                "240.240.0.9:443",
-            ])
-            .args([
-                "--cert",
-                cert.to_str().unwrap(),
-                "--key",
-                key.to_str().unwrap(),
-                "--ca",
-                root.to_str().unwrap(),
-            ])
-            .args(["--expect-server-id", WAYPOINT, "--payload", "10"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = python_client(
+        addr,
+        (cert, key, root),
+        &["--expect-server-id", WAYPOINT, "--payload", "10"],
+    )
+    .await;
     assert!(
         !out.status.success(),
         "must fail: {}",
@@ -206,7 +207,7 @@ async fn interop_hbone_client_against_python_h2_server() {
     let wp = id(WAYPOINT);
     let src = id(SRC);
     let server = start_py_server(&mesh.ca, mesh.dir.path(), &wp, "cluster.local");
-    let waypoint: std::net::SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
+    let waypoint: SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
 
     let client = client(&mesh.ids);
     let mut req = request(&src, waypoint, &wp);
@@ -257,7 +258,7 @@ async fn interop_python_server_with_wrong_identity_refused() {
     let mesh = Mesh::new("cluster.local");
     let other = id("spiffe://cluster.local/ns/default/sa/someone-else");
     let server = start_py_server(&mesh.ca, mesh.dir.path(), &other, "cluster.local");
-    let waypoint: std::net::SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
+    let waypoint: SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
     let err = client(&mesh.ids)
         .connect(&request(&id(SRC), waypoint, &id(WAYPOINT)))
         .await
