@@ -126,9 +126,7 @@ mod tests {
 
     #[test]
     fn the_controller_deployment_passes_only_flags_the_controller_accepts() {
-        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/controller.yaml");
-        let d: serde_yaml_ng::Value =
-            serde_yaml_ng::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let d = deployment("controller.yaml");
         let args: Vec<String> = d["spec"]["template"]["spec"]["containers"][0]["args"]
             .as_sequence()
             .unwrap()
@@ -142,16 +140,61 @@ mod tests {
         let cli = Cli::try_parse_from(argv)
             .unwrap_or_else(|e| panic!("deploy/controller.yaml args rejected: {e}"));
         assert!(matches!(cli.cmd, Cmd::Controller(_)));
+        assert!(args.iter().any(|a| a.starts_with("--csr-listen=")));
+        assert!(
+            secrets(&d["spec"]["template"]["spec"]).contains(&"shunt-ca".to_string()),
+            "the controller mounts the CA key"
+        );
+    }
+
+    /// The Deployment document of a deploy/ file.
+    fn deployment(file: &str) -> serde_yaml_ng::Value {
+        let p = format!("{}/../deploy/{file}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(p).unwrap();
+        let d = serde_yaml_ng::Deserializer::from_str(&text)
+            .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+            .find(|v: &serde_yaml_ng::Value| v["kind"] == "Deployment")
+            .unwrap();
+        d
+    }
+
+    /// Names of the Secrets a pod spec mounts.
+    fn secrets(pod: &serde_yaml_ng::Value) -> Vec<String> {
+        pod["volumes"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["secret"]["secretName"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    #[test]
+    fn agents_and_waypoints_hold_no_ca_key_and_ask_the_csr_api_with_an_istio_ca_token() {
+        let ds = daemonset();
+        for (what, pod) in [
+            ("agent", &ds["spec"]["template"]["spec"]),
+            (
+                "waypoint",
+                &deployment("waypoint.yaml")["spec"]["template"]["spec"],
+            ),
+        ] {
+            assert!(secrets(pod).is_empty(), "the {what} mounts a Secret");
+            let args = pod["containers"][0]["args"].as_sequence().unwrap();
+            assert!(
+                args.iter()
+                    .any(|a| a.as_str().unwrap().starts_with("--ca-address=")),
+                "the {what} has no --ca-address"
+            );
+            let audience = pod["volumes"].as_sequence().unwrap().iter().find_map(|v| {
+                v["projected"]["sources"][0]["serviceAccountToken"]["audience"].as_str()
+            });
+            assert_eq!(audience, Some("istio-ca"), "the {what}'s projected token");
+        }
     }
 
     #[test]
     fn the_waypoint_deployment_passes_only_flags_the_waypoint_accepts() {
-        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/waypoint.yaml");
-        let text = std::fs::read_to_string(p).unwrap();
-        let d: serde_yaml_ng::Value = serde_yaml_ng::Deserializer::from_str(&text)
-            .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
-            .find(|v: &serde_yaml_ng::Value| v["kind"] == "Deployment")
-            .unwrap();
+        let d = deployment("waypoint.yaml");
         let args: Vec<String> = d["spec"]["template"]["spec"]["containers"][0]["args"]
             .as_sequence()
             .unwrap()

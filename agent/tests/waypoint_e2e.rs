@@ -1096,7 +1096,7 @@ async fn policy_edit_applies_to_new_requests() {
 async fn foreign_trust_domain_refused_and_admin_endpoints() {
     let env = Env::new().await;
     let other = IdentityManager::new(
-        env.ids.ca().clone(),
+        env.ids.ca().expect("local CA").clone(),
         "other.domain",
         IdentityConfig::default(),
     )

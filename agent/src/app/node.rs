@@ -19,7 +19,7 @@ use crate::{
     config::watch::ConfigWatcher,
     dns::{ClientTable, DnsConfig, DnsProxy, HostTable, SharedClients, SharedHostTable},
     hbone::{ClientSettings, HboneClient},
-    identity::{Ca, IdentityConfig, IdentityManager},
+    identity::{Ca, CaClient, IdentityConfig, IdentityManager},
     kernel::{
         self,
         events::{EgressKind, Transport},
@@ -82,6 +82,9 @@ pub struct NodeOptions {
     /// Read config from the Kubernetes API instead of `config_dir`.
     pub kubernetes: Option<KubernetesSource>,
     pub ca_dir: PathBuf,
+    /// Certificates from this CA's CSR API (Istio's protocol, as node
+    /// agent: for the pods on this node); `ca_dir` is then not read.
+    pub ca_client: Option<crate::identity::CaClientSettings>,
     pub dns: DnsSettings,
     pub admin: AdminAddrs,
     pub log_format: LogFormat,
@@ -208,22 +211,28 @@ pub async fn run_with(
     };
 
     let client = if handler.is_none() {
-        let ca = Ca::load(&opts.ca_dir).map_err(|source| NodeError::Ca {
-            dir: opts.ca_dir.display().to_string(),
-            source,
-        })?;
         let trust_domain = initial
             .as_ref()
             .map(|c| c.mesh.trust_domain.clone())
             .unwrap_or_else(|| "cluster.local".into());
-        let ids = IdentityManager::new(
-            Arc::new(ca),
-            &trust_domain,
-            IdentityConfig {
-                lifetime: opts.cert_lifetime,
-                ..Default::default()
-            },
-        )?;
+        let cfg = IdentityConfig {
+            lifetime: opts.cert_lifetime,
+            ..Default::default()
+        };
+        let ids = match &opts.ca_client {
+            Some(settings) => {
+                let client = CaClient::new(settings.clone())?;
+                info!(ca = %settings.address, "workload certificates from the CA's CSR API");
+                IdentityManager::remote(Arc::new(client), &trust_domain, cfg)?
+            }
+            None => {
+                let ca = Ca::load(&opts.ca_dir).map_err(|source| NodeError::Ca {
+                    dir: opts.ca_dir.display().to_string(),
+                    source,
+                })?;
+                IdentityManager::new(Arc::new(ca), &trust_domain, cfg)?
+            }
+        };
         Some(HboneClient::new(ids, opts.hbone.clone()))
     } else {
         None

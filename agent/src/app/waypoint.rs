@@ -14,7 +14,7 @@ use crate::admin::{AdminServer, Endpoints};
 use crate::config::watch::ConfigWatcher;
 use crate::config::{Config, ObjectKey};
 use crate::hbone::HboneServer;
-use crate::identity::{Ca, IdentityManager, SpiffeId};
+use crate::identity::{Ca, CaClient, IdentityManager, SpiffeId};
 use crate::model::{Model, NoCgroups};
 use crate::policy::GatewayRef;
 use crate::telemetry::Metrics;
@@ -140,12 +140,25 @@ impl WaypointServer {
         for w in &snap.warnings {
             tracing::warn!("{w}");
         }
-        let ca = Ca::load(&opts.ca_dir).map_err(|err| WaypointError::Ca {
-            dir: opts.ca_dir.clone(),
-            err,
-        })?;
-        let ids = IdentityManager::new(Arc::new(ca), cfg.trust_domain(), opts.identity.clone())?;
+        let ids = match &opts.ca_client {
+            Some(settings) => {
+                let mut settings = settings.clone();
+                // A waypoint asks for its own identity only.
+                settings.impersonate = false;
+                let client = Arc::new(CaClient::new(settings)?);
+                IdentityManager::remote(client, cfg.trust_domain(), opts.identity.clone())?
+            }
+            None => {
+                let ca = Ca::load(&opts.ca_dir).map_err(|err| WaypointError::Ca {
+                    dir: opts.ca_dir.clone(),
+                    err,
+                })?;
+                IdentityManager::new(Arc::new(ca), cfg.trust_domain(), opts.identity.clone())?
+            }
+        };
+        // The Gateway's service account (Istio names it after the Gateway).
         let identity = SpiffeId::new(cfg.trust_domain(), &gateway.namespace, &gateway.name)?;
+        ids.obtain(&identity).await?;
         let tls = ids.server_config(&identity)?;
         let metrics = opts
             .metrics

@@ -18,12 +18,15 @@ use shunt_agent::{
     proxy::capture::{self as capture_server, CaptureOptions},
 };
 
-use super::common::{parse_duration, runtime, ConfigDirArgs, KernelArgs, LogArgs, StateArgs};
+use super::common::{
+    parse_duration, runtime, CaClientArgs, ConfigDirArgs, KernelArgs, LogArgs, StateArgs,
+};
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Examples:
   shunt agent --config-dir /etc/shunt/config --ca-dir /etc/shunt/ca
-  NODE_NAME=node-a shunt agent --source kubernetes --mesh-config /etc/shunt/mesh/mesh.yaml
+  NODE_NAME=node-a shunt agent --source kubernetes --mesh-config /etc/shunt/mesh/mesh.yaml \\
+      --ca-address shunt-controller.shunt-system.svc:15012
   shunt agent --netns /var/run/netns/node --cgroup-root /sys/fs/cgroup/unified/kubepods \\
       --dns-upstream 10.96.0.10 --pin-dir /sys/fs/bpf/shunt")]
 pub struct Args {
@@ -56,6 +59,8 @@ pub struct Args {
     /// cert-chain.pem) that issues the workloads' certificates.
     #[arg(long, env = "SHUNT_CA_DIR", default_value = "/etc/shunt/ca")]
     ca_dir: PathBuf,
+    #[command(flatten)]
+    ca_client: CaClientArgs,
     /// cgroup v2 directory where the cgroup hooks are attached once; only
     /// enrolled cgroups below it are acted on. Default: the cgroup2 mount.
     #[arg(long, env = "SHUNT_CGROUP_ROOT")]
@@ -217,6 +222,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         config_dir: args.config.config_dir,
         kubernetes,
         ca_dir: args.ca_dir,
+        ca_client: args.ca_client.settings(),
         dns: DnsSettings {
             enabled: !args.no_dns,
             addr4: args.dns_addr4,

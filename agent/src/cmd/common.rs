@@ -33,6 +33,50 @@ pub struct ConfigDirArgs {
     pub config_dir: PathBuf,
 }
 
+/// Certificates from a CA's CSR API (Istio's IstioCertificateService)
+/// instead of a CA key on this machine.
+#[derive(Args, Clone, Debug)]
+pub struct CaClientArgs {
+    /// host:port of the CSR API (Istio's CA_ADDRESS): shunt's controller
+    /// (shunt-controller.shunt-system.svc:15012) or istiod
+    /// (istiod.istio-system.svc:15012). Set: certificates are requested
+    /// there with the projected token and no CA key is read; unset: the CA
+    /// directory (--ca-dir) signs them here.
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// Mesh root certificate(s), PEM: verifies the CA endpoint and peers
+    /// (Istio's istio-ca-root-cert ConfigMap).
+    #[arg(
+        long,
+        env = "SHUNT_CA_ROOT_CERT",
+        default_value = "/var/run/secrets/istio/root-cert.pem"
+    )]
+    pub ca_root_cert: PathBuf,
+    /// Projected service-account token (audience istio-ca) sent as the
+    /// bearer credential; re-read for every request.
+    #[arg(
+        long,
+        env = "SHUNT_CA_TOKEN",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    pub ca_token: PathBuf,
+    /// Cluster ID sent to the CA as `clusterid` (istiod multi-cluster).
+    #[arg(long, env = "CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+}
+
+impl CaClientArgs {
+    /// The client settings when --ca-address is set.
+    pub fn settings(&self) -> Option<shunt_agent::identity::CaClientSettings> {
+        let address = self.ca_address.clone().filter(|a| !a.is_empty())?;
+        let mut s = shunt_agent::identity::CaClientSettings::new(address);
+        s.root_cert = self.ca_root_cert.clone();
+        s.token = self.ca_token.clone();
+        s.cluster_id = self.cluster_id.clone().filter(|c| !c.is_empty());
+        Some(s)
+    }
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct LogArgs {
     /// Log format: text or json (access logs and diagnostics).
@@ -73,7 +117,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("invalid duration unit in {s:?}: use ms, s or m")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
     }
 }
 

@@ -8,7 +8,7 @@ use shunt_agent::{
     waypoint::{WaypointKube, WaypointOptions, WaypointServer},
 };
 
-use super::common::{parse_duration, runtime, ConfigDirArgs, LogArgs, StateArgs};
+use super::common::{parse_duration, runtime, CaClientArgs, ConfigDirArgs, LogArgs, StateArgs};
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -38,6 +38,8 @@ pub struct Args {
     /// from it.
     #[arg(long, env = "SHUNT_CA_DIR", default_value = "/etc/shunt/ca")]
     ca_dir: PathBuf,
+    #[command(flatten)]
+    ca_client: CaClientArgs,
     /// Name of this waypoint's Gateway. Default: the config's only
     /// istio-waypoint Gateway.
     #[arg(long, env = "SHUNT_WAYPOINT_NAME", requires = "namespace")]
@@ -82,6 +84,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         LogFormat::Text
     };
     let mut opts = WaypointOptions::new(args.config.config_dir, args.state.state_dir, args.ca_dir);
+    opts.ca_client = args.ca_client.settings();
     if args.source == "kubernetes" {
         opts.kubernetes = Some(WaypointKube {
             kubeconfig: args.kubeconfig,

@@ -58,6 +58,8 @@ impl Dialer {
 
     async fn dial_now(&self, key: &PoolKey) -> Result<Dialed, HboneError> {
         let addr = key.destination;
+        // A remote CA's first certificate for this identity is awaited here.
+        self.identities.obtain(&key.source_identity).await?;
         // Built per dial (cheap; the certificate is the identity manager's).
         let tls = self
             .identities

@@ -17,6 +17,7 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::RootCertStore;
+use x509_parser::prelude::FromDer as _;
 
 use super::{IdentityError, SpiffeId};
 
@@ -95,6 +96,69 @@ impl IssuedCert {
             self.chain.clone(),
             signer,
         )))
+    }
+}
+
+/// Istio workload certificate parameters: no subject, one URI SAN, both
+/// TLS usages, backdated a little.
+fn workload_params(
+    id: &SpiffeId,
+    now: SystemTime,
+    lifetime: Duration,
+) -> Result<CertificateParams, IdentityError> {
+    let mut p = CertificateParams::default();
+    // Istio workload certs carry no subject; the identity is the SAN.
+    p.distinguished_name = DistinguishedName::new();
+    let uri = id
+        .uri()
+        .try_into()
+        .map_err(|e| IdentityError::BadSpiffeId(format!("{id}: {e}")))?;
+    p.subject_alt_names = vec![SanType::URI(uri)];
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.not_before = to_offset(now - BACKDATE);
+    p.not_after = to_offset(now + lifetime);
+    p.serial_number = Some(rand_serial()?);
+    p.use_authority_key_identifier_extension = true;
+    Ok(p)
+}
+
+/// Why a CSR cannot be signed (the caller's fault unless `Sign`).
+#[derive(Debug, thiserror::Error)]
+pub enum CsrError {
+    #[error("csr is not a PEM \"CERTIFICATE REQUEST\"")]
+    NotPem,
+    #[error("csr: {0}")]
+    Malformed(String),
+    #[error("csr key: {0}")]
+    Key(String),
+    #[error("csr must carry exactly one SAN, the URI {want}; it has {got:?}")]
+    San { want: String, got: Vec<String> },
+    #[error("signing: {0}")]
+    Sign(String),
+}
+
+/// Keys peers accept: ECDSA P-256/P-384, RSA of 2048 bits or more.
+fn check_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<(), CsrError> {
+    use x509_parser::public_key::PublicKey;
+    match spki.parsed() {
+        // Other curves fail the signature check already (ring verifies
+        // P-256 and P-384 only).
+        Ok(PublicKey::EC(k)) if matches!(k.key_size(), 256 | 384) => Ok(()),
+        Ok(PublicKey::EC(_)) => Err(CsrError::Key("EC keys must be on P-256 or P-384".into())),
+        Ok(PublicKey::RSA(k)) if k.key_size() >= 2048 => Ok(()),
+        Ok(PublicKey::RSA(k)) => Err(CsrError::Key(format!(
+            "RSA key of {} bits, want at least 2048",
+            k.key_size()
+        ))),
+        Ok(_) => Err(CsrError::Key("want an ECDSA or RSA key".into())),
+        Err(e) => Err(CsrError::Key(e.to_string())),
     }
 }
 
@@ -287,22 +351,72 @@ impl Ca {
     pub fn issue(&self, id: &SpiffeId, lifetime: Duration) -> Result<IssuedCert, IdentityError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| IdentityError::Tls(format!("generating key for {id}: {e}")))?;
-        let mut p = CertificateParams::default();
-        // Istio workload certs carry no subject; the identity is the SAN.
+        let now = SystemTime::now();
+        let cert = workload_params(id, now, lifetime)?
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| IdentityError::Tls(format!("signing certificate for {id}: {e}")))?;
+        Ok(IssuedCert {
+            id: id.clone(),
+            chain: self.with_chain(cert.der().clone()),
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            issued_at: now,
+            not_after: now + lifetime,
+        })
+    }
+
+    /// Signs a PKCS#10 request (PEM) for `id`: the request's signature must
+    /// verify (the caller holds the key) and its only SAN must be the URI
+    /// `id`. Nothing else of the request is used: the certificate is built
+    /// exactly as [`issue`](Self::issue) builds one. Returns the leaf and the
+    /// CA chain (without the root).
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, CsrError> {
+        let der = ::pem::parse(csr_pem)
+            .ok()
+            .filter(|p| p.tag() == "CERTIFICATE REQUEST")
+            .ok_or(CsrError::NotPem)?;
+        let (_, req) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(der.contents())
+                .map_err(|e| CsrError::Malformed(e.to_string()))?;
+        check_key(&req.certification_request_info.subject_pki)?;
+        let parsed =
+            rcgen::CertificateSigningRequestParams::from_der(&der.contents().to_vec().into())
+                .map_err(|e| CsrError::Malformed(e.to_string()))?;
+        let want = id.uri();
+        match parsed.params.subject_alt_names.as_slice() {
+            [SanType::URI(u)] if u.as_str() == want => {}
+            sans => {
+                return Err(CsrError::San {
+                    want,
+                    got: sans.iter().map(|s| format!("{s:?}")).collect(),
+                })
+            }
+        }
+        let cert = workload_params(id, SystemTime::now(), lifetime)
+            .map_err(|e| CsrError::Malformed(e.to_string()))?
+            .signed_by(&parsed.public_key, &self.issuer)
+            .map_err(|e| CsrError::Sign(e.to_string()))?;
+        Ok(self.with_chain(cert.der().clone()))
+    }
+
+    /// A serving certificate for the CSR endpoint: DNS SANs `names`, server
+    /// auth only, with a fresh key.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivatePkcs8KeyDer<'static>), IdentityError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| IdentityError::Tls(format!("generating server key: {e}")))?;
+        let mut p = CertificateParams::new(names.to_vec())
+            .map_err(|e| IdentityError::Tls(format!("server names {names:?}: {e}")))?;
         p.distinguished_name = DistinguishedName::new();
-        let uri = id
-            .uri()
-            .try_into()
-            .map_err(|e| IdentityError::BadSpiffeId(format!("{id}: {e}")))?;
-        p.subject_alt_names = vec![SanType::URI(uri)];
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let now = SystemTime::now();
         p.not_before = to_offset(now - BACKDATE);
         p.not_after = to_offset(now + lifetime);
@@ -310,17 +424,19 @@ impl Ca {
         p.use_authority_key_identifier_extension = true;
         let cert = p
             .signed_by(&key, &self.issuer)
-            .map_err(|e| IdentityError::Tls(format!("signing certificate for {id}: {e}")))?;
+            .map_err(|e| IdentityError::Tls(format!("signing server certificate: {e}")))?;
+        Ok((
+            self.with_chain(cert.der().clone()),
+            PrivatePkcs8KeyDer::from(key.serialize_der()),
+        ))
+    }
+
+    /// `leaf` followed by the CA chain.
+    fn with_chain(&self, leaf: CertificateDer<'static>) -> Vec<CertificateDer<'static>> {
         let mut chain = Vec::with_capacity(1 + self.chain.len());
-        chain.push(cert.der().clone());
+        chain.push(leaf);
         chain.extend(self.chain.iter().cloned());
-        Ok(IssuedCert {
-            id: id.clone(),
-            chain,
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
-            issued_at: now,
-            not_after: now + lifetime,
-        })
+        chain
     }
 
     pub fn dir(&self) -> &Path {
@@ -335,5 +451,85 @@ impl Ca {
     }
     pub fn roots_pem(&self) -> String {
         self.roots.iter().map(|c| pem("CERTIFICATE", c)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn csr(sans: Vec<SanType>, key: &KeyPair) -> String {
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = sans;
+        p.serialize_request(key).unwrap().pem().unwrap()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    const CURL: &str = "spiffe://cluster.local/ns/default/sa/curl";
+
+    #[test]
+    fn a_csr_is_signed_only_when_its_one_san_is_exactly_the_granted_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path(), "cluster.local", false).unwrap();
+        let id: SpiffeId = CURL.parse().unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let life = Duration::from_secs(3600);
+
+        let chain = ca.sign_csr(&csr(vec![uri(CURL)], &key), &id, life).unwrap();
+        assert_eq!(chain.len(), 2, "leaf and the signing CA");
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        assert_eq!(
+            leaf.public_key().raw,
+            rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        );
+        assert_eq!(super::super::peer_identity(Some(&chain[..1])).unwrap(), id);
+        let v = leaf.validity();
+        let secs = v.not_after.timestamp() - v.not_before.timestamp();
+        assert_eq!(secs as u64, life.as_secs() + BACKDATE.as_secs());
+
+        let refused = |sans: Vec<SanType>| {
+            let e = ca.sign_csr(&csr(sans, &key), &id, life).unwrap_err();
+            assert!(matches!(e, CsrError::San { .. }), "{e}");
+        };
+        refused(vec![uri("spiffe://cluster.local/ns/default/sa/admin")]);
+        refused(vec![
+            uri(CURL),
+            uri("spiffe://cluster.local/ns/default/sa/admin"),
+        ]);
+        refused(vec![
+            uri(CURL),
+            SanType::DnsName("evil.example".try_into().unwrap()),
+        ]);
+        refused(vec![]);
+    }
+
+    #[test]
+    fn a_csr_whose_signature_does_not_verify_or_that_is_not_a_csr_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path(), "cluster.local", false).unwrap();
+        let id: SpiffeId = CURL.parse().unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let good = csr(vec![uri(CURL)], &key);
+        let mut der = ::pem::parse(&good).unwrap().into_contents();
+        // Flip a bit in the signature (the last bytes of the request).
+        let n = der.len();
+        der[n - 2] ^= 0x01;
+        let tampered = pem("CERTIFICATE REQUEST", &der);
+        let life = Duration::from_secs(60);
+        assert!(matches!(
+            ca.sign_csr(&tampered, &id, life).unwrap_err(),
+            CsrError::Malformed(_)
+        ));
+        assert!(matches!(
+            ca.sign_csr(&ca.roots_pem(), &id, life).unwrap_err(),
+            CsrError::NotPem
+        ));
+        assert!(matches!(
+            ca.sign_csr("garbage", &id, life).unwrap_err(),
+            CsrError::NotPem
+        ));
     }
 }

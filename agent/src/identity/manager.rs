@@ -1,15 +1,66 @@
-//! Per-identity certificate cache with background renewal.
+//! Per-identity certificate cache with background renewal. Certificates
+//! come from the CA key on this machine or from a CA's CSR API; a failed
+//! request is retried with backoff, and a renewal that fails keeps the
+//! current certificate until it succeeds.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use super::ca::{Ca, IssuedCert};
+use super::caclient::CaClient;
 use super::{tls, IdentityError, SpiffeId};
+
+/// Where certificates come from.
+#[derive(Clone)]
+enum Source {
+    /// The CA key is here: certificates are signed in-process.
+    Local(Arc<Ca>),
+    /// A CA's CSR API signs keys made here.
+    Remote(Arc<CaClient>),
+}
+
+impl Source {
+    async fn issue(
+        &self,
+        id: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<WorkloadCert, IdentityError> {
+        let issued = match self {
+            Source::Local(ca) => ca.issue(id, lifetime)?,
+            Source::Remote(c) => c.request(id, lifetime).await?,
+        };
+        let certified = issued.certified_key()?;
+        Ok(WorkloadCert { issued, certified })
+    }
+    fn roots(&self) -> Arc<RootCertStore> {
+        match self {
+            Source::Local(ca) => ca.root_store(),
+            Source::Remote(c) => c.root_store(),
+        }
+    }
+}
+
+/// First retry after a failed request; doubled up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// One identity's first request to a remote CA: concurrent callers wait for
+/// the one request in flight; after a failure, callers are refused at once
+/// until the backoff has passed.
+#[derive(Default)]
+struct Pending(tokio::sync::Mutex<Backoff>);
+
+#[derive(Default)]
+struct Backoff {
+    retry_at: Option<Instant>,
+    delay: Duration,
+    last_error: String,
+}
 
 /// Certificate lifetime and when to renew.
 #[derive(Clone, Debug)]
@@ -92,15 +143,35 @@ pub struct IdentityManager {
 }
 
 struct Inner {
-    ca: Arc<Ca>,
+    source: Source,
     trust_domain: String,
     cfg: IdentityConfig,
     slots: Mutex<HashMap<SpiffeId, Arc<CertSlot>>>,
+    pending: Mutex<HashMap<SpiffeId, Arc<Pending>>>,
 }
 
 impl IdentityManager {
+    /// Certificates signed here with `ca`'s key.
     pub fn new(
         ca: Arc<Ca>,
+        trust_domain: &str,
+        cfg: IdentityConfig,
+    ) -> Result<Self, IdentityError> {
+        Self::with_source(Source::Local(ca), trust_domain, cfg)
+    }
+
+    /// Certificates requested from a CA's CSR API; peers are verified
+    /// against the client's root file.
+    pub fn remote(
+        client: Arc<CaClient>,
+        trust_domain: &str,
+        cfg: IdentityConfig,
+    ) -> Result<Self, IdentityError> {
+        Self::with_source(Source::Remote(client), trust_domain, cfg)
+    }
+
+    fn with_source(
+        source: Source,
         trust_domain: &str,
         cfg: IdentityConfig,
     ) -> Result<Self, IdentityError> {
@@ -118,10 +189,11 @@ impl IdentityManager {
         }
         Ok(IdentityManager {
             inner: Arc::new(Inner {
-                ca,
+                source,
                 trust_domain: trust_domain.to_owned(),
                 cfg,
                 slots: Mutex::new(HashMap::new()),
+                pending: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -130,44 +202,113 @@ impl IdentityManager {
         &self.inner.trust_domain
     }
     pub fn roots(&self) -> Arc<RootCertStore> {
-        self.inner.ca.root_store()
+        self.inner.source.roots()
     }
-    pub fn ca(&self) -> &Arc<Ca> {
-        &self.inner.ca
+    /// The CA key, when certificates are signed here.
+    pub fn ca(&self) -> Option<&Arc<Ca>> {
+        match &self.inner.source {
+            Source::Local(ca) => Some(ca),
+            Source::Remote(_) => None,
+        }
     }
 
-    /// The slot for `id`, issuing its first certificate (and starting its
-    /// renewal task) on first use. Must run inside a tokio runtime.
-    pub fn fetch(&self, id: &SpiffeId) -> Result<Arc<CertSlot>, IdentityError> {
-        if let Some(s) = self
-            .inner
+    fn cached(&self, id: &SpiffeId) -> Option<Arc<CertSlot>> {
+        self.inner
             .slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
-        {
-            return Ok(s.clone());
-        }
-        let rt = tokio::runtime::Handle::try_current().map_err(|_| {
-            IdentityError::Config("IdentityManager::fetch needs a tokio runtime for renewal".into())
-        })?;
-        // Issue outside the lock; a racing caller's slot wins and ours is dropped.
-        let cert = issue(&self.inner.ca, id, self.inner.cfg.lifetime)?;
+            .cloned()
+    }
+
+    /// Stores a first certificate (a racing caller's slot wins and ours is
+    /// dropped) and starts its renewal.
+    fn install(&self, rt: &tokio::runtime::Handle, cert: WorkloadCert) -> Arc<CertSlot> {
         let slot = {
             let mut slots = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(s) = slots.get(id) {
-                return Ok(s.clone());
+            if let Some(s) = slots.get(&cert.issued.id) {
+                return s.clone();
             }
             let slot = Arc::new(CertSlot::new(cert));
-            slots.insert(id.clone(), slot.clone());
+            slots.insert(slot.id.clone(), slot.clone());
             slot
         };
         rt.spawn(renew_loop(
             Arc::downgrade(&slot),
-            self.inner.ca.clone(),
+            self.inner.source.clone(),
             self.inner.cfg.clone(),
         ));
-        Ok(slot)
+        slot
+    }
+
+    /// The slot for `id`, issuing its first certificate (and starting its
+    /// renewal task) on first use. Must run inside a tokio runtime. With a
+    /// remote CA only a certificate already obtained is returned (see
+    /// [`obtain`](Self::obtain)).
+    pub fn fetch(&self, id: &SpiffeId) -> Result<Arc<CertSlot>, IdentityError> {
+        if let Some(s) = self.cached(id) {
+            return Ok(s);
+        }
+        let rt = tokio::runtime::Handle::try_current().map_err(|_| {
+            IdentityError::Config("IdentityManager::fetch needs a tokio runtime for renewal".into())
+        })?;
+        let Source::Local(ca) = &self.inner.source else {
+            return Err(IdentityError::NotIssuedYet(id.to_string()));
+        };
+        let cert = issue(ca, id, self.inner.cfg.lifetime)?;
+        Ok(self.install(&rt, cert))
+    }
+
+    /// The slot for `id`, from either source: the first use of an identity
+    /// with a remote CA waits for one CSR round trip (shared by concurrent
+    /// callers); after a failure, requests are refused at once until the
+    /// backoff (1 s, doubling to 30 s) has passed.
+    pub async fn obtain(&self, id: &SpiffeId) -> Result<Arc<CertSlot>, IdentityError> {
+        if let Some(s) = self.cached(id) {
+            return Ok(s);
+        }
+        if matches!(self.inner.source, Source::Local(_)) {
+            return self.fetch(id);
+        }
+        let rt = tokio::runtime::Handle::current();
+        let pending = self
+            .inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.clone())
+            .or_default()
+            .clone();
+        let mut backoff = pending.0.lock().await;
+        if let Some(s) = self.cached(id) {
+            return Ok(s);
+        }
+        if let Some(at) = backoff.retry_at.filter(|at| *at > Instant::now()) {
+            return Err(IdentityError::Backoff {
+                identity: id.to_string(),
+                retry_in: at - Instant::now(),
+                last: backoff.last_error.clone(),
+            });
+        }
+        match self.inner.source.issue(id, self.inner.cfg.lifetime).await {
+            Ok(cert) => {
+                tracing::info!(identity = %id, not_after = ?cert.issued.not_after, "workload certificate issued by the CA");
+                let slot = self.install(&rt, cert);
+                drop(backoff);
+                self.inner
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(id);
+                Ok(slot)
+            }
+            Err(e) => {
+                backoff.delay = (backoff.delay * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
+                backoff.retry_at = Some(Instant::now() + backoff.delay);
+                backoff.last_error = e.to_string();
+                Err(e)
+            }
+        }
     }
 
     /// Client config for tunnels from `source` to a peer that must present
@@ -187,7 +328,10 @@ impl IdentityManager {
     }
 }
 
-async fn renew_loop(slot: Weak<CertSlot>, ca: Arc<Ca>, cfg: IdentityConfig) {
+async fn renew_loop(slot: Weak<CertSlot>, source: Source, cfg: IdentityConfig) {
+    // After a failure: 1 s, doubling, at most a twentieth of the lifetime.
+    let cap = (cfg.lifetime / 20).max(Duration::from_millis(100));
+    let mut delay = Duration::ZERO;
     loop {
         let (id, wait) = {
             let Some(s) = slot.upgrade() else { return };
@@ -201,17 +345,20 @@ async fn renew_loop(slot: Weak<CertSlot>, ca: Arc<Ca>, cfg: IdentityConfig) {
         };
         tokio::time::sleep(wait).await;
         let Some(s) = slot.upgrade() else { return };
-        match issue(&ca, &id, cfg.lifetime) {
+        drop(s);
+        match source.issue(&id, cfg.lifetime).await {
             Ok(c) => {
                 tracing::info!(identity = %id, not_after = ?c.issued.not_after, "renewed workload certificate");
+                let Some(s) = slot.upgrade() else { return };
                 s.store(c);
+                delay = Duration::ZERO;
             }
             Err(e) => {
-                // Keep the old certificate and retry soon; it is still valid
-                // for the rest of its lifetime.
-                tracing::error!(identity = %id, error = %e, "certificate renewal failed");
-                drop(s);
-                tokio::time::sleep((cfg.lifetime / 20).max(Duration::from_millis(100))).await;
+                // Keep the old certificate and retry; it is still valid for
+                // the rest of its lifetime.
+                delay = (delay * 2).clamp(FIRST_BACKOFF.min(cap), cap);
+                tracing::error!(identity = %id, error = %e, retry_in = ?delay, "certificate renewal failed");
+                tokio::time::sleep(delay).await;
             }
         }
     }

@@ -104,6 +104,9 @@ pub struct WaypointOptions {
     pub state_dir: PathBuf,
     /// Istio plug-in CA layout (`identity::Ca::load`).
     pub ca_dir: PathBuf,
+    /// The waypoint's own certificate from this CA's CSR API (Istio's
+    /// protocol, no impersonation); `ca_dir` is then not read.
+    pub ca_client: Option<crate::identity::CaClientSettings>,
     /// This waypoint's Gateway; `None`: the config's only istio-waypoint
     /// Gateway.
     pub gateway: Option<GatewayRef>,
@@ -143,6 +146,7 @@ impl WaypointOptions {
             kubernetes: None,
             state_dir,
             ca_dir,
+            ca_client: None,
             gateway: None,
             listen: SocketAddr::from(([0u16; 8], crate::hbone::HBONE_PORT)),
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 15000))),

@@ -75,6 +75,7 @@ fn main() {
         config_dir,
         kubernetes: None,
         ca_dir: PathBuf::new(),
+        ca_client: None,
         dns: DnsSettings {
             enabled: !dns_upstream.is_empty(),
             addr4: "169.254.20.10".parse().unwrap(),

@@ -11,7 +11,7 @@
 //! status, a write to `/status` changes only the status); Leases and
 //! ConfigMaps; `TokenReview` for tokens the test registers, answering as a
 //! projected service-account token does (`user.extra` with the pod and node
-//! names). Objects are plain JSON as the API serves them. This is what the
+//! names; audiences checked and answered as the API server does). Objects are plain JSON as the API serves them. This is what the
 //! API source is tested against; no real API server runs on the build
 //! machines.
 
@@ -29,6 +29,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 type Body = BoxBody<Bytes, Infallible>;
+
+/// The audience of the API server's own tokens.
+const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
 
 /// Collection path of a kind, e.g. `/apis/networking.istio.io/v1/serviceentries`.
 pub fn collection(api_version: &str, kind: &str) -> String {
@@ -74,8 +77,9 @@ struct State {
     bookmarks: u64,
     /// Collections whose CRD is not installed: 404.
     missing: std::collections::BTreeSet<String>,
-    /// Bearer tokens TokenReview accepts → the `status.user` it answers.
-    tokens: BTreeMap<String, Value>,
+    /// Bearer tokens TokenReview accepts → the `status.user` it answers
+    /// and the token's audiences.
+    tokens: BTreeMap<String, (Value, Vec<String>)>,
     /// Writes served (method, path), in order.
     writes: Vec<(String, String)>,
 }
@@ -184,8 +188,23 @@ impl FakeApi {
     }
 
     /// TokenReview will answer `token` as the projected token of pod
-    /// `ns/pod` (service account `sa`) on `node`.
+    /// `ns/pod` (service account `sa`) on `node`, for the API server's own
+    /// audience.
     pub fn add_pod_token(&self, token: &str, ns: &str, sa: &str, pod: &str, node: &str) {
+        self.add_projected_token(token, API_AUDIENCE, ns, sa, pod, node);
+    }
+
+    /// As [`add_pod_token`](Self::add_pod_token), for a projected token of
+    /// `audience` (e.g. `istio-ca`).
+    pub fn add_projected_token(
+        &self,
+        token: &str,
+        audience: &str,
+        ns: &str,
+        sa: &str,
+        pod: &str,
+        node: &str,
+    ) {
         let user = json!({
             "username": format!("system:serviceaccount:{ns}:{sa}"),
             "uid": format!("uid-{ns}-{sa}"),
@@ -197,7 +216,11 @@ impl FakeApi {
                 "authentication.kubernetes.io/node-uid": [format!("uid-{node}")],
             }
         });
-        self.state.lock().unwrap().tokens.insert(token.into(), user);
+        self.state
+            .lock()
+            .unwrap()
+            .tokens
+            .insert(token.into(), (user, vec![audience.to_string()]));
     }
 
     /// Writes served so far, as (method, path).
@@ -608,9 +631,28 @@ fn write(method: &str, path: &str, body: &[u8], state: &Arc<Mutex<State>>) -> Re
             .as_ref()
             .and_then(|v| v["spec"]["token"].as_str())
             .unwrap_or("");
+        // As the API server: the request's audiences (default: its own)
+        // must meet the token's; the answer lists those that do.
+        let wanted: Vec<String> = parsed
+            .as_ref()
+            .and_then(|v| v["spec"]["audiences"].as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .filter(|a: &Vec<String>| !a.is_empty())
+            .unwrap_or_else(|| vec![API_AUDIENCE.to_string()]);
         let st = match s.tokens.get(token) {
-            Some(user) => json!({"authenticated": true, "user": user,
-                                 "audiences": ["https://kubernetes.default.svc.cluster.local"]}),
+            Some((user, auds)) => {
+                let granted: Vec<&String> = wanted.iter().filter(|a| auds.contains(a)).collect();
+                if granted.is_empty() {
+                    json!({"authenticated": false,
+                           "error": "token audiences are invalid for the target audiences"})
+                } else {
+                    json!({"authenticated": true, "user": user, "audiences": granted})
+                }
+            }
             None => json!({"authenticated": false, "error": "invalid bearer token"}),
         };
         let mut v = parsed.unwrap_or(json!({}));

@@ -20,12 +20,13 @@
 pub mod cgroup;
 pub mod controller;
 pub mod lease;
+pub mod node_auth;
 pub mod pods;
 
 #[cfg(test)]
 mod controller_tests;
-#[cfg(test)]
-mod fake;
+#[cfg(any(test, feature = "fake-api"))]
+pub mod fake;
 #[cfg(test)]
 mod tests;
 
