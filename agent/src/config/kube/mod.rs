@@ -47,7 +47,8 @@ use tokio::sync::{watch, Notify};
 
 use super::render::ServiceEntryStatus;
 use super::watch::{ConfigWatcher, SourceHealth};
-use super::{Config, ConfigError, ObjectKey, Problem, Snapshot, WAYPOINT_CLASS};
+use super::{labels, Config, ConfigError, ObjectKey, Problem, Snapshot, WAYPOINT_CLASS};
+use crate::telemetry::LogLimit;
 
 /// The Istio and Gateway API kinds read, as (group, version, kind, plural).
 /// Istio's base chart and the Gateway API standard channel install their
@@ -511,6 +512,7 @@ fn snapshot(stores: &Stores, opts: &KubeOptions) -> Result<Snapshot, ConfigError
             let name = obj.metadata.name.clone().unwrap_or_default();
             if ar.kind == "WorkloadEntry" {
                 real_workload_entries.insert((ns.clone(), name.clone()));
+                drop_cgroup_annotations(&mut v, &ns, &name);
             }
             push(format!("{}/{}/{ns}/{name}", ar.api_version, ar.kind), &v);
         }
@@ -583,6 +585,29 @@ fn api_status(stores: &Stores) -> BTreeMap<ObjectKey, ServiceEntryStatus> {
 
 /// Sets apiVersion/kind (list items may omit them) and drops
 /// `metadata.managedFields` (server bookkeeping, often larger than the spec).
+/// Only the entries this source makes of the node's pods name cgroups. A
+/// WorkloadEntry from the API that did would let anyone who may create one
+/// in some namespace enroll another namespace's pods, or the node's own
+/// processes (the programs are attached at the node's cgroup root), as
+/// their workload: its `shunt.io/cgroup*` annotations are dropped.
+fn drop_cgroup_annotations(v: &mut Value, ns: &str, name: &str) {
+    static DROPPED: LogLimit = LogLimit::new(Duration::from_secs(60));
+    let Some(Value::Object(annotations)) = v.pointer_mut("/metadata/annotations") else {
+        return;
+    };
+    let before = annotations.len();
+    annotations.retain(|k, _| !k.starts_with(labels::CGROUP_ANNOTATION));
+    if annotations.len() != before {
+        if let Some(suppressed) = DROPPED.allow() {
+            tracing::warn!(
+                workload_entry = %format!("{ns}/{name}"),
+                suppressed,
+                "ignoring the cgroup annotations of a WorkloadEntry from the API: only this node's pods are enrolled by cgroup"
+            );
+        }
+    }
+}
+
 fn tidy(v: &mut Value, api_version: &str, kind: &str) {
     if let Value::Object(m) = v {
         m.insert("apiVersion".into(), Value::String(api_version.into()));

@@ -125,9 +125,18 @@ fn se_port(c: &Config) -> Option<u16> {
 
 #[tokio::test]
 async fn the_seed_through_the_api_gives_the_config_the_directory_gives() {
-    let dir = Config::load_dir(&seed_dir()).unwrap();
+    let mut dir = Config::load_dir(&seed_dir()).unwrap();
     let (_fake, mut w, _cg) = seeded().await;
     let api = config_where(&mut w, |_| true).await;
+    // But for the seed's cgroup annotations: from the API only pods enroll
+    // by cgroup (`a_workload_entry_from_the_api_enrolls_no_cgroup`).
+    for we in &mut dir.workload_entries {
+        assert!(we
+            .metadata
+            .annotations
+            .remove(labels::CGROUP_ANNOTATION)
+            .is_some());
+    }
     assert_eq!(semantic(&api), semantic(&dir));
     assert!(!dir.service_entries.is_empty() && !dir.authorization_policies.is_empty());
     let h = health_where(&mut w, |h| h.up).await;
@@ -325,6 +334,33 @@ async fn pods_of_this_node_become_workloads_and_new_containers_are_picked_up() {
     );
     // The node's Pod list asked for this node only.
     assert_eq!(fake.lists("v1", "Pod"), 1);
+}
+
+#[tokio::test]
+async fn a_workload_entry_from_the_api_enrolls_no_cgroup() {
+    let (fake, mut w, _cg) = seeded().await;
+    // "/": the node's root cgroup, every process on the node.
+    fake.apply(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+        "metadata": {"name": "vm", "namespace": "default", "annotations": {
+            "shunt.io/cgroup": "/", "shunt.io/cgroup-tree": "/", "note": "kept"}},
+        "spec": {"address": "10.0.0.7", "serviceAccount": "vm"}
+    }));
+    let c = config_where(&mut w, |c| {
+        c.workload_entries.iter().any(|we| we.name() == "vm")
+    })
+    .await;
+    let vm = c
+        .workload_entries
+        .iter()
+        .find(|we| we.name() == "vm")
+        .unwrap();
+    let a = &vm.metadata.annotations;
+    assert!(
+        !a.keys().any(|k| k.starts_with(labels::CGROUP_ANNOTATION)),
+        "{a:?}"
+    );
+    assert_eq!(a.get("note").map(String::as_str), Some("kept"), "{a:?}");
 }
 
 #[tokio::test]
