@@ -104,8 +104,13 @@ impl Cluster {
         }
     }
 
-    /// An identity manager holding `token` and the root, no CA key.
+    /// An identity manager holding `token` and the root, no CA key, asking
+    /// for a day (the CA clamps it to its maximum, one hour).
     fn client(&self, token: &str, impersonate: bool) -> IdentityManager {
+        self.client_for(token, impersonate, Duration::from_secs(24 * 3600))
+    }
+
+    fn client_for(&self, token: &str, impersonate: bool, lifetime: Duration) -> IdentityManager {
         let path = self.dir.path().join(format!("{token}.jwt"));
         std::fs::write(&path, format!("{token}\n")).unwrap();
         let mut s = CaClientSettings::new(self.address.clone());
@@ -114,8 +119,7 @@ impl Cluster {
         s.impersonate = impersonate;
         s.timeout = Duration::from_secs(10);
         let cfg = IdentityConfig {
-            // Asked for a day: the CA clamps it to its maximum, one hour.
-            lifetime: Duration::from_secs(24 * 3600),
+            lifetime,
             ..Default::default()
         };
         IdentityManager::remote(Arc::new(CaClient::new(s).unwrap()), TD, cfg).unwrap()
@@ -203,4 +207,24 @@ async fn an_agent_is_refused_pods_of_other_nodes_and_unknown_tokens_are_refused(
     let forged = cluster.client("tok-forged", true);
     let (code, _) = refusal(forged.obtain(&id(CURL)).await.unwrap_err());
     assert_eq!(code, "Unauthenticated");
+}
+
+#[tokio::test]
+async fn a_certificate_from_the_ca_is_renewed_by_the_ca_at_half_life() {
+    let cluster = Cluster::start().await;
+    // A 4 s certificate: renewed from the CA after about 2 s.
+    let agent = cluster.client_for("tok-agent-a", true, Duration::from_secs(4));
+    let slot = agent.obtain(&id(CURL)).await.unwrap();
+    let first = slot.current().issued.chain[0].clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while slot.renewals() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never renewed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let renewed = slot.current();
+    assert_ne!(renewed.issued.chain[0], first, "a new certificate");
+    assert_eq!(
+        shunt_agent::identity::peer_identity(Some(&renewed.issued.chain[..1])).unwrap(),
+        id(CURL)
+    );
 }
