@@ -62,7 +62,7 @@ pub enum WaypointRef {
 impl Config {
     /// Reads and validates a directory. See the module docs.
     pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
-        Snapshot::read(dir)?.parse()
+        std::sync::Arc::new(Snapshot::read(dir)?).into_config()
     }
 
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {

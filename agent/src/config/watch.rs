@@ -245,7 +245,7 @@ impl State {
             return Outcome::Unchanged;
         }
         self.digest = Some(snap.digest);
-        match snap.parse() {
+        match Arc::new(snap).into_config() {
             Ok(c) => {
                 tracing::info!(
                     dir = %self.dir.display(),

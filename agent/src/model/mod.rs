@@ -129,8 +129,9 @@ impl Model {
         // Older entries first, so they win VIP:port collisions.
         let mut order: Vec<&ServiceEntry> = cfg.service_entries.iter().collect();
         order.sort_by_key(|se| se.age_key());
+        let mut bound = waypoint::Bound::new();
         for se in order {
-            m.add_service(&cfg, alloc, se);
+            m.add_service(&cfg, alloc, se, &mut bound);
         }
         for we in &cfg.workload_entries {
             m.add_workload(&cfg, alloc, cgroups, we);
@@ -148,9 +149,15 @@ impl Model {
         });
     }
 
-    fn add_service(&mut self, cfg: &Config, alloc: &Allocation, se: &ServiceEntry) {
+    fn add_service(
+        &mut self,
+        cfg: &Config,
+        alloc: &Allocation,
+        se: &ServiceEntry,
+        bound: &mut waypoint::Bound,
+    ) {
         let key = se.key();
-        let binding = waypoint::bind(cfg, &self.mesh.trust_domain, se);
+        let binding = waypoint::bind(cfg, &self.mesh.trust_domain, se, bound);
         let mut vips: Vec<Vip> = alloc
             .addresses_of(&key, &se.spec.hosts)
             .map(|(host, ip)| Vip {

@@ -57,8 +57,18 @@ impl WaypointBinding {
     }
 }
 
+/// Waypoints already bound while building one model, by Gateway: every
+/// service bound to a waypoint shares its one `Arc` (100,000 entries made
+/// as many copies of the same identity and address).
+pub(super) type Bound = std::collections::HashMap<ObjectKey, Arc<Waypoint>>;
+
 /// Resolves the waypoint a ServiceEntry asks for.
-pub(super) fn bind(cfg: &Config, trust_domain: &str, se: &ServiceEntry) -> WaypointBinding {
+pub(super) fn bind(
+    cfg: &Config,
+    trust_domain: &str,
+    se: &ServiceEntry,
+    bound: &mut Bound,
+) -> WaypointBinding {
     let WaypointRef::Gateway {
         gateway,
         from_namespace_label,
@@ -66,6 +76,9 @@ pub(super) fn bind(cfg: &Config, trust_domain: &str, se: &ServiceEntry) -> Waypo
     else {
         return WaypointBinding::None;
     };
+    if let Some(w) = bound.get(&gateway) {
+        return WaypointBinding::Bound(w.clone());
+    }
     let refuse = |reason, message| WaypointBinding::Refused(Unbindable { reason, message });
     let via = if from_namespace_label {
         format!("Namespace {}", se.namespace())
@@ -101,11 +114,15 @@ pub(super) fn bind(cfg: &Config, trust_domain: &str, se: &ServiceEntry) -> Waypo
         );
     };
     match SpiffeId::new(trust_domain, &gateway.namespace, &gateway.name) {
-        Ok(identity) => WaypointBinding::Bound(Arc::new(Waypoint {
-            identity,
-            addr: SocketAddr::new(ip, gw.spec.hbone_port()),
-            gateway,
-        })),
+        Ok(identity) => {
+            let w = Arc::new(Waypoint {
+                identity,
+                addr: SocketAddr::new(ip, gw.spec.hbone_port()),
+                gateway: gateway.clone(),
+            });
+            bound.insert(gateway, w.clone());
+            WaypointBinding::Bound(w)
+        }
         Err(e) => refuse(
             "InvalidIdentity",
             format!("waypoint {gateway} has no valid SPIFFE identity: {e}"),

@@ -114,17 +114,76 @@ fn origination(
     })
 }
 
-/// Builds, and drops, the routes a waypoint for `gateway` would serve from
-/// `model`: `shunt config check` calls this so that it refuses exactly what
-/// the waypoint refuses (TLS origination it cannot do, endpoints it cannot
-/// resolve), through the same code.
+/// Whether a waypoint for `gateway` could build its routes from `model`,
+/// without building them: the same policy compilation and, in the same
+/// order as [`build`], every check that can fail there (destinations,
+/// TLS origination it cannot do, unreadable CA or key files), so that
+/// `shunt config check` and the agent refuse exactly what the waypoint
+/// refuses. At 100,000 entries building the routes only to drop them cost
+/// the agent as much as the waypoint's own build.
 pub fn check(model: Arc<Model>, gateway: &GatewayRef) -> Result<(), WaypointError> {
-    let inputs = BuildInputs {
-        gateway,
-        connect_timeout: Duration::from_secs(10),
-        previous: None,
-    };
-    build(model, &inputs).map(|_| ())
+    let cfg = model.config();
+    let metas: Vec<_> = cfg
+        .authorization_policies
+        .iter()
+        .map(|p| (p.metadata.clone(), p.spec.clone()))
+        .collect();
+    PolicySet::build(
+        &metas,
+        &BuildOptions::for_config(cfg, Some(gateway.clone())),
+    )
+    .map_err(WaypointError::Policy)?;
+    let connect_timeout = Duration::from_secs(10);
+    let mut seen: HashSet<String> = HashSet::new();
+    let key = ObjectKey::new(&gateway.namespace, &gateway.name);
+    for svc in model.bound_to(&key) {
+        for port in svc.ports.iter().filter(|p| p.is_tcp()) {
+            for vip in &svc.vips {
+                let host = &vip.host;
+                let what = || format!("ServiceEntry {} host {host} port {}", svc.key, port.number);
+                let resolve = svc
+                    .destination(host, port)
+                    .map_err(|m| WaypointError::Config(format!("{}: {m}", what())))?;
+                // Without TLS settings nothing below can fail.
+                let Some(tls) = svc.tls_for(host, port.number) else {
+                    continue;
+                };
+                let protocol = upstream_protocol(port);
+                let ukey = upstream_key(host, port, &resolve, Some(tls), protocol, connect_timeout);
+                if seen.insert(ukey) {
+                    let what = what();
+                    let settings =
+                        origination(Some(tls), protocol == UpstreamProtocol::Http2, &what)?;
+                    UpstreamConnector::new(&settings)
+                        .map_err(|e| WaypointError::Config(format!("{what}: {e}")))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn upstream_protocol(port: &ServicePort) -> UpstreamProtocol {
+    if matches!(port.protocol, Protocol::Http2 | Protocol::Grpc) {
+        UpstreamProtocol::Http2
+    } else {
+        UpstreamProtocol::Http1
+    }
+}
+
+/// Upstreams with equal keys are one upstream (and one pool).
+fn upstream_key(
+    host: &str,
+    port: &ServicePort,
+    resolve: &model::Destination,
+    tls: Option<&ClientTls>,
+    protocol: UpstreamProtocol,
+    timeout: Duration,
+) -> String {
+    format!(
+        "{host}|{}|{resolve:?}|{tls:?}|{protocol:?}|{timeout:?}",
+        port.target_port
+    )
 }
 
 pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, WaypointError> {
@@ -175,20 +234,27 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
                     .destination(host, port)
                     .map_err(|m| WaypointError::Config(format!("{what}: {m}")))?;
                 let tls = svc.tls_for(host, port.number);
-                let protocol = if matches!(port.protocol, Protocol::Http2 | Protocol::Grpc) {
-                    UpstreamProtocol::Http2
-                } else {
-                    UpstreamProtocol::Http1
-                };
-                let ukey = format!(
-                    "{host}|{}|{resolve:?}|{tls:?}|{protocol:?}|{:?}",
-                    port.target_port, inp.connect_timeout
-                );
+                let protocol = upstream_protocol(port);
+                let ukey = upstream_key(host, port, &resolve, tls, protocol, inp.connect_timeout);
                 let upstream = match upstreams.get(&ukey) {
                     Some(u) => u.clone(),
                     None => {
                         let u = match old.get(&ukey) {
-                            Some(u) => u.clone(),
+                            Some(u) => {
+                                // Reused with its pool, but its files are
+                                // checked again as for a new one (`check`).
+                                if tls.is_some() {
+                                    let settings = origination(
+                                        tls,
+                                        protocol == UpstreamProtocol::Http2,
+                                        &what,
+                                    )?;
+                                    UpstreamConnector::new(&settings).map_err(|e| {
+                                        WaypointError::Config(format!("{what}: {e}"))
+                                    })?;
+                                }
+                                u.clone()
+                            }
                             None => {
                                 let settings =
                                     origination(tls, protocol == UpstreamProtocol::Http2, &what)?;

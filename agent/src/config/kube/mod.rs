@@ -454,7 +454,7 @@ async fn rebuild_loop(
             continue;
         }
         last_digest = Some(snap.digest);
-        match snap.parse() {
+        match Arc::new(snap).into_config() {
             Ok(mut c) => {
                 c.api_status = Some(api_status(&stores));
                 tracing::info!(
