@@ -460,7 +460,14 @@ impl Bed {
             .output()?;
         let v: Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("shunt get se {ns}/{name}"))?;
-        let obj = if v.is_array() { &v[0] } else { &v };
+        let obj = match &v {
+            Value::Array(a) => a.first().context("no entry")?,
+            Value::Object(o) if o.contains_key("items") => o["items"]
+                .as_array()
+                .and_then(|a| a.first())
+                .context("no entry")?,
+            o => o,
+        };
         let addrs = obj["status"]["addresses"]
             .as_array()
             .context("no status.addresses")?;
