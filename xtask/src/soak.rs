@@ -81,6 +81,21 @@ fn usage(pid: u32) -> Result<Usage> {
     Ok(Usage { fds, rss_kib })
 }
 
+/// CPU seconds (user + system) a process has used so far; 0 once gone.
+fn cpu_secs(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|st| {
+            // Fields after the command name, which may contain spaces.
+            let rest = &st[st.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / hz)
+        })
+        .unwrap_or(0.0)
+}
+
 /// Entries per pinned map, as `shunt maps` lists them (`NAME (N)` headers).
 fn map_counts(shunt: &Path, node: &Node) -> Result<Vec<(String, usize)>> {
     let out = Command::new(shunt)
@@ -257,6 +272,21 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     let mut peak_agent = agent0;
     let mut peak_wp = wp0;
     let mut handover_ms = Vec::new();
+    // CPU seconds per agent pid (old agents' last sample before they exit),
+    // to tell who limits the rate: the load or the mesh.
+    let mut agent_cpu: std::collections::BTreeMap<u32, f64> = Default::default();
+    let agent_cpu0 = cpu_secs(m.node.agents[0].pid());
+    let (wp_cpu0, load_pid) = (
+        cpu_secs(m.waypoint.pid()),
+        m.load.as_ref().expect("started").pid(),
+    );
+    let mut sample_agents = |node: &Node| {
+        for a in &node.agents {
+            let c = cpu_secs(a.pid());
+            let e = agent_cpu.entry(a.pid()).or_default();
+            *e = e.max(c);
+        }
+    };
     for k in 1..=o.handovers {
         let at = Duration::from_secs(seconds * k as u64 / (o.handovers as u64 + 1));
         while start.elapsed() < at {
@@ -270,6 +300,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
             peak_wp.fds = peak_wp.fds.max(u.fds);
             peak_wp.rss_kib = peak_wp.rss_kib.max(u.rss_kib);
             m.waypoint.alive()?;
+            sample_agents(&m.node);
         }
         let t = Instant::now();
         start_agent(&mut m.node, &shunt)?;
@@ -280,12 +311,19 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
             t.elapsed().as_millis()
         );
     }
-    let load = m.load.as_mut().expect("started");
+    let mut load_cpu = 0.0f64;
     let done = wait_for(
         "the load to finish",
         Duration::from_secs(seconds + 120).saturating_sub(start.elapsed()),
-        || load.child.try_wait().ok().flatten(),
+        || {
+            sample_agents(&m.node);
+            load_cpu = load_cpu.max(cpu_secs(load_pid));
+            let load = m.load.as_mut().expect("started");
+            load.child.try_wait().ok().flatten()
+        },
     );
+    let wp_cpu = cpu_secs(m.waypoint.pid()) - wp_cpu0;
+    let wall = start.elapsed().as_secs_f64();
     let log = std::fs::read_to_string(&llog).unwrap_or_default();
     let last = log
         .lines()
@@ -361,6 +399,12 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     println!(
         "waypoint fds {} -> peak {} -> {}, rss {} -> peak {} -> {} KiB",
         wp0.fds, peak_wp.fds, wp1.fds, wp0.rss_kib, peak_wp.rss_kib, wp1.rss_kib
+    );
+    println!(
+        "cpu over {wall:.0} s wall ({} cores): load {load_cpu:.0} s, agents {:.0} s, waypoint {wp_cpu:.0} s; machine load average {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        agent_cpu.values().sum::<f64>() - agent_cpu0,
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
     );
     println!("maps before {maps0:?}\nmaps after  {maps1:?}");
     println!("load: {last}");
