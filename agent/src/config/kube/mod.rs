@@ -47,7 +47,7 @@ use tokio::sync::{watch, Notify};
 
 use super::render::ServiceEntryStatus;
 use super::watch::{ConfigWatcher, SourceHealth};
-use super::{labels, Config, ConfigError, ObjectKey, Problem, Snapshot, WAYPOINT_CLASS};
+use super::{Config, ConfigError, ObjectKey, Problem, Snapshot, WAYPOINT_CLASS};
 use crate::telemetry::LogLimit;
 
 /// The Istio and Gateway API kinds read, as (group, version, kind, plural).
@@ -596,7 +596,7 @@ fn drop_cgroup_annotations(v: &mut Value, ns: &str, name: &str) {
         return;
     };
     let before = annotations.len();
-    annotations.retain(|k, _| !k.starts_with(labels::CGROUP_ANNOTATION));
+    annotations.retain(|k, _| !k.starts_with(super::labels::CGROUP_ANNOTATION));
     if annotations.len() != before {
         if let Some(suppressed) = DROPPED.allow() {
             tracing::warn!(
