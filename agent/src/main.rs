@@ -117,6 +117,17 @@ mod tests {
             grace >= drain.as_secs() + 10,
             "terminationGracePeriodSeconds {grace} must exceed --drain-timeout {drain:?} with margin"
         );
+        // Handover is through the control socket in the hostPath state
+        // dir, not signals: no shared PID namespace needed.
+        assert_ne!(pod["hostPID"].as_bool(), Some(true));
+        assert!(args.iter().any(|a| a == "--state-dir=/var/lib/shunt"));
+        let state = pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "state")
+            .expect("a state volume");
+        assert_eq!(state["hostPath"]["path"], "/var/lib/shunt");
         let ru = &ds["spec"]["updateStrategy"]["rollingUpdate"];
         assert_eq!(
             (ru["maxSurge"].as_u64(), ru["maxUnavailable"].as_u64()),

@@ -97,6 +97,16 @@ pub struct EnrolledValue {
 
 /// Capture this workload's DNS queries (issue #4).
 pub const ENR_F_DNS_CAPTURE: u32 = 1 << 0;
+/// The entry also enrolls every cgroup below its own (a Kubernetes pod's
+/// cgroup: its containers, including ones started later). Without it an
+/// entry matches only its own cgroup. A new flag bit, not a layout change:
+/// programs built before it treat such an entry as exact.
+pub const ENR_F_DESCENDANTS: u32 = 1 << 1;
+/// How many cgroup levels (from the root, level 0) the kernel programs walk
+/// looking for an enrolling ancestor (`bpf_get_current_ancestor_cgroup_id`):
+/// an `ENR_F_DESCENDANTS` entry deeper than this enrolls only itself.
+/// Kubelet pod cgroups sit at level 2 or 3.
+pub const MAX_CGROUP_LEVELS: i32 = 16;
 
 /// Value of the single-entry `meta` array: layout version and global modes.
 #[repr(C)]

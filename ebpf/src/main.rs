@@ -25,6 +25,7 @@ macro_rules! ctx_store {
 
 mod connect4;
 mod connect6;
+mod enroll;
 mod getpeername4;
 mod getpeername6;
 mod maps;

@@ -22,8 +22,9 @@ use shunt_common::{
 pub static services: HashMap<ServiceKey, ServiceValue, 524_288, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
 
-/// cgroup id → enrolled workload. Only sockets of these cgroups are acted on
-/// by the cgroup programs.
+/// cgroup id → enrolled workload. Only sockets of these cgroups (and, for
+/// entries flagged `ENR_F_DESCENDANTS`, of cgroups below them) are acted on
+/// by the cgroup programs; `enroll::current` is the one lookup.
 #[btf_map]
 pub static enrolled: HashMap<u64, EnrolledValue, 65_536, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();

@@ -3,9 +3,7 @@
 //! writes its own context layout.
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
-    btf_maps::lpm_trie::Key,
-    helpers::{bpf_get_current_cgroup_id, bpf_set_retval},
+    bindings::bpf_sock_addr, btf_maps::lpm_trie::Key, helpers::bpf_set_retval,
     programs::SockAddrContext,
 };
 use shunt_common::{
@@ -13,7 +11,10 @@ use shunt_common::{
     ServiceKey, EGRESS_REGISTRY_ONLY, ENR_F_DNS_CAPTURE, EV_DENIED, EV_PASSTHROUGH,
 };
 
-use crate::maps::{count, dns_orig, egress_allow, enrolled, events, meta, services};
+use crate::{
+    enroll,
+    maps::{count, dns_orig, egress_allow, events, meta, services},
+};
 
 pub const ALLOW: i32 = 1;
 pub const REJECT: i32 = 0;
@@ -46,10 +47,11 @@ pub fn decide(
     report: bool,
     out: &mut Redirect,
 ) -> u32 {
-    // SAFETY: helper without arguments.
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: the value is copied out at once.
-    let Some(w) = (unsafe { enrolled.get(&cgroup) }).copied() else {
+    let Some(enroll::Enrollment {
+        cgroup,
+        workload: w,
+    }) = enroll::current()
+    else {
         return PASS;
     };
     if is_vip(addr) {

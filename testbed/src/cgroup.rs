@@ -115,3 +115,52 @@ fn holds_self(dir: &Path) -> bool {
         .filter_map(|l| l.strip_prefix("0::"))
         .any(|rel| mount.join(rel.trim_start_matches('/')).starts_with(dir))
 }
+
+/// The kubelet's cgroup driver, which decides where a pod's cgroups go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupDriver {
+    /// `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice/cri-containerd-<id>.scope`
+    Systemd,
+    /// `kubepods/<qos>/pod<uid>/<id>`
+    Cgroupfs,
+}
+
+/// A pod's cgroups laid out below `root` as the kubelet does for a
+/// Burstable or BestEffort pod (`qos` is `burstable` or `besteffort`), for
+/// tests of the API source's enrollment. Written independently of the
+/// agent's own path code, from the kubelet's layout.
+#[derive(Clone, Debug)]
+pub struct KubeletPod {
+    pub driver: CgroupDriver,
+    /// The pod-level cgroup (no process runs in it).
+    pub dir: PathBuf,
+}
+
+impl KubeletPod {
+    pub fn new(root: &Path, driver: CgroupDriver, qos: &str, uid: &str) -> Self {
+        let dir = match driver {
+            CgroupDriver::Systemd => root
+                .join("kubepods.slice")
+                .join(format!("kubepods-{qos}.slice"))
+                .join(format!("kubepods-{qos}-pod{}.slice", uid.replace('-', "_"))),
+            CgroupDriver::Cgroupfs => root.join("kubepods").join(qos).join(format!("pod{uid}")),
+        };
+        Self { driver, dir }
+    }
+
+    /// Create the pod-level cgroup (the kubelet does, before any container).
+    pub fn create(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        Ok(())
+    }
+
+    /// Create a container's cgroup (the runtime does, when it starts one).
+    pub fn add_container(&self, id: &str) -> Result<PathBuf> {
+        let p = match self.driver {
+            CgroupDriver::Systemd => self.dir.join(format!("cri-containerd-{id}.scope")),
+            CgroupDriver::Cgroupfs => self.dir.join(id),
+        };
+        std::fs::create_dir_all(&p)?;
+        Ok(p)
+    }
+}

@@ -28,6 +28,7 @@ use crate::{
     },
     model::{Mesh, Model},
     proxy::capture::{CaptureOptions, CaptureServer, CaptureServerError, Handler},
+    proxy::handover,
     proxy::outbound::Outbound,
     reconcile::Reconciler,
     telemetry::{AccessLogger, EgressLog, LogFormat, Metrics},
@@ -107,9 +108,10 @@ pub struct KubernetesSource {
 /// before going on with the pinned maps as they are.
 const FIRST_SYNC_WAIT: Duration = Duration::from_secs(10);
 
-/// Run the node agent until a signal. Startup order matters: the kernel side
-/// is installed first, config applied, and the capture socket inserted only
-/// when connections can be served (`CaptureServer::serve`); a predecessor
+/// Run the node agent until a signal. Startup order matters: a running
+/// agent is told a successor is coming (`handover::announce`), the kernel
+/// side is installed, config applied, and the capture socket inserted only
+/// when connections can be served (`CaptureServer::serve`); the predecessor
 /// keeps the slot until then, so a restart never opens a window without a
 /// socket. An invalid config at start leaves the pinned maps as they are.
 pub async fn run(opts: NodeOptions) -> Result<(), NodeError> {
@@ -122,6 +124,9 @@ pub async fn run_with(
     mut opts: NodeOptions,
     handler: Option<Arc<dyn Handler>>,
 ) -> Result<(), NodeError> {
+    // First of all: a running agent keeps capturing until this one takes
+    // over, even if it is asked to stop meanwhile (a DaemonSet surge).
+    let predecessor = handover::announce(&opts.agent.state_dir).await;
     let watcher = match &opts.kubernetes {
         None => ConfigWatcher::spawn(
             opts.config_dir.clone(),
@@ -150,7 +155,7 @@ pub async fn run_with(
         .as_ref()
         .map(|c| projection::meta(Mesh::from_config(&c.mesh).egress, dns_capture(&opts.dns)));
     kernel::netlink::set_strict_rp_filter()?;
-    let agent = CaptureServer::start(opts.agent.clone()).await?;
+    let agent = CaptureServer::start(opts.agent.clone(), predecessor).await?;
     let pin_dir = opts.agent.paths.pin_dir.clone();
 
     // Metrics, with the kernel's counters read at scrape time.
@@ -194,22 +199,6 @@ pub async fn run_with(
     let hosts: SharedHostTable = HostTable::empty().into_shared();
     // The node until the first config names the enrolled workloads.
     let dns_clients: SharedClients = ClientTable::node_only().into_shared();
-    let _dns = if opts.dns.enabled {
-        kernel::netlink::install_dns_interface(opts.dns.addr4, opts.dns.addr6).await?;
-        let listen = vec![
-            SocketAddr::new(opts.dns.addr4.into(), opts.dns.port),
-            SocketAddr::new(opts.dns.addr6.into(), opts.dns.port),
-        ];
-        let mut config = DnsConfig::new(listen, opts.dns.upstreams.clone());
-        config.max_inflight_per_client = opts.dns.max_inflight_per_client;
-        config.clients = dns_clients.clone();
-        let proxy = DnsProxy::start(config, hosts.clone(), metrics.dns()).await?;
-        info!(listen = ?proxy.local_addrs(), upstreams = ?opts.dns.upstreams, "DNS proxy ready");
-        Some(proxy)
-    } else {
-        None
-    };
-
     let client = if handler.is_none() {
         let trust_domain = initial
             .as_ref()
@@ -244,13 +233,33 @@ pub async fn run_with(
         &opts,
         &pin_dir,
         hosts.clone(),
-        dns_clients,
+        dns_clients.clone(),
         model.clone(),
         ready.clone(),
     )?;
     if let Some(cfg) = initial {
         reconciler.apply(&cfg).await;
     }
+    // The DNS proxy only once the first config is applied: its socket
+    // joins the predecessor's SO_REUSEPORT group at bind, and until then
+    // it would answer pods REFUSED (no enrolled clients, no hosts yet) —
+    // lookups lost across a handover.
+    let _dns = if opts.dns.enabled {
+        kernel::netlink::install_dns_interface(opts.dns.addr4, opts.dns.addr6).await?;
+        let listen = vec![
+            SocketAddr::new(opts.dns.addr4.into(), opts.dns.port),
+            SocketAddr::new(opts.dns.addr6.into(), opts.dns.port),
+        ];
+        let mut config = DnsConfig::new(listen, opts.dns.upstreams.clone());
+        config.max_inflight_per_client = opts.dns.max_inflight_per_client;
+        config.clients = dns_clients.clone();
+        let proxy = DnsProxy::start(config, hosts.clone(), metrics.dns()).await?;
+        info!(listen = ?proxy.local_addrs(), upstreams = ?opts.dns.upstreams, "DNS proxy ready");
+        Some(proxy)
+    } else {
+        None
+    };
+
     tokio::spawn(reconciler.run(watcher));
     spawn_event_reader(&pin_dir, model.clone(), logger.clone())?;
 

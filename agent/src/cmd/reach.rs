@@ -1,5 +1,7 @@
 //! How operator commands (`shunt status`, `shunt get`) find the running
-//! agent: its pid from `<state-dir>/agent.pid`, its network namespace from
+//! agent: its pid from its control socket `<state-dir>/agent.sock` (peer
+//! credentials, right across PID namespaces: an agent pod without hostPID)
+//! or else `<state-dir>/agent.pid`, its network namespace from
 //! that pid (or `--netns`), and a small HTTP/1.1 client for its admin
 //! endpoints, which listen on localhost *inside* that namespace.
 //!
@@ -46,9 +48,11 @@ pub struct AgentProcess {
 impl AgentProcess {
     pub fn find(state_dir: &Path) -> AgentProcess {
         let pid_file = state_dir.join(shunt_agent::proxy::capture::PIDFILE);
-        let pid = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok());
+        let pid = shunt_agent::proxy::handover::agent_pid(state_dir).or_else(|| {
+            std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+        });
         let exe = pid.and_then(|p| {
             std::fs::read_link(format!("/proc/{p}/exe"))
                 .ok()

@@ -718,10 +718,10 @@ impl Builder {
             // Istio allows a DNS name (resolved by the proxies that use the
             // entry); an enrolled workload needs its address to check the
             // source of its packets.
-            if r.metadata
-                .annotations
-                .contains_key(labels::CGROUP_ANNOTATION)
-            {
+            let enrolled = [labels::CGROUP_ANNOTATION, labels::CGROUP_TREE_ANNOTATION]
+                .iter()
+                .any(|a| r.metadata.annotations.contains_key(*a));
+            if enrolled {
                 self.at(
                     ctx,
                     "spec.address",
@@ -742,13 +742,15 @@ impl Builder {
                 );
             }
         }
-        if let Some(cg) = r.metadata.annotations.get(labels::CGROUP_ANNOTATION) {
-            if cg.trim().is_empty() || cg.split('/').any(|c| c == "..") {
-                self.at(
-                    ctx,
-                    format!("metadata.annotations.{}", labels::CGROUP_ANNOTATION),
-                    format!("invalid value {cg:?}: expected a cgroup path without \"..\""),
-                );
+        for a in [labels::CGROUP_ANNOTATION, labels::CGROUP_TREE_ANNOTATION] {
+            if let Some(cg) = r.metadata.annotations.get(a) {
+                if cg.trim().is_empty() || cg.split('/').any(|c| c == "..") {
+                    self.at(
+                        ctx,
+                        format!("metadata.annotations.{a}"),
+                        format!("invalid value {cg:?}: expected a cgroup path without \"..\""),
+                    );
+                }
             }
         }
     }

@@ -793,4 +793,9 @@ pub mod labels {
     /// relative to the agent's cgroup root unless absolute; several
     /// comma-separated (a pod's containers, written by the API source).
     pub const CGROUP_ANNOTATION: &str = "shunt.io/cgroup";
+    /// As [`CGROUP_ANNOTATION`], and every cgroup below it is enrolled too,
+    /// by the kernel at connect time (a Kubernetes pod's cgroup, written by
+    /// the API source: containers started later are enrolled from their
+    /// first connect).
+    pub const CGROUP_TREE_ANNOTATION: &str = "shunt.io/cgroup-tree";
 }

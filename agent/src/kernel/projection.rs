@@ -13,7 +13,8 @@ use std::{
 
 use shunt_common::{
     CidrAddr, EnrolledValue, Meta, ServiceKey, ServiceValue, EGRESS_ALLOW_ANY,
-    EGRESS_REGISTRY_ONLY, ENR_F_DNS_CAPTURE, LAYOUT_VERSION, SVC_F_HTTP, SVC_F_WAYPOINT,
+    EGRESS_REGISTRY_ONLY, ENR_F_DESCENDANTS, ENR_F_DNS_CAPTURE, LAYOUT_VERSION, SVC_F_HTTP,
+    SVC_F_WAYPOINT,
 };
 
 use super::{
@@ -180,9 +181,14 @@ pub fn project(
     let enrolled = model
         .enrolled()
         .map(|(cgroup, w)| {
+            let tree = if model.enrolls_descendants(cgroup) {
+                ENR_F_DESCENDANTS
+            } else {
+                0
+            };
             let v = EnrolledValue {
                 workload_id: w.id,
-                flags: dns_flag,
+                flags: dns_flag | tree,
             };
             (cgroup, v)
         })
@@ -302,6 +308,23 @@ mod tests {
         assert_eq!(p.meta.egress_mode, EGRESS_ALLOW_ANY);
         assert_eq!(p.meta.layout_version, LAYOUT_VERSION);
         assert!(p.egress_allow.is_empty());
+    }
+
+    #[test]
+    fn a_pod_cgroup_tree_enrolls_its_descendants_and_a_plain_cgroup_only_itself() {
+        let cfg = load(&[("a.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: amb\n  labels: {istio.io/dataplane-mode: ambient}\n---\n\
+            apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: pod\n  namespace: amb\n  annotations: {shunt.io/cgroup-tree: /k/pod1}\nspec: {address: 10.0.0.1}\n---\n\
+            apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: plain\n  namespace: amb\n  annotations: {shunt.io/cgroup: plain}\nspec: {address: 10.0.0.2}\n")]);
+        let ids = |cg: &str| match cg {
+            "/k/pod1" => Some(7),
+            "plain" => Some(8),
+            _ => None,
+        };
+        let (m, _) = model_of(&cfg, &ids);
+        let p = project(&m, None, BTreeMap::new());
+        assert_eq!(p.enrolled.len(), 2);
+        assert_eq!(p.enrolled[&7].flags & ENR_F_DESCENDANTS, ENR_F_DESCENDANTS);
+        assert_eq!(p.enrolled[&8].flags & ENR_F_DESCENDANTS, 0);
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub mod visibility;
 pub mod waypoint;
 pub mod workload;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -110,6 +110,9 @@ pub struct Model {
     workloads: BTreeMap<WorkloadId, Arc<Workload>>,
     by_addr: HashMap<IpAddr, WorkloadId>,
     by_cgroup: BTreeMap<u64, WorkloadId>,
+    /// Enrolled cgroups that also enroll every cgroup below them
+    /// (`shunt.io/cgroup-tree`: a pod's cgroup).
+    descendants: BTreeSet<u64>,
     /// Per ServiceEntry, without `lastTransitionTime` until a
     /// [`StatusClock`] stamps it.
     pub status: BTreeMap<ObjectKey, ServiceEntryStatus>,
@@ -282,7 +285,9 @@ impl Model {
             .ok()
             .map(|ip| ip.to_canonical());
         let mut cgroup = None;
-        if let Some(cgs) = we.metadata.annotations.get(labels::CGROUP_ANNOTATION) {
+        let exact = we.metadata.annotations.get(labels::CGROUP_ANNOTATION);
+        let tree = we.metadata.annotations.get(labels::CGROUP_TREE_ANNOTATION);
+        if exact.is_some() || tree.is_some() {
             // Istio's rule: the workload's own label wins (`none` opts
             // out), else its Namespace's.
             let ambient = match all_labels.get(labels::DATAPLANE_MODE).map(String::as_str) {
@@ -299,12 +304,25 @@ impl Model {
                     "a waypoint, never enrolled".into(),
                 );
             } else {
-                // Several cgroups (comma-separated): a pod's containers.
-                for cg in cgs.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-                    match cgroups.cgroup_id(cg) {
+                // Several cgroups (comma-separated): a pod's containers;
+                // a tree (a pod's cgroup) also enrolls what is below it.
+                let listed = |a: Option<&String>, descendants: bool| {
+                    a.into_iter()
+                        .flat_map(|v| v.split(','))
+                        .map(str::trim)
+                        .filter(|c| !c.is_empty())
+                        .map(move |c| (c.to_string(), descendants))
+                        .collect::<Vec<_>>()
+                };
+                for (cg, descendants) in listed(exact, false).into_iter().chain(listed(tree, true))
+                {
+                    match cgroups.cgroup_id(&cg) {
                         Some(cid) => match self.by_cgroup.get(&cid) {
                             None => {
                                 self.by_cgroup.insert(cid, id);
+                                if descendants {
+                                    self.descendants.insert(cid);
+                                }
                                 cgroup.get_or_insert(cid);
                             }
                             Some(other) => {
@@ -399,6 +417,10 @@ impl Model {
         self.by_addr
             .get(&ip.to_canonical())
             .and_then(|id| self.workloads.get(id))
+    }
+    /// Whether the enrolled `cgroup` also enrolls the cgroups below it.
+    pub fn enrolls_descendants(&self, cgroup: u64) -> bool {
+        self.descendants.contains(&cgroup)
     }
     /// Enrolled cgroups with their workloads, in cgroup order.
     pub fn enrolled(&self) -> impl Iterator<Item = (u64, &Arc<Workload>)> {

@@ -3,15 +3,20 @@
 //! hands each to a [`Handler`] (the outbound path, or a test's), and hands
 //! over to a successor without refusing a single connect.
 //!
-//! Handover: a new agent, once set up to serve (config applied, outbound
-//! path built), inserts its listener into the capture SOCKMAP (new SYNs go
-//! to it at once), records its pid in `<state>/agent.pid` and sends
-//! the previous agent SIGUSR2. The old agent keeps accepting until its accept
-//! queue stays empty (closing a listener with queued connections would reset
-//! them), closes it, and lets its open connections finish up to a deadline.
-//! SIGTERM/SIGINT without a successor: the agent removes its socket from the
-//! SOCKMAP (new VIP connects are refused by sk_lookup), drains the same way
-//! and exits. Links, maps and routes always stay, so traffic stays fail-closed.
+//! Handover (protocol in [`super::handover`]): a new agent tells the running
+//! one it is starting (the control socket `<state>/agent.sock`), sets itself
+//! up to serve (config applied, outbound path built), inserts its listener
+//! into the capture SOCKMAP (new SYNs go to it at once), publishes its own
+//! control socket and tells the old agent it took over. The old agent keeps
+//! accepting until its accept queue stays empty (closing a listener with
+//! queued connections would reset them), closes it, and lets its open
+//! connections finish up to a deadline. SIGTERM/SIGINT while a successor is
+//! starting waits for it (it owns the slot next); without one, the agent
+//! removes its socket from the SOCKMAP (new VIP connects are refused by
+//! sk_lookup), drains the same way and exits. Links, maps and routes always
+//! stay, so traffic stays fail-closed. `<state>/agent.pid` records the
+//! capturing agent for `shunt status`; nothing signals through it (two agent
+//! pods in their own PID namespaces may even have the same pid).
 
 use std::{
     future::Future,
@@ -40,6 +45,7 @@ use crate::{
         KernelError, KernelPaths, PinnedMaps,
     },
     prereq::{self, PrereqError},
+    proxy::handover::{Control, HandoverError, Predecessor, Successor},
     sockets::{Acceptor, ListenerName},
 };
 
@@ -55,6 +61,8 @@ pub enum CaptureServerError {
     Netns(PathBuf, std::io::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
 }
 
 /// A connection that sk_lookup steered to the capture socket.
@@ -138,20 +146,25 @@ pub struct CaptureServer {
     listener: TcpListener,
     maps: Arc<PinnedMaps>,
     in_flight: Arc<InFlight>,
-    signals: Option<[tokio::signal::unix::Signal; 3]>,
+    signals: Option<[tokio::signal::unix::Signal; 2]>,
+    control: Control,
+    predecessor: Option<Predecessor>,
 }
 
 impl CaptureServer {
     /// Check prerequisites, install programs/maps/routes and bind the
-    /// capture socket; [`CaptureServer::serve`] inserts it.
-    pub async fn start(opts: CaptureOptions) -> Result<Self, CaptureServerError> {
+    /// capture socket; [`CaptureServer::serve`] inserts it. `predecessor`:
+    /// the running agent this one announced itself to
+    /// ([`super::handover::announce`], done first thing so that it keeps the
+    /// slot meanwhile).
+    pub async fn start(
+        opts: CaptureOptions,
+        predecessor: Option<Predecessor>,
+    ) -> Result<Self, CaptureServerError> {
         prereq::check(&opts.paths.pin_dir, &opts.paths.cgroup_root)?;
-        // Before the socket is visible: a successor's SIGUSR2 must never hit
-        // the default action (terminate) of an agent still starting.
         let signals = [
             signal(SignalKind::terminate()).map_err(CaptureServerError::Signal)?,
             signal(SignalKind::interrupt()).map_err(CaptureServerError::Signal)?,
-            signal(SignalKind::user_defined2()).map_err(CaptureServerError::Signal)?,
         ];
         let mut installed = kernel::loader::install(&opts.paths, opts.meta)?;
         if !installed.reused_links.is_empty() {
@@ -165,6 +178,7 @@ impl CaptureServer {
         kernel::events::forward_kernel_log(&mut installed.ebpf);
         std::fs::create_dir_all(&opts.state_dir)
             .map_err(|e| CaptureServerError::State(opts.state_dir.clone(), e))?;
+        let control = Control::bind(&opts.state_dir)?;
         Ok(Self {
             opts,
             installed,
@@ -172,6 +186,8 @@ impl CaptureServer {
             maps,
             in_flight: Arc::default(),
             signals: Some(signals),
+            control,
+            predecessor,
         })
     }
 
@@ -179,15 +195,20 @@ impl CaptureServer {
         self.maps.clone()
     }
 
-    /// Insert the capture socket (new SYNs come here from now on) and tell
-    /// a predecessor. Only once the caller can serve: a successor that took
-    /// the slot while still loading its CA and config left connections in
-    /// its accept queue, unserved for seconds, while the predecessor that
-    /// could serve them had stopped accepting (#11 item 9). Until then the
-    /// predecessor keeps the slot, so no window opens.
-    fn take_over(&mut self) -> Result<(), CaptureServerError> {
+    /// Insert the capture socket (new SYNs come here from now on), become
+    /// the agent a next successor finds, and tell a predecessor. Only once
+    /// the caller can serve: a successor that took the slot while still
+    /// loading its CA and config left connections in its accept queue,
+    /// unserved for seconds, while the predecessor that could serve them
+    /// had stopped accepting (#11 item 9). Until then the predecessor keeps
+    /// the slot (it was told a successor is coming), so no window opens.
+    async fn take_over(&mut self) -> Result<(), CaptureServerError> {
         capture::insert(&mut self.installed.ebpf, &self.listener)?;
-        signal_predecessor(&self.opts.state_dir)?;
+        self.control.publish()?;
+        if let Some(p) = self.predecessor.take() {
+            p.taken().await;
+        }
+        write_pidfile(&self.opts.state_dir)?;
         info!(
             capture = %self.listener.local_addr().map(|a| crate::telemetry::LogAddr(a).to_string()).unwrap_or_default(),
             pin_dir = %self.opts.paths.pin_dir.display(),
@@ -198,33 +219,70 @@ impl CaptureServer {
     }
 
     /// Take over the capture slot, then accept steered connections until
-    /// SIGTERM/SIGINT (shutdown) or SIGUSR2 (handed over), then drain.
+    /// SIGTERM/SIGINT (shutdown) or a successor takes over, then drain.
     pub async fn serve(mut self, handler: Arc<dyn Handler>) -> Result<(), CaptureServerError> {
-        let Some([mut term, mut int, mut usr2]) = self.signals.take() else {
+        let Some([mut term, mut int]) = self.signals.take() else {
             unreachable!("set by start, taken only here");
         };
-        self.take_over()?;
+        self.take_over().await?;
         let mut acceptor = Acceptor::new(ListenerName::Capture);
+        // Asked to stop while a successor was starting: serve until it
+        // takes over or goes away, at most the drain timeout.
+        let mut stop_by: Option<tokio::time::Instant> = None;
+        let mut successors = self.control.subscribe();
         let handed_over = loop {
-            tokio::select! {
-                (stream, _) = acceptor.accept(&self.listener) => self.dispatch(stream, &handler),
-                _ = term.recv() => break false,
-                _ = int.recv() => break false,
-                _ = usr2.recv() => break true,
+            let successor = async {
+                let r = match stop_by {
+                    None => successors
+                        .wait_for(|s| *s == Successor::TookOver)
+                        .await
+                        .map(|s| *s),
+                    Some(t) => {
+                        let w = successors.wait_for(|s| *s != Successor::Starting);
+                        match tokio::time::timeout_at(t, w).await {
+                            Ok(r) => r.map(|s| *s),
+                            Err(_) => Ok(Successor::None),
+                        }
+                    }
+                };
+                // A closed channel: no successor can reach us any more.
+                r.unwrap_or(Successor::None)
+            };
+            let stop = tokio::select! {
+                (stream, _) = acceptor.accept(&self.listener) => {
+                    self.dispatch(stream, &handler);
+                    false
+                }
+                s = successor => break s == Successor::TookOver,
+                _ = term.recv(), if stop_by.is_none() => true,
+                _ = int.recv(), if stop_by.is_none() => true,
+            };
+            if stop {
+                if self.control.successor() == Successor::None {
+                    break false;
+                }
+                info!("stop requested while a successor is starting; serving until it takes over");
+                stop_by = Some(tokio::time::Instant::now() + self.opts.drain_timeout);
             }
         };
         if handed_over {
             info!("a successor took over the capture socket; draining");
         } else {
+            // No successor owns the slot (the protocol says so; the pid file
+            // cannot: agents in other PID namespaces may share a pid).
+            capture::clear(&mut self.installed.ebpf)?;
             if pidfile_owner(&self.opts.state_dir) == Some(std::process::id()) {
-                capture::clear(&mut self.installed.ebpf)?;
                 let _ = std::fs::remove_file(self.opts.state_dir.join(PIDFILE));
             }
             info!("shutting down; VIP connects are refused until an agent starts");
         }
         self.drain_accept_queue(&handler).await;
         drop(self.listener);
-        let deadline = tokio::time::sleep(self.opts.drain_timeout);
+        // One budget from the stop request: waiting for a successor counts
+        // (the DaemonSet's grace period covers the drain timeout once).
+        let deadline = tokio::time::sleep_until(
+            stop_by.unwrap_or_else(|| tokio::time::Instant::now() + self.opts.drain_timeout),
+        );
         tokio::pin!(deadline);
         loop {
             let idle = self.in_flight.idle.notified();
@@ -304,26 +362,14 @@ fn pidfile_owner(state_dir: &Path) -> Option<u32> {
         .ok()
 }
 
-/// Record this agent as the owner and tell a still-running predecessor that
-/// it has been replaced.
-fn signal_predecessor(state_dir: &Path) -> Result<(), CaptureServerError> {
+/// Record this agent's pid for `shunt status` (which finds the agent's
+/// network namespace from it when it runs in the same PID namespace).
+fn write_pidfile(state_dir: &Path) -> Result<(), CaptureServerError> {
     let me = std::process::id();
-    let prev = pidfile_owner(state_dir);
     let path = state_dir.join(PIDFILE);
     let tmp = state_dir.join(format!("{PIDFILE}.{me}"));
     std::fs::write(&tmp, format!("{me}\n"))
         .map_err(|e| CaptureServerError::State(tmp.clone(), e))?;
     std::fs::rename(&tmp, &path).map_err(|e| CaptureServerError::State(path.clone(), e))?;
-    if let Some(pid) = prev.filter(|p| *p != me) {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-        let mine = std::fs::read_link("/proc/self/exe").unwrap_or_default();
-        // Only signal something that is plausibly a shunt agent.
-        if comm.trim().starts_with("shunt") || exe == mine {
-            info!(pid, "handing over from the previous agent");
-            // SAFETY: plain kill(2).
-            unsafe { libc::kill(pid as i32, libc::SIGUSR2) };
-        }
-    }
     Ok(())
 }

@@ -2,10 +2,11 @@
 //!
 //! The kernel reports the cgroup of the *container* a socket's process runs
 //! in (`bpf_get_current_cgroup_id`), never the pod's: with cgroup v2 no
-//! process lives in the pod cgroup itself. So a pod is enrolled through
-//! every cgroup below its pod directory, found by scanning; the source
-//! re-scans periodically so containers started after the pod was seen
-//! (init containers, restarts) are enrolled too.
+//! process lives in the pod cgroup itself. So a pod is enrolled by its pod
+//! directory with `ENR_F_DESCENDANTS`, and the kernel programs match every
+//! cgroup below it (`ebpf/src/enroll.rs`): containers started after the pod
+//! was seen (init containers, restarts, ephemeral containers) are enrolled
+//! from their first connect, with no scan in between.
 //!
 //! Layouts (kubelet `--cgroup-driver`, `--cgroup-root=/`):
 //! - systemd: `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice`
@@ -82,36 +83,6 @@ pub fn find_pod_dir(root: &Path, uid: &str, qos: Option<Qos>) -> Option<PathBuf>
         .find(|p| p.is_dir())
 }
 
-/// Deepest nesting scanned below a pod directory (container, then a
-/// container's own sub-cgroups such as systemd-in-a-container).
-const MAX_DEPTH: usize = 4;
-
-/// Every cgroup directory strictly below `pod_dir`, sorted. These are the
-/// cgroups the kernel can report for the pod's processes.
-pub fn container_cgroups(pod_dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    walk(pod_dir, 0, &mut out);
-    out.sort();
-    out
-}
-
-fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
-    if depth >= MAX_DEPTH {
-        return;
-    }
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for ent in rd.flatten() {
-        // cgroupfs directories are real directories; never follow links.
-        if ent.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            let p = ent.path();
-            walk(&p, depth + 1, out);
-            out.push(p);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,7 +96,7 @@ mod tests {
     }
 
     #[test]
-    fn systemd_driver_burstable_pod_and_its_containers_are_found() {
+    fn systemd_driver_burstable_pod_is_found() {
         let t = tempfile::tempdir().unwrap();
         let su = UID.replace('-', "_");
         let pod =
@@ -139,14 +110,6 @@ mod tests {
         );
         let dir = find_pod_dir(t.path(), UID, Some(Qos::Burstable)).unwrap();
         assert_eq!(dir, t.path().join(&pod));
-        let cgs = container_cgroups(&dir);
-        assert_eq!(
-            cgs,
-            vec![
-                t.path().join(format!("{pod}/cri-containerd-aaa.scope")),
-                t.path().join(format!("{pod}/cri-containerd-bbb.scope")),
-            ]
-        );
     }
 
     #[test]
@@ -174,10 +137,6 @@ mod tests {
             find_pod_dir(t.path(), UID, Some(Qos::BestEffort)),
             Some(t.path().join(&be))
         );
-        assert_eq!(
-            container_cgroups(&t.path().join(&be)),
-            vec![t.path().join(format!("{be}/0123abcd"))]
-        );
 
         let other = "0b0b0b0b-0000-4000-8000-000000000000";
         let g = format!("kubepods/pod{other}");
@@ -185,19 +144,6 @@ mod tests {
         assert_eq!(
             find_pod_dir(t.path(), other, Some(Qos::Guaranteed)),
             Some(t.path().join(&g))
-        );
-    }
-
-    #[test]
-    fn containers_started_later_appear_on_the_next_scan() {
-        let t = tempfile::tempdir().unwrap();
-        let pod = mk(t.path(), &format!("kubepods/burstable/pod{UID}"));
-        assert!(container_cgroups(&pod).is_empty());
-        mk(&pod, "init");
-        mk(&pod, "app/nested");
-        assert_eq!(
-            container_cgroups(&pod),
-            vec![pod.join("app"), pod.join("app/nested"), pod.join("init")]
         );
     }
 

@@ -105,7 +105,15 @@ impl Drop for FakeApi {
 
 impl FakeApi {
     pub async fn start() -> FakeApi {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::serve(listener)
+    }
+
+    /// Serves on `listener` (bound by the caller, e.g. inside a kernel
+    /// test's node namespace). Must be called inside a tokio runtime.
+    pub fn serve(listener: std::net::TcpListener) -> FakeApi {
+        listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
             rv: 100,

@@ -6,8 +6,9 @@
 //! selector `spec.nodeName`; ServiceEntry, DestinationRule, WorkloadEntry,
 //! AuthorizationPolicy, waypoint Gateways) feeds a reflector store. The
 //! watchers relist on `410 Gone`, resume from bookmarks and back off on
-//! errors. Whenever a store changes (debounced), or a periodic cgroup
-//! re-scan finds new container cgroups, every object is rendered to YAML and
+//! errors. Whenever a store changes (debounced), or a periodic look finds a
+//! pod's cgroup the kubelet has just created (or a changed mesh file),
+//! every object is rendered to YAML and
 //! parsed by the directory source's own parser ([`Snapshot::parse`]): one
 //! parser, one set of validation rules; an invalid object rejects the whole
 //! snapshot and the previous config stays in force, exactly as for a file.
@@ -25,6 +26,8 @@ pub mod pods;
 
 #[cfg(test)]
 mod controller_tests;
+/// The in-process fake API server; outside this crate's unit tests only
+/// with the `fake-api` feature (the kernel test `tests/tests/kube_node.rs`).
 #[cfg(any(test, feature = "fake-api"))]
 pub mod fake;
 #[cfg(test)]
@@ -94,7 +97,9 @@ pub struct KubeOptions {
     pub mesh_file: Option<PathBuf>,
     /// The kubelet's cgroup root as seen by the agent (the cgroup2 mount).
     pub kubelet_cgroup_root: PathBuf,
-    /// How often pods' container cgroups are re-scanned.
+    /// How often pods' cgroups are looked for (and the mesh file re-read).
+    /// Containers need no scan: the kernel enrolls everything below a
+    /// pod's cgroup.
     pub rescan: Duration,
     /// Quiet time after a change before the config is rebuilt.
     pub debounce: Duration,
@@ -328,7 +333,10 @@ async fn run_kind<K>(
     futures::pin_mut!(stream);
     // A watch that reconnects after an outage yields nothing until the next
     // change, so while down a one-item metadata list tells when it is back.
-    let mut probe = tokio::time::interval(PROBE_EVERY);
+    // Not at once: before the first list the kind is "not up" too, and a
+    // probe then would be a second list racing the watcher's own.
+    let mut probe =
+        tokio::time::interval_at(tokio::time::Instant::now() + PROBE_EVERY, PROBE_EVERY);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let ev = tokio::select! {
@@ -519,7 +527,7 @@ fn snapshot(stores: &Stores, opts: &KubeOptions) -> Result<Snapshot, ConfigError
     }
     for pod in stores.pods.state() {
         match pods::workload_entry(&pod, &opts.node_name, &opts.kubelet_cgroup_root) {
-            Ok(v) => {
+            Ok(pods::PodWorkload { entry: v, .. }) => {
                 let ns = pod.metadata.namespace.clone().unwrap_or_default();
                 let name = pod.metadata.name.clone().unwrap_or_default();
                 if real_workload_entries.contains(&(ns.clone(), name.clone())) {

@@ -1,6 +1,7 @@
 //! Pods on this node as workloads: each becomes the WorkloadEntry the rest
 //! of shunt already understands (address, service account, labels, and the
-//! `shunt.io/cgroup` annotation listing the pod's container cgroups), so the
+//! `shunt.io/cgroup-tree` annotation naming the pod's cgroup, which the
+//! kernel matches for every container below it), so the
 //! pipeline after the config source is the same on a cluster and on one
 //! machine. Enrollment itself (ambient namespace or pod label, `none` on the
 //! pod) is decided in one place, `desired`, for pods and WorkloadEntries
@@ -11,7 +12,7 @@ use std::path::Path;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Map, Value};
 
-use super::cgroup::{container_cgroups, find_pod_dir, Qos};
+use super::cgroup::{find_pod_dir, Qos};
 use crate::config::labels;
 
 /// Why a pod is not turned into a workload.
@@ -28,10 +29,23 @@ pub enum Skip {
     Incomplete,
 }
 
+/// A pod turned into a workload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodWorkload {
+    /// The WorkloadEntry document.
+    pub entry: Value,
+    /// Whether the pod's cgroup directory was found (and is in the entry).
+    /// Until it is, the source looks again periodically: the kubelet
+    /// creates it after the pod is scheduled.
+    pub cgroup_found: bool,
+}
+
 /// The WorkloadEntry document for `pod`, or why none. `cgroup_root` is the
-/// kubelet's cgroup root as this agent sees it; container cgroups found
-/// below the pod's directory go into the annotation as absolute paths.
-pub fn workload_entry(pod: &Pod, node: &str, cgroup_root: &Path) -> Result<Value, Skip> {
+/// kubelet's cgroup root as this agent sees it; the pod's cgroup directory
+/// goes into the annotation as an absolute path. Its containers are not
+/// listed: the kernel enrolls whatever runs below the pod's cgroup, so a
+/// container started later is enrolled from its first connect.
+pub fn workload_entry(pod: &Pod, node: &str, cgroup_root: &Path) -> Result<PodWorkload, Skip> {
     let meta = &pod.metadata;
     let (Some(name), Some(ns), Some(uid)) = (&meta.name, &meta.namespace, &meta.uid) else {
         return Err(Skip::Incomplete);
@@ -75,30 +89,29 @@ pub fn workload_entry(pod: &Pod, node: &str, cgroup_root: &Path) -> Result<Value
     if let Some(ts) = &meta.creation_timestamp {
         md.insert("creationTimestamp".into(), json!(ts));
     }
-    if let Some(dir) = find_pod_dir(cgroup_root, uid, qos) {
-        let cgs: Vec<String> = container_cgroups(&dir)
-            .iter()
-            .filter_map(|p| p.to_str().map(str::to_string))
-            .filter(|p| !p.contains(','))
-            .collect();
-        if !cgs.is_empty() {
-            md.insert(
-                "annotations".into(),
-                json!({ labels::CGROUP_ANNOTATION: cgs.join(",") }),
-            );
-        }
+    let dir = find_pod_dir(cgroup_root, uid, qos).and_then(|d| d.to_str().map(str::to_string));
+    // A comma would read as a list separator.
+    let dir = dir.filter(|d| !d.contains(','));
+    if let Some(d) = &dir {
+        md.insert(
+            "annotations".into(),
+            json!({ labels::CGROUP_TREE_ANNOTATION: d }),
+        );
     }
     let mut spec = Map::new();
     if !address.is_empty() {
         spec.insert("address".into(), json!(address));
     }
     spec.insert("serviceAccount".into(), json!(sa));
-    Ok(json!({
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "WorkloadEntry",
-        "metadata": md,
-        "spec": spec,
-    }))
+    Ok(PodWorkload {
+        entry: json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "WorkloadEntry",
+            "metadata": md,
+            "spec": spec,
+        }),
+        cgroup_found: dir.is_some(),
+    })
 }
 
 #[cfg(test)]
@@ -124,17 +137,23 @@ mod tests {
     }
 
     #[test]
-    fn a_pod_becomes_a_workload_entry_with_its_address_account_labels_and_containers() {
+    fn a_pod_becomes_a_workload_entry_with_its_address_account_labels_and_pod_cgroup() {
         let t = tempfile::tempdir().unwrap();
-        let c = t.path().join(format!("kubepods/besteffort/pod{UID}/abc"));
-        std::fs::create_dir_all(&c).unwrap();
-        let we = workload_entry(&sample(false, "n1"), "n1", t.path()).unwrap();
+        let pod_dir = t.path().join(format!("kubepods/besteffort/pod{UID}"));
+        std::fs::create_dir_all(pod_dir.join("abc")).unwrap();
+        let w = workload_entry(&sample(false, "n1"), "n1", t.path()).unwrap();
+        assert!(w.cgroup_found);
+        let we = w.entry;
         assert_eq!(we["metadata"]["name"], "curl-7d");
         assert_eq!(we["metadata"]["labels"]["app"], "curl");
+        // The pod's cgroup, not its containers': the kernel enrolls below it.
         assert_eq!(
-            we["metadata"]["annotations"][labels::CGROUP_ANNOTATION],
-            c.to_str().unwrap()
+            we["metadata"]["annotations"][labels::CGROUP_TREE_ANNOTATION],
+            pod_dir.to_str().unwrap()
         );
+        assert!(we["metadata"]["annotations"]
+            .get(labels::CGROUP_ANNOTATION)
+            .is_none());
         assert_eq!(we["spec"]["address"], "10.244.1.19");
         assert_eq!(we["spec"]["serviceAccount"], "curl");
     }
@@ -153,11 +172,13 @@ mod tests {
     }
 
     #[test]
-    fn a_pod_without_containers_yet_has_no_cgroup_annotation_and_default_account() {
+    fn a_pod_whose_cgroup_is_not_there_yet_has_no_cgroup_annotation_and_default_account() {
         let t = tempfile::tempdir().unwrap();
         let mut p = sample(false, "n1");
         p.spec.as_mut().unwrap().service_account_name = None;
-        let we = workload_entry(&p, "n1", t.path()).unwrap();
+        let w = workload_entry(&p, "n1", t.path()).unwrap();
+        assert!(!w.cgroup_found);
+        let we = w.entry;
         assert!(we["metadata"].get("annotations").is_none());
         assert_eq!(we["spec"]["serviceAccount"], "default");
     }

@@ -265,14 +265,14 @@ fn pod(name: &str, node: &str, uid: &str, host_network: bool, labels: Value) -> 
 }
 
 #[tokio::test]
-async fn pods_of_this_node_become_workloads_and_new_containers_are_picked_up() {
+async fn pods_of_this_node_become_workloads_enrolled_by_their_pod_cgroup_once_it_exists() {
     const UID: &str = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee";
     let (fake, mut w, cg) = seeded().await;
     let su = UID.replace('-', "_");
     let pod_dir = cg.path().join(format!(
         "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{su}.slice"
     ));
-    std::fs::create_dir_all(pod_dir.join("cri-containerd-1.scope")).unwrap();
+    // Seen before the kubelet made its cgroup: a workload, not enrolled yet.
     fake.apply(pod("web", "node-a", UID, false, json!({"app": "web"})));
     fake.apply(pod(
         "elsewhere",
@@ -300,39 +300,34 @@ async fn pods_of_this_node_become_workloads_and_new_containers_are_picked_up() {
     assert_eq!(web.spec.address, "10.244.1.50");
     assert_eq!(web.spec.service_account(), "web");
     assert_eq!(web.label("app"), Some("web"));
-    let cg_of = |c: &Config| {
+    let tree_of = |c: &Config| {
         c.workload_entries
             .iter()
             .find(|we| we.name() == "web")
             .and_then(|we| {
                 we.metadata
                     .annotations
-                    .get(labels::CGROUP_ANNOTATION)
+                    .get(labels::CGROUP_TREE_ANNOTATION)
                     .cloned()
             })
     };
-    assert_eq!(
-        cg_of(&c).as_deref(),
-        pod_dir.join("cri-containerd-1.scope").to_str()
-    );
+    assert_eq!(tree_of(&c), None);
     for absent in ["elsewhere", "hostnet"] {
         assert!(
             !c.workload_entries.iter().any(|we| we.name() == absent),
             "{absent}"
         );
     }
-    // A container started after the pod was seen is enrolled on the next scan.
+    // The kubelet creates the pod's cgroup: the next look names it.
+    std::fs::create_dir_all(pod_dir.join("cri-containerd-1.scope")).unwrap();
+    let c = config_where(&mut w, |c| tree_of(c).is_some()).await;
+    assert_eq!(tree_of(&c).as_deref(), pod_dir.to_str());
+    // A container started later changes nothing here: the kernel enrolls
+    // whatever runs below the pod's cgroup (tests/tests/kube_node.rs).
     std::fs::create_dir_all(pod_dir.join("cri-containerd-2.scope")).unwrap();
-    let c = config_where(&mut w, |c| cg_of(c).is_some_and(|s| s.contains(','))).await;
-    assert_eq!(
-        cg_of(&c).unwrap(),
-        format!(
-            "{},{}",
-            pod_dir.join("cri-containerd-1.scope").display(),
-            pod_dir.join("cri-containerd-2.scope").display()
-        )
-    );
-    // The node's Pod list asked for this node only.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(Arc::ptr_eq(&w.current().unwrap(), &c), "no new config");
+    // The node's Pod list asked for this node only, once.
     assert_eq!(fake.lists("v1", "Pod"), 1);
 }
 
