@@ -356,12 +356,12 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         assert!(announce(t.path()).await.is_none());
         // A socket file nobody listens on (an agent that was killed).
-        let c = published(t.path()).await;
+        let mut c = published(t.path()).await;
         let path = t.path().join(SOCKET);
-        c.task.abort();
-        let ino = c.published;
-        // Leaves the file behind, as a killed agent does.
-        std::mem::forget(c);
+        // Forget that the file is ours, so dropping leaves it behind, as a
+        // killed agent does.
+        let ino = c.published.take();
+        drop(c);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(std::fs::metadata(&path).ok().map(|m| m.ino()), ino);
         assert!(announce(t.path()).await.is_none());
