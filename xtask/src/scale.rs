@@ -572,14 +572,20 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
     leading.push("agent".into());
     let leading: Vec<&str> = leading.iter().map(String::as_str).collect();
     let t0 = unix_us();
-    node.start_agent(
-        &program,
-        &leading,
-        &["--config-dir", &cfg, "--ca-dir", &ca_s, "--no-dns"],
-    )?;
-    let alog = node.agents[0].log.clone();
+    // Not `Node::start_agent`: its 30 s wait is short for a cold start
+    // at this scale on a loaded machine.
+    let alog = node.work_dir.join("agent-0.log");
+    let mut cmd = Command::new(&program);
+    cmd.args(&leading).args(node.agent_args()).args([
+        "--config-dir",
+        &cfg,
+        "--ca-dir",
+        &ca_s,
+        "--no-dns",
+    ]);
+    node.agents.push(Proc::spawn("agent-0", cmd, &alog)?);
     let (t_capturing, _) =
-        Bed::wait_line(&alog, "agent capturing", 0, None, Duration::from_secs(120))?;
+        Bed::wait_line(&alog, "agent capturing", 0, None, Duration::from_secs(600))?;
     let (t_applied, applied) =
         Bed::wait_line(&alog, "config applied", 0, None, Duration::from_secs(5))?;
     let (_, loaded) = Bed::wait_line(&alog, "config loaded", 0, None, Duration::from_secs(5))?;
@@ -627,7 +633,7 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
     let wref: Vec<&str> = wargs.iter().map(String::as_str).collect();
     let waypoint = node.pod("wp").spawn(&wprog, &wref, &wlog)?;
     let (w_ready, wline) =
-        Bed::wait_line(&wlog, "waypoint ready", 0, None, Duration::from_secs(120))?;
+        Bed::wait_line(&wlog, "waypoint ready", 0, None, Duration::from_secs(600))?;
     let waypoint_pid = if a.perf {
         wait_for("the profiled waypoint", Duration::from_secs(5), || {
             child_of(waypoint.pid())
