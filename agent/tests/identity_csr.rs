@@ -31,7 +31,7 @@ fn pod(ns: &str, name: &str, sa: &str, node: &str) -> serde_json::Value {
 }
 
 struct Cluster {
-    _fake: FakeApi,
+    fake: FakeApi,
     dir: tempfile::TempDir,
     address: String,
     root: std::path::PathBuf,
@@ -97,7 +97,7 @@ impl Cluster {
             std::future::pending(),
         ));
         Cluster {
-            _fake: fake,
+            fake,
             address: format!("localhost:{port}"),
             root,
             dir,
@@ -128,7 +128,7 @@ impl Cluster {
 
 fn refusal(e: IdentityError) -> (String, String) {
     match e {
-        IdentityError::Csr { code, message, .. } => (code, message),
+        IdentityError::Csr { code, message, .. } => (format!("{code:?}"), message),
         other => panic!("not a CA refusal: {other}"),
     }
 }
@@ -227,4 +227,22 @@ async fn a_certificate_from_the_ca_is_renewed_by_the_ca_at_half_life() {
         shunt_agent::identity::peer_identity(Some(&renewed.issued.chain[..1])).unwrap(),
         id(CURL)
     );
+}
+
+#[tokio::test]
+async fn a_pod_the_ca_sees_only_after_its_first_connection_started_still_gets_its_certificate() {
+    let cluster = Cluster::start().await;
+    let agent = cluster.client("tok-agent-a", true);
+    // Warm up: the CA has listed its Pods.
+    agent.obtain(&id(CURL)).await.unwrap();
+    let late = id("spiffe://cluster.local/ns/default/sa/late");
+    let request = agent.obtain(&late);
+    let appear = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cluster
+            .fake
+            .apply(pod("default", "late-1", "late", "node-a"));
+    };
+    let (slot, ()) = tokio::join!(request, appear);
+    assert_eq!(slot.unwrap().id(), &late);
 }

@@ -252,7 +252,7 @@ impl CaClient {
         IdentityError::Csr {
             address: self.settings.address.clone(),
             identity: id.to_string(),
-            code: format!("{:?}", s.code()),
+            code: s.code(),
             message: s.message().to_string(),
         }
     }

@@ -290,7 +290,7 @@ impl IdentityManager {
                 last: backoff.last_error.clone(),
             });
         }
-        match self.inner.source.issue(id, self.inner.cfg.lifetime).await {
+        match self.first_issue(id).await {
             Ok(cert) => {
                 tracing::info!(identity = %id, not_after = ?cert.issued.not_after, "workload certificate issued by the CA");
                 let slot = self.install(&rt, cert);
@@ -309,6 +309,26 @@ impl IdentityManager {
                 Err(e)
             }
         }
+    }
+
+    /// The first request for `id`, retried twice (250 ms, 500 ms) when the
+    /// CA cannot decide yet or has not seen the pod yet: a pod's first
+    /// connection can come before the CA's watch shows it on this node.
+    async fn first_issue(&self, id: &SpiffeId) -> Result<WorkloadCert, IdentityError> {
+        let mut wait = Duration::from_millis(250);
+        for _ in 0..2 {
+            match self.inner.source.issue(id, self.inner.cfg.lifetime).await {
+                Err(IdentityError::Csr {
+                    code: tonic::Code::PermissionDenied | tonic::Code::Unavailable,
+                    ..
+                }) => {
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                r => return r,
+            }
+        }
+        self.inner.source.issue(id, self.inner.cfg.lifetime).await
     }
 
     /// Client config for tunnels from `source` to a peer that must present

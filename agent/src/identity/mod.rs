@@ -38,11 +38,11 @@ pub enum IdentityError {
     PeerCert(String),
     #[error("identity config: {0}")]
     Config(String),
-    #[error("CA {address} refused a certificate for {identity}: {code}: {message}")]
+    #[error("CA {address} refused a certificate for {identity}: {code:?}: {message}")]
     Csr {
         address: String,
         identity: String,
-        code: String,
+        code: tonic::Code,
         message: String,
     },
     #[error("CA answer {0}")]
