@@ -204,12 +204,11 @@ fn runtime(name: &str) -> Runtime {
         .unwrap()
 }
 
+/// The `shunt` binary's allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
-    // As the `shunt` binary does at startup; SHUNT_BENCH_DEFAULT_MALLOC=1
-    // measures with glibc's defaults instead.
-    if std::env::var_os("SHUNT_BENCH_DEFAULT_MALLOC").is_none() {
-        shunt_agent::hbone::tune_allocator();
-    }
     let mib: u64 = std::env::var("SHUNT_BENCH_MIB")
         .ok()
         .and_then(|v| v.parse().ok())

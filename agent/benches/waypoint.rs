@@ -304,10 +304,11 @@ fn runtime(name: &str) -> Runtime {
         .unwrap()
 }
 
-fn main() {
-    // As the `shunt` binary does at startup.
-    shunt_agent::hbone::tune_allocator();
+/// The `shunt` binary's allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+fn main() {
     let apps = runtime("apps");
     let waypoint_rt = runtime("waypoint");
 

@@ -526,8 +526,33 @@ fn rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// Anonymous (heap, stacks) part of the RSS in MB (RssAnon): the rest is
+/// the binary's and libraries' pages.
+fn rss_anon_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("RssAnon:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// VmRSS per process, and RssAnon as `<name>_anon`.
 fn rss_all(pids: &[(&'static str, u32)]) -> BTreeMap<&'static str, f64> {
-    pids.iter().map(|(n, p)| (*n, rss_mb(*p))).collect()
+    let mut m: BTreeMap<&'static str, f64> = pids.iter().map(|(n, p)| (*n, rss_mb(*p))).collect();
+    for (n, p) in pids {
+        let anon = match *n {
+            "agent" => "agent_anon",
+            "waypoint" => "waypoint_anon",
+            "haproxy" => "haproxy_anon",
+            _ => continue,
+        };
+        m.insert(anon, rss_anon_mb(*p));
+    }
+    m
 }
 
 /// Median (the mean of the middle two for an even count).
@@ -1355,6 +1380,15 @@ impl Report {
             self.rss_idle.get("agent").unwrap_or(&0.0),
             self.rss_idle.get("waypoint").unwrap_or(&0.0),
             self.rss_idle.get("haproxy").unwrap_or(&0.0),
+        ));
+        s.push_str(&format!(
+            "Of which anonymous (heap, stacks; the rest is the binary's pages): agent {:.1}, waypoint {:.1}, haproxy {:.1} (idle: {:.1}, {:.1}, {:.1}).\n",
+            self.rss_settled.get("agent_anon").unwrap_or(&0.0),
+            self.rss_settled.get("waypoint_anon").unwrap_or(&0.0),
+            self.rss_settled.get("haproxy_anon").unwrap_or(&0.0),
+            self.rss_idle.get("agent_anon").unwrap_or(&0.0),
+            self.rss_idle.get("waypoint_anon").unwrap_or(&0.0),
+            self.rss_idle.get("haproxy_anon").unwrap_or(&0.0),
         ));
         s
     }

@@ -33,8 +33,8 @@ const DRAIN: Duration = Duration::from_secs(30);
 /// fds above the idle baseline still "near" it (a pooled HBONE connection
 /// or two, the config watcher's files).
 const FD_SLACK: usize = 16;
-/// RSS above the idle baseline still "near" it: allocator caches (see
-/// `hbone::tune_allocator`, which keeps freed memory per arena).
+/// RSS above the idle baseline still "near" it: allocator caches (mimalloc
+/// returns freed pages about a second after a burst).
 const RSS_SLACK_KIB: u64 = 160 * 1024;
 
 #[derive(Clone, Debug)]

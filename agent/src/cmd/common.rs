@@ -123,34 +123,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    return_freed_memory();
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
-}
-
-/// How often freed heap memory is handed back to the kernel.
-const TRIM_EVERY: Duration = Duration::from_secs(5);
-
-/// glibc keeps what a burst of connections freed (relay and HTTP/2 buffers
-/// spread over per-thread arenas) and never returns it: the agent stayed at
-/// 40 MB after one bulk transfer (`cargo xtask bench`, issue #14). A thread
-/// of its own (`malloc_trim` takes the arena locks; never on a runtime
-/// worker) returns free pages every few seconds; a no-op when nothing is
-/// free.
-fn return_freed_memory() {
-    let spawned = std::thread::Builder::new()
-        .name("malloc-trim".into())
-        .stack_size(64 * 1024)
-        .spawn(|| loop {
-            std::thread::sleep(TRIM_EVERY);
-            // SAFETY: malloc_trim has no preconditions; it only releases
-            // free memory.
-            unsafe { libc::malloc_trim(0) };
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "could not start the memory trimming thread");
-    }
 }
 
 /// Raises the soft fd limit to the hard one (every connection is an fd) and

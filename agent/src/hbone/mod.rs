@@ -100,21 +100,3 @@ pub fn is_peer_gone_io(e: &std::io::Error) -> bool {
         UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
     )
 }
-
-/// Makes glibc malloc keep freed memory instead of returning it to the
-/// kernel at once. Process-wide: call once at startup, from the binary.
-///
-/// The data path allocates and frees chunks of up to 1 MiB per HTTP/2 frame
-/// (h2's frame buffers, relay reads). With glibc's defaults (mmap above
-/// 128 KiB, heap trimmed above 128 KiB free) each such chunk is mapped,
-/// faulted in page by page and unmapped again (~50 page faults per MiB
-/// relayed, ~15% more CPU per byte in `benches/hbone.rs`). Keeping up to
-/// 64 MiB free per arena avoids that.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only adjusts allocator parameters.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-    }
-}
