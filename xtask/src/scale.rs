@@ -673,6 +673,7 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
     // 3. Per-connect with N.
     eprintln!("[scale] per-connect cost with {} entries", a.n);
     let conn_n = bed.per_connect(a.connects)?;
+    eprintln!("[scale] per-connect with {} entries: {conn_n}", a.n);
 
     // 4. One edit in the middle of the big files.
     let ei = (a.n / 2) / 10 * 10 + 3; // a DNS entry
@@ -711,7 +712,7 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
         "config applied",
         n_applied,
         None,
-        Duration::from_secs(60),
+        Duration::from_secs(300),
     )?;
     let (_, edit_loaded) = Bed::wait_line(
         &alog,
@@ -725,7 +726,7 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
         "waypoint config applied",
         n_wapplied,
         None,
-        Duration::from_secs(60),
+        Duration::from_secs(300),
     )?;
     let edit = json!({
         "agent_parse_ms": field(&edit_loaded, "took_ms"),
@@ -781,7 +782,7 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
         "config applied",
         n_applied,
         None,
-        Duration::from_secs(60),
+        Duration::from_secs(300),
     )?;
     let (_, rem_loaded) = Bed::wait_line(
         &alog,
@@ -795,7 +796,7 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
         "waypoint config applied",
         n_wapplied,
         None,
-        Duration::from_secs(60),
+        Duration::from_secs(300),
     )?;
     let removal = json!({
         "agent_parse_ms": field(&rem_loaded, "took_ms"),
@@ -807,10 +808,15 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
     eprintln!("[scale] removal: {removal}");
     std::thread::sleep(SETTLE);
     let rss_removed = (rss_mb(bed.agent_pid), rss_mb(bed.waypoint_pid));
+    eprintln!(
+        "[scale] RSS after removal: agent {:.1} MB, waypoint {:.1} MB",
+        rss_removed.0, rss_removed.1
+    );
 
     // 6. Per-connect with few.
     eprintln!("[scale] per-connect cost with the few entries left");
     let conn_few = bed.per_connect(a.connects)?;
+    eprintln!("[scale] per-connect with few entries: {conn_few}");
     bed.node.agents[0].alive()?;
     if let Some(w) = bed.waypoint.as_mut() {
         w.alive()?;
