@@ -127,10 +127,14 @@ struct Index {
 
 impl Index {
     fn add(&mut self, pod: &Pod) {
+        // What was known of the pod goes first: one that has now finished
+        // must no longer count for its node.
+        if let Some(key) = key_of(pod) {
+            self.remove(&key);
+        }
         let Some((key, facts)) = facts(pod) else {
             return;
         };
-        self.remove(&key);
         if !facts.node_name.is_empty() {
             *self
                 .by_sa_node
@@ -365,5 +369,17 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         assert!(idx.pod("default", "curl-1").is_none());
+        // A pod that finishes stops counting at once (a Succeeded pod is
+        // not filtered out by the watch).
+        fake.apply(pod("default", "curl-2", "curl", "node-b", "Succeeded"));
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while idx.runs_on("default", "curl", "node-b") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a finished pod still counts for its node"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(idx.pod("default", "curl-2").is_none());
     }
 }
