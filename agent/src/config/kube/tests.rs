@@ -4,7 +4,7 @@ use serde_json::json;
 
 use super::fake::FakeApi;
 use super::*;
-use crate::config::Resource;
+use crate::config::{labels, Resource};
 
 pub(super) fn seed_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/egress")
