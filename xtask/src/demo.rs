@@ -950,6 +950,23 @@ impl Demo {
                 })
             },
         )?;
+        // The waypoint reads the allocation from the agent's state dir on its
+        // own poll: the status can be there a poll before the waypoint has
+        // programmed the service (it would answer 400 until then).
+        let wp_log = self.p.log("waypoint");
+        self.expect("waypoint programmed the ServiceEntry", |_| {
+            let log = fs::read_to_string(&wp_log).unwrap_or_default();
+            let programmed = log
+                .lines()
+                .filter(|l| l.contains("waypoint config applied"))
+                .last()
+                .is_some_and(|l| !l.contains("services=0"));
+            Ok(if programmed {
+                Ok(String::new())
+            } else {
+                Err("no `waypoint config applied` line with services yet".into())
+            })
+        })?;
         self.run_shown(Some(seed_get), None, self.get_se())?;
         let vip = status
             .split(|c: char| c.is_whitespace() || c == '"')

@@ -199,6 +199,12 @@ pub async fn run_with(
     let hosts: SharedHostTable = HostTable::empty().into_shared();
     // The node until the first config names the enrolled workloads.
     let dns_clients: SharedClients = ClientTable::node_only().into_shared();
+    // The DNS addresses go on first: the client table of every reconcile
+    // (the first included) takes the node's addresses from the interfaces,
+    // and a node query's source is the proxy address itself.
+    if opts.dns.enabled {
+        kernel::netlink::install_dns_interface(opts.dns.addr4, opts.dns.addr6).await?;
+    }
     let client = if handler.is_none() {
         let trust_domain = initial
             .as_ref()
@@ -245,7 +251,6 @@ pub async fn run_with(
     // it would answer pods REFUSED (no enrolled clients, no hosts yet) —
     // lookups lost across a handover.
     let _dns = if opts.dns.enabled {
-        kernel::netlink::install_dns_interface(opts.dns.addr4, opts.dns.addr6).await?;
         let listen = vec![
             SocketAddr::new(opts.dns.addr4.into(), opts.dns.port),
             SocketAddr::new(opts.dns.addr6.into(), opts.dns.port),
