@@ -958,8 +958,7 @@ impl Demo {
             let log = fs::read_to_string(&wp_log).unwrap_or_default();
             let programmed = log
                 .lines()
-                .filter(|l| l.contains("waypoint config applied"))
-                .last()
+                .rfind(|l| l.contains("waypoint config applied"))
                 .is_some_and(|l| !l.contains("services=0"));
             Ok(if programmed {
                 Ok(String::new())
