@@ -198,20 +198,7 @@ pub fn run(root: &Path, a: Args) -> Result<()> {
     crate::setup()?;
     raise_nofile();
     let target = target_dir(root);
-    if !a.no_build && a.shunt_bin.is_none() {
-        crate::run(crate::cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "shunt-agent",
-            "--bin",
-            "shunt",
-        ]))?;
-    }
-    let shunt = a
-        .shunt_bin
-        .clone()
-        .unwrap_or_else(|| target.join("release/shunt"));
+    let shunt = release_shunt(&target, a.no_build, a.shunt_bin.as_deref())?;
     ensure!(
         shunt.exists(),
         "{} missing: build it with cargo build --release",
@@ -386,10 +373,33 @@ fn micro(root: &Path, args: &[String]) -> Result<()> {
     crate::run(&mut b)
 }
 
-fn target_dir(root: &Path) -> PathBuf {
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
+}
+
+/// The `shunt` binary a benchmark runs: `given` as is, else the release
+/// build (built first unless `no_build`).
+pub(crate) fn release_shunt(
+    target: &Path,
+    no_build: bool,
+    given: Option<&Path>,
+) -> Result<PathBuf> {
+    if let Some(bin) = given {
+        return Ok(bin.to_path_buf());
+    }
+    if !no_build {
+        crate::run(crate::cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "shunt-agent",
+            "--bin",
+            "shunt",
+        ]))?;
+    }
+    Ok(target.join("release/shunt"))
 }
 
 fn which(tool: &str) -> bool {

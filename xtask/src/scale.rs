@@ -122,23 +122,8 @@ pub fn run(root: &Path, a: Args) -> Result<()> {
         "the scale benchmark creates network namespaces and loads kernel programs: run it as root"
     );
     ensure!(a.n >= 2 && a.per_file >= 1, "need at least 2 entries");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    if !a.no_build && a.shunt_bin.is_none() {
-        crate::run(crate::cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "shunt-agent",
-            "--bin",
-            "shunt",
-        ]))?;
-    }
-    let shunt = a
-        .shunt_bin
-        .clone()
-        .unwrap_or_else(|| target.join("release/shunt"));
+    let target = crate::bench::target_dir(root);
+    let shunt = crate::bench::release_shunt(&target, a.no_build, a.shunt_bin.as_deref())?;
     ensure!(shunt.exists(), "{} missing", shunt.display());
     ensure!(
         Command::new("bpftool").arg("version").output().is_ok(),
