@@ -365,6 +365,7 @@ impl Lines {
 struct Env {
     _dir: tempfile::TempDir,
     cfg_dir: PathBuf,
+    state_dir: PathBuf,
     wp: WaypointServer,
     ids: IdentityManager,
     client: HboneClient,
@@ -382,6 +383,17 @@ impl Env {
     /// Extra config files (name, text) written before the allocation, in
     /// which `{tls_port}` stands for the TLS upstream's port.
     async fn with_files(extra: &[(&str, &str)]) -> Env {
+        Env::start(extra, &[], Duration::from_millis(100)).await
+    }
+
+    /// [`Env::with_files`], then `late` files written after the allocation
+    /// (as if the agent had not read them yet), with the waypoint polling
+    /// its config directory and the allocation every `reload_interval`.
+    async fn start(
+        extra: &[(&str, &str)],
+        late: &[(&str, &str)],
+        reload_interval: Duration,
+    ) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let ca_dir = dir.path().join("ca");
         let cfg_dir = dir.path().join("config");
@@ -414,9 +426,12 @@ impl Env {
             .iter()
             .map(|(h, a)| (h.clone(), IpAddr::V4(a.v4.unwrap())))
             .collect();
+        for (name, text) in late {
+            std::fs::write(cfg_dir.join(name), text).unwrap();
+        }
 
         let lines = Lines::default();
-        let mut opts = WaypointOptions::new(cfg_dir.clone(), state_dir, ca_dir);
+        let mut opts = WaypointOptions::new(cfg_dir.clone(), state_dir.clone(), ca_dir);
         opts.listen = "127.0.0.1:0".parse().unwrap();
         opts.admin = Some("127.0.0.1:0".parse().unwrap());
         opts.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
@@ -426,13 +441,14 @@ impl Env {
             Box::new(lines.clone()),
         ));
         opts.upstream_timeout = Duration::from_secs(5);
-        opts.reload_interval = Duration::from_millis(100);
+        opts.reload_interval = reload_interval;
         let wp = WaypointServer::start(opts).await.unwrap();
         let ids = IdentityManager::new(ca, TD, IdentityConfig::default()).unwrap();
         let client = HboneClient::new(ids.clone(), ClientSettings::default());
         Env {
             _dir: dir,
             cfg_dir,
+            state_dir,
             wp,
             ids,
             client,
@@ -1615,4 +1631,82 @@ async fn wildcard_tls_refuses_names_outside_it_no_sni_and_unresolvable_names() {
         .wait_for(&["sni=\"b.wild.invalid\"", "resolving b.wild.invalid:443"])
         .await;
     assert!(env.tls_seen.lock().unwrap().is_empty());
+}
+
+// ------------------------------------------------- allocation lag (#11)
+
+/// A ServiceEntry bound to the waypoint (the namespace's label) that the
+/// allocation of [`Env`] does not know.
+fn late_entry() -> String {
+    ServiceEntry {
+        name: "late",
+        namespace: NS,
+        hosts: &["late.example"],
+        ports: &[Port::tcp(9000, 9)],
+        endpoints: &["127.0.0.1"],
+        ..Default::default()
+    }
+    .yaml()
+}
+
+/// What the agent does on its own poll: allocates the directory's config
+/// and writes vips.json; the VIP of late.example.
+fn agent_allocates(cfg_dir: &Path, state_dir: &Path) -> IpAddr {
+    let cfg = Config::load_dir(cfg_dir).unwrap();
+    let mut a = Allocator::open(state_dir).unwrap();
+    IpAddr::V4(a.allocate(&cfg).unwrap().hosts["late.example"].v4.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_service_entry_is_first_applied_with_the_vip_the_agent_allocates_for_it() {
+    let env = Env::new().await;
+    let before = env.wp.routes().digest;
+    std::fs::write(env.cfg_dir.join("30-late.yaml"), late_entry()).unwrap();
+    // The waypoint polls every 100 ms; the agent allocates after it, as
+    // when the agent's poll comes later or its reconcile takes longer.
+    let (cfg_dir, state_dir) = (env.cfg_dir.clone(), env.state_dir.clone());
+    let agent = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        agent_allocates(&cfg_dir, &state_dir)
+    });
+    let deadline = tokio::time::Instant::now() + T;
+    let first = loop {
+        let r = env.wp.routes();
+        if r.digest != before {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "config never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let vip = agent.await.unwrap();
+    assert!(
+        first.vips.contains(&vip),
+        "the waypoint applied the config with late.example before its VIP {vip}: {:?}",
+        first.vips
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vip_the_agent_writes_after_the_waypoint_started_is_routed_within_a_second() {
+    // A reload interval far longer than the test: only the lag check can
+    // pick the allocation up in time.
+    let late = late_entry();
+    let env = Env::start(&[], &[("30-late.yaml", &late)], Duration::from_secs(60)).await;
+    let vip = agent_allocates(&env.cfg_dir, &env.state_dir);
+    let written = std::time::Instant::now();
+    while !env.wp.routes().vips.contains(&vip) {
+        assert!(
+            written.elapsed() < Duration::from_secs(3),
+            "VIP {vip} of late.example not routed 3 s after vips.json was written"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        written.elapsed() < Duration::from_secs(1),
+        "routed {:?} after vips.json was written",
+        written.elapsed()
+    );
 }

@@ -919,6 +919,8 @@ impl Demo {
             |a| a.ends_with(&port),
         )?;
 
+        let wp_log = self.p.log("waypoint");
+        let wp_mark = mark(&wp_log);
         put_config(
             &self.p,
             "03-serviceentry.yaml",
@@ -950,22 +952,22 @@ impl Demo {
                 })
             },
         )?;
-        // The waypoint reads the allocation from the agent's state dir on its
-        // own poll: the status can be there a poll before the waypoint has
-        // programmed the service (it would answer 400 until then).
-        let wp_log = self.p.log("waypoint");
-        self.expect("waypoint programmed the ServiceEntry", |_| {
-            let log = fs::read_to_string(&wp_log).unwrap_or_default();
-            let programmed = log
-                .lines()
-                .rfind(|l| l.contains("waypoint config applied"))
-                .is_some_and(|l| !l.contains("services=0"));
-            Ok(if programmed {
-                Ok(String::new())
-            } else {
-                Err("no `waypoint config applied` line with services yet".into())
-            })
-        })?;
+        // The waypoint holds a config whose ServiceEntries the agent has not
+        // allocated yet, so the first config it applies with httpbin.org
+        // already routes its VIPs (no 400 while the status shows them).
+        self.expect(
+            "the waypoint's first config with the ServiceEntry routes its VIPs",
+            |_| {
+                let first = lines_since(&wp_log, wp_mark)
+                    .into_iter()
+                    .find(|l| l.contains("waypoint config applied"));
+                Ok(match first {
+                    Some(l) if !l.contains("services=0") => Ok(String::new()),
+                    Some(l) => Err(format!("applied without the VIPs: {l}")),
+                    None => Err("no `waypoint config applied` line yet".into()),
+                })
+            },
+        )?;
         self.run_shown(Some(seed_get), None, self.get_se())?;
         let vip = status
             .split(|c: char| c.is_whitespace() || c == '"')

@@ -128,6 +128,7 @@ impl WaypointServer {
             Some(_) => crate::alloc::from_status(&cfg),
             None => alloc.read()?,
         };
+        let lagging = crate::waypoint::reload::lags(&cfg, &allocation);
         let model = Arc::new(Model::build(cfg.clone(), &allocation, &NoCgroups));
         let snap = routes::build(
             model,
@@ -259,7 +260,8 @@ impl WaypointServer {
         let reload = tokio::spawn(reload_loop(
             watcher.clone(),
             shared.clone(),
-            opts.state_dir.clone(),
+            alloc,
+            lagging,
             opts.upstream_timeout,
             opts.reload_interval,
         ));

@@ -2,37 +2,97 @@
 //! and the waypoint's [`Routes`](super::Routes); a config the waypoint
 //! cannot use, or that [`validate`](crate::validate) refuses, keeps the
 //! previous routes whole.
+//!
+//! The agent allocates VIPs on its own poll of the same directory and a
+//! ServiceEntry's status shows them as soon as it wrote them, so the
+//! waypoint must not sit on a config whose entries it has no VIPs for: a
+//! new config waits briefly for the agent's allocation to cover it, and
+//! while the allocation in force lags behind the config the file is
+//! checked every [`LAGGING_POLL`], not every reload interval.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+
+use crate::alloc::{AllocError, Allocation};
 use crate::config::watch::ConfigWatcher;
+use crate::config::Config;
 use crate::kernel::projection::Capacity;
 use crate::model::{Model, NoCgroups};
 use crate::validate;
 
 use super::{routes, Shared};
 
+/// How long a new config waits for the agent to allocate its entries'
+/// VIPs before it is applied without them (the agent polls the same
+/// directory, every 300 ms by default, so it is rarely more than one poll
+/// behind; an agent that is down or refused the config must not hold the
+/// waypoint's other changes for longer).
+const ALLOCATION_WAIT: Duration = Duration::from_secs(3);
+/// How often the allocation file is checked (one `stat`) while the
+/// allocation lags behind the config.
+pub(crate) const LAGGING_POLL: Duration = Duration::from_millis(10);
+
+/// Whether `alloc` was written before the agent saw `cfg`: an entry it
+/// has no id for, or an auto-allocated host it has no record of (the
+/// allocator records every host it owns, with or without addresses, and
+/// warns for those without). Extra records (entries since removed) are not
+/// a lag. Configs from the API carry their addresses: never lagging.
+pub(crate) fn lags(cfg: &Config, alloc: &Allocation) -> bool {
+    if cfg.api_status.is_some() {
+        return false;
+    }
+    cfg.service_entries.iter().any(|se| {
+        alloc.service_id(&se.key()).is_none()
+            || (crate::alloc::eligible(se)
+                && se.spec.hosts.iter().any(|h| !alloc.hosts.contains_key(h)))
+    }) || cfg
+        .workload_entries
+        .iter()
+        .any(|we| alloc.workload_id(&we.key()).is_none())
+}
+
+/// The allocation for `cfg`: read now and, while it lags behind `cfg`,
+/// again each time the agent rewrites it, for up to [`ALLOCATION_WAIT`] or
+/// until a newer config arrives (which is then applied next).
+async fn allocation_for(
+    cfg: &Config,
+    alloc: &mut crate::alloc::Reader,
+    newer: &watch::Receiver<Option<Arc<Config>>>,
+) -> Result<Allocation, AllocError> {
+    let mut a = alloc.read()?;
+    let deadline = tokio::time::Instant::now() + ALLOCATION_WAIT;
+    while lags(cfg, &a)
+        && tokio::time::Instant::now() < deadline
+        && !newer.has_changed().unwrap_or(true)
+    {
+        tokio::time::sleep(LAGGING_POLL).await;
+        if alloc.changed() {
+            a = alloc.read()?;
+        }
+    }
+    Ok(a)
+}
+
 /// Rebuilds the snapshot on each new valid config or allocation change; a
 /// config the waypoint cannot use (bad policy, unreadable CA file) keeps the
-/// previous snapshot.
+/// previous snapshot. `alloc` is the reader the snapshot in force was built
+/// from, `lagging` whether that allocation lags behind its config.
 pub(crate) async fn reload_loop(
     watcher: Arc<ConfigWatcher>,
     shared: Arc<Shared>,
-    state_dir: PathBuf,
+    mut alloc: crate::alloc::Reader,
+    mut lagging: bool,
     timeout: Duration,
     interval: Duration,
 ) {
     let mut cfg_rx = watcher.config.clone();
-    let mut alloc = crate::alloc::Reader::new(&state_dir);
-    let _ = alloc.read();
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let poll = if lagging { LAGGING_POLL } else { interval };
         tokio::select! {
             r = cfg_rx.changed() => if r.is_err() { return },
-            _ = tick.tick() => {
+            _ = tokio::time::sleep(poll) => {
                 if !alloc.changed() { continue }
             }
         }
@@ -42,7 +102,7 @@ pub(crate) async fn reload_loop(
         // From the API, addresses come with the config (ServiceEntry status).
         let read = match cfg.api_status {
             Some(_) => Ok(crate::alloc::from_status(&cfg)),
-            None => alloc.read(),
+            None => allocation_for(&cfg, &mut alloc, &cfg_rx).await,
         };
         let allocation = match read {
             Ok(a) => a,
@@ -51,6 +111,7 @@ pub(crate) async fn reload_loop(
                 continue;
             }
         };
+        lagging = lags(&cfg, &allocation);
         let prev = shared.routes.load_full();
         let model = Arc::new(Model::build(cfg, &allocation, &NoCgroups));
         // The agent's acceptance step: a config the agent refuses (too big
