@@ -49,7 +49,11 @@ fn bench(c: &mut Criterion) {
         });
         // One edit after a cold apply: a port changed on one entry.
         let mut edited = (*cfg).clone();
-        edited.service_entries[n / 2].spec.ports[0].number.0 = 8080;
+        std::sync::Arc::make_mut(&mut edited.service_entries[n / 2])
+            .spec
+            .ports[0]
+            .number
+            .0 = 8080;
         let edited = std::sync::Arc::new(edited);
         let dir = tempfile::tempdir().unwrap();
         let mut al = Allocator::open(dir.path()).unwrap();

@@ -733,6 +733,7 @@ fn compute(
     let mut order: Vec<&ServiceEntry> = cfg
         .service_entries
         .iter()
+        .map(|se| &**se)
         .filter(|se| eligible(se))
         .collect();
     order.sort_by_key(|se| se.age_key());
@@ -964,6 +965,7 @@ fn follow(prev: &Allocation, cfg: &Config) -> Allocation {
     let mut order: Vec<&ServiceEntry> = cfg
         .service_entries
         .iter()
+        .map(|se| &**se)
         .filter(|se| eligible(se))
         .collect();
     order.sort_by_key(|se| se.age_key());
@@ -1499,13 +1501,13 @@ pub(crate) mod tests {
     /// `n` entries `s{i}` with host `h{i}.example`, built without YAML.
     fn many(n: usize) -> Config {
         let mut c = Config::default();
-        let base = cfg(&[("a.yaml", &se("x", &["x.example"], ""))]).service_entries[0].clone();
+        let base = (*cfg(&[("a.yaml", &se("x", &["x.example"], ""))]).service_entries[0]).clone();
         for i in 0..n {
             let mut s = base.clone();
             s.metadata.name = format!("s{i}");
             s.spec.hosts = vec![format!("h{i}.example")];
-            s.origin.seq = i;
-            c.service_entries.push(s);
+            s.origin.doc = i;
+            c.service_entries.push(std::sync::Arc::new(s));
         }
         c
     }
@@ -1566,13 +1568,13 @@ pub(crate) mod tests {
         // Not a timing assertion: checks the result at the scale the
         // benchmark measures (and that it finishes).
         let mut c = Config::default();
-        let base = cfg(&[("a.yaml", &se("x", &["x.example"], ""))]).service_entries[0].clone();
+        let base = (*cfg(&[("a.yaml", &se("x", &["x.example"], ""))]).service_entries[0]).clone();
         for i in 0..100_000 {
             let mut s = base.clone();
             s.metadata.name = format!("s{i}");
             s.spec.hosts = vec![format!("h{i}.example")];
-            s.origin.seq = i;
-            c.service_entries.push(s);
+            s.origin.doc = i;
+            c.service_entries.push(std::sync::Arc::new(s));
         }
         let dir = tempfile::tempdir().unwrap();
         let a = Allocator::open(dir.path())

@@ -40,13 +40,12 @@ pub fn model(files: &[(&str, &[u8])]) -> Result<Model, String> {
 
 /// The config loader over in-memory files, as `Snapshot::read` would give them.
 pub fn config(files: &[(&str, &[u8])]) -> Result<Config, String> {
-    Snapshot {
-        files: files
+    Snapshot::new(
+        files
             .iter()
             .map(|(n, t)| (std::path::PathBuf::from(n), t.to_vec()))
             .collect(),
-        digest: 0,
-    }
+    )
     .parse()
     .map_err(|e| e.to_string())
 }

@@ -111,7 +111,7 @@ pub fn build_policies(
     let items: Vec<_> = cfg
         .authorization_policies
         .iter()
-        .map(|p: &AuthorizationPolicy| (p.metadata.clone(), p.spec.clone()))
+        .map(|p: &std::sync::Arc<AuthorizationPolicy>| (p.metadata.clone(), p.spec.clone()))
         .collect();
     PolicySet::build(&items, &BuildOptions::for_config(cfg, waypoint))
 }
@@ -139,6 +139,7 @@ fn find_service<'c>(cfg: &'c Config, a: &CheckArgs) -> anyhow::Result<&'c Servic
             .service_entries
             .iter()
             .find(|se| se.namespace() == ns && se.name() == name)
+            .map(|se| &**se)
             .with_context(|| {
                 format!(
                     "no ServiceEntry {ns}/{name} in {}: list them with `shunt get se --config-dir {}`",
@@ -153,6 +154,7 @@ fn find_service<'c>(cfg: &'c Config, a: &CheckArgs) -> anyhow::Result<&'c Servic
         cfg.service_entries
             .iter()
             .find(|se| se.spec.hosts.iter().any(|x| x.eq_ignore_ascii_case(h)))
+            .map(|se| &**se)
     };
     with_host(&host)
         .or_else(|| shunt_agent::model::host::covering(&host).find_map(|w| with_host(&w)))

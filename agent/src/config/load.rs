@@ -1,4 +1,10 @@
 //! Reading and validating a config directory.
+//!
+//! Two stages: each file is parsed and its objects validated on their own
+//! ([`ParsedFile`], cached by [`Parser`] under the file's path and content
+//! hash, files parsed in parallel); then the whole set is assembled into a
+//! [`Config`] with the checks that need more than one object (duplicate
+//! names, wildcard hosts bound to a waypoint through a Namespace label).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -8,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
+use super::changes::ObjectRef;
 use super::meta::ObjectMeta;
 use super::*;
 
@@ -17,6 +24,8 @@ pub struct Snapshot {
     /// Sorted by file name.
     pub files: Vec<(PathBuf, Vec<u8>)>,
     pub digest: u64,
+    /// Content hash of each file, in `files` order (the parse cache's key).
+    hashes: Vec<u64>,
 }
 
 const MESH_FILES: [&str; 2] = ["mesh.yaml", "mesh.yml"];
@@ -48,6 +57,12 @@ pub(crate) fn list_yaml(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     Ok(out)
 }
 
+fn content_hash(b: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
+}
+
 impl Snapshot {
     pub fn read(dir: &Path) -> Result<Snapshot, ConfigError> {
         let mut files = Vec::new();
@@ -74,14 +89,16 @@ impl Snapshot {
 
     /// A snapshot of `files` (sorted by name), with their content hash.
     pub fn new(files: Vec<(PathBuf, Vec<u8>)>) -> Snapshot {
+        let hashes: Vec<u64> = files.iter().map(|(_, b)| content_hash(b)).collect();
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        for (p, b) in &files {
+        for ((p, _), c) in files.iter().zip(&hashes) {
             p.hash(&mut h);
-            b.hash(&mut h);
+            c.hash(&mut h);
         }
         Snapshot {
             files,
             digest: h.finish(),
+            hashes,
         }
     }
 
@@ -92,11 +109,8 @@ impl Snapshot {
         let names = |s: &Snapshot| -> Vec<(Option<std::ffi::OsString>, u64)> {
             s.files
                 .iter()
-                .map(|(p, b)| {
-                    let mut h = std::collections::hash_map::DefaultHasher::new();
-                    b.hash(&mut h);
-                    (p.file_name().map(|n| n.to_os_string()), h.finish())
-                })
+                .zip(&s.hashes)
+                .map(|((p, _), h)| (p.file_name().map(|n| n.to_os_string()), *h))
                 .collect()
         };
         names(self) == names(other)
@@ -104,73 +118,365 @@ impl Snapshot {
 
     /// Parses and validates every file; all problems or a `Config`.
     pub fn parse(&self) -> Result<Config, ConfigError> {
-        std::sync::Arc::new(self.clone()).into_config()
+        Arc::new(self.clone()).into_config()
     }
 
     /// [`Snapshot::parse`] without copying the files: the config keeps this
     /// snapshot as its source (at 100,000 entries the copy was 30 MB).
-    pub fn into_config(self: std::sync::Arc<Self>) -> Result<Config, ConfigError> {
-        let mut b = Builder::default();
-        b.cfg.digest = self.digest;
-        b.cfg.source = Some(self.clone());
-        let mut seq = 0usize;
-        for (path, bytes) in &self.files {
-            let is_mesh = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| MESH_FILES.contains(&n));
-            let text = match std::str::from_utf8(bytes) {
-                Ok(t) => t,
-                Err(e) => {
-                    b.problem(path, None, None, None, format!("not UTF-8: {e}"));
-                    continue;
-                }
-            };
-            if is_mesh {
-                b.mesh(path, text);
-                continue;
-            }
-            // One libyaml pass; only text it refuses is tried again with
-            // flow-context IPv6 scalars quoted.
-            let (docs, err) = match values_of(text) {
-                (docs, None) => (docs, None),
-                (docs, Some(e)) => match quote_flow_ipv6(text).map(|f| values_of(&f)) {
-                    Some((fixed, None)) => (fixed, None),
-                    _ => (docs, Some(e)),
-                },
-            };
-            let n = docs.len();
-            for (i, v) in docs.into_iter().enumerate() {
-                let origin = Origin {
-                    file: path.clone(),
-                    doc: i + 1,
-                    seq,
-                };
-                seq += 1;
-                if !matches!(v, Value::Null) {
-                    b.document(v, origin);
-                }
-            }
-            if let Some(e) = err {
-                seq += 1;
-                b.problem(path, Some(n + 1), None, None, e.to_string());
-            }
+    pub fn into_config(self: Arc<Self>) -> Result<Config, ConfigError> {
+        Parser::default().parse(self)
+    }
+}
+
+/// Parses snapshots, re-parsing only the files whose content changed since
+/// the previous call: each file's parse (its objects and their own problems)
+/// is kept under its path and content hash, and an unchanged file's objects
+/// reach the new [`Config`] as the same `Arc`s (see
+/// [`Config::changed_since`]). The checks across files run on the whole set
+/// every time, so validation is the same as parsing from cold. Holds only
+/// the files of the last snapshot parsed, valid or not.
+#[derive(Default)]
+pub struct Parser {
+    cache: HashMap<PathBuf, Arc<ParsedFile>>,
+}
+
+impl Parser {
+    /// Parses and validates `snap` (see [`Snapshot::parse`]).
+    pub fn parse(&mut self, snap: Arc<Snapshot>) -> Result<Config, ConfigError> {
+        let mut parsed: Vec<Option<Arc<ParsedFile>>> = snap
+            .files
+            .iter()
+            .zip(&snap.hashes)
+            .map(|((path, _), h)| self.cache.get(path).filter(|f| f.hash == *h).cloned())
+            .collect();
+        let todo: Vec<usize> = (0..parsed.len()).filter(|i| parsed[*i].is_none()).collect();
+        for (i, f) in parse_files(&snap, &todo, &self.cache) {
+            parsed[i] = Some(f);
         }
-        b.cross_checks();
-        if b.problems.is_empty() {
-            Ok(b.cfg)
-        } else {
-            Err(ConfigError::Invalid(b.problems))
+        let files: Vec<Arc<ParsedFile>> = parsed.into_iter().flatten().collect();
+        self.cache = snap
+            .files
+            .iter()
+            .zip(&files)
+            .map(|((p, _), f)| (p.clone(), f.clone()))
+            .collect();
+        assemble(snap, files)
+    }
+}
+
+/// Parses the files of `snap` at `todo` on up to one thread per core.
+fn parse_files(
+    snap: &Snapshot,
+    todo: &[usize],
+    prev: &HashMap<PathBuf, Arc<ParsedFile>>,
+) -> Vec<(usize, Arc<ParsedFile>)> {
+    let one = |i: usize| {
+        let (path, bytes) = &snap.files[i];
+        let prev = prev.get(path).map(|f| &**f);
+        (
+            i,
+            Arc::new(ParsedFile::parse(path, bytes, snap.hashes[i], prev)),
+        )
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(todo.len());
+    if threads <= 1 {
+        return todo.iter().map(|&i| one(i)).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&i) = todo.get(n) else { break };
+                        out.push(one(i));
+                    }
+                    out
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| match w.join() {
+                Ok(v) => v,
+                Err(p) => std::panic::resume_unwind(p),
+            })
+            .collect()
+    })
+}
+
+/// One object of a file, shared by every [`Config`] that holds it.
+#[derive(Clone, Debug)]
+pub(crate) enum Object {
+    Namespace(Arc<Namespace>),
+    ServiceEntry(Arc<ServiceEntry>),
+    DestinationRule(Arc<DestinationRule>),
+    WorkloadEntry(Arc<WorkloadEntry>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
+    Gateway(Arc<Gateway>),
+}
+
+impl Object {
+    /// (kind, namespace or "" for a Namespace, name, origin).
+    fn id(&self) -> (&'static str, &str, &str, &Origin) {
+        fn of<'a, S>(
+            k: &'static str,
+            r: &'a Resource<S>,
+        ) -> (&'static str, &'a str, &'a str, &'a Origin) {
+            (k, r.namespace(), r.name(), &r.origin)
+        }
+        match self {
+            Object::Namespace(r) => ("Namespace", "", r.name(), &r.origin),
+            Object::ServiceEntry(r) => of("ServiceEntry", r),
+            Object::DestinationRule(r) => of("DestinationRule", r),
+            Object::WorkloadEntry(r) => of("WorkloadEntry", r),
+            Object::AuthorizationPolicy(r) => of("AuthorizationPolicy", r),
+            Object::Gateway(r) => of("Gateway", r),
+        }
+    }
+
+    /// The same object (both `Arc`s point to one parse).
+    pub(crate) fn ptr_eq(&self, other: &Object) -> bool {
+        match (self, other) {
+            (Object::Namespace(a), Object::Namespace(b)) => Arc::ptr_eq(a, b),
+            (Object::ServiceEntry(a), Object::ServiceEntry(b)) => Arc::ptr_eq(a, b),
+            (Object::DestinationRule(a), Object::DestinationRule(b)) => Arc::ptr_eq(a, b),
+            (Object::WorkloadEntry(a), Object::WorkloadEntry(b)) => Arc::ptr_eq(a, b),
+            (Object::AuthorizationPolicy(a), Object::AuthorizationPolicy(b)) => Arc::ptr_eq(a, b),
+            (Object::Gateway(a), Object::Gateway(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// Equal in every field (not necessarily the same parse).
+    fn same_value(&self, other: &Object) -> bool {
+        match (self, other) {
+            (Object::Namespace(a), Object::Namespace(b)) => a == b,
+            (Object::ServiceEntry(a), Object::ServiceEntry(b)) => a == b,
+            (Object::DestinationRule(a), Object::DestinationRule(b)) => a == b,
+            (Object::WorkloadEntry(a), Object::WorkloadEntry(b)) => a == b,
+            (Object::AuthorizationPolicy(a), Object::AuthorizationPolicy(b)) => a == b,
+            (Object::Gateway(a), Object::Gateway(b)) => a == b,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn key(&self) -> ObjectRef {
+        let (kind, ns, name, _) = self.id();
+        let key = ObjectKey::new(ns, name);
+        match self {
+            Object::Namespace(_) => ObjectRef::Namespace(name.to_string()),
+            Object::ServiceEntry(_) => ObjectRef::ServiceEntry(key),
+            Object::DestinationRule(_) => ObjectRef::DestinationRule(key),
+            Object::WorkloadEntry(_) => ObjectRef::WorkloadEntry(key),
+            Object::AuthorizationPolicy(_) => ObjectRef::AuthorizationPolicy(key),
+            Object::Gateway(_) => {
+                debug_assert_eq!(kind, "Gateway");
+                ObjectRef::Gateway(key)
+            }
         }
     }
 }
 
-#[derive(Default)]
-struct Builder {
-    cfg: Config,
+/// What one file holds on its own: its objects (those whose metadata is
+/// valid, in document order) and every problem found in the file alone.
+#[derive(Debug)]
+pub(crate) struct ParsedFile {
+    pub(crate) path: Arc<Path>,
+    hash: u64,
+    /// `Some` for `mesh.yaml` / `mesh.yml` when valid.
+    mesh: Option<MeshConfig>,
+    pub(crate) objects: Vec<Object>,
     problems: Vec<Problem>,
-    warned_kinds: HashSet<String>,
-    seen: HashMap<(&'static str, String, String), Origin>,
+    /// Kinds (`Kind.group`) ignored, with their object counts.
+    ignored_kinds: BTreeMap<String, usize>,
+}
+
+impl ParsedFile {
+    /// Parses one file. An object equal to its parse in `prev` (the same
+    /// file's previous content) is taken from there, so that it stays the
+    /// same `Arc` (see [`Config::changed_since`]).
+    fn parse(path: &Path, bytes: &[u8], hash: u64, prev: Option<&ParsedFile>) -> ParsedFile {
+        let mut f = Self::parse_new(path, bytes, hash);
+        if let Some(prev) = prev {
+            let old: HashMap<ObjectRef, &Object> =
+                prev.objects.iter().map(|o| (o.key(), o)).collect();
+            for o in &mut f.objects {
+                if let Some(p) = old.get(&o.key()) {
+                    if p.same_value(o) {
+                        *o = (*p).clone();
+                    }
+                }
+            }
+        }
+        f
+    }
+
+    fn parse_new(path: &Path, bytes: &[u8], hash: u64) -> ParsedFile {
+        let file: Arc<Path> = Arc::from(path);
+        let mut b = Builder {
+            file: file.clone(),
+            out: ParsedFile {
+                path: file.clone(),
+                hash,
+                mesh: None,
+                objects: Vec::new(),
+                problems: Vec::new(),
+                ignored_kinds: BTreeMap::new(),
+            },
+        };
+        let is_mesh = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| MESH_FILES.contains(&n));
+        let text = match std::str::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                b.problem(None, None, None, format!("not UTF-8: {e}"));
+                return b.out;
+            }
+        };
+        if is_mesh {
+            b.mesh(text);
+            return b.out;
+        }
+        // One libyaml pass; only text it refuses is tried again with
+        // flow-context IPv6 scalars quoted.
+        let (docs, err) = match values_of(text) {
+            (docs, None) => (docs, None),
+            (docs, Some(e)) => match quote_flow_ipv6(text).map(|f| values_of(&f)) {
+                Some((fixed, None)) => (fixed, None),
+                _ => (docs, Some(e)),
+            },
+        };
+        let n = docs.len();
+        for (i, v) in docs.into_iter().enumerate() {
+            let origin = Origin {
+                file: file.clone(),
+                doc: i + 1,
+            };
+            if !matches!(v, Value::Null) {
+                b.document(v, origin);
+            }
+        }
+        if let Some(e) = err {
+            b.problem(Some(n + 1), None, None, e.to_string());
+        }
+        b.out
+    }
+}
+
+/// The [`Config`] of `files` (the parses of `snap`'s files, in order), or
+/// every problem: the files' own and those of the checks across files.
+fn assemble(snap: Arc<Snapshot>, files: Vec<Arc<ParsedFile>>) -> Result<Config, ConfigError> {
+    let mut cfg = Config {
+        digest: snap.digest,
+        source: Some(snap),
+        ..Config::default()
+    };
+    // Problems with their rank within one document: a duplicate name is
+    // reported before the object's own problems (as when it was found while
+    // reading the object), checks across objects after them.
+    let mut problems: Vec<(u8, Problem)> = Vec::new();
+    let total: usize = files.iter().map(|f| f.objects.len()).sum();
+    let mut seen: HashMap<(&'static str, &str, &str), &Origin> = HashMap::with_capacity(total);
+    let mut warned_kinds = HashSet::new();
+    for f in &files {
+        problems.extend(f.problems.iter().map(|p| (1, p.clone())));
+        if let Some(m) = &f.mesh {
+            cfg.mesh = m.clone();
+        }
+        for (k, n) in &f.ignored_kinds {
+            *cfg.ignored_kinds.entry(k.clone()).or_default() += n;
+            if warned_kinds.insert(k.as_str()) {
+                tracing::warn!(kind = %k, file = %f.path.display(), "ignoring objects of unsupported kind");
+            }
+        }
+        for o in &f.objects {
+            let (kind, ns, name, origin) = o.id();
+            if let Some(first) = seen.get(&(kind, ns, name)) {
+                problems.push((
+                    0,
+                    Problem {
+                        file: origin.file.to_path_buf(),
+                        doc: Some(origin.doc),
+                        object: Some(if kind == "Namespace" {
+                            format!("{kind} {name}")
+                        } else {
+                            format!("{kind} {ns}/{name}")
+                        }),
+                        field: Some("metadata.name".into()),
+                        message: format!("duplicate {kind}, first defined in {first}"),
+                    },
+                ));
+                continue;
+            }
+            seen.insert((kind, ns, name), origin);
+            match o {
+                Object::Namespace(r) => {
+                    cfg.namespaces.insert(r.name().to_string(), r.clone());
+                }
+                Object::ServiceEntry(r) => cfg.service_entries.push(r.clone()),
+                Object::DestinationRule(r) => cfg.destination_rules.push(r.clone()),
+                Object::WorkloadEntry(r) => cfg.workload_entries.push(r.clone()),
+                Object::AuthorizationPolicy(r) => cfg.authorization_policies.push(r.clone()),
+                Object::Gateway(r) => cfg.gateways.push(r.clone()),
+            }
+        }
+    }
+    drop(seen);
+    problems.extend(cross_checks(&cfg).into_iter().map(|p| (2, p)));
+    if problems.is_empty() {
+        cfg.parsed = files;
+        return Ok(cfg);
+    }
+    // Keep problems in directory order for readers.
+    problems.sort_by(|(ra, a), (rb, b)| (&a.file, a.doc, ra).cmp(&(&b.file, b.doc, rb)));
+    Err(ConfigError::Invalid(
+        problems.into_iter().map(|(_, p)| p).collect(),
+    ))
+}
+
+/// Checks that need more than one object.
+fn cross_checks(cfg: &Config) -> Vec<Problem> {
+    // Istio allocates addresses for wildcard hosts only with resolution
+    // DYNAMIC_DNS, where the waypoint learns the name from SNI or Host;
+    // with any other resolution a bound wildcard could not be routed.
+    let mut found = Vec::new();
+    for se in &cfg.service_entries {
+        if se.spec.resolution() == Resolution::DynamicDns
+            || !se.spec.hosts.iter().any(|h| h.starts_with('*'))
+        {
+            continue;
+        }
+        if let WaypointRef::Gateway { gateway, .. } = cfg.waypoint_ref(se) {
+            for (i, h) in se.spec.hosts.iter().enumerate() {
+                if h.starts_with('*') {
+                    found.push(Problem {
+                        file: se.origin.file.to_path_buf(),
+                        doc: Some(se.origin.doc),
+                        object: Some(format!("ServiceEntry {}", se.key())),
+                        field: Some(format!("spec.hosts[{i}]")),
+                        message: format!(
+                            "wildcard host {h:?} can be bound to a waypoint only with resolution DYNAMIC_DNS (bound to {gateway} by {})",
+                            labels::USE_WAYPOINT
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Parses one file: its objects and problems.
+struct Builder {
+    file: Arc<Path>,
+    out: ParsedFile,
 }
 
 /// The top level of every Kubernetes object shunt reads.
@@ -199,14 +505,13 @@ struct Ctx<'a> {
 impl Builder {
     fn problem(
         &mut self,
-        file: &Path,
         doc: Option<usize>,
         object: Option<String>,
         field: Option<String>,
         message: String,
     ) {
-        self.problems.push(Problem {
-            file: file.to_path_buf(),
+        self.out.problems.push(Problem {
+            file: self.file.to_path_buf(),
             doc,
             object,
             field,
@@ -216,8 +521,8 @@ impl Builder {
 
     fn at(&mut self, ctx: &Ctx, field: impl Into<String>, message: impl Into<String>) {
         let field = field.into();
-        self.problems.push(Problem {
-            file: ctx.origin.file.clone(),
+        self.out.problems.push(Problem {
+            file: ctx.origin.file.to_path_buf(),
             doc: Some(ctx.origin.doc),
             object: Some(ctx.object.clone()),
             field: (!field.is_empty()).then_some(field),
@@ -225,12 +530,13 @@ impl Builder {
         });
     }
 
-    fn mesh(&mut self, path: &Path, text: &str) {
+    fn mesh(&mut self, text: &str) {
+        let path = self.file.clone();
         // Through a Value so that messages carry the field path only once.
         let v: Value = match serde_yaml_ng::from_str(text) {
             Ok(v) => v,
             Err(e) => {
-                self.problem(path, None, None, None, e.to_string());
+                self.problem(None, None, None, e.to_string());
                 return;
             }
         };
@@ -244,21 +550,19 @@ impl Builder {
                         "MeshConfig fields not used by shunt"
                     );
                 }
-                self.cfg.mesh = m;
+                self.out.mesh = Some(m);
             }
             Err(e) => {
                 let field = path_of(e.path());
-                self.problem(path, None, None, field, e.into_inner().to_string());
+                self.problem(None, None, field, e.into_inner().to_string());
             }
         }
     }
 
     fn document(&mut self, v: Value, origin: Origin) {
-        let file = origin.file.clone();
         let doc = Some(origin.doc);
         let Value::Mapping(m) = &v else {
             self.problem(
-                &file,
                 doc,
                 None,
                 None,
@@ -276,7 +580,7 @@ impl Builder {
             } else {
                 "kind"
             };
-            self.problem(&file, doc, None, Some(which.into()), "missing".into());
+            self.problem(doc, None, Some(which.into()), "missing".into());
             return;
         };
         let meta = m.get("metadata").and_then(|v| v.as_mapping());
@@ -303,11 +607,11 @@ impl Builder {
             ("security.istio.io", "AuthorizationPolicy") => (V1B1, true),
             ("gateway.networking.k8s.io", "Gateway") => (V1B1, true),
             _ => {
-                let k = format!("{kind}.{group}");
-                *self.cfg.ignored_kinds.entry(k.clone()).or_default() += 1;
-                if self.warned_kinds.insert(k.clone()) {
-                    tracing::warn!(kind = %k, file = %file.display(), "ignoring objects of unsupported kind");
-                }
+                *self
+                    .out
+                    .ignored_kinds
+                    .entry(format!("{kind}.{group}"))
+                    .or_default() += 1;
                 return;
             }
         };
@@ -337,54 +641,47 @@ impl Builder {
             );
             return;
         }
-        match kind.as_str() {
-            "Namespace" => {
-                if let Some(r) = self.typed::<Value>(v, &ctx, false, "Namespace") {
-                    self.cfg.namespaces.insert(r.name().to_string(), r);
-                }
-            }
-            "ServiceEntry" => {
-                if let Some(r) = self.typed::<ServiceEntrySpec>(v, &ctx, true, "ServiceEntry") {
+        let obj = match kind.as_str() {
+            "Namespace" => self
+                .typed::<Value>(v, &ctx, false, "Namespace")
+                .map(|r| Object::Namespace(Arc::new(r))),
+            "ServiceEntry" => self
+                .typed::<ServiceEntrySpec>(v, &ctx, true, "ServiceEntry")
+                .map(|r| {
                     self.validate_se(&r, &ctx);
-                    self.cfg.service_entries.push(r);
-                }
-            }
-            "DestinationRule" => {
-                if let Some(r) = self.typed::<DestinationRuleSpec>(v, &ctx, true, "DestinationRule")
-                {
+                    Object::ServiceEntry(Arc::new(r))
+                }),
+            "DestinationRule" => self
+                .typed::<DestinationRuleSpec>(v, &ctx, true, "DestinationRule")
+                .map(|r| {
                     self.validate_dr(&r, &ctx);
-                    self.cfg.destination_rules.push(r);
-                }
-            }
-            "WorkloadEntry" => {
-                if let Some(r) = self.typed::<WorkloadEntrySpec>(v, &ctx, true, "WorkloadEntry") {
+                    Object::DestinationRule(Arc::new(r))
+                }),
+            "WorkloadEntry" => self
+                .typed::<WorkloadEntrySpec>(v, &ctx, true, "WorkloadEntry")
+                .map(|r| {
                     self.validate_we(&r, &ctx);
-                    self.cfg.workload_entries.push(r);
-                }
-            }
-            "AuthorizationPolicy" => {
-                if let Some(r) = self.typed::<authz::AuthorizationPolicySpec>(
-                    v,
-                    &ctx,
-                    false,
-                    "AuthorizationPolicy",
-                ) {
+                    Object::WorkloadEntry(Arc::new(r))
+                }),
+            "AuthorizationPolicy" => self
+                .typed::<authz::AuthorizationPolicySpec>(v, &ctx, false, "AuthorizationPolicy")
+                .map(|r| {
                     self.validate_ap(&r, &ctx);
-                    self.cfg.authorization_policies.push(r);
-                }
-            }
-            "Gateway" => {
-                if let Some(r) = self.typed::<GatewaySpec>(v, &ctx, true, "Gateway") {
+                    Object::AuthorizationPolicy(Arc::new(r))
+                }),
+            "Gateway" => self
+                .typed::<GatewaySpec>(v, &ctx, true, "Gateway")
+                .map(|r| {
                     self.validate_gw(&r, &ctx);
-                    self.cfg.gateways.push(r);
-                }
-            }
+                    Object::Gateway(Arc::new(r))
+                }),
             _ => unreachable!("kind matched above"),
-        }
+        };
+        self.out.objects.extend(obj);
     }
 
-    /// Deserializes a document into its typed form and checks metadata and
-    /// uniqueness. `None` when it has problems that make it unusable.
+    /// Deserializes a document into its typed form and checks its metadata.
+    /// `None` when it has problems that make it unusable.
     fn typed<S: DeserializeOwned + Default>(
         &mut self,
         v: Value,
@@ -454,18 +751,6 @@ impl Builder {
         if !ok {
             return None;
         }
-        let ns = if kind == "Namespace" {
-            String::new()
-        } else {
-            doc.metadata.ns().to_string()
-        };
-        let id = (kind, ns, doc.metadata.name.clone());
-        if let Some(first) = self.seen.get(&id) {
-            let msg = format!("duplicate {kind}, first defined in {first}");
-            self.at(ctx, "metadata.name", msg);
-            return None;
-        }
-        self.seen.insert(id, ctx.origin.clone());
         Some(Resource {
             metadata: doc.metadata,
             spec,
@@ -817,39 +1102,6 @@ impl Builder {
                 );
             }
         }
-    }
-
-    /// Checks that need more than one object.
-    fn cross_checks(&mut self) {
-        // Istio allocates addresses for wildcard hosts only with resolution
-        // DYNAMIC_DNS, where the waypoint learns the name from SNI or Host;
-        // with any other resolution a bound wildcard could not be routed.
-        let mut found = Vec::new();
-        for se in &self.cfg.service_entries {
-            if se.spec.resolution() == Resolution::DynamicDns {
-                continue;
-            }
-            if let WaypointRef::Gateway { gateway, .. } = self.cfg.waypoint_ref(se) {
-                for (i, h) in se.spec.hosts.iter().enumerate() {
-                    if h.starts_with('*') {
-                        found.push(Problem {
-                            file: se.origin.file.clone(),
-                            doc: Some(se.origin.doc),
-                            object: Some(format!("ServiceEntry {}", se.key())),
-                            field: Some(format!("spec.hosts[{i}]")),
-                            message: format!(
-                                "wildcard host {h:?} can be bound to a waypoint only with resolution DYNAMIC_DNS (bound to {gateway} by {})",
-                                labels::USE_WAYPOINT
-                            ),
-                        });
-                    }
-                }
-            }
-        }
-        self.problems.extend(found);
-        // Keep problems in directory order for readers.
-        self.problems
-            .sort_by(|a, b| (&a.file, a.doc).cmp(&(&b.file, b.doc)));
     }
 }
 

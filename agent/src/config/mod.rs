@@ -6,6 +6,7 @@
 //! every problem found (file, document, object, field), so a half-applied
 //! config never reaches the kernel maps.
 pub mod authz;
+mod changes;
 pub mod kube;
 mod load;
 pub mod meta;
@@ -16,23 +17,31 @@ pub mod watch;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-pub use load::Snapshot;
+pub use changes::Changes;
+pub use load::{Parser, Snapshot};
 pub use types::*;
 
 /// A valid configuration, as read from one directory snapshot.
+///
+/// Objects are shared, not copied: a reload that leaves an object unchanged
+/// hands the next `Config` the same `Arc` (see [`Config::changed_since`]),
+/// so later stages can reuse their work for it (`Arc::ptr_eq`). A parsed
+/// config's object lists are its files' objects: editing them (rather than
+/// building a `Config` by hand) would make `changed_since` miss the edit.
 #[derive(Clone, Debug, Default)]
 pub struct Config {
     pub mesh: MeshConfig,
     /// By name.
-    pub namespaces: BTreeMap<String, Namespace>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
     /// All objects below are in directory order (file name, then document).
-    pub service_entries: Vec<ServiceEntry>,
-    pub destination_rules: Vec<DestinationRule>,
+    pub service_entries: Vec<Arc<ServiceEntry>>,
+    pub destination_rules: Vec<Arc<DestinationRule>>,
     /// Every Gateway, waypoint or not.
-    pub gateways: Vec<Gateway>,
-    pub workload_entries: Vec<WorkloadEntry>,
-    pub authorization_policies: Vec<AuthorizationPolicy>,
+    pub gateways: Vec<Arc<Gateway>>,
+    pub workload_entries: Vec<Arc<WorkloadEntry>>,
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     /// Content hash of the files this config was read from.
     pub digest: u64,
     /// The files themselves (the agent serves them as the config in force);
@@ -44,6 +53,8 @@ pub struct Config {
     /// kubernetes`; `None` from a directory). The cluster's one allocator
     /// wrote it; agents take their VIPs from here and allocate none.
     pub api_status: Option<BTreeMap<ObjectKey, render::ServiceEntryStatus>>,
+    /// The parse of each source file, in order (empty unless parsed).
+    pub(crate) parsed: Vec<Arc<load::ParsedFile>>,
 }
 
 /// Which waypoint an object asks for, and through which label.
@@ -62,11 +73,11 @@ pub enum WaypointRef {
 impl Config {
     /// Reads and validates a directory. See the module docs.
     pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
-        std::sync::Arc::new(Snapshot::read(dir)?).into_config()
+        Arc::new(Snapshot::read(dir)?).into_config()
     }
 
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {
-        self.namespaces.get(name)
+        self.namespaces.get(name).map(|n| &**n)
     }
 
     /// `istio.io/dataplane-mode: ambient` on the Namespace.
@@ -80,6 +91,7 @@ impl Config {
         self.gateways
             .iter()
             .find(|g| g.namespace() == key.namespace && g.name() == key.name)
+            .map(|g| &**g)
     }
 
     /// The waypoint a ServiceEntry asks for: its own `istio.io/use-waypoint`

@@ -526,3 +526,116 @@ fn dynamic_dns_follows_istios_rules() {
         assert!(e.contains(field) && e.contains(msg), "{spec}: {e}");
     }
 }
+
+fn se_doc(name: &str, host: &str, port: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  hosts: [{host}]\n  ports: [{{number: {port}, name: http, protocol: HTTP}}]\n  resolution: DNS\n---\n"
+    )
+}
+
+fn snap(files: &[(&str, String)]) -> Arc<Snapshot> {
+    Arc::new(Snapshot::new(
+        files
+            .iter()
+            .map(|(n, t)| (PathBuf::from(n), t.clone().into_bytes()))
+            .collect(),
+    ))
+}
+
+#[test]
+fn a_reload_shares_the_unchanged_objects_and_names_only_the_changed_ones() {
+    let a = format!(
+        "{}{}",
+        se_doc("a1", "a1.example", 80),
+        se_doc("a2", "a2.example", 80)
+    );
+    let b = se_doc("b1", "b1.example", 80);
+    let mut p = Parser::default();
+    let old = p
+        .parse(snap(&[("a.yaml", a), ("b.yaml", b.clone())]))
+        .unwrap();
+    // a2 gets another port; b.yaml is untouched; c.yaml is new.
+    let a_edit = format!(
+        "{}{}",
+        se_doc("a1", "a1.example", 80),
+        se_doc("a2", "a2.example", 81)
+    );
+    let c = se_doc("c1", "c1.example", 80);
+    let new = p
+        .parse(snap(&[("a.yaml", a_edit), ("b.yaml", b), ("c.yaml", c)]))
+        .unwrap();
+    let by_name = |cfg: &Config, n: &str| {
+        cfg.service_entries
+            .iter()
+            .find(|s| s.name() == n)
+            .unwrap()
+            .clone()
+    };
+    // Unchanged file, and an unchanged object in a changed file: the same parse.
+    assert!(Arc::ptr_eq(&by_name(&old, "b1"), &by_name(&new, "b1")));
+    assert!(Arc::ptr_eq(&by_name(&old, "a1"), &by_name(&new, "a1")));
+    assert!(!Arc::ptr_eq(&by_name(&old, "a2"), &by_name(&new, "a2")));
+    let ch = new.changed_since(&old);
+    let keys: Vec<String> = ch.service_entries.iter().map(|k| k.to_string()).collect();
+    assert_eq!(keys, ["ns/a2", "ns/c1"]);
+    assert_eq!(ch.len(), 2);
+    assert!(!ch.mesh);
+    // Removal, and the same answer from a config parsed from cold.
+    let gone = p
+        .parse(snap(&[("c.yaml", se_doc("c1", "c1.example", 80))]))
+        .unwrap();
+    let ch = gone.changed_since(&new);
+    let keys: Vec<String> = ch.service_entries.iter().map(|k| k.to_string()).collect();
+    assert_eq!(keys, ["ns/a1", "ns/a2", "ns/b1"]);
+    let cold = snap(&[("c.yaml", se_doc("c1", "c1.example", 80))])
+        .into_config()
+        .unwrap();
+    assert!(gone.changed_since(&gone).is_empty());
+    assert_eq!(
+        cold.changed_since(&new).service_entries.len(),
+        4,
+        "another parser's objects are other parses"
+    );
+    assert_eq!(
+        Config::default().changed_since(&gone).service_entries.len(),
+        1,
+        "a config built by hand compares object by object"
+    );
+}
+
+#[test]
+fn a_cached_file_still_takes_part_in_the_checks_across_files() {
+    let mut p = Parser::default();
+    let a = se_doc("x", "x.example", 80);
+    p.parse(snap(&[("a.yaml", a.clone())])).unwrap();
+    // b.yaml redefines a.yaml's entry: the whole snapshot is rejected,
+    // naming the first definition, though a.yaml was not parsed again.
+    let err = p
+        .parse(snap(&[
+            ("a.yaml", a.clone()),
+            ("b.yaml", se_doc("x", "y.example", 80)),
+        ]))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration (1 error):\n  b.yaml: document 1 (ServiceEntry ns/x): metadata.name: duplicate ServiceEntry, first defined in a.yaml: document 1"
+    );
+    // A bad file rejects everything, and fixing it needs no other re-parse.
+    let bad = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: y, namespace: ns}\nspec: {hosts: [y.example], ports: [{number: 0}]}\n".to_string();
+    let err = p
+        .parse(snap(&[("a.yaml", a.clone()), ("b.yaml", bad)]))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "b.yaml: document 1 (ServiceEntry ns/y): spec.ports[0].number: invalid value 0"
+        ),
+        "{err}"
+    );
+    let ok = p
+        .parse(snap(&[
+            ("a.yaml", a),
+            ("b.yaml", se_doc("y", "y.example", 80)),
+        ]))
+        .unwrap();
+    assert_eq!(ok.service_entries.len(), 2);
+}

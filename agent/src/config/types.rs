@@ -15,14 +15,22 @@ use super::meta::ObjectMeta;
 /// Opaque YAML kept for fields shunt accepts but does not interpret.
 pub type Opaque = serde_yaml_ng::Value;
 
-/// Where an object came from: file and 1-based document index.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Where an object came from: file and 1-based document index. Directory
+/// order is (file, document): files are read sorted by path.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Origin {
-    pub file: std::path::PathBuf,
+    /// Shared by every object of the file.
+    pub file: std::sync::Arc<std::path::Path>,
     pub doc: usize,
-    /// Position of the object in the whole directory (file order, then
-    /// document order); breaks creationTimestamp ties.
-    pub seq: usize,
+}
+
+impl Default for Origin {
+    fn default() -> Self {
+        Origin {
+            file: std::sync::Arc::from(std::path::Path::new("")),
+            doc: 0,
+        }
+    }
 }
 
 impl fmt::Display for Origin {
@@ -58,12 +66,15 @@ impl<S> Resource<S> {
         self.metadata.labels.get(k).map(String::as_str)
     }
     /// Collision order: older `creationTimestamp` first (objects without one
-    /// come after all that have one), then directory order.
-    pub fn age_key(&self) -> (bool, (i64, u32), usize) {
+    /// come after all that have one), then directory order (file, document).
+    /// Not a global sequence number, so that an object's parse stays valid
+    /// (and shared) while other files change.
+    pub fn age_key(&self) -> (bool, (i64, u32), &std::path::Path, usize) {
         (
             self.created.is_none(),
             self.created.unwrap_or((0, 0)),
-            self.origin.seq,
+            &self.origin.file,
+            self.origin.doc,
         )
     }
 }

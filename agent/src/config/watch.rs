@@ -5,7 +5,8 @@
 //! Each poll compares a cheap fingerprint (names, sizes, mtimes); when it
 //! changes, or every `FULL_EVERY` polls in case an edit kept size and mtime,
 //! the files are read and their content hashed. Only a new content hash is
-//! parsed. An invalid directory is logged with all its problems, published on
+//! parsed, and of it only the files whose content changed (the watcher's
+//! [`Parser`] keeps the others' parse). An invalid directory is logged with all its problems, published on
 //! `rejected`, and the previous good config stays in force.
 
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{load, Config, ConfigError, Snapshot};
+use super::{load, Config, ConfigError, Parser, Snapshot};
 
 /// Default poll interval.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(300);
@@ -112,6 +113,7 @@ impl ConfigWatcher {
             dir,
             fingerprint: None,
             digest: None,
+            parser: Parser::default(),
         };
         let (cfg, rej) = match st.poll(true) {
             Outcome::Valid(c) => (Some(c), None),
@@ -202,6 +204,7 @@ struct State {
     fingerprint: Option<Vec<(PathBuf, u64, Option<SystemTime>)>>,
     /// Content hash of the last snapshot parsed (valid or not).
     digest: Option<u64>,
+    parser: Parser,
 }
 
 fn fingerprint(dir: &Path) -> Option<Vec<(PathBuf, u64, Option<SystemTime>)>> {
@@ -245,7 +248,7 @@ impl State {
             return Outcome::Unchanged;
         }
         self.digest = Some(snap.digest);
-        match Arc::new(snap).into_config() {
+        match self.parser.parse(Arc::new(snap)) {
             Ok(c) => {
                 tracing::info!(
                     dir = %self.dir.display(),

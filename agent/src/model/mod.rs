@@ -130,7 +130,7 @@ impl Model {
             ..Default::default()
         };
         // Older entries first, so they win VIP:port collisions.
-        let mut order: Vec<&ServiceEntry> = cfg.service_entries.iter().collect();
+        let mut order: Vec<&ServiceEntry> = cfg.service_entries.iter().map(|se| &**se).collect();
         order.sort_by_key(|se| se.age_key());
         let mut bound = waypoint::Bound::new();
         for se in order {

@@ -256,6 +256,7 @@ pub fn destination_rule<'a>(
         let mut c: Vec<&DestinationRule> = cfg
             .destination_rules
             .iter()
+            .map(|d| &**d)
             .filter(|d| d.namespace() == ns && host::matches(&d.spec.host, host) && ok(d))
             .collect();
         // Exact first, then longer (more specific) wildcards; oldest first.
@@ -301,13 +302,16 @@ pub(super) fn selected<'a>(
     se: &'a ServiceEntry,
 ) -> impl Iterator<Item = &'a WorkloadEntry> + 'a {
     let sel = se.spec.workload_selector.as_ref();
-    cfg.workload_entries.iter().filter(move |we| {
-        let Some(sel) = sel else { return false };
-        we.namespace() == se.namespace()
-            && sel.labels.iter().all(|(k, v)| {
-                we.spec.labels.get(k).or_else(|| we.metadata.labels.get(k)) == Some(v)
-            })
-    })
+    cfg.workload_entries
+        .iter()
+        .map(|we| &**we)
+        .filter(move |we| {
+            let Some(sel) = sel else { return false };
+            we.namespace() == se.namespace()
+                && sel.labels.iter().all(|(k, v)| {
+                    we.spec.labels.get(k).or_else(|| we.metadata.labels.get(k)) == Some(v)
+                })
+        })
 }
 
 /// Builds one service (VIPs given by the caller from the allocation);

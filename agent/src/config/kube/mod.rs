@@ -50,7 +50,7 @@ use tokio::sync::{watch, Notify};
 
 use super::render::ServiceEntryStatus;
 use super::watch::{ConfigWatcher, SourceHealth};
-use super::{Config, ConfigError, ObjectKey, Problem, Snapshot, WAYPOINT_CLASS};
+use super::{Config, ConfigError, ObjectKey, Parser, Problem, Snapshot, WAYPOINT_CLASS};
 use crate::telemetry::LogLimit;
 
 /// The Istio and Gateway API kinds read, as (group, version, kind, plural).
@@ -435,6 +435,8 @@ async fn rebuild_loop(
     let mut tick = tokio::time::interval(opts.rescan);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_digest = None;
+    // One pseudo file per object: an update re-parses only what changed.
+    let mut parser = Parser::default();
     loop {
         tokio::select! {
             _ = shared.dirty.notified() => {
@@ -462,7 +464,7 @@ async fn rebuild_loop(
             continue;
         }
         last_digest = Some(snap.digest);
-        match Arc::new(snap).into_config() {
+        match parser.parse(Arc::new(snap)) {
             Ok(mut c) => {
                 c.api_status = Some(api_status(&stores));
                 tracing::info!(
@@ -554,15 +556,7 @@ fn snapshot(stores: &Stores, opts: &KubeOptions) -> Result<Snapshot, ConfigError
             }
         }
     }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for (p, b) in &files {
-        p.hash(&mut h);
-        b.hash(&mut h);
-    }
-    Ok(Snapshot {
-        files,
-        digest: h.finish(),
-    })
+    Ok(Snapshot::new(files))
 }
 
 /// Every ServiceEntry's `status` as the API server holds it (an

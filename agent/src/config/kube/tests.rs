@@ -74,11 +74,11 @@ async fn health_where(w: &mut ConfigWatcher, f: impl Fn(&SourceHealth) -> bool) 
 /// (file vs API path) and what the server adds (uid, resourceVersion,
 /// creationTimestamp).
 fn semantic(c: &Config) -> String {
-    fn strip<S: Clone + std::fmt::Debug>(rs: &[Resource<S>]) -> Vec<String> {
+    fn strip<S: Clone + std::fmt::Debug>(rs: &[std::sync::Arc<Resource<S>>]) -> Vec<String> {
         let mut v: Vec<String> = rs
             .iter()
             .map(|r| {
-                let mut r = r.clone();
+                let mut r = (**r).clone();
                 r.origin = Default::default();
                 r.created = None;
                 r.metadata.other.clear();
@@ -131,7 +131,7 @@ async fn the_seed_through_the_api_gives_the_config_the_directory_gives() {
     // But for the seed's cgroup annotations: from the API only pods enroll
     // by cgroup (`a_workload_entry_from_the_api_enrolls_no_cgroup`).
     for we in &mut dir.workload_entries {
-        assert!(we
+        assert!(std::sync::Arc::make_mut(we)
             .metadata
             .annotations
             .remove(labels::CGROUP_ANNOTATION)
