@@ -153,12 +153,7 @@ mod tests {
     fn the_daemonset_passes_only_flags_the_agent_accepts_and_outlives_its_drain() {
         let ds = daemonset();
         let pod = &ds["spec"]["template"]["spec"];
-        let args: Vec<String> = pod["containers"][0]["args"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap().to_string())
-            .collect();
+        let args = container_args(pod);
         let cli = Cli::try_parse_from(std::iter::once("shunt".to_string()).chain(args.clone()))
             .unwrap_or_else(|e| panic!("deploy/agent.yaml args rejected: {e}"));
         assert!(matches!(cli.cmd, Cmd::Agent(_)));
@@ -194,12 +189,7 @@ mod tests {
     #[test]
     fn the_controller_deployment_passes_only_flags_the_controller_accepts() {
         let d = deployment("controller.yaml");
-        let args: Vec<String> = d["spec"]["template"]["spec"]["containers"][0]["args"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap().to_string())
-            .collect();
+        let args = container_args(&d["spec"]["template"]["spec"]);
         let argv = ["shunt", &args[0], "--identity=x"]
             .into_iter()
             .map(str::to_string)
@@ -225,6 +215,16 @@ mod tests {
         d
     }
 
+    /// The args of a pod spec's first container.
+    fn container_args(pod: &serde_yaml_ng::Value) -> Vec<String> {
+        pod["containers"][0]["args"]
+            .as_sequence()
+            .expect("the container has args")
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// Names of the Secrets a pod spec mounts.
     fn secrets(pod: &serde_yaml_ng::Value) -> Vec<String> {
         pod["volumes"]
@@ -246,10 +246,10 @@ mod tests {
             ),
         ] {
             assert!(secrets(pod).is_empty(), "the {what} mounts a Secret");
-            let args = pod["containers"][0]["args"].as_sequence().unwrap();
             assert!(
-                args.iter()
-                    .any(|a| a.as_str().unwrap().starts_with("--ca-address=")),
+                container_args(pod)
+                    .iter()
+                    .any(|a| a.starts_with("--ca-address=")),
                 "the {what} has no --ca-address"
             );
             let audience = pod["volumes"].as_sequence().unwrap().iter().find_map(|v| {
@@ -262,12 +262,7 @@ mod tests {
     #[test]
     fn the_waypoint_deployment_passes_only_flags_the_waypoint_accepts() {
         let d = deployment("waypoint.yaml");
-        let args: Vec<String> = d["spec"]["template"]["spec"]["containers"][0]["args"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap().to_string())
-            .collect();
+        let args = container_args(&d["spec"]["template"]["spec"]);
         let cli = Cli::try_parse_from(std::iter::once("shunt".to_string()).chain(args.clone()))
             .unwrap_or_else(|e| panic!("deploy/waypoint.yaml args rejected: {e}"));
         assert!(matches!(cli.cmd, Cmd::Waypoint(_)));

@@ -167,24 +167,15 @@ fn generated_case(case: &str, yaml: &str) {
 
 /// One ServiceEntry `big` in namespace `default` with `hosts` hosts
 /// `h<i>.example` and TCP ports 1000, 1001, … (`ports` of them).
-fn big_entry(hosts: usize, ports: usize) -> String {
-    let mut y = String::from(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: big\n  namespace: default\nspec:\n  resolution: DNS\n  hosts:\n",
-    );
-    for i in 0..hosts {
-        y.push_str(&format!("  - h{i}.example\n"));
-    }
-    y.push_str("  ports:\n");
-    for p in 1000..1000 + ports {
-        y.push_str(&format!("  - {{number: {p}, name: p{p}, protocol: TCP}}\n"));
-    }
-    y
+fn big_entry(hosts: usize, ports: u16) -> String {
+    let hosts: Vec<String> = (0..hosts).map(|i| format!("h{i}.example")).collect();
+    shunt_testbed::mesh::wide_entry("big", &hosts, 1000..1000 + ports)
 }
 
 #[test]
 fn more_vip_ports_than_the_services_map_holds_is_an_error_naming_counts_and_limit() {
     // 400 hosts × (IPv4 + IPv6 VIP) × just enough ports to pass the limit.
-    let ports = shunt_agent::kernel::projection::Capacity::KERNEL.services / 800 + 1;
+    let ports = (shunt_agent::kernel::projection::Capacity::KERNEL.services / 800 + 1) as u16;
     generated_case("services-map-capacity", &big_entry(400, ports));
 }
 

@@ -49,6 +49,19 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// A finished command's exit code (-1: killed by a signal) and its stdout
+/// then stderr, as one text (what a failed `curl` says is on stderr).
+pub fn code_and_text(out: &Output) -> (i32, String) {
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// A counter file written by `shunt-probe listen --count-file` (0 if absent).
 pub fn read_count(p: &Path) -> u64 {
     std::fs::read_to_string(p)

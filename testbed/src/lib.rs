@@ -40,7 +40,7 @@ mod maps;
 
 pub use bins::{bin_dir, echo_agent_bin, probe_bin, shunt_bin};
 pub use cgroup::{cgroup2_mount, Cgroup, CgroupDriver, KubeletPod};
-pub use cmd::{read_count, read_lossy, sh, tail, unique_id, wait_for};
+pub use cmd::{code_and_text, read_count, read_lossy, sh, tail, unique_id, wait_for};
 pub use internet::Internet;
 pub use netns::{Netns, Veth};
 pub use node::Node;

@@ -11,7 +11,10 @@
 //! them. [`node`], [`waypoint_args`] and [`waypoint_serving`] are the rest
 //! of standing such a mesh up on a [`Node`].
 
-use crate::{Node, Result};
+use std::ops::Range;
+use std::time::Duration;
+
+use crate::{wait_for, Node, Proc, Result};
 
 /// The namespace of the kernel tests' meshes.
 pub const NAMESPACE: &str = "default";
@@ -119,6 +122,36 @@ pub fn waypoint_serving(log: &str) -> bool {
     })
 }
 
+/// Starts `shunt waypoint` with `args` in the node's `wp` pod (`SHUNT_LOG`
+/// is `log_filter`; log `waypoint.log` in the node's work dir), resolving
+/// names through `nameserver` when given, and waits until it serves.
+pub fn start_waypoint(
+    node: &Node,
+    nameserver: Option<&str>,
+    args: &[&str],
+    log_filter: &str,
+) -> Result<Proc> {
+    let (pod, log) = (node.pod("wp"), node.work_dir.join("waypoint.log"));
+    let env = [("SHUNT_LOG", log_filter)];
+    let waypoint = match nameserver {
+        Some(ns) => pod.spawn_with_resolver(ns, &crate::shunt_bin(), args, &env, &log)?,
+        None => pod.spawn_env(&crate::shunt_bin(), args, &env, &log)?,
+    };
+    wait_serving(&waypoint)?;
+    Ok(waypoint)
+}
+
+/// Waits until `waypoint`'s log says it serves a config with services; the
+/// error carries its log.
+pub fn wait_serving(waypoint: &Proc) -> Result<()> {
+    wait_for(
+        "waypoint ready with services",
+        Duration::from_secs(30),
+        || waypoint_serving(&waypoint.log_text()).then_some(()),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}; waypoint log:\n{}", waypoint.log_text()))
+}
+
 /// One port of a ServiceEntry.
 #[derive(Clone, Copy, Debug)]
 pub struct Port<'a> {
@@ -212,6 +245,31 @@ impl ServiceEntry<'_> {
         }
         y
     }
+}
+
+/// A DNS ServiceEntry `name` in [`NAMESPACE`] with every host of `hosts`
+/// and a TCP port `p<n>` for each `n` of `ports`: configs sized against the
+/// kernel's maps and the VIP range.
+pub fn wide_entry(name: &str, hosts: &[String], ports: Range<u16>) -> String {
+    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let names: Vec<String> = ports.clone().map(|n| format!("p{n}")).collect();
+    let ports: Vec<Port> = ports
+        .zip(&names)
+        .map(|(number, name)| Port {
+            number,
+            name,
+            protocol: "TCP",
+            target_port: None,
+        })
+        .collect();
+    ServiceEntry {
+        name,
+        hosts: &hosts,
+        ports: &ports,
+        resolution: "DNS",
+        ..Default::default()
+    }
+    .yaml()
 }
 
 #[cfg(test)]

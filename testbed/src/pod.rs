@@ -2,7 +2,7 @@
 //! pair, and a cgroup under the node's cgroup root.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Output},
 };
 
@@ -43,23 +43,49 @@ impl Pod {
         program: &str,
         args: &[&str],
     ) -> Result<Output> {
+        let (mut cmd, resolv) = self.with_resolver(nameserver, Path::new(program))?;
+        cmd.args(args);
+        let out = cmd.output();
+        let _ = std::fs::remove_file(&resolv);
+        Ok(out?)
+    }
+
+    /// [`Pod::spawn_env`] with the pod's own /etc/resolv.conf naming
+    /// `nameserver` (a waypoint resolving upstream names as a pod would).
+    pub fn spawn_with_resolver(
+        &self,
+        nameserver: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Result<Proc> {
+        let (mut cmd, resolv) = self.with_resolver(nameserver, program)?;
+        cmd.args(args).envs(env.iter().copied());
+        let proc = Proc::spawn(&self.name, cmd, log);
+        // Mounted before exec: the running process keeps the file.
+        let _ = std::fs::remove_file(&resolv);
+        proc
+    }
+
+    /// `program` in this pod with a resolv.conf naming `nameserver` bound
+    /// over /etc/resolv.conf, and that file (the caller removes it).
+    fn with_resolver(&self, nameserver: &str, program: &Path) -> Result<(Command, PathBuf)> {
         let resolv = std::env::temp_dir().join(format!(
-            "shunt-resolv-{}-{}",
+            "shunt-resolv-{}-{}-{}",
             self.ns.name,
-            nameserver.replace(':', "_")
+            nameserver.replace(':', "_"),
+            crate::unique_id()
         ));
         std::fs::write(
             &resolv,
             format!("nameserver {nameserver}\noptions timeout:2 attempts:1\n"),
         )?;
-        let mut cmd = self
+        let cmd = self
             .enter()
             .bind(&resolv, "/etc/resolv.conf")
             .command(program);
-        cmd.args(args);
-        let out = cmd.output();
-        let _ = std::fs::remove_file(&resolv);
-        Ok(out?)
+        Ok((cmd, resolv))
     }
 
     /// Start a long-running process in this pod, stdout and stderr to `log`.

@@ -98,22 +98,13 @@ fn setup() -> Result<Mesh> {
     wait_for("services programmed", Duration::from_secs(20), || {
         (maps.read_services().ok()?.len() == 6).then_some(())
     })?;
-    let wlog = node.work_dir.join("waypoint.log");
     // Debug for the HBONE server: it logs each accepted HTTP/2 connection.
-    let waypoint = node.pod("wp").spawn_env(
-        &shunt_bin(),
+    let waypoint = mesh::start_waypoint(
+        &node,
+        None,
         &mesh::waypoint_args(&cfg, &state, &ca),
-        &[("SHUNT_LOG", "info,shunt_agent::hbone::server=debug")],
-        &wlog,
+        "info,shunt_agent::hbone::server=debug",
     )?;
-    let ready = wait_for(
-        "waypoint ready with the service",
-        Duration::from_secs(30),
-        || mesh::waypoint_serving(&std::fs::read_to_string(&wlog).ok()?).then_some(()),
-    );
-    if let Err(e) = ready {
-        anyhow::bail!("{e}; waypoint log:\n{}", waypoint.log_text());
-    }
     let upstream = Some(start_upstream(&node, &upstream_ip)?);
     Ok(Mesh {
         waypoint,

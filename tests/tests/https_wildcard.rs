@@ -12,7 +12,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use shunt_testbed::mesh::{self, Port, ServiceEntry, NAMESPACE, WAYPOINT};
-use shunt_testbed::{shunt_bin, wait_for, Internet, Node, Proc, Result};
+use shunt_testbed::{code_and_text, shunt_bin, wait_for, Internet, Node, Proc, Result};
 
 const POD_RESOLVER: &str = "10.96.0.10";
 /// dnsmasq for the waypoint, on the node's lo.
@@ -29,13 +29,6 @@ struct Env {
     waypoint: Proc,
     inet: Internet,
     node: Node,
-    resolv: std::path::PathBuf,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.resolv);
-    }
 }
 
 fn config(node: &Node, wp_ip: &str) -> String {
@@ -135,31 +128,16 @@ fn setup() -> Result<Env> {
     })?;
     // The waypoint resolves the names the clients send with its own
     // resolver: dnsmasq, as the internet's DNS.
-    let resolv = std::env::temp_dir().join(format!("shunt-wp-resolv-{}", node.pod("wp").ns.name));
-    std::fs::write(
-        &resolv,
-        format!("nameserver {WAYPOINT_DNS}\noptions timeout:2 attempts:1\n"),
+    let waypoint = mesh::start_waypoint(
+        &node,
+        Some(WAYPOINT_DNS),
+        &mesh::waypoint_args(&cfg, &state, &ca),
+        "info",
     )?;
-    let wlog = node.work_dir.join("waypoint.log");
-    let mut cmd = node
-        .pod("wp")
-        .enter()
-        .bind(&resolv, "/etc/resolv.conf")
-        .command(shunt_bin());
-    cmd.args(mesh::waypoint_args(&cfg, &state, &ca))
-        .env("SHUNT_LOG", "info");
-    let waypoint = Proc::spawn("waypoint", cmd, &wlog)?;
-    let ready = wait_for("waypoint ready", Duration::from_secs(30), || {
-        mesh::waypoint_serving(&std::fs::read_to_string(&wlog).ok()?).then_some(())
-    });
-    if let Err(e) = ready {
-        anyhow::bail!("{e}; waypoint log:\n{}", waypoint.log_text());
-    }
     Ok(Env {
         waypoint,
         inet,
         node,
-        resolv,
     })
 }
 
@@ -180,15 +158,7 @@ impl Env {
         let ca = self.inet.ca_pem.display().to_string();
         let mut a = vec!["-4", "-sS", "--max-time", "10", "--cacert", &ca];
         a.extend_from_slice(args);
-        let out = self.app("curl", &a)?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        ))
+        Ok(code_and_text(&self.app("curl", &a)?))
     }
 
     /// The IPv4 VIP the pod's DNS gives `name`.

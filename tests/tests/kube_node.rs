@@ -27,8 +27,8 @@ use serde_json::{json, Value};
 use shunt_agent::config::kube::fake::FakeApi;
 use shunt_common::{Counter, ENR_F_DESCENDANTS};
 use shunt_testbed::{
-    probe_bin, seed, shunt_bin, wait_for, CgroupDriver, Enter, Internet, KubeletPod, Netns, Node,
-    Proc, Result,
+    code_and_text, mesh, probe_bin, seed, shunt_bin, wait_for, CgroupDriver, Enter, Internet,
+    KubeletPod, Netns, Node, Proc, Result,
 };
 
 const NODE: &str = "node-a";
@@ -57,14 +57,7 @@ struct Env {
     _rt: tokio::runtime::Runtime,
     pods: Vec<KubePod>,
     node: Node,
-    resolv: PathBuf,
     agent_kubeconfig: PathBuf,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.resolv);
-    }
 }
 
 /// A listener inside `ns` (a socket keeps the namespace it was made in).
@@ -219,49 +212,29 @@ fn setup() -> Result<Env> {
         || (maps.read_services().ok()?.len() == 2).then_some(()),
     )?;
 
-    let resolv = std::env::temp_dir().join(format!("shunt-wp-resolv-{}", node.pod("wp").ns.name));
-    std::fs::write(
-        &resolv,
-        format!("nameserver {UPSTREAM_DNS}\noptions timeout:2 attempts:1\n"),
-    )?;
-    let wlog = node.work_dir.join("waypoint.log");
     let wp_state = node.work_dir.join("wp-state");
-    let mut cmd = node
-        .pod("wp")
-        .enter()
-        .bind(&resolv, "/etc/resolv.conf")
-        .command(shunt_bin());
-    cmd.args([
-        "waypoint",
-        "--source",
-        "kubernetes",
-        "--kubeconfig",
-        &wp_kubeconfig.display().to_string(),
-        "--mesh-config",
-        &mesh,
-        "--state-dir",
-        &wp_state.display().to_string(),
-        "--ca-dir",
-        &ca,
-        "--name",
-        "egress-gateway",
-        "--namespace",
-        "common-infrastructure",
-    ])
-    .env("SHUNT_LOG", "info");
-    let waypoint = Proc::spawn("waypoint", cmd, &wlog)?;
-    let ready = wait_for("waypoint ready", Duration::from_secs(30), || {
-        let l = std::fs::read_to_string(&wlog).ok()?;
-        l.lines()
-            .any(|x| {
-                (x.contains("waypoint ready") || x.contains("config applied"))
-                    && !x.contains("services=0")
-            })
-            .then_some(())
-    });
-    if let Err(e) = ready {
-        anyhow::bail!("{e}; waypoint log:\n{}", waypoint.log_text());
-    }
+    let waypoint = mesh::start_waypoint(
+        &node,
+        Some(UPSTREAM_DNS),
+        &[
+            "waypoint",
+            "--source",
+            "kubernetes",
+            "--kubeconfig",
+            &wp_kubeconfig.display().to_string(),
+            "--mesh-config",
+            &mesh,
+            "--state-dir",
+            &wp_state.display().to_string(),
+            "--ca-dir",
+            &ca,
+            "--name",
+            "egress-gateway",
+            "--namespace",
+            "common-infrastructure",
+        ],
+        "info",
+    )?;
     Ok(Env {
         waypoint,
         inet,
@@ -269,7 +242,6 @@ fn setup() -> Result<Env> {
         _rt: rt,
         pods,
         node,
-        resolv,
         agent_kubeconfig,
     })
 }
@@ -334,14 +306,7 @@ impl Env {
             "curl",
             &["-4", "-sS", "--max-time", "10", "-w", " %{http_code}", url],
         )?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        ))
+        Ok(code_and_text(&out))
     }
 }
 

@@ -7,21 +7,11 @@
 use std::time::Duration;
 
 use shunt_agent::kernel::{projection::Capacity, PinnedMaps, Projection};
-use shunt_testbed::{wait_for, Node, Result};
+use shunt_testbed::{mesh::wide_entry, wait_for, Node, Result};
 
 /// Hosts of the oversized entry; its ports are as many as take it (an IPv4
 /// and an IPv6 VIP per host) just past the `services` map.
 const HOSTS: usize = 400;
-
-fn service_entry(name: &str, hosts: &[String], ports: std::ops::Range<u16>) -> String {
-    let hosts: String = hosts.iter().map(|h| format!("  - {h}\n")).collect();
-    let ports: String = ports
-        .map(|p| format!("  - {{number: {p}, name: p{p}, protocol: TCP}}\n"))
-        .collect();
-    format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  hosts:\n{hosts}  ports:\n{ports}  resolution: DNS\n"
-    )
-}
 
 /// Everything the agent reconciles into the kernel, as pinned now.
 fn snapshot(maps: &PinnedMaps) -> Result<Projection> {
@@ -48,7 +38,7 @@ fn a_config_larger_than_the_services_map_is_refused_whole_and_the_previous_one_s
     )?;
     node.write_config(
         "10-httpbin.yaml",
-        &service_entry("httpbin.org", &["httpbin.org".into()], 80..81),
+        &wide_entry("httpbin.org", &["httpbin.org".into()], 80..81),
     )?;
     node.start_echo_agent_with_config(None)?;
     let maps = node.maps()?;
@@ -63,7 +53,7 @@ fn a_config_larger_than_the_services_map_is_refused_whole_and_the_previous_one_s
     let ports = Capacity::KERNEL.services / (2 * HOSTS) + 1;
     node.write_config(
         "20-big.yaml",
-        &service_entry("big", &hosts, 1000..1000 + ports as u16),
+        &wide_entry("big", &hosts, 1000..1000 + ports as u16),
     )?;
     let needed = 2 + 2 * HOSTS * ports;
     let want = format!(
@@ -102,7 +92,7 @@ fn a_config_larger_than_the_services_map_is_refused_whole_and_the_previous_one_s
     // address: the refused one's 400 hosts reserved nothing.
     node.write_config(
         "20-big.yaml",
-        &service_entry("small", &["small.example".into()], 443..444),
+        &wide_entry("small", &["small.example".into()], 443..444),
     )?;
     wait_for(
         "the fitting config applied",

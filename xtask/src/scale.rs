@@ -487,6 +487,76 @@ impl Bed {
     }
 }
 
+/// How many reload lines the agent's and the waypoint's logs had before a
+/// config change, so that the lines the change adds can be waited for.
+struct Marks {
+    applied: usize,
+    loaded: usize,
+    waypoint_applied: usize,
+}
+
+/// The reload lines of one config change.
+struct Reloaded {
+    /// Time (unix µs) and line of the agent's `config applied`.
+    agent_applied: (u64, String),
+    agent_loaded: String,
+    /// Time (unix µs) of the waypoint's `waypoint config applied`.
+    waypoint_applied: u64,
+    waypoint_line: String,
+}
+
+impl Marks {
+    fn take(alog: &Path, wlog: &Path) -> Marks {
+        Marks {
+            applied: log_lines(alog, "config applied").len(),
+            loaded: log_lines(alog, "config loaded").len(),
+            waypoint_applied: log_lines(wlog, "waypoint config applied").len(),
+        }
+    }
+
+    /// Waits for the agent to load and apply the change and the waypoint
+    /// to apply it.
+    fn wait(&self, alog: &Path, wlog: &Path) -> Result<Reloaded> {
+        let long = Duration::from_secs(300);
+        let agent_applied = Bed::wait_line(alog, "config applied", self.applied, None, long)?;
+        let (_, agent_loaded) = Bed::wait_line(
+            alog,
+            "config loaded",
+            self.loaded,
+            None,
+            Duration::from_secs(5),
+        )?;
+        let (waypoint_applied, waypoint_line) = Bed::wait_line(
+            wlog,
+            "waypoint config applied",
+            self.waypoint_applied,
+            None,
+            long,
+        )?;
+        Ok(Reloaded {
+            agent_applied,
+            agent_loaded,
+            waypoint_applied,
+            waypoint_line,
+        })
+    }
+}
+
+impl Reloaded {
+    /// Parse and apply times, and each process's delay from the write at
+    /// `written` (unix µs).
+    fn figures(&self, written: u64) -> Value {
+        let (ta, applied) = &self.agent_applied;
+        json!({
+            "agent_parse_ms": field(&self.agent_loaded, "took_ms"),
+            "agent_apply_ms": field(applied, "took_ms"),
+            "agent_write_to_applied_ms": (ta.saturating_sub(written)) as f64 / 1e3,
+            "waypoint_write_to_applied_ms": (self.waypoint_applied.saturating_sub(written)) as f64 / 1e3,
+            "agent_line": applied,
+        })
+    }
+}
+
 fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
     let t_run = Instant::now();
     let mut node = Node::new()?;
@@ -669,11 +739,7 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
         e.ns, e.name
     );
     let alog = bed.agent_log();
-    let (n_applied, n_loaded) = (
-        log_lines(&alog, "config applied").len(),
-        log_lines(&alog, "config loaded").len(),
-    );
-    let n_wapplied = log_lines(&bed.wlog, "waypoint config applied").len();
+    let marks = Marks::take(&alog, &bed.wlog);
     let poller = bed
         .node
         .pod("app")
@@ -692,36 +758,10 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
         .trim()
         .parse()
         .unwrap_or(0);
-    let (ta, edit_applied) = Bed::wait_line(
-        &alog,
-        "config applied",
-        n_applied,
-        None,
-        Duration::from_secs(300),
-    )?;
-    let (_, edit_loaded) = Bed::wait_line(
-        &alog,
-        "config loaded",
-        n_loaded,
-        None,
-        Duration::from_secs(5),
-    )?;
-    let (tw_applied, wedit) = Bed::wait_line(
-        &bed.wlog,
-        "waypoint config applied",
-        n_wapplied,
-        None,
-        Duration::from_secs(300),
-    )?;
-    let edit = json!({
-        "agent_parse_ms": field(&edit_loaded, "took_ms"),
-        "agent_apply_ms": field(&edit_applied, "took_ms"),
-        "agent_write_to_applied_ms": (ta.saturating_sub(tw)) as f64 / 1e3,
-        "write_to_connect_ms": (t_ok.saturating_sub(tw)) as f64 / 1e3,
-        "waypoint_write_to_applied_ms": (tw_applied.saturating_sub(tw)) as f64 / 1e3,
-        "agent_line": edit_applied,
-        "waypoint_line": wedit,
-    });
+    let r = marks.wait(&alog, &bed.wlog)?;
+    let mut edit = r.figures(tw);
+    edit["write_to_connect_ms"] = json!((t_ok.saturating_sub(tw)) as f64 / 1e3);
+    edit["waypoint_line"] = json!(r.waypoint_line);
     eprintln!("[scale] edit: {edit}");
     let rss_edit = (rss_mb(bed.agent_pid), rss_mb(bed.waypoint_pid));
     if a.perf {
@@ -755,41 +795,12 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
 
     // 5. Removal.
     eprintln!("[scale] removing the {} entries", a.n);
-    let n_applied = log_lines(&alog, "config applied").len();
-    let n_loaded = log_lines(&alog, "config loaded").len();
-    let n_wapplied = log_lines(&bed.wlog, "waypoint config applied").len();
+    let marks = Marks::take(&alog, &bed.wlog);
     let tr = unix_us();
     for f in 0..files {
         bed.node.remove_config(&file_name(f))?;
     }
-    let (tra, rem_applied) = Bed::wait_line(
-        &alog,
-        "config applied",
-        n_applied,
-        None,
-        Duration::from_secs(300),
-    )?;
-    let (_, rem_loaded) = Bed::wait_line(
-        &alog,
-        "config loaded",
-        n_loaded,
-        None,
-        Duration::from_secs(5),
-    )?;
-    let (twr, _) = Bed::wait_line(
-        &bed.wlog,
-        "waypoint config applied",
-        n_wapplied,
-        None,
-        Duration::from_secs(300),
-    )?;
-    let removal = json!({
-        "agent_parse_ms": field(&rem_loaded, "took_ms"),
-        "agent_apply_ms": field(&rem_applied, "took_ms"),
-        "agent_write_to_applied_ms": (tra.saturating_sub(tr)) as f64 / 1e3,
-        "waypoint_write_to_applied_ms": (twr.saturating_sub(tr)) as f64 / 1e3,
-        "agent_line": rem_applied,
-    });
+    let removal = marks.wait(&alog, &bed.wlog)?.figures(tr);
     eprintln!("[scale] removal: {removal}");
     std::thread::sleep(SETTLE);
     let rss_removed = (rss_mb(bed.agent_pid), rss_mb(bed.waypoint_pid));
@@ -887,8 +898,12 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
     ));
     t.push_str(&format!(
         "| removal: agent read + parse / apply | {} / {} ms | | |\n",
-        field(&rem_loaded, "took_ms").map_or("?".into(), |x| format!("{x:.0}")),
-        field(&rem_applied, "took_ms").map_or("?".into(), |x| format!("{x:.0}")),
+        removal["agent_parse_ms"]
+            .as_f64()
+            .map_or("?".into(), |x| format!("{x:.0}")),
+        removal["agent_apply_ms"]
+            .as_f64()
+            .map_or("?".into(), |x| format!("{x:.0}")),
     ));
     for p in ["shunt_connect4", "shunt_sk_lookup"] {
         let (few, many) = (ns_run(&conn_few, p), ns_run(&conn_n, p));
