@@ -21,8 +21,10 @@ use super::*;
 /// The YAML files of a directory at one moment, with a content hash.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
-    /// Sorted by file name.
-    pub files: Vec<(PathBuf, Vec<u8>)>,
+    /// Sorted by file name. The bytes are shared: a file that did not
+    /// change is held once by consecutive snapshots (and by the config in
+    /// force, which serves them on the admin `/config`).
+    pub files: Vec<(PathBuf, bytes::Bytes)>,
     pub digest: u64,
     /// Content hash of each file, in `files` order (the parse cache's key).
     hashes: Vec<u64>,
@@ -65,11 +67,41 @@ fn content_hash(b: &[u8]) -> u64 {
 
 impl Snapshot {
     pub fn read(dir: &Path) -> Result<Snapshot, ConfigError> {
+        Snapshot::read_reusing(dir, None, |_| false)
+    }
+
+    /// [`Snapshot::read`], but the files of `prev` for which `unchanged`
+    /// holds are taken from it, neither read nor hashed again.
+    pub fn read_reusing(
+        dir: &Path,
+        prev: Option<&Snapshot>,
+        unchanged: impl Fn(&Path) -> bool,
+    ) -> Result<Snapshot, ConfigError> {
+        let old: HashMap<&Path, usize> = prev
+            .map(|s| {
+                s.files
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (p, _))| (p.as_path(), i))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut files = Vec::new();
+        let mut hashes = Vec::new();
         let mut problems = Vec::new();
         for path in list_yaml(dir)? {
+            if let (Some(&i), Some(prev)) = (old.get(path.as_path()), prev) {
+                if unchanged(&path) {
+                    files.push((path, prev.files[i].1.clone()));
+                    hashes.push(prev.hashes[i]);
+                    continue;
+                }
+            }
             match std::fs::read(&path) {
-                Ok(b) => files.push((path, b)),
+                Ok(b) => {
+                    hashes.push(content_hash(&b));
+                    files.push((path, bytes::Bytes::from(b)));
+                }
                 // Deleted between listing and reading: the next poll sees it.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => problems.push(Problem {
@@ -84,12 +116,20 @@ impl Snapshot {
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
-        Ok(Snapshot::new(files))
+        Ok(Snapshot::with_hashes(files, hashes))
     }
 
     /// A snapshot of `files` (sorted by name), with their content hash.
     pub fn new(files: Vec<(PathBuf, Vec<u8>)>) -> Snapshot {
         let hashes: Vec<u64> = files.iter().map(|(_, b)| content_hash(b)).collect();
+        let files = files
+            .into_iter()
+            .map(|(p, b)| (p, bytes::Bytes::from(b)))
+            .collect();
+        Snapshot::with_hashes(files, hashes)
+    }
+
+    fn with_hashes(files: Vec<(PathBuf, bytes::Bytes)>, hashes: Vec<u64>) -> Snapshot {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         for ((p, _), c) in files.iter().zip(&hashes) {
             p.hash(&mut h);

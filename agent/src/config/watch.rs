@@ -3,8 +3,9 @@
 //! ConfigMap volumes whose files are swapped by symlink renames.
 //!
 //! Each poll compares a cheap fingerprint (names, sizes, mtimes); when it
-//! changes, or every `FULL_EVERY` polls in case an edit kept size and mtime,
-//! the files are read and their content hashed. Only a new content hash is
+//! changes the files whose fingerprint changed are read and their content
+//! hashed (the others are taken from the last snapshot), and every
+//! `FULL_EVERY` polls, in case an edit kept size and mtime, all of them. Only a new content hash is
 //! parsed, and of it only the files whose content changed (the watcher's
 //! [`Parser`] keeps the others' parse). An invalid directory is logged with all its problems, published on
 //! `rejected`, and the previous good config stays in force.
@@ -114,6 +115,7 @@ impl ConfigWatcher {
             fingerprint: None,
             digest: None,
             parser: Parser::default(),
+            last: None,
         };
         let (cfg, rej) = match st.poll(true) {
             Outcome::Valid(c) => (Some(c), None),
@@ -199,15 +201,20 @@ enum Outcome {
     Invalid(Arc<ConfigError>),
 }
 
+/// Each file's path, size and mtime.
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
 struct State {
     dir: PathBuf,
-    fingerprint: Option<Vec<(PathBuf, u64, Option<SystemTime>)>>,
+    fingerprint: Option<Fingerprint>,
     /// Content hash of the last snapshot parsed (valid or not).
     digest: Option<u64>,
     parser: Parser,
+    /// The last snapshot read, and the fingerprint it was read under.
+    last: Option<(Arc<Snapshot>, Fingerprint)>,
 }
 
-fn fingerprint(dir: &Path) -> Option<Vec<(PathBuf, u64, Option<SystemTime>)>> {
+fn fingerprint(dir: &Path) -> Option<Fingerprint> {
     let files = load::list_yaml(dir).ok()?;
     Some(
         files
@@ -229,7 +236,18 @@ impl State {
         if !full && fp.is_some() && fp == self.fingerprint {
             return Outcome::Unchanged;
         }
-        let snap = match Snapshot::read(&self.dir) {
+        // Outside full polls a file whose name, size and mtime are as when
+        // it was last read is taken as read then.
+        let same = |p: &Path| match (&self.last, &fp) {
+            (Some((_, old)), Some(new)) if !full => {
+                let at =
+                    |v: &Fingerprint| v.iter().find(|(q, _, _)| q == p).map(|(_, l, m)| (*l, *m));
+                at(old).is_some_and(|o| o.1.is_some() && Some(o) == at(new))
+            }
+            _ => false,
+        };
+        let read = Snapshot::read_reusing(&self.dir, self.last.as_ref().map(|l| &*l.0), same);
+        let snap = match read {
             Ok(s) => s,
             Err(e) => {
                 // Reported once per distinct failure: remember a pseudo-digest.
@@ -243,12 +261,14 @@ impl State {
                 return Outcome::Invalid(Arc::new(e));
             }
         };
+        let snap = Arc::new(snap);
+        self.last = fp.clone().map(|f| (snap.clone(), f));
         self.fingerprint = fp;
         if self.digest == Some(snap.digest) {
             return Outcome::Unchanged;
         }
         self.digest = Some(snap.digest);
-        match self.parser.parse(Arc::new(snap)) {
+        match self.parser.parse(snap) {
             Ok(c) => {
                 tracing::info!(
                     dir = %self.dir.display(),
