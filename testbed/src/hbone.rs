@@ -101,7 +101,7 @@ impl ConnectHandler for TestHandler {
             },
         }
     }
-    fn completed(&self, _req: &InboundRequest, stats: &RelayStats) {
+    fn completed(&self, stats: &RelayStats) {
         self.completed.lock().unwrap().push((
             stats.bytes_sent,
             stats.bytes_received,

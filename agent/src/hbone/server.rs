@@ -114,7 +114,7 @@ pub trait ConnectHandler: Send + Sync + 'static {
     /// Decides on one tunnel; may connect upstream before answering.
     fn handle(&self, req: InboundRequest) -> impl Future<Output = Decision> + Send;
     /// Called when a `Forward` relay ends (for the access log and metrics).
-    fn completed(&self, _req: &InboundRequest, _stats: &RelayStats) {}
+    fn completed(&self, _stats: &RelayStats) {}
     /// Called when a stream was answered 400 before reaching `handle`.
     fn rejected(&self, _peer: &SpiffeId, _peer_addr: SocketAddr, _why: &str) {}
 }
@@ -369,8 +369,12 @@ async fn stream<H: ConnectHandler>(
     local: SocketAddr,
     handler: Arc<H>,
 ) -> bool {
-    let (parts, recv) = req.into_parts();
+    let (mut parts, recv) = req.into_parts();
     let parsed = parse_connect(&parts, peer);
+    // Only the headers go on: the rest of the head would otherwise live as
+    // long as the tunnel.
+    let headers = std::mem::take(&mut parts.headers);
+    drop(parts);
     let ConnectTarget {
         authority,
         source: source_addr,
@@ -391,12 +395,13 @@ async fn stream<H: ConnectHandler>(
         authority,
         source_addr,
         forwarded_host,
-        headers: parts.headers,
+        headers,
     };
     // The handler's work (an upstream connect that may wait out its timeout
     // on a silent host) is dropped as soon as the client resets the stream.
+    // The request is the handler's: nothing of it is held while relaying.
     let decision = tokio::select! {
-        d = handler.handle(inbound.clone()) => d,
+        d = handler.handle(inbound) => d,
         _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return true,
     };
     match decision {
@@ -412,12 +417,12 @@ async fn stream<H: ConnectHandler>(
                         error: Some(HboneError::from_h2(e)),
                         ..Default::default()
                     };
-                    handler.completed(&inbound, &stats);
+                    handler.completed(&stats);
                     return true;
                 }
             };
             let stats = relay(&mut upstream, send, recv).await;
-            handler.completed(&inbound, &stats);
+            handler.completed(&stats);
             matches!(stats.error, Some(HboneError::StreamReset(_)))
         }
         Decision::Serve(f) => match respond.send_response(Response::new(()), false) {

@@ -124,17 +124,22 @@ async fn carry(
             log.dst_workload = Some(wp.gateway.name.clone());
             log.dst_namespace = Some(wp.gateway.namespace.clone());
             log.dst_identity = Some(wp.identity.to_string());
-            let req = ConnectRequest {
-                source_identity: wl.identity.clone(),
-                source_addr: conn.src,
-                waypoint_addr: wp.addr,
-                waypoint_identity: wp.identity.clone(),
-                authority: conn.dst,
-                host: host.clone(),
-                baggage: wl.baggage.clone(),
-                traceparent: None,
+            // Dropped once connected: the request's copies of the identities
+            // would otherwise live as long as the connection.
+            let connected = {
+                let req = ConnectRequest {
+                    source_identity: wl.identity.clone(),
+                    source_addr: conn.src,
+                    waypoint_addr: wp.addr,
+                    waypoint_identity: wp.identity.clone(),
+                    authority: conn.dst,
+                    host: host.clone(),
+                    baggage: wl.baggage.clone(),
+                    traceparent: None,
+                };
+                client.connect(&req).await
             };
-            match client.connect(&req).await {
+            match connected {
                 Ok(tunnel) => {
                     let stats = tunnel.relay(&mut conn.stream).await;
                     log.bytes_sent = stats.bytes_sent;
