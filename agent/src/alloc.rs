@@ -41,6 +41,7 @@
 //! allocates none itself; only its node-local service and workload ids are
 //! its own.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::io::Write;
@@ -52,6 +53,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ObjectKey, ServiceEntry};
+use crate::telemetry::LogLimit;
 
 /// File name of the persisted state in the state directory.
 pub const STATE_FILE: &str = "vips.json";
@@ -240,20 +242,25 @@ pub use crate::model::service::eligible;
 
 // ----------------------------------------------------------- persistence
 
+/// The persisted form; borrowed from the [`Allocation`] when written (no
+/// copy of 100,000 host names to serialize them once).
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct State {
+struct State<'a> {
     version: u32,
     prefixes: Prefixes,
     next_v4: Ipv4Addr,
     next_v6: Ipv6Addr,
-    hosts: Vec<HostRecord>,
+    #[serde(borrow)]
+    hosts: Vec<HostRecord<'a>>,
     next_service_id: u32,
-    services: Vec<IdRecord>,
+    #[serde(borrow)]
+    services: Vec<IdRecord<'a>>,
     next_workload_id: u32,
-    workloads: Vec<IdRecord>,
+    #[serde(borrow)]
+    workloads: Vec<IdRecord<'a>>,
     #[serde(default)]
-    warnings: Vec<AllocWarning>,
+    warnings: Cow<'a, [AllocWarning]>,
     /// Absent in files of older agents: no release time known.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     freed: Vec<FreedRecord>,
@@ -269,10 +276,13 @@ struct FreedRecord {
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct HostRecord {
-    host: String,
-    namespace: String,
-    name: String,
+struct HostRecord<'a> {
+    #[serde(borrow)]
+    host: Cow<'a, str>,
+    #[serde(borrow)]
+    namespace: Cow<'a, str>,
+    #[serde(borrow)]
+    name: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     v4: Option<Ipv4Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -284,9 +294,11 @@ struct HostRecord {
 }
 
 #[derive(Serialize, Deserialize)]
-struct IdRecord {
-    namespace: String,
-    name: String,
+struct IdRecord<'a> {
+    #[serde(borrow)]
+    namespace: Cow<'a, str>,
+    #[serde(borrow)]
+    name: Cow<'a, str>,
     id: u32,
 }
 
@@ -353,9 +365,9 @@ fn parse_state(bytes: &[u8], path: PathBuf) -> Result<Allocation, AllocError> {
             found: st.version,
         });
     }
-    let key = |ns: String, name: String| ObjectKey {
-        namespace: ns,
-        name,
+    let key = |ns: Cow<str>, name: Cow<str>| ObjectKey {
+        namespace: ns.into_owned(),
+        name: name.into_owned(),
     };
     let mut hosts = HashMap::with_capacity(st.hosts.len());
     let mut reserved = HashMap::new();
@@ -366,9 +378,9 @@ fn parse_state(bytes: &[u8], path: PathBuf) -> Result<Allocation, AllocError> {
             v6: h.v6,
         };
         if let Some(t) = h.released {
-            reserved.insert(h.host, (a, t));
+            reserved.insert(h.host.into_owned(), (a, t));
         } else {
-            hosts.insert(h.host, a);
+            hosts.insert(h.host.into_owned(), a);
         }
     }
     let (mut freed_v4, mut freed_v6) = (Vec::new(), Vec::new());
@@ -393,7 +405,7 @@ fn parse_state(bytes: &[u8], path: PathBuf) -> Result<Allocation, AllocError> {
             .into_iter()
             .map(|r| (key(r.namespace, r.name), r.id))
             .collect(),
-        warnings: st.warnings,
+        warnings: st.warnings.into_owned(),
         prefixes: Some(st.prefixes),
         next_v4: Some(st.next_v4),
         next_v6: Some(st.next_v6),
@@ -402,34 +414,33 @@ fn parse_state(bytes: &[u8], path: PathBuf) -> Result<Allocation, AllocError> {
     })
 }
 
-fn to_state(a: &Allocation, prefixes: Prefixes) -> State {
-    let record = |h: &String, x: &HostAlloc, released| HostRecord {
-        host: h.clone(),
-        namespace: x.owner.namespace.clone(),
-        name: x.owner.name.clone(),
-        v4: x.v4,
-        v6: x.v6,
-        released,
-    };
-    let mut hosts: Vec<HostRecord> = a
-        .hosts
-        .iter()
-        .map(|(h, x)| record(h, x, None))
-        .chain(a.reserved.iter().map(|(h, (x, t))| record(h, x, Some(*t))))
-        .collect();
-    hosts.sort_by(|a, b| a.host.cmp(&b.host));
-    let ids = |m: &HashMap<ObjectKey, u32>| {
+fn to_state(a: &Allocation, prefixes: Prefixes) -> State<'_> {
+    fn record<'a>(h: &'a str, x: &'a HostAlloc, released: Option<u64>) -> HostRecord<'a> {
+        HostRecord {
+            host: Cow::Borrowed(h),
+            namespace: Cow::Borrowed(x.owner.namespace.as_str()),
+            name: Cow::Borrowed(x.owner.name.as_str()),
+            v4: x.v4,
+            v6: x.v6,
+            released,
+        }
+    }
+    let mut hosts: Vec<HostRecord> = Vec::with_capacity(a.hosts.len() + a.reserved.len());
+    hosts.extend(a.hosts.iter().map(|(h, x)| record(h, x, None)));
+    hosts.extend(a.reserved.iter().map(|(h, (x, t))| record(h, x, Some(*t))));
+    hosts.sort_unstable_by(|a, b| a.host.cmp(&b.host));
+    fn ids(m: &HashMap<ObjectKey, u32>) -> Vec<IdRecord<'_>> {
         let mut v: Vec<IdRecord> = m
             .iter()
             .map(|(k, id)| IdRecord {
-                namespace: k.namespace.clone(),
-                name: k.name.clone(),
+                namespace: Cow::Borrowed(k.namespace.as_str()),
+                name: Cow::Borrowed(k.name.as_str()),
                 id: *id,
             })
             .collect();
-        v.sort_by_key(|r| r.id);
+        v.sort_unstable_by_key(|r| r.id);
         v
-    };
+    }
     State {
         version: STATE_VERSION,
         prefixes,
@@ -440,7 +451,7 @@ fn to_state(a: &Allocation, prefixes: Prefixes) -> State {
         services: ids(&a.service_ids),
         next_workload_id: a.next_workload_id.max(1),
         workloads: ids(&a.workload_ids),
-        warnings: a.warnings.clone(),
+        warnings: Cow::Borrowed(&a.warnings),
         freed: a
             .freed_v4
             .iter()
@@ -583,6 +594,8 @@ pub struct Allocator {
     grace: Duration,
     /// Hash of the last state written, to skip identical writes.
     written: Option<u64>,
+    /// The summary line of a full prefix, at most once a minute.
+    exhausted_log: LogLimit,
 }
 
 impl Allocator {
@@ -605,6 +618,7 @@ impl Allocator {
             current,
             grace: DEFAULT_GRACE,
             written: None,
+            exhausted_log: LogLimit::new(Duration::from_secs(60)),
         })
     }
 
@@ -627,6 +641,7 @@ impl Allocator {
             current,
             grace: DEFAULT_GRACE,
             written: None,
+            exhausted_log: LogLimit::new(Duration::from_secs(60)),
         })
     }
 
@@ -694,11 +709,14 @@ impl Allocator {
     /// puts it in force. Logs each warning that is new since the previous
     /// one.
     pub fn commit(&mut self, next: Allocation) -> Result<&Allocation, AllocError> {
-        // Only new warnings are logged (a set: 100k entries can mean 30k
-        // exhaustion warnings).
-        let old: HashSet<&AllocWarning> = self.current.warnings.iter().collect();
-        for w in next.warnings.iter().filter(|w| !old.contains(w)) {
-            tracing::warn!("{w}");
+        if next.warnings != self.current.warnings {
+            self.log_new_warnings(&next);
+        }
+        // An edit that changes no host, id or reservation (most edits)
+        // writes nothing: comparing is much cheaper than serializing.
+        if self.written.is_some() && next == self.current {
+            self.current = next;
+            return Ok(&self.current);
         }
         let bytes = serde_json::to_vec(&to_state(&next, self.prefixes))
             .expect("allocation state serializes");
@@ -719,6 +737,55 @@ impl Allocator {
     }
 }
 
+impl Allocator {
+    /// Logs what is new in `next`'s warnings: a full prefix as one summary
+    /// line per family (a config of 100k hosts left ~30k without an IPv4
+    /// address, each once a line), rate-limited; other warnings one line
+    /// each, the first [`MAX_WARNING_LINES`] of them.
+    fn log_new_warnings(&self, next: &Allocation) {
+        let old: HashSet<&AllocWarning> = self.current.warnings.iter().collect();
+        let (mut new4, mut new6, mut others) = (0usize, 0usize, 0usize);
+        for w in next.warnings.iter().filter(|w| !old.contains(w)) {
+            match w {
+                AllocWarning::Exhausted { family, .. } if family == "IPv4" => new4 += 1,
+                AllocWarning::Exhausted { .. } => new6 += 1,
+                _ => {
+                    others += 1;
+                    if others <= MAX_WARNING_LINES {
+                        tracing::warn!("{w}");
+                    }
+                }
+            }
+        }
+        if others > MAX_WARNING_LINES {
+            tracing::warn!(
+                more = others - MAX_WARNING_LINES,
+                "more new VIP allocation warnings (see `shunt config check`)"
+            );
+        }
+        for (family, new, prefix) in [
+            ("IPv4", new4, self.prefixes.v4.to_string()),
+            ("IPv6", new6, self.prefixes.v6.to_string()),
+        ] {
+            if new == 0 {
+                continue;
+            }
+            if let Some(suppressed) = self.exhausted_log.allow() {
+                tracing::warn!(
+                    new,
+                    suppressed,
+                    "{family} VIP range {prefix} exhausted: {} hosts left without an {family} address",
+                    next.hosts_without_address(family)
+                );
+            }
+        }
+    }
+}
+
+/// New allocation warnings other than a full prefix logged one line each
+/// per commit; the rest are counted in one line.
+const MAX_WARNING_LINES: usize = 20;
+
 /// Pure allocation step: previous allocation + config -> next allocation.
 fn compute(
     prev: &Allocation,
@@ -730,30 +797,35 @@ fn compute(
     let mut warnings = Vec::new();
 
     // Eligible entries, oldest first: the order that decides collisions.
-    let mut order: Vec<&ServiceEntry> = cfg
+    // Each entry's key made once (every host below borrows it).
+    let mut order: Vec<(&ServiceEntry, ObjectKey)> = cfg
         .service_entries
         .iter()
         .map(|se| &**se)
         .filter(|se| eligible(se))
+        .map(|se| {
+            let se: &ServiceEntry = se;
+            (se, se.key())
+        })
         .collect();
-    order.sort_by_key(|se| se.age_key());
+    order.sort_by_key(|(se, _)| se.age_key());
+    let n_hosts: usize = order.iter().map(|(se, _)| se.spec.hosts.len()).sum();
 
     // 1. Host ownership.
-    let mut owners: HashMap<&str, (&ServiceEntry, ObjectKey)> = HashMap::new();
-    let mut owned: Vec<(&str, &ServiceEntry, ObjectKey)> = Vec::new();
-    for se in &order {
-        let key = se.key();
+    let mut owners: HashMap<&str, &ObjectKey> = HashMap::with_capacity(n_hosts);
+    let mut owned: Vec<(&str, &ObjectKey)> = Vec::with_capacity(n_hosts);
+    for (se, key) in &order {
         for h in &se.spec.hosts {
             match owners.get(h.as_str()) {
-                Some((_, owner)) if *owner == key => {} // host listed twice
-                Some((_, owner)) => warnings.push(AllocWarning::HostConflict {
+                Some(owner) if *owner == key => {} // host listed twice
+                Some(owner) => warnings.push(AllocWarning::HostConflict {
                     entry: key.clone(),
                     host: h.clone(),
-                    owner: owner.clone(),
+                    owner: (*owner).clone(),
                 }),
                 None => {
-                    owners.insert(h.as_str(), (se, key.clone()));
-                    owned.push((h.as_str(), se, key.clone()));
+                    owners.insert(h.as_str(), key);
+                    owned.push((h.as_str(), key));
                 }
             }
         }
@@ -792,16 +864,16 @@ fn compute(
         }
     }
     let mut hosts: HashMap<String, HostAlloc> = HashMap::with_capacity(owned.len());
-    let mut need: Vec<(&str, ObjectKey, bool, bool)> = Vec::new();
-    for (h, _se, key) in &owned {
+    let mut need: Vec<(&str, &ObjectKey, bool, bool)> = Vec::new();
+    for &(h, key) in &owned {
         // A host back within its grace gets its reserved addresses again;
         // one the state does not know keeps what its status says (a lost
         // state, or addresses another allocator wrote).
         let from_status = status_alloc(cfg, key, h);
         let old = prev
             .hosts
-            .get(*h)
-            .or_else(|| prev.reserved.get(*h).map(|(a, _)| a))
+            .get(h)
+            .or_else(|| prev.reserved.get(h).map(|(a, _)| a))
             .or(from_status.as_ref());
         let mut v4 = None;
         let mut v6 = None;
@@ -840,7 +912,7 @@ fn compute(
             }
         }
         if v4.is_none() || v6.is_none() {
-            need.push((h, key.clone(), v4.is_none(), v6.is_none()));
+            need.push((h, key, v4.is_none(), v6.is_none()));
         }
         hosts.insert(
             h.to_string(),

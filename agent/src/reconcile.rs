@@ -28,8 +28,16 @@ use crate::{
 
 /// Owns the allocator (the only one on one machine; a follower of the
 /// cluster's controller with `--source kubernetes`) and the kernel maps'
-/// mirrors.
+/// mirrors. Each apply runs on a blocking thread: at 100,000 entries it
+/// takes seconds of CPU, and the DNS proxy and the data path share the
+/// runtime's workers.
 pub struct Reconciler {
+    /// `None` only while an apply runs (it is moved to the blocking thread).
+    stages: Option<Box<Stages>>,
+}
+
+/// Everything an apply reads and writes.
+struct Stages {
     state_dir: PathBuf,
     cgroup_root: PathBuf,
     dns: DnsSettings,
@@ -54,7 +62,7 @@ impl Reconciler {
         model: Arc<ArcSwap<Model>>,
         ready: Arc<AtomicBool>,
     ) -> Result<Self, NodeError> {
-        Ok(Self {
+        let stages = Stages {
             state_dir: opts.agent.state_dir.clone(),
             cgroup_root: opts.agent.paths.cgroup_root.clone(),
             dns: opts.dns.clone(),
@@ -74,6 +82,9 @@ impl Reconciler {
             model,
             clock: StatusClock::load(&opts.agent.state_dir),
             ready,
+        };
+        Ok(Self {
+            stages: Some(Box::new(stages)),
         })
     }
 
@@ -97,7 +108,26 @@ impl Reconciler {
         }
     }
 
+    /// Applies `cfg` on a blocking thread (see [`Reconciler`]).
     pub async fn apply(&mut self, cfg: &Arc<Config>) {
+        let mut stages = self.stages.take().expect("one apply at a time");
+        let cfg = cfg.clone();
+        let rt = tokio::runtime::Handle::current();
+        let done = tokio::task::spawn_blocking(move || {
+            stages.apply(&cfg, &rt);
+            stages
+        })
+        .await;
+        match done {
+            Ok(stages) => self.stages = Some(stages),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("config apply task: {e}"),
+        }
+    }
+}
+
+impl Stages {
+    fn apply(&mut self, cfg: &Arc<Config>, rt: &tokio::runtime::Handle) {
         let started = Instant::now();
         // Allocate, validate, then persist: a refused config must not keep
         // addresses reserved for its new hosts.
@@ -105,14 +135,15 @@ impl Reconciler {
         let cgroups = CgroupDir {
             root: self.cgroup_root.clone(),
         };
-        let model = Model::build(cfg.clone(), &allocation, &cgroups);
+        // Services of unchanged entries are reused from the model in force.
+        let model = Model::build_from(cfg.clone(), &allocation, &cgroups, Some(&self.model.load()));
         for w in model.warnings() {
             warn!("{w}");
         }
         // Each workload address → the interface it must arrive on (the
         // route back to it), for the spoofing check in sk_lookup.
         let addrs: Vec<IpAddr> = model.workloads().filter_map(|w| w.address).collect();
-        let sources = match kernel::netlink::route_oifs(&addrs).await {
+        let sources = match rt.block_on(kernel::netlink::route_oifs(&addrs)) {
             Ok(oifs) => projection::sources(&oifs),
             Err(e) => {
                 warn!(error = %e, "route lookups for workload sources failed; source interface checks unchanged");
@@ -141,9 +172,7 @@ impl Reconciler {
             }
         };
         let table = HostTable::from_scoped(
-            model
-                .hosts()
-                .map(|(h, r)| (h.clone(), r.export_to.clone(), r.v4.clone(), r.v6.clone())),
+            model.hosts().map(|(h, r)| (h, &r.export_to, &r.v4, &r.v6)),
             model
                 .workloads()
                 .filter_map(|w| w.address.map(|ip| (ip, w.namespace().to_string()))),

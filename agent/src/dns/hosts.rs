@@ -107,31 +107,38 @@ impl HostTable {
 
     /// Builds the table from `(host, exportTo, IPv4 VIPs, IPv6 VIPs)` and
     /// the namespace of each client address (IPv4-mapped as IPv4). Entries
-    /// of one host with the same visibility are merged.
-    pub fn from_scoped<I, S, C>(entries: I, clients: C) -> Result<Self, DnsError>
+    /// of one host with the same visibility are merged. Borrowed values
+    /// are copied once, into the table.
+    pub fn from_scoped<I, S, E, A4, A6, C>(entries: I, clients: C) -> Result<Self, DnsError>
     where
-        I: IntoIterator<Item = (S, ExportTo, Vec<Ipv4Addr>, Vec<Ipv6Addr>)>,
+        I: IntoIterator<Item = (S, E, A4, A6)>,
         S: AsRef<str>,
+        E: std::borrow::Borrow<ExportTo>,
+        A4: AsRef<[Ipv4Addr]>,
+        A6: AsRef<[Ipv6Addr]>,
         C: IntoIterator<Item = (IpAddr, String)>,
     {
-        let mut hosts: HashMap<Box<str>, Vec<Scoped>> = HashMap::new();
+        let entries = entries.into_iter();
+        let mut hosts: HashMap<Box<str>, Vec<Scoped>> =
+            HashMap::with_capacity(entries.size_hint().0);
         let mut wildcards: HashMap<Box<str>, Vec<Scoped>> = HashMap::new();
         for (host, export_to, v4, v6) in entries {
+            let export_to = export_to.borrow();
             let (wild, key) = normalize(host.as_ref())?;
             let map = if wild { &mut wildcards } else { &mut hosts };
             let scopes = map.entry(key.into_boxed_str()).or_default();
-            let i = match scopes.iter().position(|s| s.export_to == export_to) {
+            let i = match scopes.iter().position(|s| s.export_to == *export_to) {
                 Some(i) => i,
                 None => {
                     scopes.push(Scoped {
-                        export_to,
+                        export_to: export_to.clone(),
                         addrs: HostAddrs::default(),
                     });
                     scopes.len() - 1
                 }
             };
-            extend_unique(&mut scopes[i].addrs.v4, v4);
-            extend_unique(&mut scopes[i].addrs.v6, v6);
+            extend_unique(&mut scopes[i].addrs.v4, v4.as_ref());
+            extend_unique(&mut scopes[i].addrs.v6, v6.as_ref());
         }
         let clients = clients
             .into_iter()
@@ -236,17 +243,21 @@ impl HostTable {
         };
         let mut all = first.addrs.clone();
         for s in std::iter::once(second).chain(seen) {
-            extend_unique(&mut all.v4, s.addrs.v4.clone());
-            extend_unique(&mut all.v6, s.addrs.v6.clone());
+            extend_unique(&mut all.v4, &s.addrs.v4);
+            extend_unique(&mut all.v6, &s.addrs.v6);
         }
         Some(Cow::Owned(all))
     }
 }
 
-fn extend_unique<T: PartialEq>(into: &mut Vec<T>, from: Vec<T>) {
+fn extend_unique<T: PartialEq + Copy>(into: &mut Vec<T>, from: &[T]) {
+    if into.is_empty() {
+        into.extend_from_slice(from);
+        return;
+    }
     for a in from {
-        if !into.contains(&a) {
-            into.push(a);
+        if !into.contains(a) {
+            into.push(*a);
         }
     }
 }

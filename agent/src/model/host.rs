@@ -50,6 +50,15 @@ pub fn dns_key(host: &str) -> String {
     host.to_ascii_lowercase()
 }
 
+/// [`dns_key`] without a copy for a name already in lower case.
+pub fn dns_key_ref(host: &str) -> std::borrow::Cow<'_, str> {
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(dns_key(host))
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -117,12 +117,32 @@ pub struct Model {
     /// [`StatusClock`] stamps it.
     pub status: BTreeMap<ObjectKey, ServiceEntryStatus>,
     warnings: Vec<Warning>,
+    /// Per service, the ServiceEntry (its address in `config`) it was
+    /// resolved from without a warning: [`Model::build_from`] reuses it
+    /// while the entry is the same object.
+    reusable: HashMap<ServiceId, usize>,
 }
 
 impl Model {
     /// Builds the model. `cgroups` resolves `shunt.io/cgroup` annotations
     /// (the agent's [`CgroupDir`]; readers pass [`NoCgroups`]).
     pub fn build(cfg: Arc<Config>, alloc: &Allocation, cgroups: &dyn CgroupResolver) -> Model {
+        Self::build_from(cfg, alloc, cgroups, None)
+    }
+
+    /// [`Model::build`], reusing the services of `prev` whose ServiceEntry
+    /// is the very same object (the config loader shares unchanged ones
+    /// across reloads) when nothing else a service is resolved from changed
+    /// (mesh, namespaces, gateways, DestinationRules, WorkloadEntries) and
+    /// its id and allocated addresses are the same. The result equals
+    /// [`Model::build`]'s; an edit of one entry then resolves one service.
+    pub fn build_from(
+        cfg: Arc<Config>,
+        alloc: &Allocation,
+        cgroups: &dyn CgroupResolver,
+        prev: Option<&Model>,
+    ) -> Model {
+        let prev = prev.filter(|p| same_context(&p.config, &cfg));
         let mesh = Mesh::from_config(&cfg.mesh);
         let mut m = Model {
             mesh,
@@ -134,7 +154,7 @@ impl Model {
         order.sort_by_key(|se| se.age_key());
         let mut bound = waypoint::Bound::new();
         for se in order {
-            m.add_service(&cfg, alloc, se, &mut bound);
+            m.add_service(&cfg, alloc, se, &mut bound, prev);
         }
         for we in &cfg.workload_entries {
             m.add_workload(&cfg, alloc, cgroups, we);
@@ -158,8 +178,17 @@ impl Model {
         alloc: &Allocation,
         se: &ServiceEntry,
         bound: &mut waypoint::Bound,
+        prev: Option<&Model>,
     ) {
         let key = se.key();
+        let origin = se as *const ServiceEntry as usize;
+        if let Some((svc, status)) = prev.and_then(|p| p.reusable_service(alloc, se, &key, origin))
+        {
+            self.status.insert(key, status.clone());
+            self.reusable.insert(svc.id, origin);
+            self.index_service(svc.clone());
+            return;
+        }
         let binding = waypoint::bind(cfg, &self.mesh.trust_domain, se, bound);
         let mut vips: Vec<Vip> = alloc
             .addresses_of(&key, &se.spec.hosts)
@@ -197,7 +226,52 @@ impl Model {
             );
             return;
         };
-        let svc = service::resolve(cfg, &self.mesh, se, id, vips, binding, &mut self.warnings);
+        let warned = self.warnings.len();
+        let svc = service::resolve(
+            cfg,
+            &self.mesh,
+            se,
+            key,
+            id,
+            vips,
+            binding,
+            &mut self.warnings,
+        );
+        if self.warnings.len() == warned {
+            self.reusable.insert(id, origin);
+        }
+        self.index_service(Arc::new(svc));
+    }
+
+    /// `prev`'s service for `se` and its status, if [`Model::build_from`]
+    /// may reuse them.
+    fn reusable_service(
+        &self,
+        alloc: &Allocation,
+        se: &ServiceEntry,
+        key: &ObjectKey,
+        origin: usize,
+    ) -> Option<(&Arc<Service>, &ServiceEntryStatus)> {
+        let id = alloc.service_id(key)?;
+        if self.reusable.get(&id) != Some(&origin) {
+            return None;
+        }
+        let svc = self.services.get(&id)?;
+        let mut was = svc.vips.iter().filter(|v| v.allocated);
+        let same_vips = alloc
+            .addresses_of(key, &se.spec.hosts)
+            .all(|(h, ip)| was.next().is_some_and(|v| v.ip == ip && v.host == h))
+            && was.next().is_none();
+        if !same_vips || &svc.key != key {
+            return None;
+        }
+        Some((svc, self.status.get(key)?))
+    }
+
+    /// Puts a service into the indexes (VIP:port, hosts), older entries
+    /// first; collisions become warnings.
+    fn index_service(&mut self, svc: Arc<Service>) {
+        let id = svc.id;
         if svc.resolution == crate::config::Resolution::DynamicDns
             && matches!(svc.waypoint, WaypointBinding::None)
         {
@@ -205,10 +279,10 @@ impl Model {
             // NoWaypointForWildcardService); the pods' DNS stays as it was.
             self.warn(
                 Kind::ServiceEntry,
-                &key,
+                &svc.key,
                 "resolution DYNAMIC_DNS does not apply until the entry is bound to a waypoint; not programmed".into(),
             );
-            self.services.insert(id, Arc::new(svc));
+            self.services.insert(id, svc);
             return;
         }
         for vip in &svc.vips {
@@ -223,13 +297,18 @@ impl Model {
                             "{} port {} already belongs to an older ServiceEntry (service id {other})",
                             vip.ip, p.number
                         );
-                        self.warn(Kind::ServiceEntry, &key, msg);
+                        self.warn(Kind::ServiceEntry, &svc.key, msg);
                     }
                 }
             }
         }
         for v in svc.vips.iter().filter(|v| v.allocated) {
-            let records = self.hosts.entry(host::dns_key(&v.host)).or_default();
+            // Host names are lower case as a rule: no key made for a host
+            // already in the map (each host has two VIPs).
+            let records = match self.hosts.get_mut(&*host::dns_key_ref(&v.host)) {
+                Some(r) => r,
+                None => self.hosts.entry(host::dns_key(&v.host)).or_default(),
+            };
             let r = match records.iter_mut().position(|r| r.service == id) {
                 Some(i) => &mut records[i],
                 None => {
@@ -246,7 +325,7 @@ impl Model {
                 IpAddr::V6(a) => r.v6.push(a),
             }
         }
-        self.services.insert(id, Arc::new(svc));
+        self.services.insert(id, svc);
     }
 
     fn add_workload(
@@ -440,6 +519,17 @@ impl Model {
             .values()
             .filter(move |s| s.waypoint.waypoint().is_some_and(|w| &w.gateway == gateway))
     }
+}
+
+/// Whether everything a service is resolved from, besides its own
+/// ServiceEntry and allocation, is the same in `a` and `b` (a few objects:
+/// compared by value).
+fn same_context(a: &Config, b: &Config) -> bool {
+    a.mesh == b.mesh
+        && a.namespaces == b.namespaces
+        && a.gateways == b.gateways
+        && a.destination_rules == b.destination_rules
+        && a.workload_entries == b.workload_entries
 }
 
 /// A WorkloadEntry that is one of a waypoint's own pods (labelled with the

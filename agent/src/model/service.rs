@@ -124,6 +124,10 @@ impl Service {
     }
     /// The DestinationRule TLS settings for (host, port), if any.
     pub fn tls_for(&self, host: &str, port: u16) -> Option<&ClientTls> {
+        // Most services have none: no key string made for them.
+        if self.tls.is_empty() {
+            return None;
+        }
         self.tls.get(&(host.to_string(), port))
     }
 
@@ -316,16 +320,17 @@ pub(super) fn selected<'a>(
 
 /// Builds one service (VIPs given by the caller from the allocation);
 /// what it cannot honour goes to `warnings`.
+#[allow(clippy::too_many_arguments)] // one call site, every input distinct
 pub(super) fn resolve(
     cfg: &Config,
     mesh: &Mesh,
     se: &ServiceEntry,
+    key: ObjectKey,
     id: ServiceId,
     vips: Vec<Vip>,
     waypoint: WaypointBinding,
     warnings: &mut Vec<Warning>,
 ) -> Service {
-    let key = se.key();
     let ports: Vec<ServicePort> = se
         .spec
         .ports
@@ -342,13 +347,18 @@ pub(super) fn resolve(
     // nothing originates TLS (the rule is reported below).
     let proxy_ns = waypoint
         .waypoint()
-        .map(|w| w.gateway.namespace.clone())
-        .unwrap_or_else(|| se.namespace().to_string());
+        .map_or(se.namespace(), |w| w.gateway.namespace.as_str());
     let mut tls = HashMap::new();
     let mut unapplied: Vec<ObjectKey> = Vec::new();
-    for h in &se.spec.hosts {
+    // Without DestinationRules there is nothing to look up per host and port.
+    let hosts = if cfg.destination_rules.is_empty() {
+        &[][..]
+    } else {
+        &se.spec.hosts[..]
+    };
+    for h in hosts {
         for p in &ports {
-            let Some(dr) = destination_rule(cfg, mesh, &proxy_ns, se.namespace(), h) else {
+            let Some(dr) = destination_rule(cfg, mesh, proxy_ns, se.namespace(), h) else {
                 continue;
             };
             let Some(mut t) = tls_of(dr, p.number) else {

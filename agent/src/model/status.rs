@@ -55,7 +55,7 @@ pub struct StatusClock {
 /// File name of the persisted condition times in the state directory.
 pub const STATUS_FILE: &str = "status.json";
 
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 struct StatusRecord {
     namespace: String,
     name: String,
@@ -79,13 +79,20 @@ impl StatusClock {
 
     /// Writes the times (temp file + rename).
     pub fn save(&self, state_dir: &Path) -> std::io::Result<()> {
-        let recs: Vec<StatusRecord> = self
+        // Borrowed: the records are only serialized.
+        #[derive(serde::Serialize)]
+        struct Record<'a> {
+            namespace: &'a str,
+            name: &'a str,
+            conditions: &'a [StatusCondition],
+        }
+        let recs: Vec<Record> = self
             .seen
             .iter()
-            .map(|(k, c)| StatusRecord {
-                namespace: k.namespace.clone(),
-                name: k.name.clone(),
-                conditions: c.clone(),
+            .map(|(k, c)| Record {
+                namespace: &k.namespace,
+                name: &k.name,
+                conditions: c,
             })
             .collect();
         let path = state_dir.join(STATUS_FILE);
@@ -96,19 +103,24 @@ impl StatusClock {
 
     /// Fills `lastTransitionTime` of every condition: kept when status and
     /// reason are unchanged, else `now` (RFC 3339). Returns whether anything
-    /// changed (worth saving).
+    /// changed (worth saving). Both maps are in key order, so they are
+    /// walked side by side; an entry whose conditions are unchanged keeps
+    /// its record (no copy of 100,000 of them per edit).
     pub fn stamp(
         &mut self,
         status: &mut BTreeMap<ObjectKey, ServiceEntryStatus>,
         now: &str,
     ) -> bool {
         let mut changed = self.seen.len() != status.len();
-        let mut next = BTreeMap::new();
+        let mut old = std::mem::take(&mut self.seen).into_iter().peekable();
+        let mut next = Vec::with_capacity(status.len());
         for (k, st) in status.iter_mut() {
-            let old = self.seen.get(k);
+            while old.next_if(|(ok, _)| ok < k).is_some() {}
+            let prev = old.next_if(|(ok, _)| ok == k);
+            let conds = prev.as_ref().map(|(_, c)| c.as_slice());
             for c in &mut st.conditions {
-                let prev = old.and_then(|o| o.iter().find(|p| p.type_ == c.type_));
-                match prev {
+                let p = conds.and_then(|o| o.iter().find(|p| p.type_ == c.type_));
+                match p {
                     Some(p) if p.status == c.status && p.reason == c.reason => {
                         c.last_transition_time = p.last_transition_time.clone();
                     }
@@ -118,9 +130,13 @@ impl StatusClock {
                     }
                 }
             }
-            next.insert(k.clone(), st.conditions.clone());
+            next.push(match prev {
+                Some((ok, oc)) if oc == st.conditions => (ok, oc),
+                _ => (k.clone(), st.conditions.clone()),
+            });
         }
-        self.seen = next;
+        // Already in key order: built in one pass.
+        self.seen = next.into_iter().collect();
         changed
     }
 }

@@ -26,6 +26,9 @@ pub(super) fn warnings(cfg: &Config) -> Vec<Warning> {
         })
     };
     for se in &cfg.service_entries {
+        if se.spec.location != Some(Location::MeshInternal) && se.spec.endpoints.is_empty() {
+            continue; // nothing to report: no key made
+        }
         let key = se.key();
         if se.spec.location == Some(Location::MeshInternal) {
             w(

@@ -113,22 +113,22 @@ pub(crate) async fn reload_loop(
         };
         lagging = lags(&cfg, &allocation);
         let prev = shared.routes.load_full();
-        let model = Arc::new(Model::build(cfg, &allocation, &NoCgroups));
-        // The agent's acceptance step: a config the agent refuses (too big
-        // for its maps, refused by another waypoint) is refused here too.
-        let projection = validate::projection_of(&model);
-        if let Err(e) = validate::validate(&model, &projection, &Capacity::KERNEL) {
-            tracing::error!("waypoint config rejected: {e}");
-            continue;
-        }
-        let built = routes::build(
-            model,
-            &routes::BuildInputs {
-                gateway: &shared.gateway,
-                connect_timeout: timeout,
-                previous: Some(&prev),
-            },
-        );
+        let gateway = shared.gateway.clone();
+        // Seconds of CPU at 100,000 entries: off the runtime's workers,
+        // which keep serving tunnels meanwhile.
+        let built = tokio::task::spawn_blocking(move || {
+            rebuild(cfg, &allocation, &gateway, timeout, &prev)
+        })
+        .await;
+        let built = match built {
+            Ok(Some(b)) => b,
+            Ok(None) => continue,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => {
+                tracing::error!("waypoint reload task: {e}");
+                continue;
+            }
+        };
         match built {
             Ok(s) => {
                 for w in &s.warnings {
@@ -140,12 +140,47 @@ pub(crate) async fn reload_loop(
                     policies = s.policies.len(),
                     "waypoint config applied"
                 );
-                shared.routes.store(Arc::new(s));
+                let old = shared.routes.swap(Arc::new(s));
                 shared.changed.send_modify(|v| *v += 1);
+                // The old routes are as big as the new: freed off the
+                // runtime's workers too.
+                tokio::task::spawn_blocking(move || drop(old));
             }
             Err(e) => {
                 tracing::error!("waypoint config rejected, previous config stays in force: {e}")
             }
         }
     }
+}
+
+/// Model, acceptance step and routes for a new config; `None` when the
+/// acceptance step refuses it (logged).
+fn rebuild(
+    cfg: Arc<crate::config::Config>,
+    allocation: &crate::alloc::Allocation,
+    gateway: &crate::policy::GatewayRef,
+    timeout: Duration,
+    prev: &routes::Routes,
+) -> Option<Result<routes::Routes, super::WaypointError>> {
+    let model = Arc::new(Model::build_from(
+        cfg,
+        allocation,
+        &NoCgroups,
+        Some(&prev.model),
+    ));
+    // The agent's acceptance step: a config the agent refuses (too big
+    // for its maps, refused by another waypoint) is refused here too.
+    let projection = validate::projection_of(&model);
+    if let Err(e) = validate::validate(&model, &projection, &Capacity::KERNEL) {
+        tracing::error!("waypoint config rejected: {e}");
+        return None;
+    }
+    Some(routes::build(
+        model,
+        &routes::BuildInputs {
+            gateway,
+            connect_timeout: timeout,
+            previous: Some(prev),
+        },
+    ))
 }

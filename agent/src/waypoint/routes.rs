@@ -229,10 +229,11 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
             let http = port.protocol.is_http() || (sp.needs_http() && !port.declared);
             for vip in &svc.vips {
                 let host = &vip.host;
-                let what = format!("ServiceEntry {} host {host} port {}", svc.key, port.number);
+                // Made only for an error or a TLS upstream.
+                let what = || format!("ServiceEntry {} host {host} port {}", svc.key, port.number);
                 let resolve = svc
                     .destination(host, port)
-                    .map_err(|m| WaypointError::Config(format!("{what}: {m}")))?;
+                    .map_err(|m| WaypointError::Config(format!("{}: {m}", what())))?;
                 let tls = svc.tls_for(host, port.number);
                 let protocol = upstream_protocol(port);
                 let ukey = upstream_key(host, port, &resolve, tls, protocol, inp.connect_timeout);
@@ -244,6 +245,7 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
                                 // Reused with its pool, but its files are
                                 // checked again as for a new one (`check`).
                                 if tls.is_some() {
+                                    let what = what();
                                     let settings = origination(
                                         tls,
                                         protocol == UpstreamProtocol::Http2,
@@ -256,10 +258,18 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
                                 u.clone()
                             }
                             None => {
-                                let settings =
-                                    origination(tls, protocol == UpstreamProtocol::Http2, &what)?;
-                                let connector = UpstreamConnector::new(&settings)
-                                    .map_err(|e| WaypointError::Config(format!("{what}: {e}")))?;
+                                let settings = match tls {
+                                    // What `origination` gives without TLS.
+                                    None => OriginationSettings::default(),
+                                    Some(_) => origination(
+                                        tls,
+                                        protocol == UpstreamProtocol::Http2,
+                                        &what(),
+                                    )?,
+                                };
+                                let connector = UpstreamConnector::new(&settings).map_err(|e| {
+                                    WaypointError::Config(format!("{}: {e}", what()))
+                                })?;
                                 Arc::new(Upstream::new(
                                     ukey.clone(),
                                     host.clone(),
