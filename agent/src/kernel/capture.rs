@@ -53,6 +53,9 @@ pub fn listener(addr: SocketAddr) -> Result<std::net::TcpListener, KernelError> 
     sock.set_only_v6(false).map_err(err)?;
     sock.set_nonblocking(true).map_err(err)?;
     sock.set_reuse_address(true).map_err(err)?;
+    // Accepted sockets inherit TCP_NODELAY: one setsockopt here, none per
+    // connection.
+    sock.set_tcp_nodelay(true).map_err(err)?;
     sock.bind(&addr.into()).map_err(err)?;
     sock.listen(4096).map_err(err)?;
     Ok(sock.into())

@@ -249,8 +249,8 @@ impl CaptureServer {
                 r.unwrap_or(Successor::None)
             };
             let stop = tokio::select! {
-                (stream, _) = acceptor.accept(&self.listener) => {
-                    self.dispatch(stream, &handler);
+                (stream, peer) = acceptor.accept(&self.listener) => {
+                    self.dispatch(stream, peer, &handler);
                     false
                 }
                 s = successor => break s == Successor::TookOver,
@@ -306,15 +306,17 @@ impl CaptureServer {
     async fn drain_accept_queue(&self, handler: &Arc<dyn Handler>) {
         const QUIET: Duration = Duration::from_millis(500);
         let mut acceptor = Acceptor::new(ListenerName::Capture);
-        while let Ok((stream, _)) =
+        while let Ok((stream, peer)) =
             tokio::time::timeout(QUIET, acceptor.accept(&self.listener)).await
         {
-            self.dispatch(stream, handler);
+            self.dispatch(stream, peer, handler);
         }
     }
 
-    fn dispatch(&self, stream: TcpStream, handler: &Arc<dyn Handler>) {
-        let (Ok(src), Ok(dst)) = (stream.peer_addr(), stream.local_addr()) else {
+    /// `src` is the peer address accept(2) returned (no getpeername per
+    /// connection); TCP_NODELAY comes from the listener.
+    fn dispatch(&self, stream: TcpStream, src: SocketAddr, handler: &Arc<dyn Handler>) {
+        let Ok(dst) = stream.local_addr() else {
             return;
         };
         let src = SocketAddr::new(src.ip().to_canonical(), src.port());
@@ -332,7 +334,6 @@ impl CaptureServer {
             reset(stream);
             return;
         };
-        let _ = stream.set_nodelay(true);
         self.in_flight.n.fetch_add(1, Ordering::AcqRel);
         let guard = InFlightGuard(self.in_flight.clone());
         let fut = handler.handle(Steered {

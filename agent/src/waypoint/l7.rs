@@ -213,15 +213,17 @@ fn request_id() -> String {
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    // One allocation per request (this runs for every request without one).
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(36);
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push(HEX[usize::from(x >> 4)] as char);
+        s.push(HEX[usize::from(x & 0x0f)] as char);
+    }
+    s
 }
 
 fn local(
@@ -558,5 +560,24 @@ async fn handle(
                 flags,
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn generated_request_ids_are_distinct_version_4_uuids() {
+        let a = super::request_id();
+        assert_ne!(a, super::request_id());
+        let lens: Vec<usize> = a.split('-').map(str::len).collect();
+        assert_eq!(lens, [8, 4, 4, 4, 12], "{a}");
+        assert!(a
+            .chars()
+            .all(|c| c == '-' || c.is_ascii_digit() || ('a'..='f').contains(&c)));
+        assert_eq!(&a[14..15], "4", "version nibble of {a}");
+        assert!(
+            matches!(&a[19..20], "8" | "9" | "a" | "b"),
+            "variant of {a}"
+        );
     }
 }

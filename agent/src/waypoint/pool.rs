@@ -1,8 +1,9 @@
 //! Upstreams: resolution, connect with timeout, TLS origination, and a
 //! pool of HTTP client connections per (host, target port, TLS settings).
 //!
-//! HTTP/1.1 connections are kept in an idle list and handed back once their
-//! response has been read (hyper's `ready()`); an HTTP/2 upstream shares one
+//! HTTP/1.1 connections go back to the pool's list as soon as a response
+//! head arrives and are handed out again once hyper reports them ready
+//! (the response read); an HTTP/2 upstream shares one
 //! connection. A request that a pooled connection could not even start
 //! (closed while idle) is retried once on a fresh connection.
 //!
@@ -13,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -27,7 +28,7 @@ use crate::upstream::{UpstreamConnector, UpstreamStream};
 
 use super::body::CountingBody;
 
-/// Idle HTTP/1.1 connections kept per upstream.
+/// HTTP/1.1 connections kept per upstream (idle, or finishing a response).
 const MAX_IDLE: usize = 64;
 /// Concrete names a wildcard upstream keeps at once; a new name beyond
 /// this evicts one not in use, or fails (503) when all are.
@@ -328,14 +329,13 @@ impl Upstream {
         }
     }
 
+    /// A pooled connection ready for a request. Closed ones are dropped;
+    /// one still carrying its last response stays for a later request.
     fn take_idle(&self) -> Option<Idle> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(c) = idle.pop() {
-            if !c.send.is_closed() && c.send.is_ready() {
-                return Some(c);
-            }
-        }
-        None
+        idle.retain(|c| !c.send.is_closed());
+        let i = idle.iter().rposition(|c| c.send.is_ready())?;
+        Some(idle.swap_remove(i))
     }
 
     async fn new_h1(&self, original: SocketAddr) -> Result<Idle, UpstreamFailure> {
@@ -375,18 +375,14 @@ impl Upstream {
             match c.send.try_send_request(req).await {
                 Ok(response) => {
                     let (peer, local) = (c.peer, c.local);
-                    // Back to the pool once this response has been read.
-                    let weak: Weak<Upstream> = Arc::downgrade(self);
-                    tokio::spawn(async move {
-                        if c.send.ready().await.is_ok() {
-                            if let Some(u) = weak.upgrade() {
-                                let mut idle = u.idle.lock().unwrap_or_else(|e| e.into_inner());
-                                if idle.len() < MAX_IDLE {
-                                    idle.push(c);
-                                }
-                            }
-                        }
-                    });
+                    // Back to the pool at once (no task per request to wait
+                    // for it): `take_idle` hands it out only once hyper
+                    // reports it ready, after this response has been read.
+                    let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                    if idle.len() < MAX_IDLE {
+                        idle.push(c);
+                    }
+                    drop(idle);
                     return Ok(Sent {
                         response,
                         peer,
