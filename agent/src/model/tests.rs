@@ -790,3 +790,103 @@ fn a_dynamic_dns_wildcard_without_a_waypoint_is_not_programmed() {
         m.warnings()
     );
 }
+
+/// `build_from` must decide exactly like a fresh build: an edit of one
+/// entry, an entry added before the others (it takes a VIP:port an older
+/// entry keeps), a removal, and unchanged entries in the edited file and
+/// in untouched files. The unchanged ones must really be reused, or this
+/// test would only compare two fresh builds.
+#[test]
+fn a_model_built_from_the_previous_one_equals_a_fresh_build_and_reuses_unchanged_services() {
+    let snap = |files: &[(&str, String)]| {
+        Arc::new(crate::config::Snapshot::new(
+            files
+                .iter()
+                .map(|(n, t)| (std::path::PathBuf::from(n), t.as_bytes().to_vec()))
+                .collect(),
+        ))
+    };
+    let explicit = |name: &str, created: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: ns, creationTimestamp: '{created}T00:00:00Z'}}\nspec:\n  hosts: [{name}.example]\n  addresses: [10.9.9.9]\n  ports: [{{number: 80, name: http}}]\n  resolution: STATIC\n  endpoints: [{{address: 10.0.0.1}}]\n---\n")
+    };
+    let v1 = [
+        (
+            "a.yaml",
+            format!(
+                "{GW}{}{}",
+                se("infra", "bound", "istio.io/use-waypoint: wp"),
+                se("ns", "web", "")
+            ),
+        ),
+        ("b.yaml", se("ns", "keep", "") + &se("ns", "gone", "")),
+        ("c.yaml", explicit("old", "2024-01-01")),
+    ];
+    let v2 = [
+        (
+            "a.yaml",
+            format!(
+                "{GW}{}{}",
+                se("infra", "bound", "istio.io/use-waypoint: wp"),
+                se("ns", "web", "").replace("number: 443", "number: 8443")
+            ),
+        ),
+        ("b.yaml", se("ns", "keep", "")),
+        ("c.yaml", explicit("old", "2024-01-01")),
+        (
+            "d.yaml",
+            explicit("young", "2025-01-01") + &se("ns", "added", ""),
+        ),
+    ];
+    let state = tempfile::tempdir().unwrap();
+    let mut al = Allocator::open(state.path()).unwrap();
+    let mut parser = crate::config::Parser::default();
+    let c1 = Arc::new(parser.parse(snap(&v1)).unwrap());
+    let m1 = Model::build(c1.clone(), al.allocate(&c1).unwrap(), &NoCgroups);
+    let c2 = Arc::new(parser.parse(snap(&v2)).unwrap());
+    let a2 = al.allocate(&c2).unwrap().clone();
+    let reused = Model::build_from(c2.clone(), &a2, &NoCgroups, Some(&m1));
+    let fresh = Model::build(c2, &a2, &NoCgroups);
+
+    let services = |m: &Model| {
+        m.services()
+            .map(|s| (s.key.clone(), (**s).clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    assert_eq!(services(&reused), services(&fresh));
+    assert_eq!(reused.status, fresh.status);
+    let vip_ports = |m: &Model| {
+        m.vip_ports()
+            .map(|(a, s)| (a, s.key.clone()))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(vip_ports(&reused), vip_ports(&fresh));
+    let hosts = |m: &Model| {
+        m.hosts()
+            .map(|(h, r)| format!("{h} {r:?}"))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(hosts(&reused), hosts(&fresh));
+    assert_eq!(reused.warnings(), fresh.warnings());
+    assert_eq!(reused.service_at(at("10.9.9.9:80")).unwrap().name(), "old");
+    assert_eq!(
+        bound(&reused, "infra", "bound"),
+        bound(&fresh, "infra", "bound")
+    );
+
+    let same = |ns: &str, name: &str| {
+        let k = ObjectKey::new(ns, name);
+        Arc::ptr_eq(
+            m1.service_by_key(&k).unwrap(),
+            reused.service_by_key(&k).unwrap(),
+        )
+    };
+    assert!(
+        same("ns", "keep"),
+        "an unchanged entry in an edited file is reused"
+    );
+    assert!(same("ns", "old"), "an entry of an untouched file is reused");
+    assert!(!same("ns", "web"), "the edited entry is rebuilt");
+    assert!(reused
+        .service_by_key(&ObjectKey::new("ns", "gone"))
+        .is_none());
+}
