@@ -756,3 +756,74 @@ async fn dns_answers_a_host_only_to_namespaces_it_is_exported_to() {
         assert_eq!(up.asked("theirs.test", RecordType::A).len(), before + 1);
     }
 }
+
+/// A handover: a successor's proxy binds the same address (SO_REUSEPORT)
+/// with its own table; once the predecessor leaves the group, every query
+/// (from many source ports, so many reuseport hashes, including one that
+/// hashed to the predecessor before) reaches the successor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_a_predecessor_that_left_the_reuseport_group_gets_no_new_query() {
+    const NEW_VIP: Ipv4Addr = Ipv4Addr::new(240, 240, 0, 9);
+    let up = start_upstream().await;
+    let old = start_proxy(vec![up.addr], Duration::from_secs(2)).await;
+    let new_hosts = HostTable::from_entries([("httpbin.org", vec![NEW_VIP], vec![])])
+        .unwrap()
+        .into_shared();
+    let new = DnsProxy::start(
+        DnsConfig::new(vec![old.addr()], vec![up.addr]),
+        new_hosts,
+        Metrics::builder().build().dns(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(new.local_addrs(), &[old.addr()]);
+    // Which proxy answered: 240.240.0.4 is the predecessor's, .9 the
+    // successor's.
+    async fn ask(sock: &UdpSocket) -> bool {
+        let m = query_msg("httpbin.org", RecordType::A, None);
+        sock.send(&m.to_vec().unwrap()).await.unwrap();
+        let mut buf = vec![0u8; 65535];
+        let n = tokio::time::timeout(Duration::from_secs(10), sock.recv(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        let resp = Message::from_vec(&buf[..n]).unwrap();
+        match &resp.answers[0].data {
+            RData::A(a) if a.0 == HTTPBIN_V4 => true,
+            RData::A(a) if a.0 == NEW_VIP => false,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    async fn client(addr: SocketAddr) -> UdpSocket {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.connect(addr).await.unwrap();
+        sock
+    }
+    // Both in the group: the kernel spreads clients over both sockets.
+    let mut to_old = None;
+    let mut from_new = 0;
+    for _ in 0..200 {
+        let c = client(old.addr()).await;
+        if ask(&c).await {
+            to_old.get_or_insert(c);
+        } else {
+            from_new += 1;
+        }
+    }
+    let to_old = to_old.expect("no client hashed to the predecessor");
+    assert!(from_new > 0, "no client hashed to the successor");
+    assert!(ask(&to_old).await, "a client's 4-tuple keeps its socket");
+
+    old.proxy.leave_reuseport_group().await;
+    assert!(
+        !ask(&to_old).await,
+        "the predecessor's client now reaches the successor"
+    );
+    for _ in 0..200 {
+        assert!(
+            !ask(&client(old.addr()).await).await,
+            "after leaving, only the successor answers"
+        );
+    }
+    drop(new);
+}

@@ -498,6 +498,9 @@ fn a_surge_handover_through_the_control_socket_refuses_no_connect() -> Result<()
         log.contains("serving until it takes over") && log.contains("successor took over"),
         "{log}"
     );
+    // Its DNS sockets left the reuseport group before it closed them: no
+    // lookup hashed to it is dropped with its queue.
+    assert!(log.contains("DNS listener left to the successor"), "{log}");
     // The kernel never met an empty capture slot.
     assert_eq!(env.node.counter(Counter::NoSocket)?, refused);
     // The new agent serves the seed's flow.

@@ -28,7 +28,7 @@ use crate::{
     },
     model::{Mesh, Model},
     proxy::capture::{CaptureOptions, CaptureServer, CaptureServerError, Handler},
-    proxy::handover,
+    proxy::handover::{self, Successor},
     proxy::outbound::Outbound,
     reconcile::Reconciler,
     telemetry::{AccessLogger, EgressLog, LogFormat, Metrics},
@@ -258,8 +258,24 @@ pub async fn run_with(
         let mut config = DnsConfig::new(listen, opts.dns.upstreams.clone());
         config.max_inflight_per_client = opts.dns.max_inflight_per_client;
         config.clients = dns_clients.clone();
-        let proxy = DnsProxy::start(config, hosts.clone(), metrics.dns()).await?;
+        let proxy = Arc::new(DnsProxy::start(config, hosts.clone(), metrics.dns()).await?);
         info!(listen = ?proxy.local_addrs(), upstreams = ?opts.dns.upstreams, "DNS proxy ready");
+        // Once a successor took over (its DNS sockets are bound by then),
+        // new queries go to it only; this proxy answers what it has queued
+        // until the drain ends.
+        let mut successors = agent.successors();
+        let weak = Arc::downgrade(&proxy);
+        tokio::spawn(async move {
+            if successors
+                .wait_for(|s| *s == Successor::TookOver)
+                .await
+                .is_ok()
+            {
+                if let Some(proxy) = weak.upgrade() {
+                    proxy.leave_reuseport_group().await;
+                }
+            }
+        });
         Some(proxy)
     } else {
         None

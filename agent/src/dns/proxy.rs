@@ -92,6 +92,9 @@ struct Inner {
 #[derive(Debug)]
 pub struct DnsProxy {
     local_addrs: Vec<SocketAddr>,
+    /// The UDP listeners, kept to leave their SO_REUSEPORT group on a
+    /// handover ([`DnsProxy::leave_reuseport_group`]).
+    udp: Vec<Arc<UdpSocket>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -121,6 +124,7 @@ impl DnsProxy {
         }
         let inner = Arc::new(Inner::new(&config, hosts, metrics));
         let mut local_addrs = Vec::new();
+        let mut udp_socks = Vec::new();
         let mut tasks = Vec::new();
         for addr in &config.listen {
             let (udp, tcp) = bind_pair(*addr).await?;
@@ -136,9 +140,10 @@ impl DnsProxy {
             if let Err(e) = socket2::SockRef::from(&udp).set_recv_buffer_size(UDP_RECV_BUFFER) {
                 debug!(error = %e, "SO_RCVBUF on the DNS listener");
             }
+            let udp = Arc::new(udp);
+            udp_socks.push(udp.clone());
             tasks.push(tokio::spawn(
-                udp_loop(Arc::new(udp), inner.clone())
-                    .instrument(tracing::info_span!("dns_udp", %local)),
+                udp_loop(udp, inner.clone()).instrument(tracing::info_span!("dns_udp", %local)),
             ));
             let tcp_budget = Arc::new(Semaphore::new(config.max_tcp_connections.max(1)));
             tasks.push(tokio::spawn(
@@ -146,7 +151,31 @@ impl DnsProxy {
                     .instrument(tracing::info_span!("dns_tcp", %local)),
             ));
         }
-        Ok(DnsProxy { local_addrs, tasks })
+        Ok(DnsProxy {
+            local_addrs,
+            udp: udp_socks,
+            tasks,
+        })
+    }
+
+    /// Stops new UDP queries from reaching this proxy while it still
+    /// answers those already queued: a successor's sockets have joined the
+    /// SO_REUSEPORT group, and the kernel would otherwise keep hashing some
+    /// clients' queries here until this proxy closes, dropping whatever is
+    /// queued at that moment (a lookup lost across a handover). Each socket
+    /// is connected to its own address: the reuseport selection skips
+    /// connected UDP sockets, and no client's source matches that peer.
+    pub async fn leave_reuseport_group(&self) {
+        for (sock, addr) in self.udp.iter().zip(&self.local_addrs) {
+            match sock.connect(addr).await {
+                Ok(()) => {
+                    info!(listen = %addr, "DNS listener left to the successor; answering what is queued")
+                }
+                Err(e) => {
+                    warn!(listen = %addr, error = %e, "DNS listener could not leave the reuseport group; queries queued at exit are lost")
+                }
+            }
+        }
     }
 
     /// The bound addresses (UDP and TCP share each one).

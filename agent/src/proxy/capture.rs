@@ -195,6 +195,11 @@ impl CaptureServer {
         self.maps.clone()
     }
 
+    /// Where a successor agent stands (see [`super::handover`]).
+    pub fn successors(&self) -> tokio::sync::watch::Receiver<Successor> {
+        self.control.subscribe()
+    }
+
     /// Insert the capture socket (new SYNs come here from now on), become
     /// the agent a next successor finds, and tell a predecessor. Only once
     /// the caller can serve: a successor that took the slot while still
