@@ -10,7 +10,6 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::pool::{Dialed, PoolKey};
-use super::readahead::ReadAhead;
 use super::HboneError;
 use crate::identity::{peer_identity, IdentityManager};
 
@@ -72,7 +71,7 @@ impl Dialer {
         // No SNI is sent (enable_sni = false); the name is only a placeholder.
         let name = ServerName::IpAddress(addr.ip().into());
         let tls = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, ReadAhead::new(tcp))
+            .connect(name, tcp)
             .await
             .map_err(|e| HboneError::Tls(addr, e))?;
         let (_, session) = tls.get_ref();

@@ -2,14 +2,12 @@
 //! The node agent's side: `client` (the CONNECT protocol) over `pool`
 //! (keyed HTTP/2 connections) dialed by `dial` (TCP, TLS, handshake,
 //! keepalive). The waypoint's side: `server` (port 15008). `relay` moves
-//! the bytes, `readahead` batches the TLS socket's reads, `headers`
-//! formats and parses what rides on a CONNECT.
+//! the bytes, `headers` formats and parses what rides on a CONNECT.
 
 pub mod client;
 pub mod dial;
 pub mod headers;
 pub mod pool;
-pub mod readahead;
 pub mod relay;
 pub mod server;
 

@@ -22,7 +22,6 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::headers::parse_forwarded;
-use super::readahead::ReadAhead;
 use super::relay::{relay, BoxFuture, H2Stream, RelayIo, RelayStats};
 use super::{HboneError, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
 use crate::identity::{peer_identity, SpiffeId};
@@ -205,7 +204,7 @@ impl HboneServer {
         let _ = tcp.set_nodelay(true);
         let local = tcp.local_addr().map_err(HboneError::Socket)?;
         let deadline = tokio::time::Instant::now() + self.settings.handshake_timeout;
-        let tls = tokio::time::timeout_at(deadline, self.tls.accept(ReadAhead::new(tcp)))
+        let tls = tokio::time::timeout_at(deadline, self.tls.accept(tcp))
             .await
             .map_err(|_| HboneError::Timeout(format!("TLS handshake from {peer}")))?
             .map_err(|e| HboneError::Tls(peer, e))?;
