@@ -47,6 +47,7 @@ use std::fmt;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -596,6 +597,18 @@ pub struct Allocator {
     written: Option<u64>,
     /// The summary line of a full prefix, at most once a minute.
     exhausted_log: LogLimit,
+    /// The config the allocation in force was computed for, when it was
+    /// committed through [`Allocator::commit_for`] (see
+    /// [`Allocator::propose_for`]).
+    basis: Option<Arc<Config>>,
+}
+
+/// What [`Allocator::propose_for`] proposes.
+#[derive(Debug)]
+pub enum Proposal {
+    /// The allocation in force, which computing again would give unchanged.
+    Unchanged,
+    New(Box<Allocation>),
 }
 
 impl Allocator {
@@ -619,6 +632,7 @@ impl Allocator {
             grace: DEFAULT_GRACE,
             written: None,
             exhausted_log: LogLimit::new(Duration::from_secs(60)),
+            basis: None,
         })
     }
 
@@ -642,6 +656,7 @@ impl Allocator {
             grace: DEFAULT_GRACE,
             written: None,
             exhausted_log: LogLimit::new(Duration::from_secs(60)),
+            basis: None,
         })
     }
 
@@ -705,10 +720,67 @@ impl Allocator {
         }
     }
 
+    /// [`Allocator::propose`], but [`Proposal::Unchanged`] without
+    /// computing when that gives the allocation in force again: it was
+    /// committed for a config with the same allocation inputs as `cfg`
+    /// (every ServiceEntry's key, eligibility, hosts and age in the same
+    /// order, the same WorkloadEntry keys and API status), and it is its
+    /// own fixed point (no reservation whose grace ends by now, no address
+    /// reassigned by the computation that made it). Most edits (ports,
+    /// labels, endpoints) change no allocation input; this costs a pointer
+    /// comparison per unchanged entry instead of the whole computation.
+    pub fn propose_for(&self, cfg: &Arc<Config>) -> Proposal {
+        self.propose_for_at(cfg, SystemTime::now())
+    }
+
+    fn propose_for_at(&self, cfg: &Arc<Config>, now: SystemTime) -> Proposal {
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let fixed_point = !self
+            .current
+            .warnings
+            .iter()
+            .any(|w| matches!(w, AllocWarning::Reassigned { .. }))
+            && self
+                .current
+                .reserved
+                .values()
+                .all(|(_, t)| secs.saturating_sub(*t) < self.grace.as_secs());
+        match &self.basis {
+            Some(b) if fixed_point && same_inputs(b, cfg) => Proposal::Unchanged,
+            _ => Proposal::New(Box::new(self.propose_at(cfg, now))),
+        }
+    }
+
+    /// The allocation `p` stands for.
+    pub fn proposed<'a>(&'a self, p: &'a Proposal) -> &'a Allocation {
+        match p {
+            Proposal::Unchanged => &self.current,
+            Proposal::New(a) => a,
+        }
+    }
+
+    /// [`Allocator::commit`] of a proposal for `cfg` from
+    /// [`Allocator::propose_for`].
+    pub fn commit_for(
+        &mut self,
+        p: Proposal,
+        cfg: &Arc<Config>,
+    ) -> Result<&Allocation, AllocError> {
+        if let Proposal::New(next) = p {
+            self.commit(*next)?;
+        }
+        self.basis = Some(cfg.clone());
+        Ok(&self.current)
+    }
+
     /// Persists `next` (from [`Allocator::propose`]) when it changed and
     /// puts it in force. Logs each warning that is new since the previous
     /// one.
     pub fn commit(&mut self, next: Allocation) -> Result<&Allocation, AllocError> {
+        self.basis = None;
         if next.warnings != self.current.warnings {
             self.log_new_warnings(&next);
         }
@@ -780,6 +852,34 @@ impl Allocator {
             }
         }
     }
+}
+
+/// Whether `a` and `b` give allocation the same inputs (see
+/// [`Allocator::propose_for`]). An unchanged entry is the same `Arc` in
+/// both (the parser shares it), so this is a pointer comparison per entry
+/// but for the few that changed.
+fn same_inputs(a: &Config, b: &Config) -> bool {
+    let same_se = |x: &Arc<ServiceEntry>, y: &Arc<ServiceEntry>| {
+        Arc::ptr_eq(x, y)
+            || (x.namespace() == y.namespace()
+                && x.name() == y.name()
+                && x.spec.hosts == y.spec.hosts
+                && x.age_key() == y.age_key()
+                && eligible(x) == eligible(y))
+    };
+    a.service_entries.len() == b.service_entries.len()
+        && a.workload_entries.len() == b.workload_entries.len()
+        && a.service_entries
+            .iter()
+            .zip(&b.service_entries)
+            .all(|(x, y)| same_se(x, y))
+        && a.workload_entries
+            .iter()
+            .zip(&b.workload_entries)
+            .all(|(x, y)| {
+                Arc::ptr_eq(x, y) || (x.namespace() == y.namespace() && x.name() == y.name())
+            })
+        && a.api_status == b.api_status
 }
 
 /// New allocation warnings other than a full prefix logged one line each
@@ -1662,5 +1762,86 @@ pub(crate) mod tests {
             v4(&a, "h65533.example"),
             Some("240.240.255.254".parse().unwrap())
         );
+    }
+}
+
+#[cfg(test)]
+mod incremental_tests {
+    use super::tests::se;
+    use super::*;
+    use crate::config::{Parser, Snapshot};
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    /// `propose_for` + `commit_for` against a full `allocate_at` for each
+    /// step of an edit sequence (parsed by one parser, as the watcher
+    /// does): the same allocation in force and the same `vips.json` after
+    /// every step, and the shortcut taken exactly where `unchanged` says.
+    #[test]
+    fn the_shortcut_gives_what_computing_again_gives() {
+        let prefixes = Prefixes {
+            v4: "10.9.0.0/30".parse().unwrap(), // two addresses: h2 has none
+            v6: "fd00::/124".parse().unwrap(),
+        };
+        let grace = Duration::from_secs(100);
+        let (di, df) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut inc = Allocator::open_with(di.path(), prefixes)
+            .unwrap()
+            .with_grace(grace);
+        let mut full = Allocator::open_with(df.path(), prefixes)
+            .unwrap()
+            .with_grace(grace);
+        let mut parser = Parser::default();
+        let old = "  creationTimestamp: \"2020-01-01T00:00:00Z\"\n";
+        let port = |y: String| y.replace("number: 80", "number: 8080");
+        let label = "  labels: {team: a}\n";
+        let steps: Vec<(u64, String, bool)> = vec![
+            (0, [se("s0", &["h0"], ""), se("s1", &["h1"], ""), se("s2", &["h2"], "")].concat(), false),
+            // A port: no allocation input.
+            (1, [se("s0", &["h0"], ""), port(se("s1", &["h1"], "")), se("s2", &["h2"], "")].concat(), true),
+            (2, [se("s0", &["h0"], label), port(se("s1", &["h1"], "")), se("s2", &["h2"], "")].concat(), true),
+            // A host changed: h1 reserved, h1b gets the free v6.
+            (3, [se("s0", &["h0"], label), se("s1", &["h1b"], ""), se("s2", &["h2"], "")].concat(), false),
+            // Within h1's grace: nothing to compute.
+            (4, [se("s0", &["h0"], ""), se("s1", &["h1b"], ""), se("s2", &["h2"], "")].concat(), true),
+            // h1's grace ended: its addresses are freed, so computed again
+            // although no input changed (h1b, the older, gets its IPv4).
+            (3 + 100, [se("s0", &["h0"], label), se("s1", &["h1b"], ""), se("s2", &["h2"], "")].concat(), false),
+            // An older entry now lists h0: it takes h0's VIPs from s0.
+            (200, [se("s0", &["h0"], label), se("s1", &["h1b"], ""), se("s2", &["h2"], ""), se("s3", &["h0"], old)].concat(), false),
+            (201, [se("s0", &["h0"], ""), se("s1", &["h1b"], ""), se("s2", &["h2"], ""), se("s3", &["h0"], old)].concat(), true),
+            // Explicit addresses: s2 no longer eligible.
+            (202, [se("s0", &["h0"], ""), se("s1", &["h1b"], ""), se("s2", &["h2"], "").replace("  resolution: DNS", "  addresses: [10.1.1.1]\n  resolution: DNS"), se("s3", &["h0"], old)].concat(), false),
+            // A removal.
+            (203, [se("s0", &["h0"], ""), se("s2", &["h2"], ""), se("s3", &["h0"], old)].concat(), false),
+            // A workload added: new id, computed.
+            (204, [se("s0", &["h0"], ""), se("s2", &["h2"], ""), se("s3", &["h0"], old), "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w, namespace: ns}\nspec: {address: 10.0.0.1}\n".into()].concat(), false),
+        ];
+        for (i, (secs, yaml, unchanged)) in steps.into_iter().enumerate() {
+            let snap = Snapshot::new(vec![
+                ("/c/a.yaml".into(), yaml.into_bytes()),
+                ("/c/b.yaml".into(), se("other", &["x"], "").into_bytes()),
+            ]);
+            let cfg = Arc::new(parser.parse(Arc::new(snap)).unwrap());
+            let p = inc.propose_for_at(&cfg, t(secs));
+            assert_eq!(matches!(p, Proposal::Unchanged), unchanged, "step {i}");
+            inc.commit_for(p, &cfg).unwrap();
+            full.allocate_at(&cfg, t(secs)).unwrap();
+            assert_eq!(inc.current(), full.current(), "step {i}");
+            assert_eq!(
+                std::fs::read(state_path(di.path())).unwrap(),
+                std::fs::read(state_path(df.path())).unwrap(),
+                "step {i}: vips.json"
+            );
+        }
+        // The sequence reached what it is about.
+        let a = inc.current();
+        assert_eq!(a.hosts["h0"].owner.name, "s3");
+        assert!(a
+            .warnings
+            .iter()
+            .any(|w| matches!(w, AllocWarning::HostConflict { .. })));
     }
 }

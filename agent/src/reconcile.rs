@@ -131,12 +131,14 @@ impl Stages {
         let started = Instant::now();
         // Allocate, validate, then persist: a refused config must not keep
         // addresses reserved for its new hosts.
-        let allocation = self.alloc.propose(cfg);
+        // Most edits change no allocation input: then nothing is computed.
+        let proposal = self.alloc.propose_for(cfg);
+        let allocation = self.alloc.proposed(&proposal);
         let cgroups = CgroupDir {
             root: self.cgroup_root.clone(),
         };
         // Services of unchanged entries are reused from the model in force.
-        let model = Model::build_from(cfg.clone(), &allocation, &cgroups, Some(&self.model.load()));
+        let model = Model::build_from(cfg.clone(), allocation, &cgroups, Some(&self.model.load()));
         for w in model.warnings() {
             warn!("{w}");
         }
@@ -160,7 +162,7 @@ impl Stages {
         }
         // Persisted before any map names a new VIP, so a restart cannot give
         // it to another host.
-        if let Err(e) = self.alloc.commit(allocation) {
+        if let Err(e) = self.alloc.commit_for(proposal, cfg) {
             error!(error = %e, "persisting the VIP allocation failed; maps unchanged");
             return;
         }
