@@ -401,7 +401,9 @@ async fn stream<H: ConnectHandler>(
     // on a silent host) is dropped as soon as the client resets the stream.
     // The request is the handler's: nothing of it is held while relaying.
     let decision = tokio::select! {
-        d = handler.handle(inbound) => d,
+        // Boxed, so the stream's task is not sized by the handler's future
+        // (an upstream connect, a TLS handshake) for as long as it relays.
+        d = Box::pin(handler.handle(inbound)) => d,
         _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return true,
     };
     match decision {

@@ -137,7 +137,10 @@ async fn carry(
                     baggage: wl.baggage.clone(),
                     traceparent: None,
                 };
-                client.connect(&req).await
+                // Boxed: the connect (pool checkout, maybe a dial) is
+                // freed once done instead of sizing the task that lives as
+                // long as the connection.
+                Box::pin(client.connect(&req)).await
             };
             match connected {
                 Ok(tunnel) => {
@@ -160,7 +163,7 @@ async fn carry(
                 }
             }
         }
-        None => match direct_connect(&svc, host.as_deref(), conn.dst).await {
+        None => match Box::pin(direct_connect(&svc, host.as_deref(), conn.dst)).await {
             Ok((mut up, addr)) => {
                 log.dst_addr = addr;
                 match tokio::io::copy_bidirectional(&mut conn.stream, &mut up).await {
