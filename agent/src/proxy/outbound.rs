@@ -17,7 +17,7 @@ use crate::hbone::{ConnectRequest, HboneClient};
 use crate::model::{Destination, Model, Service, WaypointBinding};
 use crate::proxy::capture::{reset, BoxFuture, Handler, Steered};
 use crate::telemetry::{
-    AccessLogger, ConnectionLabels, ConnectionLog, Direction, Metrics, Reporter,
+    intern, AccessLogger, ConnectionLabels, ConnectionLog, Direction, Metrics, Reporter,
 };
 
 /// How long a direct connection attempt may take, per address.
@@ -73,15 +73,18 @@ async fn carry(
         );
         return refuse(conn, &logger, why);
     }
-    let host = svc
-        .host_of(conn.dst.ip())
-        .or(svc.first_host())
-        .map(str::to_string);
+    let host = svc.host_of(conn.dst.ip()).or(svc.first_host());
+    // Shared with every other connection of this workload and service: the
+    // log record and the labels a held connection keeps copy no text.
+    let src_name = intern(wl.name());
+    let src_ns = intern(wl.namespace());
+    let src_id = intern(&wl.identity.to_string());
+    let service = host.map(intern);
     let mut log = ConnectionLog::new(conn.src, conn.dst, Direction::Outbound);
-    log.src_workload = Some(wl.name().to_string());
-    log.src_namespace = Some(wl.namespace().to_string());
-    log.src_identity = Some(wl.identity.to_string());
-    log.dst_service = host.clone();
+    log.src_workload = Some(src_name.clone());
+    log.src_namespace = Some(src_ns.clone());
+    log.src_identity = Some(src_id.clone());
+    log.dst_service = service.clone();
     let waypoint = match &svc.waypoint {
         WaypointBinding::Refused(u) => {
             log.error = Some(format!(
@@ -95,35 +98,35 @@ async fn carry(
         WaypointBinding::Bound(w) => Some(w.clone()),
         WaypointBinding::None => None,
     };
+    let (wp_name, wp_ns, wp_id) = match &waypoint {
+        Some(w) => (
+            intern(&w.gateway.name),
+            intern(&w.gateway.namespace),
+            intern(&w.identity.to_string()),
+        ),
+        None => Default::default(),
+    };
     let labels = ConnectionLabels {
         reporter: Reporter::Source,
-        source_workload: wl.name().to_string(),
-        source_workload_namespace: wl.namespace().to_string(),
-        source_principal: wl.identity.to_string(),
-        destination_service: host.clone().unwrap_or_default(),
-        destination_workload: waypoint
-            .as_ref()
-            .map(|w| w.gateway.name.clone())
-            .unwrap_or_default(),
-        destination_workload_namespace: waypoint
-            .as_ref()
-            .map(|w| w.gateway.namespace.clone())
-            .unwrap_or_default(),
-        destination_principal: waypoint
-            .as_ref()
-            .map(|w| w.identity.to_string())
-            .unwrap_or_default(),
-        request_protocol: "tcp".into(),
-        response_flags: "-".into(),
+        source_workload: src_name,
+        source_workload_namespace: src_ns,
+        source_principal: src_id,
+        destination_service: service.unwrap_or_default(),
+        destination_workload: wp_name.clone(),
+        destination_workload_namespace: wp_ns.clone(),
+        destination_principal: wp_id.clone(),
+        request_protocol: intern("tcp"),
+        // Exported as `-`, as "-" was.
+        response_flags: String::new(),
     };
     let rec = metrics.connection(labels);
     match waypoint {
         Some(wp) => {
             log.dst_addr = wp.addr;
-            log.dst_hbone_addr = Some(conn.dst.to_string());
-            log.dst_workload = Some(wp.gateway.name.clone());
-            log.dst_namespace = Some(wp.gateway.namespace.clone());
-            log.dst_identity = Some(wp.identity.to_string());
+            log.dst_hbone_addr = Some(conn.dst.into());
+            log.dst_workload = Some(wp_name);
+            log.dst_namespace = Some(wp_ns);
+            log.dst_identity = Some(wp_id);
             // Dropped once connected: the request's copies of the identities
             // would otherwise live as long as the connection.
             let connected = {
@@ -133,7 +136,7 @@ async fn carry(
                     waypoint_addr: wp.addr,
                     waypoint_identity: wp.identity.clone(),
                     authority: conn.dst,
-                    host: host.clone(),
+                    host: host.map(str::to_string),
                     baggage: wl.baggage.clone(),
                     traceparent: None,
                 };
@@ -163,7 +166,7 @@ async fn carry(
                 }
             }
         }
-        None => match Box::pin(direct_connect(&svc, host.as_deref(), conn.dst)).await {
+        None => match Box::pin(direct_connect(&svc, host, conn.dst)).await {
             Ok((mut up, addr)) => {
                 log.dst_addr = addr;
                 match tokio::io::copy_bidirectional(&mut conn.stream, &mut up).await {

@@ -6,10 +6,10 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use super::{rfc3339_micros, LogAddr, TelemetryError};
+use super::{rfc3339_micros, LogAddr, LogStr, TelemetryError};
 
 /// `--log-format`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -47,22 +47,25 @@ impl Direction {
 }
 
 /// The fields of ztunnel's `connection complete` line; `None` is omitted.
+/// The names and identities are shared ([`super::intern`]) and the HBONE
+/// address formatted when the line is written: a held connection's record
+/// copies no text.
 #[derive(Clone, Debug)]
 pub struct ConnectionLog {
     /// When the line is written (the connection's close).
     pub time: SystemTime,
     pub src_addr: SocketAddr,
-    pub src_workload: Option<String>,
-    pub src_namespace: Option<String>,
+    pub src_workload: Option<Arc<str>>,
+    pub src_namespace: Option<Arc<str>>,
     /// SPIFFE URI, only when the connection was mTLS.
-    pub src_identity: Option<String>,
+    pub src_identity: Option<Arc<str>>,
     pub dst_addr: SocketAddr,
     /// The HBONE `:authority` (original VIP:port) when tunnelled.
-    pub dst_hbone_addr: Option<String>,
-    pub dst_service: Option<String>,
-    pub dst_workload: Option<String>,
-    pub dst_namespace: Option<String>,
-    pub dst_identity: Option<String>,
+    pub dst_hbone_addr: Option<LogStr>,
+    pub dst_service: Option<Arc<str>>,
+    pub dst_workload: Option<Arc<str>>,
+    pub dst_namespace: Option<Arc<str>>,
+    pub dst_identity: Option<Arc<str>>,
     pub direction: Direction,
     pub bytes_sent: u64,
     pub bytes_recv: u64,
@@ -123,11 +126,11 @@ impl ConnectionLog {
             self.level(),
             LogAddr(self.src_addr)
         );
-        let quoted = |out: &mut String, key: &str, v: &Option<String>| {
+        fn quoted<T: std::fmt::Debug>(out: &mut String, key: &str, v: &Option<T>) {
             if let Some(v) = v {
                 let _ = write!(out, " {key}={v:?}");
             }
-        };
+        }
         quoted(&mut out, "src.workload", &self.src_workload);
         quoted(&mut out, "src.namespace", &self.src_namespace);
         quoted(&mut out, "src.identity", &self.src_identity);
@@ -169,11 +172,15 @@ impl ConnectionLog {
         field("scope", s("access"));
         field("message", s("connection complete"));
         field("src.addr", s(&LogAddr(self.src_addr).to_string()));
-        let opt = |field: &mut dyn FnMut(&str, serde_json::Value), k: &str, v: &Option<String>| {
+        fn opt<T: std::fmt::Display>(
+            field: &mut dyn FnMut(&str, serde_json::Value),
+            k: &str,
+            v: &Option<T>,
+        ) {
             if let Some(v) = v {
-                field(k, serde_json::Value::String(v.clone()));
+                field(k, serde_json::Value::String(v.to_string()));
             }
-        };
+        }
         opt(&mut field, "src.workload", &self.src_workload);
         opt(&mut field, "src.namespace", &self.src_namespace);
         opt(&mut field, "src.identity", &self.src_identity);

@@ -41,19 +41,20 @@ impl Reporter {
 }
 
 /// Labels of the `istio_tcp_*` metrics (names from reference.md). Empty
-/// strings are exported as `unknown`, as Istio does.
+/// strings are exported as `unknown`, as Istio does. The values are shared
+/// ([`super::intern`]): a connection's recorder holds them without copies.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ConnectionLabels {
     pub reporter: Reporter,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_service: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
+    pub source_workload: Arc<str>,
+    pub source_workload_namespace: Arc<str>,
+    pub source_principal: Arc<str>,
+    pub destination_service: Arc<str>,
+    pub destination_workload: Arc<str>,
+    pub destination_workload_namespace: Arc<str>,
+    pub destination_principal: Arc<str>,
     /// `tcp` for connections, `http`/`http2` for requests.
-    pub request_protocol: String,
+    pub request_protocol: Arc<str>,
     /// Envoy-style response flags, `-` when none.
     pub response_flags: String,
 }

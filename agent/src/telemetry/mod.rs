@@ -6,6 +6,7 @@ mod addr;
 mod envoy_log;
 mod metrics;
 mod ratelimit;
+mod shared;
 
 pub use access_log::{AccessLogger, ConnectionLog, Direction, EgressLog, LogFormat};
 pub use addr::{LogAddr, LogIp};
@@ -15,6 +16,7 @@ pub use metrics::{
     DnsDropLabels, DnsMetrics, Metrics, MetricsBuilder, Reporter, RequestLabels, ShadowLabels,
 };
 pub use ratelimit::LogLimit;
+pub use shared::{intern, LogStr};
 
 use std::time::SystemTime;
 

@@ -15,7 +15,7 @@ use crate::hbone::{ConnectHandler, Decision, InboundRequest, RelayIo};
 use crate::identity::SpiffeId;
 use crate::policy::RequestContext;
 use crate::telemetry::{
-    AccessLogger, ConnectionLabels, ConnectionLog, ConnectionRecorder, Direction, Reporter,
+    intern, AccessLogger, ConnectionLabels, ConnectionLog, ConnectionRecorder, Direction, Reporter,
 };
 use crate::upstream::UpstreamStream;
 
@@ -27,16 +27,17 @@ pub(crate) struct TunnelHandler {
 
 impl TunnelHandler {
     pub(crate) fn labels(&self, req: &InboundRequest, service: &str) -> ConnectionLabels {
+        // Shared values, not copies: the recorder lives as long as the tunnel.
         ConnectionLabels {
             reporter: Reporter::Destination,
-            source_workload: req.peer_identity.service_account().to_string(),
-            source_workload_namespace: req.peer_identity.namespace().to_string(),
-            source_principal: req.peer_identity.uri(),
-            destination_service: service.to_string(),
-            destination_workload: self.shared.gateway.name.clone(),
-            destination_workload_namespace: self.shared.gateway.namespace.clone(),
-            destination_principal: self.shared.identity_uri.clone(),
-            request_protocol: "tcp".into(),
+            source_workload: intern(req.peer_identity.service_account()),
+            source_workload_namespace: intern(req.peer_identity.namespace()),
+            source_principal: intern(&req.peer_identity.uri()),
+            destination_service: intern(service),
+            destination_workload: intern(&self.shared.gateway.name),
+            destination_workload_namespace: intern(&self.shared.gateway.namespace),
+            destination_principal: intern(&self.shared.identity_uri),
+            request_protocol: intern("tcp"),
             response_flags: String::new(),
         }
     }
@@ -49,13 +50,13 @@ impl TunnelHandler {
     ) -> ConnectionLog {
         let mut l = ConnectionLog::new(req.source_addr, dst, Direction::Inbound);
         l.src_workload = source::workload_name(&self.shared.routes.load().model, req);
-        l.src_namespace = Some(req.peer_identity.namespace().to_string());
-        l.src_identity = Some(req.peer_identity.uri());
-        l.dst_hbone_addr = Some(req.authority.to_string());
-        l.dst_service = service.map(str::to_string);
-        l.dst_workload = Some(self.shared.gateway.name.clone());
-        l.dst_namespace = Some(self.shared.gateway.namespace.clone());
-        l.dst_identity = Some(self.shared.identity_uri.clone());
+        l.src_namespace = Some(intern(req.peer_identity.namespace()));
+        l.src_identity = Some(intern(&req.peer_identity.uri()));
+        l.dst_hbone_addr = Some(req.authority.into());
+        l.dst_service = service.map(intern);
+        l.dst_workload = Some(intern(&self.shared.gateway.name));
+        l.dst_namespace = Some(intern(&self.shared.gateway.namespace));
+        l.dst_identity = Some(intern(&self.shared.identity_uri));
         l
     }
 
@@ -110,9 +111,9 @@ impl ConnectHandler for TunnelHandler {
             let tunnel = Arc::new(l7::TunnelInfo {
                 authority,
                 source: req.source_addr,
-                principal: req.peer_identity.uri(),
-                source_namespace: req.peer_identity.namespace().to_string(),
-                source_sa: req.peer_identity.service_account().to_string(),
+                principal: intern(&req.peer_identity.uri()),
+                source_namespace: intern(req.peer_identity.namespace()),
+                source_sa: intern(req.peer_identity.service_account()),
             });
             let shared = self.shared.clone();
             // One ztunnel-format line per tunnel at close, as for TCP ports
@@ -175,13 +176,13 @@ impl ConnectHandler for TunnelHandler {
                     done: Some((log, rec, self.shared.access_log.clone())),
                     revoked: Box::pin(revoked(
                         self.shared.clone(),
-                        req.peer_identity.uri(),
+                        intern(&req.peer_identity.uri()),
                         None,
                         req.source_addr,
                         authority,
                         (
-                            target.service.namespace().to_string(),
-                            target.service.name().to_string(),
+                            intern(target.service.namespace()),
+                            intern(target.service.name()),
                         ),
                     )),
                 }))
@@ -219,11 +220,11 @@ pub(crate) struct Tracked {
 /// ztunnel closes connections that a policy change denies.
 pub(crate) async fn revoked(
     shared: Arc<Shared>,
-    principal: String,
+    principal: Arc<str>,
     sni: Option<String>,
     source: SocketAddr,
     authority: SocketAddr,
-    service: (String, String),
+    service: (Arc<str>, Arc<str>),
 ) -> String {
     let mut rx = shared.changed.subscribe();
     loop {
@@ -232,7 +233,7 @@ pub(crate) async fn revoked(
         }
         let snap = shared.routes.load_full();
         let ctx = RequestContext {
-            principal: Some(&principal),
+            principal: Some(&*principal),
             source_ip: Some(source.ip()),
             destination_ip: Some(authority.ip()),
             destination_port: authority.port(),

@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use crate::hbone::H2Stream;
 use crate::policy::{Action, Decision, HttpRequest, RequestContext};
 use crate::telemetry::{
-    ConnectionLabels, LogLimit, Metrics, Reporter, RequestLabels, RequestLog, ShadowLabels,
+    intern, ConnectionLabels, LogLimit, Metrics, Reporter, RequestLabels, RequestLog, ShadowLabels,
 };
 
 use super::body::{CountingBody, Finish, LoggedBody};
@@ -44,10 +44,10 @@ pub(crate) struct TunnelInfo {
     pub authority: SocketAddr,
     /// `Forwarded: for=`.
     pub source: SocketAddr,
-    /// The client's SPIFFE URI.
-    pub principal: String,
-    pub source_namespace: String,
-    pub source_sa: String,
+    /// The client's SPIFFE URI (shared values: see `telemetry::intern`).
+    pub principal: Arc<str>,
+    pub source_namespace: Arc<str>,
+    pub source_sa: Arc<str>,
 }
 
 /// Counts a decision's dry-run result, if any, and returns the text the
@@ -290,15 +290,15 @@ async fn handle(
         source_workload: tunnel.source_sa.clone(),
         source_workload_namespace: tunnel.source_namespace.clone(),
         source_principal: tunnel.principal.clone(),
-        destination_service: t.map(|t| t.host.clone()).unwrap_or_default(),
-        destination_workload: shared.gateway.name.clone(),
-        destination_workload_namespace: shared.gateway.namespace.clone(),
-        destination_principal: shared.identity_uri.clone(),
-        request_protocol: if parts.version == Version::HTTP_2 {
-            "http2".into()
+        destination_service: t.map(|t| intern(&t.host)).unwrap_or_default(),
+        destination_workload: intern(&shared.gateway.name),
+        destination_workload_namespace: intern(&shared.gateway.namespace),
+        destination_principal: intern(&shared.identity_uri),
+        request_protocol: intern(if parts.version == Version::HTTP_2 {
+            "http2"
         } else {
-            "http".into()
-        },
+            "http"
+        }),
         response_flags: flags.to_string(),
     };
     let finish = |mut log: RequestLog,
@@ -401,7 +401,7 @@ async fn handle(
     ) {
         Ok(hreq) => {
             let ctx = RequestContext {
-                principal: Some(&tunnel.principal),
+                principal: Some(&*tunnel.principal),
                 source_ip: Some(tunnel.source.ip()),
                 destination_ip: Some(tunnel.authority.ip()),
                 destination_port: tunnel.authority.port(),

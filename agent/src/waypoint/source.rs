@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::hbone::InboundRequest;
 use crate::model::Model;
-use crate::telemetry::LogLimit;
+use crate::telemetry::{intern, LogLimit};
 
 use super::Shared;
 
@@ -56,11 +56,11 @@ pub(crate) fn judge(req: &InboundRequest, model: &Model) -> Source {
 /// The source workload's name for log lines, as ztunnel's `src.workload`:
 /// the workload at the (trusted) source address, when its identity is the
 /// certificate's; `None` rather than a name the certificate does not back.
-pub(crate) fn workload_name(model: &Model, req: &InboundRequest) -> Option<String> {
+pub(crate) fn workload_name(model: &Model, req: &InboundRequest) -> Option<std::sync::Arc<str>> {
     model
         .workload_by_addr(req.source_addr.ip())
         .filter(|w| w.identity == req.peer_identity)
-        .map(|w| w.key.name.clone())
+        .map(|w| intern(&w.key.name))
 }
 
 /// [`judge`], counting and logging (rate-limited: a client can send any

@@ -143,13 +143,13 @@ pub(crate) fn decision(
             done: Some((log, rec, h.shared.access_log.clone())),
             revoked: Box::pin(revoked(
                 h.shared.clone(),
-                principal,
+                crate::telemetry::intern(&principal),
                 sni,
                 req.source_addr,
                 authority,
                 (
-                    target.service.namespace().to_string(),
-                    target.service.name().to_string(),
+                    crate::telemetry::intern(target.service.namespace()),
+                    crate::telemetry::intern(target.service.name()),
                 ),
             )),
         };
