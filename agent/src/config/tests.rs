@@ -386,6 +386,45 @@ async fn watcher_publishes_valid_and_keeps_previous_on_error() {
     assert!(w.rejected.borrow().is_none());
 }
 
+/// A directory that cannot be read for a moment (here: moved away; on a
+/// node, EMFILE while connections hold every fd) and then reads as before
+/// is rejected, then recovered, without publishing the same config again
+/// (which would re-apply all of it).
+#[tokio::test]
+async fn watcher_recovering_from_an_unreadable_directory_does_not_republish() {
+    use std::time::Duration;
+    let d = dir_with(&[(
+        "a.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: one, namespace: ns}\nspec: {hosts: [one.example], resolution: DNS}\n",
+    )]);
+    let cfg_dir = d.path().join("config");
+    std::fs::create_dir(&cfg_dir).unwrap();
+    std::fs::rename(d.path().join("a.yaml"), cfg_dir.join("a.yaml")).unwrap();
+    let mut w = watch::ConfigWatcher::spawn(cfg_dir.clone(), Duration::from_millis(20));
+    assert!(w.current().is_some());
+    w.config.borrow_and_update();
+    let deadline = Duration::from_secs(20);
+    let mut rej = w.rejected.clone();
+    let away = d.path().join("away");
+    std::fs::rename(&cfg_dir, &away).unwrap();
+    tokio::time::timeout(deadline, rej.wait_for(|r| r.is_some()))
+        .await
+        .expect("rejection seen")
+        .unwrap();
+    std::fs::rename(&away, &cfg_dir).unwrap();
+    tokio::time::timeout(deadline, rej.wait_for(|r| r.is_none()))
+        .await
+        .expect("recovery seen")
+        .unwrap();
+    // A few more polls: still nothing new to apply.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !w.config.has_changed().unwrap(),
+        "the same config was published again"
+    );
+    assert_eq!(w.current().unwrap().service_entries[0].name(), "one");
+}
+
 #[tokio::test]
 async fn watcher_starting_invalid_has_no_config_until_fixed() {
     use std::time::Duration;

@@ -114,13 +114,14 @@ impl ConfigWatcher {
             dir,
             fingerprint: None,
             digest: None,
+            valid: None,
             parser: Parser::default(),
             last: None,
         };
         let (cfg, rej) = match st.poll(true) {
             Outcome::Valid(c) => (Some(c), None),
             Outcome::Invalid(e) => (None, Some(e)),
-            Outcome::Unchanged => (None, None),
+            Outcome::Unchanged | Outcome::Recovered => (None, None),
         };
         let (cfg_tx, config) = watch::channel(cfg);
         let (rej_tx, rejected) = watch::channel(rej);
@@ -163,6 +164,9 @@ impl ConfigWatcher {
                     Outcome::Invalid(e) => {
                         rej_tx.send_replace(Some(e));
                     }
+                    Outcome::Recovered => {
+                        rej_tx.send_replace(None);
+                    }
                 }
             }
         });
@@ -197,6 +201,9 @@ impl ConfigWatcher {
 
 enum Outcome {
     Unchanged,
+    /// After a rejection (an unreadable directory, a bad edit undone), the
+    /// files are again those of the config in force: nothing to apply.
+    Recovered,
     Valid(Arc<Config>),
     Invalid(Arc<ConfigError>),
 }
@@ -209,6 +216,8 @@ struct State {
     fingerprint: Option<Fingerprint>,
     /// Content hash of the last snapshot parsed (valid or not).
     digest: Option<u64>,
+    /// Content hash of the last snapshot parsed valid: the config in force.
+    valid: Option<u64>,
     parser: Parser,
     /// The last snapshot read, and the fingerprint it was read under.
     last: Option<(Arc<Snapshot>, Fingerprint)>,
@@ -268,8 +277,17 @@ impl State {
             return Outcome::Unchanged;
         }
         self.digest = Some(snap.digest);
+        // A transient failure (EMFILE while the data path holds every fd)
+        // must not make the same config look new: re-applying 100k entries
+        // costs seconds.
+        if self.valid == Some(snap.digest) {
+            tracing::info!(dir = %self.dir.display(), "config directory readable again; the config in force is unchanged");
+            return Outcome::Recovered;
+        }
+        let digest = snap.digest;
         match self.parser.parse(snap) {
             Ok(c) => {
+                self.valid = Some(digest);
                 tracing::info!(
                     dir = %self.dir.display(),
                     service_entries = c.service_entries.len(),
