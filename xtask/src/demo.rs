@@ -960,7 +960,11 @@ impl Demo {
             |_| {
                 let first = lines_since(&wp_log, wp_mark)
                     .into_iter()
-                    .find(|l| l.contains("waypoint config applied"));
+                    // A rebuild of the previous config (its allocation
+                    // changed) may come first: the first with the entry.
+                    .find(|l| {
+                        l.contains("waypoint config applied") && !l.contains("service_entries=0")
+                    });
                 Ok(match first {
                     Some(l) if !l.contains("services=0") => Ok(String::new()),
                     Some(l) => Err(format!("applied without the VIPs: {l}")),

@@ -112,6 +112,7 @@ pub(crate) async fn reload_loop(
             }
         };
         lagging = lags(&cfg, &allocation);
+        let service_entries = cfg.service_entries.len();
         let prev = shared.routes.load_full();
         let gateway = shared.gateway.clone();
         // Seconds of CPU at 100,000 entries: off the runtime's workers,
@@ -136,6 +137,7 @@ pub(crate) async fn reload_loop(
                 }
                 tracing::info!(
                     version = %format!("{:016x}", s.digest),
+                    service_entries,
                     services = s.targets.len(),
                     policies = s.policies.len(),
                     "waypoint config applied"
