@@ -1,17 +1,25 @@
 //! In-process stage harness for #14's control plane at scale: the agent's
 //! apply (the reconciler's stages without the kernel: the map write is the
-//! diff plan applied to a mirror) on a generated config like `cargo xtask
-//! scale`'s, cold and for edits after that.
+//! diff plan applied to a mirror) on `cargo xtask scale`'s generated config
+//! (`xtask/src/scale_config.rs`, included below), cold and for edits after
+//! that.
 //!
 //! Run with a non-LTO optimised profile, e.g.
 //! `CARGO_PROFILE_BENCH_LTO=false CARGO_PROFILE_BENCH_CODEGEN_UNITS=16
 //! CARGO_PROFILE_BENCH_OPT_LEVEL=2 cargo run --profile bench -p shunt-agent
-//! --example scale_stages -- [N] [REPS]`.
+//! --example scale_stages -- [--mem] [N] [REPS]`. `--mem` adds each stage's
+//! live heap after it and its peak during it, `[live/peak]` in MB (counted
+//! over mimalloc, the binary's allocator, without its options); the end
+//! of a run breaks the kept heap down by holder.
 
+use std::alloc::{GlobalAlloc, Layout};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use mimalloc::MiMalloc;
 
 use shunt_agent::alloc::Allocator;
 use shunt_agent::config::{Config, Parser, Snapshot};
@@ -20,94 +28,75 @@ use shunt_agent::kernel::{projection, reconcile::plan};
 use shunt_agent::model::{now_rfc3339, Model, NoCgroups, StatusClock};
 use shunt_agent::validate;
 
-const NAMESPACES: usize = 100;
-const PER_FILE: usize = 1000;
-const EDIT_PORT: u16 = 8081;
+/// `cargo xtask scale`'s generated config, its one home.
+#[path = "../../xtask/src/scale_config.rs"]
+#[allow(dead_code)]
+mod gen;
+use gen::Edit;
 
-/// Entry `i` as `cargo xtask scale` generates it (same mix of resolutions,
-/// ports, hosts and waypoint binding). `edit`: 1 changes its HTTP port, 2
-/// its host (a VIP changes owner).
-fn entry(i: usize, edit: u8) -> String {
-    let ns = format!("scale-{:02}", i % NAMESPACES);
-    let bound = i.is_multiple_of(3);
-    let kind = i % 10;
-    let labels = if bound || kind == 8 {
-        "  labels:\n    istio.io/use-waypoint: egress-gateway\n    istio.io/use-waypoint-namespace: common-infrastructure\n"
-    } else {
-        ""
-    };
-    let http = if edit == 1 { EDIT_PORT } else { 80 };
-    let tag = if edit == 2 { "x" } else { "" };
-    let (hosts, resolution, extra) = match kind {
-        0 => (
-            format!("  - s{i}{tag}.static.example\n"),
-            "STATIC",
-            format!(
-                "  endpoints:\n  - address: 10.{}.{}.{}\n",
-                100 + (i >> 16) % 100,
-                (i >> 8) & 255,
-                i & 255
-            ),
-        ),
-        1 => (
-            format!("  - s{i}{tag}.addr.example\n"),
-            "DNS",
-            format!("  addresses:\n  - 10.200.{}.{}\n", (i >> 8) & 255, i & 255),
-        ),
-        7 => (
-            format!("  - s{i}{tag}.a.example\n  - s{i}.b.example\n"),
-            "DNS",
-            String::new(),
-        ),
-        8 => (
-            format!("  - \"*.d{i}{tag}.example\"\n"),
-            "DYNAMIC_DNS",
-            String::new(),
-        ),
-        9 => (
-            format!("  - s{i}{tag}.rr.example\n"),
-            "DNS_ROUND_ROBIN",
-            String::new(),
-        ),
-        _ => (format!("  - s{i}{tag}.svc.example\n"), "DNS", String::new()),
-    };
-    let mut ports = format!("  - number: {http}\n    name: http\n    protocol: HTTP\n");
-    if i.is_multiple_of(2) {
-        ports.push_str("  - number: 443\n    name: tls\n    protocol: TLS\n");
+const PER_FILE: usize = 1000;
+
+/// Counts live heap bytes (and their peak) over mimalloc, the binary's
+/// allocator: what each stage allocates and keeps.
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to mimalloc unchanged; the counters only
+// observe sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: the caller's layout, forwarded.
+        let p = unsafe { MiMalloc.alloc(l) };
+        if !p.is_null() {
+            grow(l.size());
+        }
+        p
     }
-    format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: se-{i}\n  namespace: {ns}\n{labels}spec:\n  hosts:\n{hosts}  ports:\n{ports}  resolution: {resolution}\n{extra}"
-    )
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // SAFETY: the caller's layout, forwarded.
+        let p = unsafe { MiMalloc.alloc_zeroed(l) };
+        if !p.is_null() {
+            grow(l.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: a block mimalloc gave out with this layout, forwarded.
+        unsafe { MiMalloc.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        // SAFETY: a block mimalloc gave out with this layout, forwarded.
+        let q = unsafe { MiMalloc.realloc(p, l, new) };
+        if !q.is_null() {
+            LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+            grow(new);
+        }
+        q
+    }
+}
+
+fn grow(n: usize) {
+    let live = LIVE.fetch_add(n, Ordering::Relaxed) + n;
+    PEAK.fetch_max(live, Ordering::Relaxed);
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn live_mb() -> f64 {
+    LIVE.load(Ordering::Relaxed) as f64 / 1048576.0
 }
 
 /// File `f` with entry `edit.0` edited as `edit.1`, and entries `0..n`
 /// only (`n` below the file's end: the rest removed).
-fn write_file(dir: &Path, f: usize, n: usize, edit: Option<(usize, u8)>) {
-    let mut s = String::new();
-    for i in f * PER_FILE..((f + 1) * PER_FILE).min(n) {
-        if !s.is_empty() {
-            s.push_str("---\n");
-        }
-        let e = edit.filter(|(j, _)| *j == i).map_or(0, |(_, e)| e);
-        s.push_str(&entry(i, e));
-    }
-    std::fs::write(dir.join(format!("se-{f:04}.yaml")), s).unwrap();
-}
-
-fn write_base(dir: &Path, n: usize) {
-    std::fs::write(dir.join("mesh.yaml"), "trustDomain: cluster.local\n").unwrap();
-    let mut ns =
-        String::from("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: common-infrastructure\n");
-    for i in 0..NAMESPACES {
-        ns.push_str(&format!(
-            "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: scale-{i:02}\n  labels:\n    istio.io/dataplane-mode: ambient\n"
-        ));
-    }
-    ns.push_str("---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: egress-gateway\n  namespace: common-infrastructure\nspec:\n  gatewayClassName: istio-waypoint\n  addresses: [{value: 10.0.0.9}]\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n");
-    std::fs::write(dir.join("00-base.yaml"), ns).unwrap();
-    for f in 0..n.div_ceil(PER_FILE) {
-        write_file(dir, f, n, None);
-    }
+fn write_file(dir: &Path, f: usize, n: usize, edit: Option<(usize, Edit)>) {
+    std::fs::write(
+        dir.join(gen::file_name(f)),
+        gen::file_text(f, PER_FILE, n, edit),
+    )
+    .unwrap();
 }
 
 /// The reconciler's stages, with the kernel maps as mirrors.
@@ -119,14 +108,22 @@ struct Agent {
     clock: StatusClock,
     parser: Parser,
     snap: Option<Arc<Snapshot>>,
+    /// What the agent keeps for its DNS proxy.
+    dns: Option<(Arc<HostTable>, Arc<ClientTable>)>,
 }
 
+/// Per stage: its time, the live heap after it and the peak during it
+/// (MB, with `--mem`).
 #[derive(Default)]
-struct Times(Vec<(&'static str, Duration)>);
+struct Times(Vec<(&'static str, Duration, f64, f64)>);
 
 impl Times {
     fn lap(&mut self, name: &'static str, t: &mut Instant) {
-        self.0.push((name, t.elapsed()));
+        let d = t.elapsed();
+        let live = LIVE.load(Ordering::Relaxed);
+        let peak = PEAK.swap(live, Ordering::Relaxed);
+        self.0
+            .push((name, d, live as f64 / 1048576.0, peak as f64 / 1048576.0));
         *t = Instant::now();
     }
     fn total(&self) -> Duration {
@@ -175,9 +172,8 @@ impl Agent {
                 .filter_map(|w| w.address.map(|ip| (ip, w.namespace().to_string()))),
         )
         .unwrap();
-        std::hint::black_box(table.len());
         let clients = ClientTable::new(model.enrolled().filter_map(|(_, w)| w.address));
-        std::hint::black_box(&clients);
+        self.dns = Some((Arc::new(table), Arc::new(clients)));
         t.lap("dns", &mut at);
         let stamped = Arc::get_mut(&mut model)
             .is_some_and(|m| self.clock.stamp(&mut m.status, &now_rfc3339()));
@@ -201,10 +197,19 @@ fn rss_kb(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `--mem`: print each stage's live heap after it and peak during it.
+static MEM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn print(label: &str, t: &Times, extra: &str) {
     let parts: Vec<String> =
         t.0.iter()
-            .map(|(n, d)| format!("{n} {:.1}", d.as_secs_f64() * 1e3))
+            .map(|(n, d, live, peak)| {
+                if MEM.load(Ordering::Relaxed) {
+                    format!("{n} {:.1} [{live:.0}/{peak:.0}]", d.as_secs_f64() * 1e3)
+                } else {
+                    format!("{n} {:.1}", d.as_secs_f64() * 1e3)
+                }
+            })
             .collect();
     println!(
         "{label:<14} total {:8.1} ms | {} {extra}",
@@ -214,14 +219,32 @@ fn print(label: &str, t: &Times, extra: &str) {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--mem") {
+        args.remove(i);
+        MEM.store(true, Ordering::Relaxed);
+    }
+    let mut args = args.into_iter();
     let n: usize = args.next().map_or(100_000, |a| a.parse().unwrap());
     let reps: usize = args.next().map_or(3, |a| a.parse().unwrap());
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("config");
     let state = tmp.path().join("state");
+    let cgroup = tmp.path().join("app");
     std::fs::create_dir_all(&dir).unwrap();
-    write_base(&dir, n);
+    for (name, text) in gen::base_files(
+        "10.1.0.2",
+        "10.2.0.2",
+        "10.3.0.2",
+        &cgroup.display().to_string(),
+    )
+    .unwrap()
+    {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    for f in 0..n.div_ceil(PER_FILE) {
+        write_file(&dir, f, n, None);
+    }
     let mut a = Agent {
         alloc: Allocator::open(&state).unwrap(),
         state,
@@ -230,28 +253,33 @@ fn main() {
         clock: StatusClock::default(),
         parser: Parser::default(),
         snap: None,
+        dns: None,
     };
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
     let mut t = Times::default();
     let cfg = a.load(&dir, &mut t);
     let changed = a.apply(&cfg, &mut t);
+    let peak = t.0.iter().map(|x| x.3).fold(0.0, f64::max);
+    drop(cfg);
     print(
         "cold",
         &t,
         &format!(
-            "(map entries {changed}; RSS {} MB, peak {} MB)",
+            "(map entries {changed}; heap kept {:.0} MB, peak {peak:.0} MB; RSS {} MB, peak {} MB)",
+            live_mb(),
             rss_kb("VmRSS:") / 1024,
             rss_kb("VmHWM:") / 1024
         ),
     );
-    drop(cfg);
     // Edits in the middle of the config, each applied then reverted.
     let e = n / 2 + 7; // kind 7: two hosts, bound
     let f = e / PER_FILE;
     let last = n - 1;
     for rep in 0..reps {
         for (label, edit, count) in [
-            ("edit port", Some((e, 1)), n),
-            ("edit host", Some((e, 2)), n),
+            ("edit port", Some((e, Edit::Port)), n),
+            ("edit host", Some((e, Edit::Host)), n),
             ("remove last", None, n - 1),
         ] {
             let ff = if count < n { last / PER_FILE } else { f };
@@ -269,8 +297,45 @@ fn main() {
         }
     }
     println!(
-        "after edits: RSS {} MB, peak {} MB",
+        "after edits: heap {:.0} MB; RSS {} MB, peak {} MB",
+        live_mb(),
         rss_kb("VmRSS:") / 1024,
         rss_kb("VmHWM:") / 1024
+    );
+    // Where the kept heap is: each holder dropped in turn (a holder shared
+    // with a later one frees only what is its own).
+    let mut parts = Vec::new();
+    let mut free = |name: &'static str, before: usize| {
+        parts.push(format!(
+            "{name} {:.1}",
+            (before - LIVE.load(Ordering::Relaxed)) as f64 / 1048576.0
+        ));
+    };
+    let l = LIVE.load(Ordering::Relaxed);
+    drop(a.dns.take());
+    free("dns", l);
+    let l = LIVE.load(Ordering::Relaxed);
+    drop(std::mem::take(&mut a.services));
+    free("map mirror", l);
+    let l = LIVE.load(Ordering::Relaxed);
+    a.model = Arc::new(Model::default());
+    free("model", l);
+    let l = LIVE.load(Ordering::Relaxed);
+    a.clock = StatusClock::default();
+    free("status clock", l);
+    // The allocator holds the config it allocated for (its basis).
+    let l = LIVE.load(Ordering::Relaxed);
+    a.alloc = Allocator::open(&tmp.path().join("empty")).unwrap();
+    free("allocator", l);
+    let l = LIVE.load(Ordering::Relaxed);
+    a.parser = Parser::default();
+    free("parser cache (objects)", l);
+    let l = LIVE.load(Ordering::Relaxed);
+    a.snap = None;
+    free("snapshot (file bytes)", l);
+    println!("kept heap by holder, MB: {}", parts.join(", "));
+    println!(
+        "left: {:.1} MB",
+        LIVE.load(Ordering::Relaxed).saturating_sub(base) as f64 / 1048576.0
     );
 }

@@ -12,6 +12,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod scale;
+mod scale_config;
 mod soak;
 
 #[derive(Parser)]

@@ -24,7 +24,8 @@
 //! bound to the seed's waypoint by label; spread over 100 namespaces; in
 //! files of `--per-file` entries. The seed's namespace, waypoint, HTTP
 //! entry and policy are there too. Prints a markdown table against the
-//! targets and writes JSON under `target/bench/`.
+//! targets and writes JSON under `target/bench/`. The config is
+//! `scale_config`'s (shared with the in-process stage harness).
 
 use std::{
     io::{Read as _, Write as _},
@@ -36,7 +37,12 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
-use shunt_testbed::{seed, wait_for, Node, Proc};
+use shunt_testbed::{wait_for, Node, Proc};
+
+use crate::scale_config::{
+    self as gen, base_files, entry, file_name, file_text, Edit, EDIT_PORT, PROBE_PORT, WAYPOINT,
+    WAYPOINT_NS,
+};
 
 /// `cargo xtask scale` options.
 #[derive(clap::Args, Debug)]
@@ -84,15 +90,8 @@ pub struct Args {
 const COLD_TARGET_S: f64 = 2.0;
 const EDIT_TARGET_MS: f64 = 100.0;
 const RSS_TARGET_MB: f64 = 200.0;
-/// Port of the probe ServiceEntry (and of the sink behind it).
-const PROBE_PORT: u16 = 9000;
-/// The edited entry's port after the edit.
-const EDIT_PORT: u16 = 8081;
 /// How long memory is left to settle (the agent trims every 5 s).
 const SETTLE: Duration = Duration::from_secs(7);
-const NAMESPACES: usize = 100;
-const WAYPOINT_NS: &str = "common-infrastructure";
-const WAYPOINT: &str = "egress-gateway";
 
 pub fn run(root: &Path, a: Args) -> Result<()> {
     if let Some(addr) = a.connect {
@@ -105,15 +104,7 @@ pub fn run(root: &Path, a: Args) -> Result<()> {
         return sink(addr);
     }
     if let Some(dir) = &a.generate {
-        std::fs::create_dir_all(dir)?;
-        let base = base_files("10.1.0.2", "10.2.0.2", "10.3.0.2", "/sys/fs/cgroup/app")?;
-        for (name, text) in base {
-            std::fs::write(dir.join(name), text)?;
-        }
-        for f in 0..a.n.div_ceil(a.per_file) {
-            std::fs::write(dir.join(file_name(f)), file_text(f, a.per_file, a.n, None))?;
-        }
-        return Ok(());
+        return gen::write_all(dir, a.n, a.per_file);
     }
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
@@ -145,124 +136,6 @@ pub fn run(root: &Path, a: Args) -> Result<()> {
     println!("{}", report["table"].as_str().unwrap_or_default());
     println!("JSON: {}", file.display());
     Ok(())
-}
-
-/// The generated entry `i`: its file, namespace, name and YAML.
-struct Entry {
-    ns: String,
-    name: String,
-    yaml: String,
-}
-
-fn entry(i: usize, edited: bool) -> Entry {
-    let ns = format!("scale-{:02}", i % NAMESPACES);
-    let name = format!("se-{i}");
-    let bound = i.is_multiple_of(3);
-    let kind = i % 10;
-    let mut labels = String::new();
-    if bound || kind == 8 {
-        labels = format!(
-            "  labels:\n    istio.io/use-waypoint: {WAYPOINT}\n    istio.io/use-waypoint-namespace: {WAYPOINT_NS}\n"
-        );
-    }
-    let http = if edited { EDIT_PORT } else { 80 };
-    let two_ports = i.is_multiple_of(2);
-    let (hosts, resolution, extra) = match kind {
-        0 => (
-            format!("  - s{i}.static.example\n"),
-            "STATIC",
-            format!(
-                "  endpoints:\n  - address: 10.{}.{}.{}\n",
-                100 + (i >> 16) % 100,
-                (i >> 8) & 255,
-                i & 255
-            ),
-        ),
-        1 => (
-            format!("  - s{i}.addr.example\n"),
-            "DNS",
-            format!("  addresses:\n  - 10.200.{}.{}\n", (i >> 8) & 255, i & 255),
-        ),
-        7 => (
-            format!("  - s{i}.a.example\n  - s{i}.b.example\n"),
-            "DNS",
-            String::new(),
-        ),
-        8 => (
-            format!("  - \"*.d{i}.example\"\n"),
-            "DYNAMIC_DNS",
-            String::new(),
-        ),
-        9 => (
-            format!("  - s{i}.rr.example\n"),
-            "DNS_ROUND_ROBIN",
-            String::new(),
-        ),
-        _ => (format!("  - s{i}.svc.example\n"), "DNS", String::new()),
-    };
-    let mut ports = format!("  - number: {http}\n    name: http\n    protocol: HTTP\n");
-    if two_ports {
-        // TLS passthrough (by SNI), which DYNAMIC_DNS accepts too.
-        ports.push_str("  - number: 443\n    name: tls\n    protocol: TLS\n");
-    }
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\n{labels}spec:\n  hosts:\n{hosts}  ports:\n{ports}  resolution: {resolution}\n{extra}"
-    );
-    Entry { ns, name, yaml }
-}
-
-/// The text of generated file `f` (entries `f * per_file ..`), with entry
-/// `edit` edited if it is in this file.
-fn file_text(f: usize, per_file: usize, n: usize, edit: Option<usize>) -> String {
-    let mut s = String::with_capacity(per_file * 300);
-    for i in f * per_file..((f + 1) * per_file).min(n) {
-        if !s.is_empty() {
-            s.push_str("---\n");
-        }
-        s.push_str(&entry(i, edit == Some(i)).yaml);
-    }
-    s
-}
-
-fn file_name(f: usize) -> String {
-    format!("se-{f:04}.yaml")
-}
-
-/// The fixed part of the config: mesh, namespaces, the client workload
-/// (`app_ip`, its cgroup `app_cgroup`), the seed (rewired to this machine)
-/// and the probe entry (unbound, STATIC to the sink).
-fn base_files(
-    app_ip: &str,
-    inet_ip: &str,
-    wp_ip: &str,
-    app_cgroup: &str,
-) -> Result<Vec<(&'static str, String)>> {
-    let mut ns = String::from(
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  labels:\n    istio.io/dataplane-mode: ambient\n",
-    );
-    for i in 0..NAMESPACES {
-        ns.push_str(&format!(
-            "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: scale-{i:02}\n  labels:\n    istio.io/dataplane-mode: ambient\n"
-        ));
-    }
-    ns.push_str(&format!(
-        "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: app\n  namespace: default\n  annotations:\n    shunt.io/cgroup: {app_cgroup}\n  labels:\n    app: app\nspec:\n  address: {app_ip}\n  serviceAccount: curl\n"
-    ));
-    Ok(vec![
-            ("mesh.yaml", "trustDomain: cluster.local\n".to_string()),
-            ("00-workload.yaml", ns),
-            (
-                "01-seed.yaml",
-                seed::loopback_service(wp_ip.parse()?, inet_ip.parse()?, PROBE_PORT, &[])?,
-            ),
-            ("02-policy.yaml", seed::file(seed::POLICY)?),
-            (
-                "03-probe.yaml",
-                format!(
-                    "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: scale-probe\n  namespace: default\nspec:\n  hosts:\n  - probe.scale.internal\n  ports:\n  - number: {PROBE_PORT}\n    name: tcp-probe\n    protocol: TCP\n  resolution: STATIC\n  endpoints:\n  - address: {inet_ip}\n"
-                ),
-            ),
-        ])
 }
 
 fn write_base(node: &Node, inet_ip: &str, wp_ip: &str) -> Result<()> {
@@ -732,7 +605,7 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
 
     // 4. One edit in the middle of the big files.
     let ei = (a.n / 2) / 10 * 10 + 3; // a DNS entry
-    let e = entry(ei, false);
+    let e = entry(ei, None);
     let edit_vip = bed.vip_of(&e.ns, &e.name, EDIT_PORT)?;
     eprintln!(
         "[scale] one edit: {}/{} gets port {EDIT_PORT} ({edit_vip})",
@@ -750,7 +623,7 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
         .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
     let f = ei / a.per_file;
-    let text = file_text(f, a.per_file, a.n, Some(ei));
+    let text = file_text(f, a.per_file, a.n, Some((ei, Edit::Port)));
     let tw = unix_us();
     bed.node.write_config(&file_name(f), &text)?;
     let out = poller.wait_with_output()?;
