@@ -523,44 +523,39 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks / hz
 }
 
+/// A `Key:   123 kB` line of a /proc file, in MB (0 when unreadable).
+fn proc_mb(pid: u32, file: &str, key: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 /// Resident set size in MB (VmRSS).
 fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    proc_mb(pid, "status", "VmRSS")
 }
 
-/// Anonymous (heap, stacks) part of the RSS in MB (RssAnon): the rest is
-/// the binary's and libraries' pages.
-fn rss_anon_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("RssAnon:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-/// VmRSS per process, and RssAnon as `<name>_anon`.
+/// VmRSS per process, RssAnon (heap, stacks; the rest is the binary's
+/// and libraries' pages) as `<name>_anon`, and Pss (pages shared with
+/// another process, such as the one binary agent and waypoint both map,
+/// counted by share) as `<name>_pss`.
 fn rss_all(pids: &[(&'static str, u32)]) -> BTreeMap<&'static str, f64> {
     let mut m: BTreeMap<&'static str, f64> = pids.iter().map(|(n, p)| (*n, rss_mb(*p))).collect();
     for (n, p) in pids {
-        let anon = match *n {
-            "agent" => "agent_anon",
-            "waypoint" => "waypoint_anon",
-            "haproxy" => "haproxy_anon",
+        let (anon, pss) = match *n {
+            "agent" => ("agent_anon", "agent_pss"),
+            "waypoint" => ("waypoint_anon", "waypoint_pss"),
+            "haproxy" => ("haproxy_anon", "haproxy_pss"),
             _ => continue,
         };
-        m.insert(anon, rss_anon_mb(*p));
+        m.insert(anon, proc_mb(*p, "status", "RssAnon"));
+        m.insert(pss, proc_mb(*p, "smaps_rollup", "Pss"));
     }
     m
 }
@@ -1415,6 +1410,14 @@ impl Report {
             self.rss_idle.get("agent_anon").unwrap_or(&0.0),
             self.rss_idle.get("waypoint_anon").unwrap_or(&0.0),
             self.rss_idle.get("haproxy_anon").unwrap_or(&0.0),
+        ));
+        let pss = |k: &str| *self.rss_settled.get(k).unwrap_or(&0.0);
+        s.push_str(&format!(
+            "PSS (shared pages counted by share: agent and waypoint map one binary) {SETTLE_SECS} s after load, MB: agent {:.1} + waypoint {:.1} = {:.1}, haproxy {:.1}.\n",
+            pss("agent_pss"),
+            pss("waypoint_pss"),
+            pss("agent_pss") + pss("waypoint_pss"),
+            pss("haproxy_pss"),
         ));
         s
     }
