@@ -344,7 +344,7 @@ fn service_entries(a: &GetArgs) -> anyhow::Result<ExitCode> {
                     se.spec.resolution().as_str().to_string(),
                     row.waypoint.unwrap_or_else(|| "<none>".into()),
                     row.bound,
-                    cond.map(|c| c.reason.clone()).unwrap_or_default(),
+                    cond.map(|c| c.reason.to_string()).unwrap_or_default(),
                     view.alloc
                         .service_id(&se.key())
                         .map(|i| i.to_string())

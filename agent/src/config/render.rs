@@ -1,6 +1,8 @@
 //! `shunt get serviceentries [-o yaml]`: Istio-shaped ServiceEntry status and
 //! its renderings (YAML like `kubectl get -o yaml`, and a short table).
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::{Mapping, Value};
 
@@ -22,7 +24,10 @@ pub struct StatusAddress {
     pub value: String,
 }
 
-/// A Kubernetes condition; fields in the order kubectl prints them.
+/// A Kubernetes condition; fields in the order kubectl prints them. The
+/// model's conditions borrow their fixed texts (every entry has one, and
+/// the model and the [`StatusClock`](crate::model::StatusClock) each hold
+/// 100,000 of them at scale); read from JSON they are owned.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusCondition {
@@ -30,12 +35,12 @@ pub struct StatusCondition {
     /// the pure model build.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<String>,
-    pub message: String,
-    pub reason: String,
+    pub message: Cow<'static, str>,
+    pub reason: Cow<'static, str>,
     /// "True" or "False".
-    pub status: String,
+    pub status: Cow<'static, str>,
     #[serde(rename = "type")]
-    pub type_: String,
+    pub type_: Cow<'static, str>,
 }
 
 /// Condition type for waypoint binding.
@@ -119,7 +124,7 @@ impl TableRow {
             waypoint,
             bound: status
                 .condition(WAYPOINT_BOUND)
-                .map(|c| c.status.clone())
+                .map(|c| c.status.to_string())
                 .unwrap_or_else(|| "Unknown".into()),
         }
     }

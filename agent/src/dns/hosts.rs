@@ -130,6 +130,9 @@ impl HostTable {
             let i = match scopes.iter().position(|s| s.export_to == *export_to) {
                 Some(i) => i,
                 None => {
+                    // Most hosts have one scope: no spare capacity (a pushed-to
+                    // empty Vec reserves four, 320 bytes a host).
+                    scopes.reserve_exact(1);
                     scopes.push(Scoped {
                         export_to: export_to.clone(),
                         addrs: HostAddrs::default(),

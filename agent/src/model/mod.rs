@@ -218,6 +218,8 @@ impl Model {
                 }
             }
         }
+        // Collected from a flat_map: no exact size, spare capacity for two.
+        vips.shrink_to_fit();
         let Some(id) = alloc.service_id(&key) else {
             self.warn(
                 Kind::ServiceEntry,
@@ -309,9 +311,14 @@ impl Model {
                 Some(r) => r,
                 None => self.hosts.entry(host::dns_key(&v.host)).or_default(),
             };
+            // Exact capacities: most hosts have one record with one
+            // address per family, and a pushed-to empty Vec reserves four
+            // (at 100,000 hosts 40 MB of spare capacity here and as much in
+            // the DNS table).
             let r = match records.iter_mut().position(|r| r.service == id) {
                 Some(i) => &mut records[i],
                 None => {
+                    records.reserve_exact(1);
                     records.push(HostRecord {
                         service: id,
                         export_to: svc.export_to.clone(),
@@ -321,8 +328,14 @@ impl Model {
                 }
             };
             match v.ip {
-                IpAddr::V4(a) => r.v4.push(a),
-                IpAddr::V6(a) => r.v6.push(a),
+                IpAddr::V4(a) => {
+                    r.v4.reserve_exact(1);
+                    r.v4.push(a)
+                }
+                IpAddr::V6(a) => {
+                    r.v6.reserve_exact(1);
+                    r.v6.push(a)
+                }
             }
         }
         self.services.insert(id, svc);

@@ -2,6 +2,7 @@
 //! `istio.io/WaypointBound` condition), and the clock that keeps each
 //! condition's `lastTransitionTime` across reloads and restarts.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -10,30 +11,26 @@ use crate::config::ObjectKey;
 
 use super::waypoint::WaypointBinding;
 
+/// The message of an entry without a waypoint (most of them: one text).
+const NOT_BOUND: &str = "not bound to any waypoint: no istio.io/use-waypoint label on the ServiceEntry or its Namespace";
+
 /// The condition for a binding (without `lastTransitionTime`).
 pub(super) fn waypoint_condition(b: &WaypointBinding) -> StatusCondition {
     let (status, reason, message) = match b {
         WaypointBinding::Bound(w) => (
             "True",
             "WaypointAccepted",
-            format!("Successfully attached to waypoint {}", w.gateway),
+            Cow::Owned(format!("Successfully attached to waypoint {}", w.gateway)),
         ),
-        WaypointBinding::None => (
-            "False",
-            "NotBound",
-            format!(
-                "not bound to any waypoint: no {} label on the ServiceEntry or its Namespace",
-                crate::config::labels::USE_WAYPOINT
-            ),
-        ),
-        WaypointBinding::Refused(u) => ("False", u.reason, u.message.clone()),
+        WaypointBinding::None => ("False", "NotBound", Cow::Borrowed(NOT_BOUND)),
+        WaypointBinding::Refused(u) => ("False", u.reason, Cow::Owned(u.message.clone())),
     };
     StatusCondition {
         last_transition_time: None,
         message,
-        reason: reason.into(),
-        status: status.into(),
-        type_: WAYPOINT_BOUND.into(),
+        reason: Cow::Borrowed(reason),
+        status: Cow::Borrowed(status),
+        type_: Cow::Borrowed(WAYPOINT_BOUND),
     }
 }
 
@@ -146,4 +143,12 @@ pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_not_bound_message_names_the_label() {
+        assert!(super::NOT_BOUND.contains(crate::config::labels::USE_WAYPOINT));
+    }
 }

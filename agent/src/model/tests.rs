@@ -39,7 +39,11 @@ fn bound(m: &Model, ns: &str, name: &str) -> (String, String, String) {
         .condition(WAYPOINT_BOUND)
         .unwrap()
         .clone();
-    (c.status, c.reason, c.message)
+    (
+        c.status.into_owned(),
+        c.reason.into_owned(),
+        c.message.into_owned(),
+    )
 }
 
 fn at(s: &str) -> SocketAddr {
