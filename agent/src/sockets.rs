@@ -11,6 +11,11 @@
 //! queue is skipped at once. Each error is counted in
 //! `shunt_accept_errors_total{listener, reason}` and logged at most once a
 //! second with the number of suppressed lines.
+//!
+//! [`PerSourceLimit`]: the one connection budget of the servers (the
+//! waypoint's HBONE port per source, the agent's captured connections per
+//! pod address and in all), with [`Acceptor::refuse`] closing what it has no
+//! place for.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,6 +24,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 use crate::telemetry::{self, LogLimit};
 
@@ -197,12 +203,42 @@ impl Acceptor {
     }
 }
 
-/// Open connections per source address, capped: one client cannot take a
-/// server's whole fd budget.
+/// Open connections per source address and in all, capped: one client
+/// cannot take a server's whole fd budget, and all of them together cannot
+/// take the fds its control plane needs. A connection weighs what it holds
+/// (the agent's direct path holds two fds per captured connection). The
+/// count is also what a draining server waits on ([`PerSourceLimit::idle`]).
 #[derive(Debug)]
 pub struct PerSourceLimit {
-    max: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
+    per_source: usize,
+    total: usize,
+    open: Mutex<Open>,
+    idle: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// Why a connection was given no place: the `reason` label of
+/// `shunt_refused_connections_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoPlace {
+    /// Its source holds its maximum.
+    PerSource,
+    /// The server holds its maximum in all.
+    Total,
+}
+
+impl NoPlace {
+    pub fn reason(self) -> &'static str {
+        match self {
+            NoPlace::PerSource => "per_source_limit",
+            NoPlace::Total => "connection_limit",
+        }
+    }
 }
 
 /// One admitted connection; dropping it frees its place.
@@ -210,49 +246,110 @@ pub struct PerSourceLimit {
 pub struct SourceSlot {
     limit: Arc<PerSourceLimit>,
     ip: IpAddr,
+    weight: usize,
 }
 
 impl PerSourceLimit {
+    /// At most `max` per source, no cap in all.
     pub fn new(max: usize) -> Arc<Self> {
+        Self::with_total(max, usize::MAX)
+    }
+
+    /// At most `per_source` per source and `total` in all.
+    pub fn with_total(per_source: usize, total: usize) -> Arc<Self> {
         Arc::new(PerSourceLimit {
-            max: max.max(1),
+            per_source: per_source.max(1),
+            total: total.max(1),
             open: Mutex::default(),
+            idle: Notify::new(),
         })
     }
 
-    /// A place for one more connection from `ip`, if it has fewer than the
-    /// maximum open.
+    /// A place for one more connection of weight 1 from `ip`.
     pub fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        self.admit(ip, 1).ok()
+    }
+
+    /// A place for one more connection from `ip` weighing `weight`, if
+    /// both its source and the total stay within their maximum with it.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, weight: usize) -> Result<SourceSlot, NoPlace> {
         let ip = ip.to_canonical();
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(ip).or_insert(0);
-        if *n >= self.max {
-            return None;
+        let mut open = self.lock();
+        let Open { total, by_source } = &mut *open;
+        let n = by_source.get(&ip).copied().unwrap_or(0);
+        if n + weight > self.per_source {
+            return Err(NoPlace::PerSource);
         }
-        *n += 1;
-        Some(SourceSlot {
+        if *total + weight > self.total {
+            return Err(NoPlace::Total);
+        }
+        *total += weight;
+        by_source.insert(ip, n + weight);
+        Ok(SourceSlot {
             limit: Arc::clone(self),
             ip,
+            weight,
         })
     }
 
-    /// Connections open from `ip`.
+    /// Weight open from `ip`.
     pub fn open(&self, ip: IpAddr) -> usize {
-        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.get(&ip.to_canonical()).copied().unwrap_or(0)
+        self.lock()
+            .by_source
+            .get(&ip.to_canonical())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Weight open in all.
+    pub fn open_total(&self) -> usize {
+        self.lock().total
+    }
+
+    /// Returns once nothing is open.
+    pub async fn idle(&self) {
+        loop {
+            // Created before the check: a notify_waiters in between wakes it.
+            let idle = self.idle.notified();
+            if self.open_total() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
-        let mut open = self.limit.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.ip) {
-            *n -= 1;
+        let mut open = self.limit.lock();
+        open.total -= self.weight;
+        if let Some(n) = open.by_source.get_mut(&self.ip) {
+            *n -= self.weight;
             if *n == 0 {
-                open.remove(&self.ip);
+                open.by_source.remove(&self.ip);
             }
         }
+        if open.total == 0 {
+            self.limit.idle.notify_waiters();
+        }
     }
+}
+
+/// The soft `RLIMIT_NOFILE`: how many fds this process may hold.
+pub fn fd_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(lim.rlim_cur)
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (every connection
@@ -315,5 +412,59 @@ mod tests {
             limit.try_admit(mapped).is_none(),
             "a v4-mapped address is the same source"
         );
+    }
+
+    #[test]
+    fn the_total_caps_all_sources_together_and_weights_count() {
+        let limit = PerSourceLimit::with_total(4, 5);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let heavy = limit.admit(a, 2).unwrap();
+        let _a2 = limit.admit(a, 2).unwrap();
+        assert_eq!(limit.open(a), 4);
+        assert_eq!(
+            limit.admit(a, 1).unwrap_err(),
+            NoPlace::PerSource,
+            "a's own maximum comes first"
+        );
+        let _b1 = limit.admit(b, 1).unwrap();
+        let e = limit.admit(b, 1).unwrap_err();
+        assert_eq!(
+            e,
+            NoPlace::Total,
+            "b is under its maximum, the total is not"
+        );
+        assert_eq!(e.reason(), "connection_limit");
+        assert_eq!(NoPlace::PerSource.reason(), "per_source_limit");
+        assert_eq!(limit.open_total(), 5);
+        drop(heavy);
+        assert_eq!(limit.open_total(), 3, "a slot frees its whole weight");
+        assert_eq!(limit.open(a), 2);
+        let _b2 = limit.admit(b, 2).expect("room again in all");
+        assert!(
+            limit.admit(b, 5).is_err(),
+            "heavier than a source's maximum: never admitted"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_returns_once_the_last_slot_is_dropped() {
+        let limit = PerSourceLimit::with_total(10, 10);
+        limit.idle().await;
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let s1 = limit.admit(a, 1).unwrap();
+        let s2 = limit.admit(a, 2).unwrap();
+        let waiter = tokio::spawn({
+            let limit = limit.clone();
+            async move { limit.idle().await }
+        });
+        drop(s1);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one slot still open");
+        drop(s2);
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("idle after the last slot")
+            .unwrap();
     }
 }

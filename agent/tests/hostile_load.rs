@@ -1,6 +1,9 @@
 //! Hostile load on the real `shunt waypoint` binary (loopback): idle
 //! connections beyond its fd limit, and slow ClientHellos beyond its
 //! budgets. After each, a legitimate tunnel works and the process is alive.
+//! And on the real `shunt agent` on the kernel (root; a testbed node): a
+//! pod flooding captured connections beyond its budget, under a low fd
+//! limit, while another pod and a config edit still get through.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -320,4 +323,230 @@ async fn slow_client_hellos_are_bounded_by_the_budgets_and_real_clients_get_thro
     assert!(refused > 0, "the budget refused the excess:\n{m}");
     drop(slow);
     wp.echo_works().await.expect("after the flood");
+}
+
+// ------------------------------------------- the agent's capture budget
+
+/// Runs `f` on a thread of its own in the network namespace at `ns`; the
+/// sockets it creates stay in that namespace wherever they are used.
+fn in_netns<T: Send>(ns: &std::path::Path, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(ns).unwrap();
+                // SAFETY: a valid fd; only this thread changes namespace.
+                let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(r, 0, "setns {}", ns.display());
+                f()
+            })
+            .join()
+            .unwrap()
+    })
+}
+
+/// One echo round trip over `s`.
+fn ping(s: &mut std::net::TcpStream) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"ping")?;
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf)?;
+    if &buf != b"ping" {
+        return Err(std::io::Error::other(format!("echo answered {buf:?}")));
+    }
+    Ok(())
+}
+
+fn ping_from(pod: &shunt_testbed::Pod, vip: SocketAddr) -> std::io::Result<()> {
+    in_netns(&pod.ns.path(), || {
+        let mut s = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(5))?;
+        ping(&mut s)
+    })
+}
+
+/// An echo server on `addr` in namespace `ns`, served by `rt`.
+fn echo_in(rt: &tokio::runtime::Runtime, ns: &std::path::Path, addr: SocketAddr) {
+    let listener = in_netns(ns, || std::net::TcpListener::bind(addr)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    rt.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+}
+
+/// `GET /metrics` of the agent (default address, in the node namespace).
+fn agent_metrics(node: &shunt_testbed::Node) -> String {
+    use std::io::{Read, Write};
+    in_netns(&node.ns.path(), || {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:15020").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+}
+
+fn echo_entry(name: &str, host: &str, port: u16, endpoint: &str) -> String {
+    ServiceEntry {
+        name,
+        namespace: mesh::NAMESPACE,
+        waypoint: Some(mesh::WAYPOINT),
+        hosts: &[host],
+        ports: &[Port::tcp(port, 7000)],
+        endpoints: &[endpoint],
+        ..Default::default()
+    }
+    .yaml()
+}
+
+/// #14's finding: a pod's connect loop filled every fd of the agent, and
+/// the config watcher's reads and the netlink lookups failed with EMFILE
+/// while it lasted. Under a low fd limit (1024: a budget of 512), a pod
+/// opening far more connections than its per-source budget (150) gets that
+/// many carried and the rest reset at accept, counted; another pod still
+/// gets through, and the agent takes a config edit while the flood holds.
+#[test]
+fn a_pod_flooding_captured_connections_is_refused_beyond_its_budget_and_config_still_applies(
+) -> shunt_testbed::Result<()> {
+    const FLOOD: usize = 1500;
+    const PER_SOURCE: usize = 150;
+    const NOFILE: u64 = 1024;
+    shunt_agent::sockets::raise_fd_limit()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut node = mesh::node()?;
+    node.add_pod("other")?;
+    let (wp_ip, inet_ip) = (node.pod("wp").ip4.clone(), node.pod("inet").ip4.clone());
+    echo_in(
+        &rt,
+        &node.pod("inet").ns.path(),
+        SocketAddr::new(inet_ip.parse()?, 7000),
+    );
+    let ca_dir = node.work_dir.join("ca");
+    Ca::init(&ca_dir, TD, false)?;
+    node.write_config("mesh.yaml", "trustDomain: cluster.local\n")?;
+    let mut docs = mesh::base(
+        node.pod("app").workload_entry(mesh::NAMESPACE, "app"),
+        &wp_ip,
+    );
+    docs.push(node.pod("other").workload_entry(mesh::NAMESPACE, "other"));
+    docs.push(echo_entry("echo", "echo.internal", 9000, &inet_ip));
+    node.write_config("00-mesh.yaml", &mesh::docs(&docs))?;
+    let (cfg, ca, state) = (
+        node.config_dir().display().to_string(),
+        ca_dir.display().to_string(),
+        node.state_dir.display().to_string(),
+    );
+    let (shunt, nofile) = (
+        env!("CARGO_BIN_EXE_shunt"),
+        format!("--nofile={NOFILE}:{NOFILE}"),
+    );
+    let per_source = PER_SOURCE.to_string();
+    node.start_agent(
+        std::path::Path::new("prlimit"),
+        &[nofile.as_str(), "--", shunt, "agent"],
+        &[
+            "--config-dir",
+            &cfg,
+            "--ca-dir",
+            &ca,
+            "--no-dns",
+            "--max-captured-connections-per-source",
+            &per_source,
+        ],
+    )?;
+    let maps = node.maps()?;
+    let services = || maps.read_services().map(|s| s.len()).unwrap_or(0);
+    let before = shunt_testbed::wait_for("services programmed", Duration::from_secs(20), || {
+        let n = services();
+        (n > 0).then_some(n)
+    })?;
+    // Dropped before `node`: it runs in one of its pods.
+    let _waypoint =
+        mesh::start_waypoint(&node, None, &mesh::waypoint_args(&cfg, &state, &ca), "info")?;
+    let vip: SocketAddr = "240.240.0.1:9000".parse()?;
+    ping_from(node.pod("app"), vip).expect("app reaches the echo before the flood");
+
+    let mut flood = in_netns(&node.pod("app").ns.path(), || {
+        (0..FLOOD)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(&vip, Duration::from_millis(200)).ok()
+            })
+            .collect::<Vec<_>>()
+    });
+    let agent_pid = node.agents[0].pid();
+    let fds_during = std::fs::read_dir(format!("/proc/{agent_pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+
+    // The bug: without the budget this read failed with EMFILE (checked
+    // first: without it, pinging the connections left in the accept queue
+    // would wait for each).
+    node.write_config(
+        "10-edit.yaml",
+        &echo_entry("echo2", "echo2.internal", 9001, &inet_ip),
+    )?;
+    let after = shunt_testbed::wait_for(
+        "the edit programmed during the flood",
+        Duration::from_secs(30),
+        || {
+            let n = services();
+            (n > before).then_some(n)
+        },
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; agent log:\n{}",
+            shunt_testbed::tail(&node.work_dir.join("agent-0.log"), 30)
+        )
+    })?;
+    ping_from(node.pod("other"), vip).expect("another pod gets through during the flood");
+    let mut carried = 0;
+    for s in &mut flood {
+        if ping(s).is_ok() {
+            carried += 1;
+        }
+    }
+    let m = agent_metrics(&node);
+    let refused = metric(
+        &m,
+        r#"shunt_refused_connections_total{listener="capture",reason="per_source_limit"}"#,
+    );
+    let log = node.agents[0].log_text();
+    let log_lines = log.matches("connection budget spent").count();
+    eprintln!(
+        "{} of {FLOOD} connects completed; {carried} carried, {refused} refused for the \
+         per-source budget ({log_lines} log lines); agent fds during the flood {fds_during} \
+         of {NOFILE}; services {before} -> {after}",
+        flood.len()
+    );
+    assert!(
+        (1..=PER_SOURCE).contains(&carried),
+        "the flooding pod got at most its budget carried: {carried}"
+    );
+    assert!(
+        refused as usize >= flood.len() - carried,
+        "every connection not carried was refused and counted ({refused}):\n{m}"
+    );
+    assert!(
+        (log_lines as u64) < refused.max(2),
+        "refusals are logged at a limited rate"
+    );
+    // Its places come back as its connections' relays end.
+    drop(flood);
+    shunt_testbed::wait_for(
+        "app reaching the echo after the flood",
+        Duration::from_secs(20),
+        || ping_from(node.pod("app"), vip).ok(),
+    )?;
+    Ok(())
 }

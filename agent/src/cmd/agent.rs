@@ -15,7 +15,7 @@ use shunt_agent::{
     hbone::ClientSettings,
     kernel::KernelPaths,
     prereq,
-    proxy::capture::{self as capture_server, CaptureOptions},
+    proxy::capture::{self as capture_server, CaptureLimits, CaptureOptions},
 };
 
 use super::common::{
@@ -76,6 +76,8 @@ pub struct Args {
     /// How long open connections may finish after a shutdown or handover.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    #[command(flatten)]
+    capture_limits: CaptureLimitArgs,
     /// How long a removed ServiceEntry host keeps its VIPs reserved for its
     /// return (keep it well above the DNS TTL of 30s).
     #[arg(long, env = "SHUNT_VIP_GRACE", default_value = "10m", value_parser = parse_duration)]
@@ -119,6 +121,35 @@ pub struct Args {
     cert_lifetime: Duration,
     #[command(flatten)]
     hbone: HboneArgs,
+}
+
+/// The budget of captured connections: beyond it, a new one is closed with
+/// RST at accept, so that a flood of connects leaves the agent the fds it
+/// needs for config, netlink, DNS and admin.
+#[derive(clap::Args, Debug)]
+struct CaptureLimitArgs {
+    /// Captured connections held at once, in fds (a connection without a
+    /// waypoint holds two: the pod's and the destination's). Default: the
+    /// open-file limit minus a reserve of max(512, 5%) for the agent's own
+    /// work; more than that is an error.
+    #[arg(long, env = "SHUNT_MAX_CAPTURED_CONNECTIONS",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_captured_connections: Option<usize>,
+    /// Captured connections held at once per pod address, counted the same
+    /// way. Default: a quarter of --max-captured-connections, at least 4096
+    /// unless that is more than half of it.
+    #[arg(long, env = "SHUNT_MAX_CAPTURED_CONNECTIONS_PER_SOURCE",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_captured_connections_per_source: Option<usize>,
+}
+
+impl CaptureLimitArgs {
+    fn limits(&self) -> CaptureLimits {
+        CaptureLimits {
+            total: self.max_captured_connections,
+            per_source: self.max_captured_connections_per_source,
+        }
+    }
 }
 
 /// The HBONE connections to waypoints.
@@ -218,6 +249,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             capture_addr: args.capture_addr,
             drain_timeout: args.drain_timeout,
             meta: None,
+            limits: args.capture_limits.limits(),
         },
         config_dir: args.config.config_dir,
         kubernetes,

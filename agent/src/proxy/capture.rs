@@ -23,18 +23,14 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     pin::Pin,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::Duration,
 };
 
-use shunt_common::{is_vip, ServiceValue};
+use shunt_common::{is_vip, ServiceValue, SVC_F_WAYPOINT};
 use tokio::{
     net::{TcpListener, TcpStream},
     signal::unix::{signal, SignalKind},
-    sync::Notify,
 };
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -46,7 +42,7 @@ use crate::{
     },
     prereq::{self, PrereqError},
     proxy::handover::{Control, HandoverError, Predecessor, Successor},
-    sockets::{Acceptor, ListenerName},
+    sockets::{self, Acceptor, ListenerName, PerSourceLimit},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +59,8 @@ pub enum CaptureServerError {
     Signal(std::io::Error),
     #[error(transparent)]
     Handover(#[from] HandoverError),
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
 }
 
 /// A connection that sk_lookup steered to the capture socket.
@@ -102,6 +100,119 @@ pub struct CaptureOptions {
     /// Initial `meta` (from `kernel::projection::meta`). `None` leaves a
     /// pinned `meta` as it is.
     pub meta: Option<shunt_common::Meta>,
+    /// The captured-connection budget; unset parts follow the open-file
+    /// limit ([`CaptureLimits::resolve`]).
+    pub limits: CaptureLimits,
+}
+
+/// Captured connections the agent holds at once, counted in the fds they
+/// hold: one for a connection carried over HBONE (its stream rides a pooled
+/// TLS connection), two for one connected directly (no waypoint). Beyond
+/// either budget a new connection is closed with RST at accept. Without a
+/// cap a flood of connects took every fd, and the config watcher's reads and
+/// the netlink lookups failed with EMFILE until it ended (#14).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureLimits {
+    /// All captured connections. Default: the open-file limit minus
+    /// [`control_plane_reserve`].
+    pub total: Option<usize>,
+    /// Per pod address (canonical: an IPv4-mapped address is its IPv4
+    /// one). Default: a quarter of the total, at least 4096 (`cargo xtask
+    /// bench` holds 2,000 connections from one pod) unless that is more
+    /// than half of it; never more than the total.
+    pub per_source: Option<usize>,
+}
+
+/// The resolved [`CaptureLimits`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureBudget {
+    pub total: usize,
+    pub per_source: usize,
+    /// The open-file limit it was derived from, and what is kept out of it.
+    pub fd_limit: u64,
+    pub reserve: u64,
+}
+
+/// A per-source default below this would refuse `cargo xtask bench`'s
+/// 2,000 held connections from one pod (4,000 fds on the direct path).
+const PER_SOURCE_FLOOR: usize = 4096;
+
+/// The fds kept for the agent's own work when the captured-connection
+/// budget is derived from the open-file limit: at least 512, for the fixed
+/// part (the kernel objects' fds, listeners, control socket, admin and
+/// metrics scrapes, the config watcher's reads, netlink and CA/API
+/// connections: under 128) and the DNS proxy's TCP budget (256
+/// connections, `DnsConfig::max_tcp_connections`); and 5% of the limit for
+/// what grows with load: the HBONE pool's connections (one per
+/// `--hbone-max-streams` tunnels, 1% of the budget at the default 100) and
+/// the DNS proxy's forwarded queries in flight (one UDP socket each).
+pub fn control_plane_reserve(fd_limit: u64) -> u64 {
+    (fd_limit / 20).max(512)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    #[error("reading the open-file limit (RLIMIT_NOFILE): {0}")]
+    FdLimit(std::io::Error),
+    #[error(
+        "the open-file limit ({fd_limit}) leaves no room for captured connections after the \
+         control plane's reserve of {reserve} fds: raise it (ulimit -n, LimitNOFILE)"
+    )]
+    FdLimitTooLow { fd_limit: u64, reserve: u64 },
+    #[error(
+        "captured-connection budget {asked} (--max-captured-connections) is more than the \
+         open-file limit ({fd_limit}) leaves after the control plane's reserve of {reserve} \
+         fds ({room}): lower it or raise the limit"
+    )]
+    AboveFdLimit {
+        asked: usize,
+        fd_limit: u64,
+        reserve: u64,
+        room: usize,
+    },
+}
+
+impl CaptureLimits {
+    /// The budget under an open-file limit of `fd_limit`.
+    pub fn resolve(self, fd_limit: u64) -> Result<CaptureBudget, BudgetError> {
+        let reserve = control_plane_reserve(fd_limit);
+        let room = usize::try_from(fd_limit.saturating_sub(reserve)).unwrap_or(usize::MAX);
+        if room == 0 {
+            return Err(BudgetError::FdLimitTooLow { fd_limit, reserve });
+        }
+        let total = match self.total {
+            Some(asked) if asked > room => {
+                return Err(BudgetError::AboveFdLimit {
+                    asked,
+                    fd_limit,
+                    reserve,
+                    room,
+                })
+            }
+            Some(asked) => asked.max(1),
+            None => room,
+        };
+        let per_source = self
+            .per_source
+            .unwrap_or_else(|| PER_SOURCE_FLOOR.min(total / 2).max(total / 4))
+            .clamp(1, total);
+        Ok(CaptureBudget {
+            total,
+            per_source,
+            fd_limit,
+            reserve,
+        })
+    }
+}
+
+/// The fds a captured connection holds on the agent: its own, and on the
+/// direct path (no waypoint) the one to its destination.
+fn weight(service: &ServiceValue) -> usize {
+    if service.flags & SVC_F_WAYPOINT != 0 {
+        1
+    } else {
+        2
+    }
 }
 
 /// Enter the node's network namespace. Must run before any thread is
@@ -121,23 +232,6 @@ pub fn enter_netns(path: &Path) -> Result<(), CaptureServerError> {
     Ok(())
 }
 
-/// Connections in flight, for draining.
-#[derive(Default)]
-struct InFlight {
-    n: AtomicUsize,
-    idle: Notify,
-}
-
-struct InFlightGuard(Arc<InFlight>);
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        if self.0.n.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
 /// Everything the running agent holds. Created by [`CaptureServer::start`], which
 /// leaves the agent capturing; [`CaptureServer::serve`] runs it until a signal.
 pub struct CaptureServer {
@@ -145,7 +239,8 @@ pub struct CaptureServer {
     installed: kernel::loader::Installed,
     listener: TcpListener,
     maps: Arc<PinnedMaps>,
-    in_flight: Arc<InFlight>,
+    /// Connections in flight: the budget, and what draining waits for.
+    in_flight: Arc<PerSourceLimit>,
     signals: Option<[tokio::signal::unix::Signal; 2]>,
     control: Control,
     predecessor: Option<Predecessor>,
@@ -162,6 +257,15 @@ impl CaptureServer {
         predecessor: Option<Predecessor>,
     ) -> Result<Self, CaptureServerError> {
         prereq::check(&opts.paths.pin_dir, &opts.paths.cgroup_root)?;
+        let fd_limit = sockets::fd_limit().map_err(BudgetError::FdLimit)?;
+        let budget = opts.limits.resolve(fd_limit)?;
+        info!(
+            max_connections = budget.total,
+            max_per_source = budget.per_source,
+            fd_limit,
+            reserve = budget.reserve,
+            "captured-connection budget (in fds: 2 per direct connection)"
+        );
         let signals = [
             signal(SignalKind::terminate()).map_err(CaptureServerError::Signal)?,
             signal(SignalKind::interrupt()).map_err(CaptureServerError::Signal)?,
@@ -184,7 +288,7 @@ impl CaptureServer {
             installed,
             listener,
             maps,
-            in_flight: Arc::default(),
+            in_flight: PerSourceLimit::with_total(budget.per_source, budget.total),
             signals: Some(signals),
             control,
             predecessor,
@@ -255,7 +359,7 @@ impl CaptureServer {
             };
             let stop = tokio::select! {
                 (stream, peer) = acceptor.accept(&self.listener) => {
-                    self.dispatch(stream, peer, &handler);
+                    self.dispatch(&acceptor, stream, peer, &handler);
                     false
                 }
                 s = successor => break s == Successor::TookOver,
@@ -288,18 +392,10 @@ impl CaptureServer {
         let deadline = tokio::time::sleep_until(
             stop_by.unwrap_or_else(|| tokio::time::Instant::now() + self.opts.drain_timeout),
         );
-        tokio::pin!(deadline);
-        loop {
-            let idle = self.in_flight.idle.notified();
-            if self.in_flight.n.load(Ordering::Acquire) == 0 {
-                break;
-            }
-            tokio::select! {
-                _ = idle => {}
-                _ = &mut deadline => {
-                    warn!(open = self.in_flight.n.load(Ordering::Acquire), "drain deadline reached; closing open connections");
-                    break;
-                }
+        tokio::select! {
+            _ = self.in_flight.idle() => {}
+            _ = deadline => {
+                warn!(open_fds = self.in_flight.open_total(), "drain deadline reached; closing open connections");
             }
         }
         info!("agent stopped");
@@ -314,13 +410,21 @@ impl CaptureServer {
         while let Ok((stream, peer)) =
             tokio::time::timeout(QUIET, acceptor.accept(&self.listener)).await
         {
-            self.dispatch(stream, peer, handler);
+            self.dispatch(&acceptor, stream, peer, handler);
         }
     }
 
     /// `src` is the peer address accept(2) returned (no getpeername per
-    /// connection); TCP_NODELAY comes from the listener.
-    fn dispatch(&self, stream: TcpStream, src: SocketAddr, handler: &Arc<dyn Handler>) {
+    /// connection); TCP_NODELAY comes from the listener. A connection the
+    /// budget has no place for is refused through `acceptor` (RST, counted,
+    /// logged at a limited rate).
+    fn dispatch(
+        &self,
+        acceptor: &Acceptor,
+        stream: TcpStream,
+        src: SocketAddr,
+        handler: &Arc<dyn Handler>,
+    ) {
         let Ok(dst) = stream.local_addr() else {
             return;
         };
@@ -339,8 +443,10 @@ impl CaptureServer {
             reset(stream);
             return;
         };
-        self.in_flight.n.fetch_add(1, Ordering::AcqRel);
-        let guard = InFlightGuard(self.in_flight.clone());
+        let slot = match self.in_flight.admit(src.ip(), weight(&service)) {
+            Ok(slot) => slot,
+            Err(no) => return acceptor.refuse(stream, src, no.reason()),
+        };
         let fut = handler.handle(Steered {
             stream,
             src,
@@ -350,7 +456,7 @@ impl CaptureServer {
         tokio::spawn(
             async move {
                 fut.await;
-                drop(guard);
+                drop(slot);
             }
             .instrument(info_span!("conn", %src, %dst, svc = service.service_id)),
         );
@@ -378,4 +484,80 @@ fn write_pidfile(state_dir: &Path) -> Result<(), CaptureServerError> {
         .map_err(|e| CaptureServerError::State(tmp.clone(), e))?;
     std::fs::rename(&tmp, &path).map_err(|e| CaptureServerError::State(path.clone(), e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(total: Option<usize>, per_source: Option<usize>) -> CaptureLimits {
+        CaptureLimits { total, per_source }
+    }
+
+    #[test]
+    fn the_default_budget_keeps_the_reserve_and_a_quarter_per_source() {
+        // This machine's (and the scale run's) limit.
+        let b = CaptureLimits::default().resolve(20_000).unwrap();
+        assert_eq!((b.reserve, b.total, b.per_source), (1000, 19_000, 4750));
+        // Large limits: 5% kept, a quarter per pod.
+        let b = CaptureLimits::default().resolve(1 << 20).unwrap();
+        assert_eq!(b.reserve, (1 << 20) / 20);
+        assert_eq!(b.per_source, b.total / 4);
+        // 4096 per pod while that is at most half the budget...
+        let b = CaptureLimits::default().resolve(10_000).unwrap();
+        assert_eq!((b.total, b.per_source), (9_488, 4096));
+        // ...else half: one pod never holds the whole budget.
+        let b = CaptureLimits::default().resolve(1024).unwrap();
+        assert_eq!((b.reserve, b.total, b.per_source), (512, 512, 256));
+    }
+
+    #[test]
+    fn bench_s_held_connections_fit_the_default_per_source_budget() {
+        // `cargo xtask bench` holds 2,000 connections from one pod, two fds
+        // each on the direct path, under the hard limit it raises to.
+        for fd_limit in [20_000, 65_536, 1 << 20] {
+            let b = CaptureLimits::default().resolve(fd_limit).unwrap();
+            assert!(b.per_source >= 4000, "{fd_limit}: {b:?}");
+        }
+    }
+
+    #[test]
+    fn flags_are_kept_within_the_fd_limit() {
+        let b = limits(Some(300), Some(100)).resolve(1024).unwrap();
+        assert_eq!((b.total, b.per_source), (300, 100));
+        let b = limits(Some(300), None).resolve(1024).unwrap();
+        assert_eq!(b.per_source, 150, "the default follows the given total");
+        let b = limits(None, Some(5000)).resolve(1024).unwrap();
+        assert_eq!(b.per_source, 512, "a source never gets more than the total");
+        let e = limits(Some(600), None).resolve(1024).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BudgetError::AboveFdLimit {
+                    asked: 600,
+                    room: 512,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("--max-captured-connections"), "{e}");
+        let e = CaptureLimits::default().resolve(512).unwrap_err();
+        assert!(matches!(e, BudgetError::FdLimitTooLow { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_direct_connection_weighs_its_two_fds() {
+        let mut v = ServiceValue {
+            service_id: 1,
+            flags: SVC_F_WAYPOINT,
+            waypoint_addr: [0; 16],
+            waypoint_port: 15008,
+            target_port: 80,
+            _pad: [0; 4],
+        };
+        assert_eq!(weight(&v), 1);
+        v.flags = 0;
+        assert_eq!(weight(&v), 2);
+    }
 }

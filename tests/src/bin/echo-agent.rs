@@ -71,6 +71,7 @@ fn main() {
             capture_addr: "[::ffff:127.0.0.1]:0".parse().unwrap(),
             drain_timeout: Duration::from_secs(10),
             meta: None,
+            limits: Default::default(),
         },
         config_dir,
         kubernetes: None,
