@@ -265,7 +265,12 @@ fn service_entries(a: &GetArgs) -> anyhow::Result<ExitCode> {
         .service_entries
         .iter()
         .filter(|se| a.selects(se))
-        .map(|se| (&**se, view.model.status.get(&se.key()).unwrap_or(&empty)))
+        .map(|se| {
+            (
+                &**se,
+                view.model.status.get(&se.key()).map_or(&empty, |s| &**s),
+            )
+        })
         .collect();
     if a.name.is_some() && items.is_empty() {
         return Err(not_found(a, "ServiceEntry"));

@@ -114,8 +114,10 @@ pub struct Model {
     /// (`shunt.io/cgroup-tree`: a pod's cgroup).
     descendants: BTreeSet<u64>,
     /// Per ServiceEntry, without `lastTransitionTime` until a
-    /// [`StatusClock`] stamps it.
-    pub status: BTreeMap<ObjectKey, ServiceEntryStatus>,
+    /// [`StatusClock`] stamps it. Shared with the previous model for a
+    /// reused service (a deep copy of 100,000 of them per edit otherwise);
+    /// the clock copies one only to change it.
+    pub status: BTreeMap<ObjectKey, Arc<ServiceEntryStatus>>,
     warnings: Vec<Warning>,
     /// Per service, the ServiceEntry (its address in `config`) it was
     /// resolved from without a warning: [`Model::build_from`] reuses it
@@ -205,7 +207,7 @@ impl Model {
                 .collect(),
             conditions: vec![status::waypoint_condition(&binding)],
         };
-        self.status.insert(key.clone(), status);
+        self.status.insert(key.clone(), Arc::new(status));
         if let Some(first) = se.spec.hosts.first() {
             for ip in service::explicit_ips(se) {
                 let ip = ip.to_canonical();
@@ -253,7 +255,7 @@ impl Model {
         se: &ServiceEntry,
         key: &ObjectKey,
         origin: usize,
-    ) -> Option<(&Arc<Service>, &ServiceEntryStatus)> {
+    ) -> Option<(&Arc<Service>, &Arc<ServiceEntryStatus>)> {
         let id = alloc.service_id(key)?;
         if self.reusable.get(&id) != Some(&origin) {
             return None;

@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::config::render::{ServiceEntryStatus, StatusAddress, StatusCondition, WAYPOINT_BOUND};
 use crate::config::ObjectKey;
@@ -105,7 +106,7 @@ impl StatusClock {
     /// its record (no copy of 100,000 of them per edit).
     pub fn stamp(
         &mut self,
-        status: &mut BTreeMap<ObjectKey, ServiceEntryStatus>,
+        status: &mut BTreeMap<ObjectKey, Arc<ServiceEntryStatus>>,
         now: &str,
     ) -> bool {
         let mut changed = self.seen.len() != status.len();
@@ -115,16 +116,26 @@ impl StatusClock {
             while old.next_if(|(ok, _)| ok < k).is_some() {}
             let prev = old.next_if(|(ok, _)| ok == k);
             let conds = prev.as_ref().map(|(_, c)| c.as_slice());
-            for c in &mut st.conditions {
+            // The time each condition gets; a status already carrying
+            // them (reused from the previous model) is left shared.
+            let time = |c: &StatusCondition| {
                 let p = conds.and_then(|o| o.iter().find(|p| p.type_ == c.type_));
                 match p {
                     Some(p) if p.status == c.status && p.reason == c.reason => {
-                        c.last_transition_time = p.last_transition_time.clone();
+                        (p.last_transition_time.as_deref(), false)
                     }
-                    _ => {
-                        c.last_transition_time = Some(now.to_string());
-                        changed = true;
-                    }
+                    _ => (Some(now), true),
+                }
+            };
+            let stale = st.conditions.iter().any(|c| {
+                let (t, new) = time(c);
+                new || c.last_transition_time.as_deref() != t
+            });
+            if stale {
+                for c in &mut Arc::make_mut(st).conditions {
+                    let (t, new) = time(c);
+                    changed |= new;
+                    c.last_transition_time = t.map(str::to_string);
                 }
             }
             next.push(match prev {

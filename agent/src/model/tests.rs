@@ -725,9 +725,16 @@ fn status_clock_keeps_times_until_the_condition_changes() {
         again[&k].conditions[0].last_transition_time.as_deref(),
         Some("2024-10-27T00:45:08.374915129Z")
     );
+    // A status that already carries its times (a reused service's) is left
+    // shared with the model it came from, not copied.
+    let mut reused = again.clone();
+    assert!(!clock.stamp(&mut reused, "2031-01-01T00:00:00Z"));
+    assert!(reused
+        .iter()
+        .all(|(k, s)| std::sync::Arc::ptr_eq(s, &again[k])));
     // Unbinding changes the condition, so the time moves.
     let mut changed = again.clone();
-    changed.get_mut(&k).unwrap().conditions[0].status = "False".into();
+    std::sync::Arc::make_mut(changed.get_mut(&k).unwrap()).conditions[0].status = "False".into();
     assert!(clock.stamp(&mut changed, "2030-01-01T00:00:00Z"));
     assert_eq!(
         changed[&k].conditions[0].last_transition_time.as_deref(),
