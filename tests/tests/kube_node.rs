@@ -357,14 +357,19 @@ fn pods_from_the_api_in_kubelet_cgroups_follow_the_seed_through_dns_the_waypoint
         code == 0 && out.contains("httpbin.org /headers") && out.ends_with(" 200"),
         "admin /headers: {out}"
     );
-    // The waypoint saw each pod's own identity.
-    let wlog = env.waypoint.log_text();
+    // The waypoint saw each pod's own identity. Its log lines are written
+    // as each tunnel ends, which can be a moment after curl has its answer.
     for sa in ["curl", "admin"] {
+        let line = format!("src.identity=\"spiffe://cluster.local/ns/default/sa/{sa}\"");
+        let seen = wait_for(
+            &format!("{sa} in the waypoint log"),
+            Duration::from_secs(10),
+            || env.waypoint.log_text().contains(&line).then_some(()),
+        );
         assert!(
-            wlog.contains(&format!(
-                "src.identity=\"spiffe://cluster.local/ns/default/sa/{sa}\""
-            )),
-            "{sa} in the waypoint log:\n{wlog}"
+            seen.is_ok(),
+            "{sa} in the waypoint log:\n{}",
+            env.waypoint.log_text()
         );
     }
     // nginx saw only the waypoint, never a pod directly.

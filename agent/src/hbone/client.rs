@@ -10,6 +10,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{Reason, RecvStream, SendStream};
 use http::{HeaderValue, Method, Request, StatusCode};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::dial::{DialSettings, Dialer};
 use super::headers::{format_forwarded, new_traceparent};
@@ -103,6 +104,8 @@ pub struct Tunnel {
     send: SendStream<Bytes>,
     recv: RecvStream,
     slot: StreamSlot,
+    /// Bytes already sent with the `CONNECT` ([`HboneClient::connect_early`]).
+    early: u64,
 }
 
 impl Tunnel {
@@ -116,8 +119,14 @@ impl Tunnel {
     }
     /// Relays between `io` and the tunnel until both sides end.
     pub async fn relay<S: RelayIo>(self, io: &mut S) -> RelayStats {
-        let Tunnel { send, recv, slot } = self;
-        let stats = relay(io, send, recv).await;
+        let Tunnel {
+            send,
+            recv,
+            slot,
+            early,
+        } = self;
+        let mut stats = relay(io, send, recv).await;
+        stats.bytes_sent += early;
         drop(slot);
         stats
     }
@@ -155,6 +164,29 @@ impl HboneClient {
     /// Opens a tunnel: one `CONNECT` on a pooled (or new) connection; an
     /// answer other than 200 is `HboneError::Status`.
     pub async fn connect(&self, req: &ConnectRequest) -> Result<Tunnel, HboneError> {
+        self.open(req, None::<&mut tokio::io::Empty>).await
+    }
+
+    /// [`connect`](Self::connect), sending right behind the `CONNECT` what
+    /// `io` says before the 200 arrives (one read, at most [`EARLY_MAX`]
+    /// bytes): a client that speaks first (an HTTP request) saves the
+    /// round trip to the waypoint and back. The waypoint holds those bytes
+    /// in the stream, under its flow control, until it has authorized the
+    /// tunnel and connected upstream; a refused tunnel drops them with the
+    /// stream, so nothing reaches anyone the 200 would not have let through.
+    pub async fn connect_early<S: AsyncRead + Unpin>(
+        &self,
+        req: &ConnectRequest,
+        io: &mut S,
+    ) -> Result<Tunnel, HboneError> {
+        self.open(req, Some(io)).await
+    }
+
+    async fn open<S: AsyncRead + Unpin>(
+        &self,
+        req: &ConnectRequest,
+        mut io: Option<&mut S>,
+    ) -> Result<Tunnel, HboneError> {
         let key = PoolKey {
             source_identity: req.source_identity.clone(),
             source_ip: req.source_addr.ip(),
@@ -164,12 +196,28 @@ impl HboneClient {
         let request = build_request(req)?;
         // A pooled connection may have just been closed or sent GOAWAY: the
         // stream never started, so it is safe to try another connection.
+        let mut early = Early::default();
         let mut last_err = None;
         for _ in 0..CONNECT_ATTEMPTS {
             let slot = self.pool.checkout(&key, || self.dialer.dial(&key)).await?;
-            match send_connect(slot.conn().sender(), request.clone()).await {
-                Ok((send, recv)) => return Ok(Tunnel { send, recv, slot }),
-                Err(e) if slot.conn().is_closed() || connection_gone(&e) => {
+            match send_connect(slot.conn().sender(), request.clone(), &mut early, &mut io).await {
+                Ok((send, recv)) => {
+                    let early = early.sent.map_or(0, |b| b.len() as u64);
+                    return Ok(Tunnel {
+                        send,
+                        recv,
+                        slot,
+                        early,
+                    });
+                }
+                // Once bytes went out, only a peer that says it never
+                // processed the stream may get them again: a broken
+                // connection may have carried them upstream already.
+                Err(e)
+                    if (early.sent.is_none() && slot.conn().is_closed())
+                        || (early.sent.is_none() && connection_gone(&e))
+                        || never_processed(&e) =>
+                {
                     slot.conn().close();
                     last_err = Some(e);
                 }
@@ -180,16 +228,32 @@ impl HboneClient {
     }
 }
 
+/// The most sent ahead of the 200: one read of a request head's size.
+pub const EARLY_MAX: usize = 4096;
+
+/// What was read from the client while the `CONNECT` was in flight, kept
+/// until the 200 so that a retry on another connection sends it again.
+#[derive(Default)]
+struct Early {
+    sent: Option<Bytes>,
+    /// The client already half-closed: read no more early.
+    done: bool,
+}
+
 /// Tries per tunnel when pooled connections turn out to be gone.
 const CONNECT_ATTEMPTS: usize = 3;
 
 /// The connection, not this stream, failed: the stream was never processed
 /// (GOAWAY, REFUSED_STREAM) or the connection is broken.
 fn connection_gone(e: &HboneError) -> bool {
+    never_processed(e) || matches!(e, HboneError::H2(e) if e.is_io())
+}
+
+/// The peer says it did not process the stream (RFC 9113 §8.7): a GOAWAY
+/// whose last stream id is below it, or REFUSED_STREAM.
+fn never_processed(e: &HboneError) -> bool {
     match e {
-        HboneError::H2(e) => {
-            e.is_go_away() || e.is_io() || e.reason() == Some(Reason::REFUSED_STREAM)
-        }
+        HboneError::H2(e) => e.is_go_away() || e.reason() == Some(Reason::REFUSED_STREAM),
         HboneError::StreamReset(r) => *r == Reason::REFUSED_STREAM,
         _ => false,
     }
@@ -214,13 +278,42 @@ fn build_request(req: &ConnectRequest) -> Result<Request<()>, HboneError> {
         .map_err(|e| HboneError::BadRequest(format!("authority {}: {e}", req.authority)))
 }
 
-async fn send_connect(
+async fn send_connect<S: AsyncRead + Unpin>(
     sender: SendRequest<Bytes>,
     request: Request<()>,
+    early: &mut Early,
+    io: &mut Option<&mut S>,
 ) -> Result<(SendStream<Bytes>, RecvStream), HboneError> {
     let mut sr = sender.ready().await.map_err(HboneError::H2)?;
-    let (resp, send) = sr.send_request(request, false).map_err(HboneError::H2)?;
-    let resp = resp.await.map_err(HboneError::from_h2)?;
+    let (resp, mut send) = sr.send_request(request, false).map_err(HboneError::H2)?;
+    if let Some(b) = &early.sent {
+        // A retry: the first stream was never processed.
+        send.send_data(b.clone(), false).map_err(HboneError::H2)?;
+    }
+    tokio::pin!(resp);
+    let resp = match io {
+        Some(io) if early.sent.is_none() && !early.done => {
+            let mut buf = [0u8; EARLY_MAX];
+            tokio::select! {
+                biased;
+                r = &mut resp => r,
+                n = io.read(&mut buf) => {
+                    match n {
+                        Ok(0) => early.done = true,
+                        Ok(n) => {
+                            let b = Bytes::copy_from_slice(&buf[..n]);
+                            send.send_data(b.clone(), false).map_err(HboneError::H2)?;
+                            early.sent = Some(b);
+                        }
+                        Err(e) => return Err(HboneError::Socket(e)),
+                    }
+                    (&mut resp).await
+                }
+            }
+        }
+        _ => resp.await,
+    };
+    let resp = resp.map_err(HboneError::from_h2)?;
     if resp.status() != StatusCode::OK {
         return Err(HboneError::Status(resp.status()));
     }

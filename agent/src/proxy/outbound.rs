@@ -140,10 +140,11 @@ async fn carry(
                     baggage: wl.baggage.clone(),
                     traceparent: None,
                 };
-                // Boxed: the connect (pool checkout, maybe a dial) is
-                // freed once done instead of sizing the task that lives as
-                // long as the connection.
-                Box::pin(client.connect(&req)).await
+                // Boxed: the connect (pool checkout, maybe a dial, the
+                // early read's buffer) is freed once done instead of sizing
+                // the task that lives as long as the connection. What the
+                // pod sends first (an HTTP request) goes with the CONNECT.
+                Box::pin(client.connect_early(&req, &mut conn.stream)).await
             };
             match connected {
                 Ok(tunnel) => {
