@@ -7,10 +7,13 @@
 //! Run with a non-LTO optimised profile, e.g.
 //! `CARGO_PROFILE_BENCH_LTO=false CARGO_PROFILE_BENCH_CODEGEN_UNITS=16
 //! CARGO_PROFILE_BENCH_OPT_LEVEL=2 cargo run --profile bench -p shunt-agent
-//! --example scale_stages -- [--mem] [N] [REPS]`. `--mem` adds each stage's
-//! live heap after it and its peak during it, `[live/peak]` in MB (counted
-//! over mimalloc, the binary's allocator, without its options); the end
-//! of a run breaks the kept heap down by holder.
+//! --example scale_stages -- [--mem] [--remove] [N] [REPS]`. `--mem` adds
+//! each stage's live heap after it and its peak during it, `[live/peak]`
+//! in MB (counted over mimalloc, the binary's allocator); `--remove` ends
+//! with every generated file removed; the end of a run breaks the kept
+//! heap down by holder. For RSS as the binary has it, give mimalloc the
+//! binary's options: `MIMALLOC_PURGE_DELAY=0 MIMALLOC_ARENA_EAGER_COMMIT=0`
+//! (`main.rs` sets them as defaults; without them RSS reads ~1.3x higher).
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::collections::BTreeMap;
@@ -224,6 +227,11 @@ fn main() {
         args.remove(i);
         MEM.store(true, Ordering::Relaxed);
     }
+    let remove = args
+        .iter()
+        .position(|a| a == "--remove")
+        .map(|i| args.remove(i));
+    let remove = remove.is_some();
     let mut args = args.into_iter();
     let n: usize = args.next().map_or(100_000, |a| a.parse().unwrap());
     let reps: usize = args.next().map_or(3, |a| a.parse().unwrap());
@@ -302,6 +310,21 @@ fn main() {
         rss_kb("VmRSS:") / 1024,
         rss_kb("VmHWM:") / 1024
     );
+    if remove {
+        for f in 0..n.div_ceil(PER_FILE) {
+            std::fs::remove_file(dir.join(gen::file_name(f))).unwrap();
+        }
+        let mut t = Times::default();
+        let cfg = a.load(&dir, &mut t);
+        let changed = a.apply(&cfg, &mut t);
+        drop(cfg);
+        print("remove all", &t, &format!("(map writes {changed})"));
+        println!(
+            "after removal: heap {:.0} MB; RSS {} MB",
+            live_mb(),
+            rss_kb("VmRSS:") / 1024
+        );
+    }
     // Where the kept heap is: each holder dropped in turn (a holder shared
     // with a later one frees only what is its own).
     let mut parts = Vec::new();
