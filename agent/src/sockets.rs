@@ -352,6 +352,59 @@ pub fn fd_limit() -> std::io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// A per-source default below this would refuse `cargo xtask bench`'s
+/// 2,000 held connections from one pod (4,000 fds on the agent's direct
+/// path; 2,000 tunnels plus their upstream sockets on the waypoint).
+const PER_SOURCE_FLOOR: usize = 4096;
+
+/// The fds kept for a process's own work when a connection budget is
+/// derived from its open-file limit: at least 512, for the fixed part (the
+/// kernel objects' fds, listeners, control socket, admin and metrics
+/// scrapes, the config watcher's reads, netlink and CA/API connections:
+/// under 128) and the DNS proxy's TCP budget (256 connections,
+/// `DnsConfig::max_tcp_connections`); and 5% of the limit for what grows
+/// with load: the agent's HBONE pool connections (one per
+/// `--hbone-max-streams` tunnels, 1% of the budget at the default 100), the
+/// DNS proxy's forwarded queries in flight (one UDP socket each), the
+/// waypoint's idle pooled upstream connections.
+pub fn control_plane_reserve(fd_limit: u64) -> u64 {
+    (fd_limit / 20).max(512)
+}
+
+/// The default share of one source in a budget of `total`: a quarter, at
+/// least [`PER_SOURCE_FLOOR`] unless that is more than half (one source
+/// never holds the whole budget).
+pub fn default_per_source(total: usize) -> usize {
+    PER_SOURCE_FLOOR
+        .min(total / 2)
+        .max(total / 4)
+        .clamp(1, total.max(1))
+}
+
+/// The waypoint's fds for HBONE connections and the upstream socket each
+/// tunnel holds, in all and per source (a node's agent), from its
+/// open-file limit. `None` when the reserve takes the whole limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdBudget {
+    pub total: usize,
+    pub per_source: usize,
+    pub fd_limit: u64,
+    pub reserve: u64,
+}
+
+impl FdBudget {
+    pub fn from_limit(fd_limit: u64) -> Option<FdBudget> {
+        let reserve = control_plane_reserve(fd_limit);
+        let total = usize::try_from(fd_limit.saturating_sub(reserve)).unwrap_or(usize::MAX);
+        (total > 0).then(|| FdBudget {
+            total,
+            per_source: default_per_source(total),
+            fd_limit,
+            reserve,
+        })
+    }
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (every connection
 /// is an fd; the common default soft limit of 1024 is far too low for a
 /// proxy). Returns the new soft limit. Call once at process start.

@@ -550,3 +550,101 @@ fn a_pod_flooding_captured_connections_is_refused_beyond_its_budget_and_config_s
     )?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_beyond_the_waypoint_s_fd_budget_get_503_and_its_config_still_applies() {
+    shunt_agent::sockets::raise_fd_limit().unwrap();
+    // 1024 fds: a budget of 512 (the reserve keeps 512), 256 per source.
+    let mut wp = Waypoint::start(Some(1024), &[]).await;
+    wp.echo_works().await.expect("before the flood");
+    let log = wp.log_text();
+    assert!(
+        log.contains("HBONE fd budget")
+            && log.contains("total=512")
+            && log.contains("per_source=256"),
+        "the budget is logged at start:\n{log}"
+    );
+
+    // One client (one source) opens more tunnels than the waypoint has fds,
+    // each holding an upstream socket: without the budget they take every
+    // fd and the config directory cannot be read.
+    let client = HboneClient::new(wp.ids.clone(), ClientSettings::default());
+    let req = ConnectRequest {
+        source_identity: CURL.parse().unwrap(),
+        source_addr: "10.244.1.19:45678".parse().unwrap(),
+        waypoint_addr: wp.hbone,
+        waypoint_identity: WAYPOINT_ID.parse().unwrap(),
+        authority: wp.vip,
+        host: None,
+        baggage: None,
+        traceparent: None,
+    };
+    let (mut held, mut refused, mut other) = (Vec::new(), 0, Vec::new());
+    for _ in 0..1100 {
+        match tokio::time::timeout(Duration::from_secs(10), client.connect(&req)).await {
+            Ok(Ok(t)) => held.push(t),
+            Ok(Err(shunt_agent::hbone::HboneError::Status(s))) if s == 503 => refused += 1,
+            Ok(Err(e)) => other.push(e.to_string()),
+            Err(_) => other.push("timed out".into()),
+        }
+    }
+    let fds_during = wp.open_fds();
+    eprintln!(
+        "{} tunnels held, {refused} answered 503, {} other failures; waypoint fds {fds_during}",
+        held.len(),
+        other.len()
+    );
+    assert!(wp.alive(), "waypoint exited:\n{}", wp.log_text());
+    assert!(
+        refused > 0,
+        "nothing was refused; other failures: {other:?}"
+    );
+    assert!(
+        held.len() <= 256,
+        "one source holds at most its share: {}",
+        held.len()
+    );
+    assert!(fds_during < 900, "the budget kept fds free: {fds_during}");
+
+    // A config edit while the tunnels are held.
+    let cfg_dir = wp._dir.path().join("config");
+    std::fs::write(
+        cfg_dir.join("20-more.yaml"),
+        ServiceEntry {
+            name: "echo2",
+            namespace: "common-infrastructure",
+            hosts: &["echo2.example"],
+            ports: &[Port::tcp(9001, 9001)],
+            endpoints: &["127.0.0.1"],
+            ..Default::default()
+        }
+        .yaml(),
+    )
+    .unwrap();
+    let mut applied = false;
+    for _ in 0..100 {
+        if wp.log_text().contains("service_entries=2") {
+            applied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        applied,
+        "the edit was not applied while the tunnels were held:\n{}",
+        wp.log_text()
+    );
+    let m = wp.metrics_text().await;
+    let counted = metric(
+        &m,
+        r#"shunt_refused_connections_total{listener="hbone_tunnel""#,
+    );
+    assert_eq!(counted, refused as u64, "refusals counted:\n{m}");
+    let lines = wp.log_text().matches("answering a new tunnel 503").count();
+    assert!(lines < refused, "logged at a limited rate: {lines} lines");
+
+    // Released places are free again.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wp.echo_works().await.expect("after the flood");
+}

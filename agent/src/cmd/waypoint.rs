@@ -1,5 +1,6 @@
 //! `shunt waypoint`: the egress gateway.
 
+use anyhow::Context as _;
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use shunt_agent::{
@@ -103,6 +104,24 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     opts.server.handshake_timeout = args.handshake_timeout;
     opts.server.max_handshakes = args.max_handshakes;
     opts.server.max_connections_per_source = args.max_connections_per_source;
+    // After raising the limit: connections and tunnels' upstream sockets
+    // stay below it, and the config reads keep their fds.
+    let fd_limit = shunt_agent::sockets::fd_limit().context("reading the open-file limit")?;
+    let budget = shunt_agent::sockets::FdBudget::from_limit(fd_limit).with_context(|| {
+        format!(
+            "the open-file limit ({fd_limit}) leaves no room for connections after the reserve \
+             of {} fds: raise it (ulimit -n, LimitNOFILE)",
+            shunt_agent::sockets::control_plane_reserve(fd_limit)
+        )
+    })?;
+    tracing::info!(
+        fd_limit,
+        reserve = budget.reserve,
+        total = budget.total,
+        per_source = budget.per_source,
+        "HBONE fd budget (connections and tunnels' upstream sockets)"
+    );
+    opts.server.fd_budget = Some(budget);
     opts.access_log = Arc::new(AccessLogger::stdout(format));
     runtime()?.block_on(async {
         let wp = WaypointServer::start(opts).await?;

@@ -25,7 +25,7 @@ use super::headers::parse_forwarded;
 use super::relay::{relay, BoxFuture, H2Stream, RelayIo, RelayStats};
 use super::{HboneError, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
 use crate::identity::{peer_identity, SpiffeId};
-use crate::sockets::{Acceptor, ListenerName, PerSourceLimit};
+use crate::sockets::{Acceptor, FdBudget, ListenerName, NoPlace, PerSourceLimit, SourceSlot};
 use crate::telemetry::LogLimit;
 
 #[derive(Clone, Debug)]
@@ -41,6 +41,14 @@ pub struct ServerSettings {
     pub max_handshakes: usize,
     /// Open connections per source address; beyond, closed at accept.
     pub max_connections_per_source: usize,
+    /// fds for connections and the upstream socket of each tunnel, in all
+    /// and per source; beyond, a connection is closed at accept and a
+    /// stream answered 503 before its handler runs. `None`: no such cap
+    /// (in-process servers in tests); `shunt waypoint` derives it from its
+    /// open-file limit. Without it, 1,024 connections of 200 streams each
+    /// from one authenticated client could open 204,800 upstream sockets
+    /// and take every fd the config reads need.
+    pub fd_budget: Option<FdBudget>,
     /// A stream the client resets within this long of opening it is a
     /// premature reset (Envoy: `premature_reset_min_stream_lifetime_seconds`).
     pub premature_reset_lifetime: Duration,
@@ -63,6 +71,7 @@ impl Default for ServerSettings {
             // 1024 connections is far more than a node agent's pool opens.
             max_handshakes: 4096,
             max_connections_per_source: 1024,
+            fd_budget: None,
             premature_reset_lifetime: Duration::from_secs(1),
             premature_reset_streams: 500,
         }
@@ -124,6 +133,8 @@ pub struct HboneServer {
     settings: ServerSettings,
     handshakes: Arc<Semaphore>,
     per_source: Arc<PerSourceLimit>,
+    /// [`ServerSettings::fd_budget`]: connections weigh 1, tunnels 1.
+    fds: Option<Arc<PerSourceLimit>>,
 }
 
 /// Connection-level errors of an unauthenticated port are the attacker's to
@@ -137,6 +148,9 @@ impl HboneServer {
             tls: tokio_rustls::TlsAcceptor::from(tls),
             handshakes: Arc::new(Semaphore::new(settings.max_handshakes.max(1))),
             per_source: PerSourceLimit::new(settings.max_connections_per_source),
+            fds: settings
+                .fd_budget
+                .map(|b| PerSourceLimit::with_total(b.per_source, b.total)),
             settings,
         }
     }
@@ -156,6 +170,14 @@ impl HboneServer {
                 acceptor.refuse(tcp, peer, "per_source_limit");
                 continue;
             };
+            let fd_slot = match self.fds.as_ref().map(|f| f.admit(peer.ip(), 1)) {
+                Some(Err(no)) => {
+                    acceptor.refuse(tcp, peer, no.reason());
+                    continue;
+                }
+                Some(Ok(s)) => Some(s),
+                None => None,
+            };
             let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
                 acceptor.refuse(tcp, peer, "handshake_limit");
                 continue;
@@ -169,7 +191,7 @@ impl HboneServer {
                     if let Err(e) = this.serve_admitted(tcp, peer, handler, permit).await {
                         log_connection_end(&e);
                     }
-                    drop(slot);
+                    drop((slot, fd_slot));
                 }
                 .instrument(span),
             );
@@ -242,7 +264,17 @@ impl HboneServer {
                 }
             };
             let Some(r) = next else { break };
-            let (req, respond) = r.map_err(HboneError::H2)?;
+            let (req, mut respond) = r.map_err(HboneError::H2)?;
+            // The upstream socket the tunnel will hold, before any work.
+            let fd_slot: Option<SourceSlot> = match self.fds.as_ref().map(|f| f.admit(peer.ip(), 1))
+            {
+                Some(Err(no)) => {
+                    refuse_stream(&mut respond, peer, no);
+                    continue;
+                }
+                Some(Ok(s)) => Some(s),
+                None => None,
+            };
             let handler = handler.clone();
             let identity = identity.clone();
             let resets = resets.clone();
@@ -250,6 +282,7 @@ impl HboneServer {
                 async move {
                     let opened = Instant::now();
                     let reset = stream(req, respond, identity, peer, local, handler).await;
+                    drop(fd_slot);
                     resets.stream_closed(reset && opened.elapsed() < resets.lifetime);
                 }
                 .in_current_span(),
@@ -304,6 +337,24 @@ impl ResetCount {
         if closed >= self.threshold && resets * 2 >= closed {
             self.abuse.notify_one();
         }
+    }
+}
+
+/// Refused tunnels are a client's doing: one line a second.
+static REFUSED_STREAM_LOG: LogLimit = LogLimit::new(Duration::from_secs(1));
+
+/// A tunnel the fd budget has no room for: 503 before its handler runs,
+/// counted in `shunt_refused_connections_total{listener="hbone_tunnel"}`.
+fn refuse_stream(respond: &mut SendResponse<Bytes>, peer: SocketAddr, no: NoPlace) {
+    respond_status(respond, StatusCode::SERVICE_UNAVAILABLE);
+    crate::telemetry::count_refused_connection("hbone_tunnel", no.reason());
+    if let Some(suppressed) = REFUSED_STREAM_LOG.allow() {
+        tracing::warn!(
+            peer = %crate::telemetry::LogAddr(peer),
+            reason = no.reason(),
+            suppressed,
+            "fd budget spent; answering a new tunnel 503"
+        );
     }
 }
 

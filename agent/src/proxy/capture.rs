@@ -133,22 +133,7 @@ pub struct CaptureBudget {
     pub reserve: u64,
 }
 
-/// A per-source default below this would refuse `cargo xtask bench`'s
-/// 2,000 held connections from one pod (4,000 fds on the direct path).
-const PER_SOURCE_FLOOR: usize = 4096;
-
-/// The fds kept for the agent's own work when the captured-connection
-/// budget is derived from the open-file limit: at least 512, for the fixed
-/// part (the kernel objects' fds, listeners, control socket, admin and
-/// metrics scrapes, the config watcher's reads, netlink and CA/API
-/// connections: under 128) and the DNS proxy's TCP budget (256
-/// connections, `DnsConfig::max_tcp_connections`); and 5% of the limit for
-/// what grows with load: the HBONE pool's connections (one per
-/// `--hbone-max-streams` tunnels, 1% of the budget at the default 100) and
-/// the DNS proxy's forwarded queries in flight (one UDP socket each).
-pub fn control_plane_reserve(fd_limit: u64) -> u64 {
-    (fd_limit / 20).max(512)
-}
+pub use crate::sockets::control_plane_reserve;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BudgetError {
@@ -194,7 +179,7 @@ impl CaptureLimits {
         };
         let per_source = self
             .per_source
-            .unwrap_or_else(|| PER_SOURCE_FLOOR.min(total / 2).max(total / 4))
+            .unwrap_or_else(|| sockets::default_per_source(total))
             .clamp(1, total);
         Ok(CaptureBudget {
             total,
