@@ -435,7 +435,7 @@ impl Metrics {
         );
         registry.register(
             "shunt_refused_connections",
-            "Connections closed at accept because a listener budget was spent",
+            "Connections closed at accept, and tunnels answered 503 (listener=\"hbone_tunnel\"), because a budget was spent",
             REFUSED.clone(),
         );
         let forwarded_rejected = Counter::default();
