@@ -339,8 +339,7 @@ impl Drop for SourceSlot {
     }
 }
 
-/// The soft `RLIMIT_NOFILE`: how many fds this process may hold.
-pub fn fd_limit() -> std::io::Result<u64> {
+fn nofile() -> std::io::Result<libc::rlimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -349,7 +348,12 @@ pub fn fd_limit() -> std::io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(lim.rlim_cur)
+    Ok(lim)
+}
+
+/// The soft `RLIMIT_NOFILE`: how many fds this process may hold.
+pub fn fd_limit() -> std::io::Result<u64> {
+    Ok(nofile()?.rlim_cur)
 }
 
 /// A per-source default below this would refuse `cargo xtask bench`'s
@@ -381,22 +385,40 @@ pub fn default_per_source(total: usize) -> usize {
         .clamp(1, total.max(1))
 }
 
-/// The waypoint's fds for HBONE connections and the upstream socket each
-/// tunnel holds, in all and per source (a node's agent), from its
-/// open-file limit. `None` when the reserve takes the whole limit.
+/// A connection budget counted in fds, in all and per source, from the
+/// open-file limit: the agent's captured connections (per pod address), the
+/// waypoint's HBONE connections and the upstream socket each tunnel holds
+/// (per node agent).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FdBudget {
     pub total: usize,
     pub per_source: usize,
+    /// The open-file limit it was derived from, and what is kept out of it.
+    pub fd_limit: u64,
+    pub reserve: u64,
+}
+
+/// The reserve takes the whole open-file limit.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the open-file limit ({fd_limit}) leaves no room for connections after the control \
+     plane's reserve of {reserve} fds: raise it (ulimit -n, LimitNOFILE)"
+)]
+pub struct FdLimitTooLow {
     pub fd_limit: u64,
     pub reserve: u64,
 }
 
 impl FdBudget {
-    pub fn from_limit(fd_limit: u64) -> Option<FdBudget> {
+    /// All of `fd_limit` but [`control_plane_reserve`], and
+    /// [`default_per_source`] of that per source.
+    pub fn from_limit(fd_limit: u64) -> Result<FdBudget, FdLimitTooLow> {
         let reserve = control_plane_reserve(fd_limit);
         let total = usize::try_from(fd_limit.saturating_sub(reserve)).unwrap_or(usize::MAX);
-        (total > 0).then(|| FdBudget {
+        if total == 0 {
+            return Err(FdLimitTooLow { fd_limit, reserve });
+        }
+        Ok(FdBudget {
             total,
             per_source: default_per_source(total),
             fd_limit,
@@ -409,14 +431,7 @@ impl FdBudget {
 /// is an fd; the common default soft limit of 1024 is far too low for a
 /// proxy). Returns the new soft limit. Call once at process start.
 pub fn raise_fd_limit() -> std::io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let mut lim = nofile()?;
     if lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: setrlimit reads the struct we own.

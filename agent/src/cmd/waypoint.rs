@@ -107,13 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // After raising the limit: connections and tunnels' upstream sockets
     // stay below it, and the config reads keep their fds.
     let fd_limit = shunt_agent::sockets::fd_limit().context("reading the open-file limit")?;
-    let budget = shunt_agent::sockets::FdBudget::from_limit(fd_limit).with_context(|| {
-        format!(
-            "the open-file limit ({fd_limit}) leaves no room for connections after the reserve \
-             of {} fds: raise it (ulimit -n, LimitNOFILE)",
-            shunt_agent::sockets::control_plane_reserve(fd_limit)
-        )
-    })?;
+    let budget = shunt_agent::sockets::FdBudget::from_limit(fd_limit)?;
     tracing::info!(
         fd_limit,
         reserve = budget.reserve,

@@ -214,8 +214,8 @@ impl HboneClient {
                 // processed the stream may get them again: a broken
                 // connection may have carried them upstream already.
                 Err(e)
-                    if (early.sent.is_none() && slot.conn().is_closed())
-                        || (early.sent.is_none() && connection_gone(&e))
+                    if (early.sent.is_none()
+                        && (slot.conn().is_closed() || connection_gone(&e)))
                         || never_processed(&e) =>
                 {
                     slot.conn().close();

@@ -42,7 +42,7 @@ use crate::{
     },
     prereq::{self, PrereqError},
     proxy::handover::{Control, HandoverError, Predecessor, Successor},
-    sockets::{self, Acceptor, ListenerName, PerSourceLimit},
+    sockets::{self, Acceptor, FdBudget, FdLimitTooLow, ListenerName, PerSourceLimit},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +114,7 @@ pub struct CaptureOptions {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CaptureLimits {
     /// All captured connections. Default: the open-file limit minus
-    /// [`control_plane_reserve`].
+    /// [`sockets::control_plane_reserve`].
     pub total: Option<usize>,
     /// Per pod address (canonical: an IPv4-mapped address is its IPv4
     /// one). Default: a quarter of the total, at least 4096 (`cargo xtask
@@ -123,27 +123,12 @@ pub struct CaptureLimits {
     pub per_source: Option<usize>,
 }
 
-/// The resolved [`CaptureLimits`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CaptureBudget {
-    pub total: usize,
-    pub per_source: usize,
-    /// The open-file limit it was derived from, and what is kept out of it.
-    pub fd_limit: u64,
-    pub reserve: u64,
-}
-
-pub use crate::sockets::control_plane_reserve;
-
 #[derive(Debug, thiserror::Error)]
 pub enum BudgetError {
     #[error("reading the open-file limit (RLIMIT_NOFILE): {0}")]
     FdLimit(std::io::Error),
-    #[error(
-        "the open-file limit ({fd_limit}) leaves no room for captured connections after the \
-         control plane's reserve of {reserve} fds: raise it (ulimit -n, LimitNOFILE)"
-    )]
-    FdLimitTooLow { fd_limit: u64, reserve: u64 },
+    #[error(transparent)]
+    FdLimitTooLow(#[from] FdLimitTooLow),
     #[error(
         "captured-connection budget {asked} (--max-captured-connections) is more than the \
          open-file limit ({fd_limit}) leaves after the control plane's reserve of {reserve} \
@@ -158,34 +143,30 @@ pub enum BudgetError {
 }
 
 impl CaptureLimits {
-    /// The budget under an open-file limit of `fd_limit`.
-    pub fn resolve(self, fd_limit: u64) -> Result<CaptureBudget, BudgetError> {
-        let reserve = control_plane_reserve(fd_limit);
-        let room = usize::try_from(fd_limit.saturating_sub(reserve)).unwrap_or(usize::MAX);
-        if room == 0 {
-            return Err(BudgetError::FdLimitTooLow { fd_limit, reserve });
-        }
+    /// The budget under an open-file limit of `fd_limit`: the flags where
+    /// given, [`FdBudget::from_limit`]'s defaults where not.
+    pub fn resolve(self, fd_limit: u64) -> Result<FdBudget, BudgetError> {
+        let room = FdBudget::from_limit(fd_limit)?;
         let total = match self.total {
-            Some(asked) if asked > room => {
+            Some(asked) if asked > room.total => {
                 return Err(BudgetError::AboveFdLimit {
                     asked,
                     fd_limit,
-                    reserve,
-                    room,
+                    reserve: room.reserve,
+                    room: room.total,
                 })
             }
             Some(asked) => asked.max(1),
-            None => room,
+            None => room.total,
         };
         let per_source = self
             .per_source
             .unwrap_or_else(|| sockets::default_per_source(total))
             .clamp(1, total);
-        Ok(CaptureBudget {
+        Ok(FdBudget {
             total,
             per_source,
-            fd_limit,
-            reserve,
+            ..room
         })
     }
 }
@@ -528,7 +509,7 @@ mod tests {
         );
         assert!(e.to_string().contains("--max-captured-connections"), "{e}");
         let e = CaptureLimits::default().resolve(512).unwrap_err();
-        assert!(matches!(e, BudgetError::FdLimitTooLow { .. }), "{e}");
+        assert!(matches!(e, BudgetError::FdLimitTooLow(_)), "{e}");
     }
 
     #[test]
