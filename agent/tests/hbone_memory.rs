@@ -14,7 +14,7 @@ use shunt_agent::hbone::relay::IDLE_RELEASE;
 use shunt_agent::hbone::{ConnectHandler, Decision, HboneClient, InboundRequest};
 use shunt_testbed::hbone::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Counts live heap bytes.
 struct Counting;
@@ -79,31 +79,6 @@ const IDLE_TUNNEL_MAX: isize = 5 * 1024;
 /// (~750 KiB per tunnel were kept before; the pooled connections' own
 /// buffers, shared by the tunnels, make the rest).
 const IDLE_AFTER_BULK_MAX: isize = 16 * 1024;
-
-/// Echoes with a small buffer, so the upstream adds little to the count.
-async fn small_echo_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 256];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
-}
 
 /// Forwards every tunnel to the upstream, recording nothing.
 struct Forward(SocketAddr);

@@ -30,6 +30,7 @@ use shunt_agent::proxy::outbound::Outbound;
 use shunt_agent::telemetry::{AccessLogger, LogFormat, Metrics};
 use shunt_agent::waypoint::{WaypointOptions, WaypointServer};
 use shunt_common::ServiceValue;
+use shunt_testbed::hbone::small_echo_upstream;
 use shunt_testbed::mesh::Port;
 use shunt_testbed::seed;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -225,25 +226,6 @@ async fn http_upstream() -> SocketAddr {
     addr
 }
 
-/// Echoes with a small buffer.
-async fn echo_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 256];
-                while let Ok(n @ 1..) = s.read(&mut buf).await {
-                    if s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// A loopback address of its own for the waypoint's port 15008 (the
 /// model's waypoint address carries the HBONE port), unlikely to be in use
 /// by another test run on the machine.
@@ -281,7 +263,8 @@ impl Bed {
             std::fs::create_dir_all(d).unwrap();
         }
         let ca = Arc::new(Ca::init(&ca_dir, TD, false).unwrap());
-        let (http, echo) = other.block_on(async { (http_upstream().await, echo_upstream().await) });
+        let (http, echo) =
+            other.block_on(async { (http_upstream().await, small_echo_upstream().await) });
         let wp_ip = waypoint_ip();
         let lo = "127.0.0.1".parse().unwrap();
         let text = format!(

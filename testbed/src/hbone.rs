@@ -59,6 +59,27 @@ pub async fn echo_upstream() -> SocketAddr {
     addr
 }
 
+/// Echoes through a 256-byte buffer, then half-closes: for memory tests,
+/// where the upstream's own buffers would blur what the proxy holds.
+pub async fn small_echo_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 256];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Forward,
