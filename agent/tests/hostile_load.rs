@@ -737,7 +737,10 @@ fn a_dns_flood_under_a_low_fd_limit_stays_in_the_dns_share_and_connections_still
         (peak as u64) < NOFILE - 256,
         "the DNS proxy's sockets stayed in their share: {peak} fds of {NOFILE}"
     );
-    assert!(dropped > 0, "the flood's excess was dropped and counted:\n{m}");
+    assert!(
+        dropped > 0,
+        "the flood's excess was dropped and counted:\n{m}"
+    );
     Ok(())
 }
 
