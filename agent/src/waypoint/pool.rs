@@ -192,10 +192,9 @@ impl Upstream {
         connector: UpstreamConnector,
         protocol: UpstreamProtocol,
         timeout: Duration,
-        idle_budget: Arc<IdleBudget>,
     ) -> Self {
         Upstream {
-            idle_budget,
+            idle_budget: Arc::default(),
             key,
             host,
             port,
@@ -208,6 +207,12 @@ impl Upstream {
             children: Mutex::new(HashMap::new()),
             cached: None,
         }
+    }
+
+    /// Pools its connections within `budget` (the waypoint's, shared).
+    pub fn with_idle_budget(mut self, budget: Arc<IdleBudget>) -> Self {
+        self.idle_budget = budget;
+        self
     }
 
     /// Whether the destination is the name each client sends.
@@ -248,8 +253,8 @@ impl Upstream {
             self.connector.clone(),
             self.protocol,
             self.timeout,
-            self.idle_budget.clone(),
         );
+        child.idle_budget = self.idle_budget.clone();
         child.cached = Some(Mutex::new(None));
         let child = Arc::new(child);
         children.insert(name, child.clone());

@@ -280,16 +280,18 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
                                 let connector = UpstreamConnector::new(&settings).map_err(|e| {
                                     WaypointError::Config(format!("{}: {e}", what()))
                                 })?;
-                                Arc::new(Upstream::new(
-                                    ukey.clone(),
-                                    host.clone(),
-                                    port.target_port,
-                                    resolve,
-                                    connector,
-                                    protocol,
-                                    inp.connect_timeout,
-                                    idle_budget.clone(),
-                                ))
+                                Arc::new(
+                                    Upstream::new(
+                                        ukey.clone(),
+                                        host.clone(),
+                                        port.target_port,
+                                        resolve,
+                                        connector,
+                                        protocol,
+                                        inp.connect_timeout,
+                                    )
+                                    .with_idle_budget(idle_budget.clone()),
+                                )
                             }
                         };
                         upstreams.insert(ukey, u.clone());
