@@ -359,7 +359,15 @@ pub async fn run_with(
         }),
         (None, None) => unreachable!("a client is built whenever no handler is given"),
     };
-    agent.serve(handler).await?;
+    // On a worker thread, not `block_on`'s: each accepted connection's
+    // task then starts in that worker's LIFO slot instead of the injection
+    // queue, which woke a parked worker (a futex wake and two context
+    // switches) for every connection.
+    match tokio::spawn(agent.serve(handler)).await {
+        Ok(served) => served?,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("capture server task: {e}"),
+    }
     drop(admin);
     Ok(())
 }
