@@ -59,6 +59,9 @@ use crate::telemetry::LogLimit;
 /// File name of the persisted state in the state directory.
 pub const STATE_FILE: &str = "vips.json";
 const STATE_VERSION: u32 = 1;
+/// File name of the journal of patches since `vips.json` was written:
+/// an edit appends one line instead of writing 100,000 hosts again.
+pub const JOURNAL_FILE: &str = "vips.journal";
 
 /// How long a removed host's addresses stay reserved for its return (well
 /// above the DNS TTL of 30 s that clients cache answers for).
@@ -265,6 +268,10 @@ struct State<'a> {
     /// Absent in files of older agents: no release time known.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     freed: Vec<FreedRecord>,
+    /// Names this write: only journal lines of the same generation apply
+    /// to it (0 in files of older agents, which had no journal).
+    #[serde(default)]
+    generation: u64,
 }
 
 /// An address whose grace ended, free for another host.
@@ -313,14 +320,14 @@ fn state_path(dir: &Path) -> PathBuf {
 #[derive(Debug)]
 pub struct Reader {
     state_dir: PathBuf,
-    seen: Option<(u64, std::time::SystemTime)>,
+    seen: [Option<(u64, std::time::SystemTime)>; 2],
 }
 
 impl Reader {
     pub fn new(state_dir: &Path) -> Self {
         Reader {
             state_dir: state_dir.to_path_buf(),
-            seen: None,
+            seen: [None, None],
         }
     }
 
@@ -330,32 +337,100 @@ impl Reader {
         load(&self.state_dir)
     }
 
-    /// Whether the file changed since the last [`Reader::read`] (length or
-    /// modification time; the agent replaces it by rename).
+    /// Whether the files changed since the last [`Reader::read`] (length or
+    /// modification time; the agent replaces the base by rename and
+    /// appends to the journal).
     pub fn changed(&self) -> bool {
         self.fingerprint() != self.seen
     }
 
-    fn fingerprint(&self) -> Option<(u64, std::time::SystemTime)> {
-        let m = std::fs::metadata(state_path(&self.state_dir)).ok()?;
-        Some((m.len(), m.modified().ok()?))
+    fn fingerprint(&self) -> [Option<(u64, std::time::SystemTime)>; 2] {
+        let of = |p: PathBuf| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.len(), m.modified().ok()?))
+        };
+        [
+            of(state_path(&self.state_dir)),
+            of(journal_path(&self.state_dir)),
+        ]
     }
 }
 
 /// Reads the persisted allocation without changing anything. A missing file
 /// is an empty allocation (the agent has not run yet).
 pub fn load(state_dir: &Path) -> Result<Allocation, AllocError> {
+    Ok(load_journaled(state_dir)?.0)
+}
+
+/// Where a directory's state stands: the base's generation and size, the
+/// journal's size and whether it ended in a line that does not apply (a
+/// write cut short).
+#[derive(Clone, Copy, Debug, Default)]
+struct Journaled {
+    generation: u64,
+    base_len: u64,
+    journal_len: u64,
+    torn: bool,
+}
+
+/// The base file with the journal's lines of its generation applied.
+fn load_journaled(state_dir: &Path) -> Result<(Allocation, Journaled), AllocError> {
     let path = state_path(state_dir);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Allocation::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((Allocation::default(), Journaled::default()))
+        }
         Err(source) => return Err(AllocError::Io { path, source }),
     };
-    parse_state(&bytes, path)
+    let (mut a, generation) = parse_state_gen(&bytes, path)?;
+    let mut j = Journaled {
+        generation,
+        base_len: bytes.len() as u64,
+        ..Journaled::default()
+    };
+    let jpath = journal_path(state_dir);
+    let journal = match std::fs::read(&jpath) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((a, j)),
+        Err(source) => {
+            return Err(AllocError::Io {
+                path: jpath,
+                source,
+            })
+        }
+    };
+    j.journal_len = journal.len() as u64;
+    for line in journal.split_inclusive(|b| *b == b'\n') {
+        // A line without its newline was cut short: it and what follows
+        // were never committed.
+        let parsed = line
+            .strip_suffix(b"\n")
+            .and_then(|l| serde_json::from_slice::<JournalLine>(l).ok());
+        match parsed {
+            Some(l) if l.generation == generation => l.apply(&mut a),
+            // Of an earlier base (written before this one replaced it).
+            Some(_) => {}
+            None => {
+                j.torn = true;
+                break;
+            }
+        }
+    }
+    Ok((a, j))
+}
+
+fn journal_path(dir: &Path) -> PathBuf {
+    dir.join(JOURNAL_FILE)
 }
 
 /// Reads a persisted allocation from `bytes`; `path` names it in errors.
 fn parse_state(bytes: &[u8], path: PathBuf) -> Result<Allocation, AllocError> {
+    Ok(parse_state_gen(bytes, path)?.0)
+}
+
+/// [`parse_state`] and the file's generation.
+fn parse_state_gen(bytes: &[u8], path: PathBuf) -> Result<(Allocation, u64), AllocError> {
     let st: State = serde_json::from_slice(bytes).map_err(|source| AllocError::Corrupt {
         path: path.clone(),
         source,
@@ -391,7 +466,7 @@ fn parse_state(bytes: &[u8], path: PathBuf) -> Result<Allocation, AllocError> {
             IpAddr::V6(a) => freed_v6.push((a, f.released)),
         }
     }
-    Ok(Allocation {
+    let a = Allocation {
         hosts,
         reserved,
         freed_v4,
@@ -412,10 +487,165 @@ fn parse_state(bytes: &[u8], path: PathBuf) -> Result<Allocation, AllocError> {
         next_v6: Some(st.next_v6),
         next_service_id: st.next_service_id,
         next_workload_id: st.next_workload_id,
-    })
+    };
+    Ok((a, st.generation))
 }
 
-fn to_state(a: &Allocation, prefixes: Prefixes) -> State<'_> {
+/// One committed patch, a line of the journal: the new value of each
+/// record it changed (`None`: gone), and the warnings' edits in order.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JournalLine {
+    generation: u64,
+    hosts: Vec<(String, Option<JournalHost>)>,
+    services: Vec<(ObjectKey, Option<u32>)>,
+    workloads: Vec<(ObjectKey, Option<u32>)>,
+    /// Indices before the removal, ascending.
+    warnings_removed: Vec<usize>,
+    /// Index at insertion, in insertion order.
+    warnings_inserted: Vec<(usize, AllocWarning)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    freed_v4: Option<Vec<(Ipv4Addr, u64)>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    freed_v6: Option<Vec<(Ipv6Addr, u64)>>,
+    next_v4: Option<Ipv4Addr>,
+    next_v6: Option<Ipv6Addr>,
+    next_service_id: u32,
+    next_workload_id: u32,
+}
+
+/// A host's record in the journal (as [`HostRecord`], owned).
+#[derive(Serialize, Deserialize)]
+struct JournalHost {
+    namespace: String,
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    v4: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    v6: Option<Ipv6Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    released: Option<u64>,
+}
+
+impl JournalLine {
+    /// The line of the patch `u` that made `a`.
+    fn of(u: &Undo, a: &Allocation, generation: u64) -> JournalLine {
+        let mut names: Vec<&str> = u
+            .hosts
+            .iter()
+            .map(|(h, _)| h.as_str())
+            .chain(u.reserved.iter().map(|(h, _)| h.as_str()))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let hosts = names
+            .into_iter()
+            .map(|h| {
+                let rec = |x: &HostAlloc, released| JournalHost {
+                    namespace: x.owner.namespace.clone(),
+                    name: x.owner.name.clone(),
+                    v4: x.v4,
+                    v6: x.v6,
+                    released,
+                };
+                let r = match (a.hosts.get(h), a.reserved.get(h)) {
+                    (Some(x), _) => Some(rec(x, None)),
+                    (None, Some((x, t))) => Some(rec(x, Some(*t))),
+                    (None, None) => None,
+                };
+                (h.to_string(), r)
+            })
+            .collect();
+        let ids = |log: &[(ObjectKey, Option<u32>)], m: &HashMap<ObjectKey, u32>| {
+            let mut keys: Vec<&ObjectKey> = log.iter().map(|(k, _)| k).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            keys.into_iter()
+                .map(|k| (k.clone(), m.get(k).copied()))
+                .collect()
+        };
+        JournalLine {
+            generation,
+            hosts,
+            services: ids(&u.service_ids, &a.service_ids),
+            workloads: ids(&u.workload_ids, &a.workload_ids),
+            warnings_removed: u.warnings_removed.iter().map(|(i, _)| *i).collect(),
+            warnings_inserted: u
+                .inserted_at()
+                .into_iter()
+                .zip(&u.warnings_inserted)
+                .map(|(fin, at)| (*at, a.warnings[fin].clone()))
+                .collect(),
+            freed_v4: u
+                .freed_v4
+                .as_ref()
+                .filter(|f| **f != a.freed_v4)
+                .map(|_| a.freed_v4.clone()),
+            freed_v6: u
+                .freed_v6
+                .as_ref()
+                .filter(|f| **f != a.freed_v6)
+                .map(|_| a.freed_v6.clone()),
+            next_v4: a.next_v4,
+            next_v6: a.next_v6,
+            next_service_id: a.next_service_id,
+            next_workload_id: a.next_workload_id,
+        }
+    }
+
+    fn apply(self, a: &mut Allocation) {
+        for (h, r) in self.hosts {
+            a.hosts.remove(&h);
+            a.reserved.remove(&h);
+            if let Some(r) = r {
+                let x = HostAlloc {
+                    owner: ObjectKey {
+                        namespace: r.namespace,
+                        name: r.name,
+                    },
+                    v4: r.v4,
+                    v6: r.v6,
+                };
+                if let Some(t) = r.released {
+                    a.reserved.insert(h, (x, t));
+                } else {
+                    a.hosts.insert(h, x);
+                }
+            }
+        }
+        for (m, log) in [
+            (&mut a.service_ids, self.services),
+            (&mut a.workload_ids, self.workloads),
+        ] {
+            for (k, id) in log {
+                match id {
+                    Some(id) => m.insert(k, id),
+                    None => m.remove(&k),
+                };
+            }
+        }
+        for i in self.warnings_removed.into_iter().rev() {
+            if i < a.warnings.len() {
+                a.warnings.remove(i);
+            }
+        }
+        for (i, w) in self.warnings_inserted {
+            a.warnings.insert(i.min(a.warnings.len()), w);
+        }
+        if let Some(f) = self.freed_v4 {
+            a.freed_v4 = f;
+        }
+        if let Some(f) = self.freed_v6 {
+            a.freed_v6 = f;
+        }
+        a.next_v4 = self.next_v4;
+        a.next_v6 = self.next_v6;
+        a.next_service_id = self.next_service_id;
+        a.next_workload_id = self.next_workload_id;
+    }
+}
+
+fn to_state(a: &Allocation, prefixes: Prefixes, generation: u64) -> State<'_> {
     fn record<'a>(h: &'a str, x: &'a HostAlloc, released: Option<u64>) -> HostRecord<'a> {
         HostRecord {
             host: Cow::Borrowed(h),
@@ -460,6 +690,7 @@ fn to_state(a: &Allocation, prefixes: Prefixes) -> State<'_> {
             .chain(a.freed_v6.iter().map(|(a, t)| (IpAddr::V6(*a), *t)))
             .map(|(address, released)| FreedRecord { address, released })
             .collect(),
+        generation,
     }
 }
 
@@ -481,6 +712,20 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AllocError> {
         }
     }
     Ok(())
+}
+
+/// A generation for a new base file, other than `prev` and 0.
+fn fresh_generation(prev: u64) -> u64 {
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let g = t ^ (u64::from(std::process::id()) << 40);
+    if g == prev || g == 0 {
+        prev.wrapping_add(1).max(1)
+    } else {
+        g
+    }
 }
 
 // ------------------------------------------------------------- allocator
@@ -593,8 +838,11 @@ pub struct Allocator {
     prefixes: Prefixes,
     current: Allocation,
     grace: Duration,
-    /// Hash of the last state written, to skip identical writes.
+    /// Hash of the last state written, to skip identical writes (`None`
+    /// as well once the journal has lines after it).
     written: Option<u64>,
+    /// The state directory's base file and journal.
+    journal: Journaled,
     /// The summary line of a full prefix, at most once a minute.
     exhausted_log: LogLimit,
     /// The config the allocation in force was computed for, when it was
@@ -632,7 +880,7 @@ impl Allocator {
             path: state_dir.to_path_buf(),
             source,
         })?;
-        let current = load(state_dir)?;
+        let (current, journal) = load_journaled(state_dir)?;
         Ok(Allocator {
             dir: Some(state_dir.to_path_buf()),
             follow: false,
@@ -640,6 +888,7 @@ impl Allocator {
             current,
             grace: DEFAULT_GRACE,
             written: None,
+            journal,
             exhausted_log: LogLimit::new(Duration::from_secs(60)),
             basis: None,
             pending: None,
@@ -665,6 +914,7 @@ impl Allocator {
             current,
             grace: DEFAULT_GRACE,
             written: None,
+            journal: Journaled::default(),
             exhausted_log: LogLimit::new(Duration::from_secs(60)),
             basis: None,
             pending: None,
@@ -673,7 +923,7 @@ impl Allocator {
 
     /// The persisted form of the current allocation (`vips.json`).
     pub fn state_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(&to_state(&self.current, self.prefixes))
+        serde_json::to_vec(&to_state(&self.current, self.prefixes, 0))
             .expect("allocation state serializes")
     }
 
@@ -802,7 +1052,7 @@ impl Allocator {
                     self.log_warnings(new.into_iter(), &self.current);
                 }
                 if !undo.is_noop(&self.current) {
-                    if let Err(e) = self.persist() {
+                    if let Err(e) = self.persist_patch(&undo) {
                         self.pending = Some(undo);
                         self.rollback();
                         return Err(e);
@@ -839,9 +1089,10 @@ impl Allocator {
         Ok(&self.current)
     }
 
-    /// Writes the allocation in force unless it is what was written last.
+    /// Writes the allocation in force unless it is what was written last:
+    /// a new base file (generation), the journal emptied.
     fn persist(&mut self) -> Result<(), AllocError> {
-        let bytes = serde_json::to_vec(&to_state(&self.current, self.prefixes))
+        let mut bytes = serde_json::to_vec(&to_state(&self.current, self.prefixes, 0))
             .expect("allocation state serializes");
         let h = {
             use std::hash::{Hash, Hasher};
@@ -849,12 +1100,78 @@ impl Allocator {
             bytes.hash(&mut h);
             h.finish()
         };
+        // The generation is the last field: written in place of the 0
+        // hashed (it differs in every write).
+        let generation = fresh_generation(self.journal.generation);
+        debug_assert!(bytes.ends_with(b"\"generation\":0}"));
+        bytes.truncate(bytes.len() - 2);
+        bytes.extend_from_slice(format!("{generation}}}").as_bytes());
         if self.written != Some(h) {
             if let Some(dir) = &self.dir {
                 write_atomic(&state_path(dir), &bytes)?;
+                // Its lines name the base before: they apply no more.
+                let _ = std::fs::remove_file(journal_path(dir));
+                self.journal = Journaled {
+                    generation,
+                    base_len: bytes.len() as u64,
+                    journal_len: 0,
+                    torn: false,
+                };
             }
             self.written = Some(h);
         }
+        Ok(())
+    }
+
+    /// Persists the patch `u` that made the allocation in force: one line
+    /// appended to the journal (synced as the base file is), or a new base
+    /// when the journal has grown to a quarter of it, ends in a torn line,
+    /// or there is no base yet.
+    fn persist_patch(&mut self, u: &Undo) -> Result<(), AllocError> {
+        let Some(dir) = self.dir.clone() else {
+            return self.persist();
+        };
+        let j = self.journal;
+        // Generation 0: a base of an older agent, which could write
+        // another 0 after lines of this one.
+        if j.torn || j.base_len == 0 || j.generation == 0 || j.journal_len * 4 > j.base_len {
+            return self.persist();
+        }
+        let mut line = serde_json::to_vec(&JournalLine::of(u, &self.current, j.generation))
+            .expect("journal line serializes");
+        line.push(b'\n');
+        let path = journal_path(&dir);
+        let io = |source| AllocError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        let written = f.write_all(&line).and_then(|()| f.sync_all());
+        if let Err(e) = written {
+            // Cut back to the lines committed; if that fails too, the
+            // next load stops at the torn line and the next write is a
+            // new base.
+            if f.set_len(j.journal_len)
+                .and_then(|()| f.sync_all())
+                .is_err()
+            {
+                self.journal.torn = true;
+            }
+            return Err(io(e));
+        }
+        if j.journal_len == 0 {
+            // The journal's name made durable with it.
+            if let Ok(d) = std::fs::File::open(&dir) {
+                let _ = d.sync_all();
+            }
+        }
+        self.journal.journal_len += line.len() as u64;
+        // The files no longer hold what was hashed.
+        self.written = None;
         Ok(())
     }
 
@@ -1043,12 +1360,9 @@ impl Undo {
             && self.next_workload_id == a.next_workload_id
     }
 
-    /// The warnings the patch added to `a` that it did not hold before.
-    fn new_warnings<'a>(&self, a: &'a Allocation) -> Vec<&'a AllocWarning> {
-        let removed: HashSet<&AllocWarning> =
-            self.warnings_removed.iter().map(|(_, w)| w).collect();
-        // Indices shift with later insertions: the final ones are found by
-        // replaying them.
+    /// Where each inserted warning is now, in insertion order (indices
+    /// shift with later insertions: found by replaying them).
+    fn inserted_at(&self) -> Vec<usize> {
         let mut at: Vec<usize> = Vec::with_capacity(self.warnings_inserted.len());
         for &i in &self.warnings_inserted {
             for j in at.iter_mut().filter(|j| **j >= i) {
@@ -1056,7 +1370,15 @@ impl Undo {
             }
             at.push(i);
         }
-        at.into_iter()
+        at
+    }
+
+    /// The warnings the patch added to `a` that it did not hold before.
+    fn new_warnings<'a>(&self, a: &'a Allocation) -> Vec<&'a AllocWarning> {
+        let removed: HashSet<&AllocWarning> =
+            self.warnings_removed.iter().map(|(_, w)| w).collect();
+        self.inserted_at()
+            .into_iter()
             .map(|i| &a.warnings[i])
             .filter(|w| !removed.contains(w))
             .collect()
@@ -2426,10 +2748,16 @@ mod incremental_tests {
             inc.commit_for(p, &cfg).unwrap();
             full.allocate_at(&cfg, t(secs)).unwrap();
             assert_eq!(inc.current(), full.current(), "step {i}");
+            // What a restart or a reader finds (base and journal).
             assert_eq!(
-                std::fs::read(state_path(di.path())).unwrap(),
-                std::fs::read(state_path(df.path())).unwrap(),
-                "step {i}: vips.json"
+                &load(di.path()).unwrap(),
+                full.current(),
+                "step {i}: persisted"
+            );
+            assert_eq!(
+                &load(df.path()).unwrap(),
+                full.current(),
+                "step {i}: persisted"
             );
         }
         // The sequence reached what it is about.
@@ -2474,7 +2802,7 @@ mod incremental_tests {
                 .map(|i| (next(3) > 0, vec![i], None, true))
                 .collect();
             let mut workloads = [false; 4];
-            let (mut secs, mut patched) = (0u64, 0usize);
+            let (mut secs, mut patched, mut journaled) = (0u64, 0usize, false);
             for step in 0..60 {
                 for _ in 0..1 + next(2) {
                     let i = next(16);
@@ -2540,15 +2868,77 @@ mod incremental_tests {
                     continue;
                 }
                 inc.commit_for(p, &cfg).unwrap();
+                journaled |= inc.journal.journal_len > 0;
                 full.allocate_at(&cfg, t(secs)).unwrap();
                 assert_eq!(inc.current(), full.current(), "seed {seed} step {step}");
                 assert_eq!(
-                    std::fs::read(state_path(di.path())).ok(),
-                    std::fs::read(state_path(df.path())).ok(),
-                    "seed {seed} step {step}: vips.json"
+                    &load(di.path()).unwrap(),
+                    full.current(),
+                    "seed {seed} step {step}: persisted (base and journal)"
                 );
+                if next(20) == 0 {
+                    // A restart resumes from base and journal.
+                    let again = Allocator::open_with(di.path(), prefixes).unwrap();
+                    inc = again.with_grace(grace);
+                }
             }
-            assert!(patched >= 10, "seed {seed}: only {patched} patches");
+            assert!(patched >= 5, "seed {seed}: only {patched} patches");
+            assert!(
+                journaled || patched == 0,
+                "seed {seed}: no patch was journaled"
+            );
         }
+    }
+
+    /// The journal after a crash: a line cut short is not applied (nor
+    /// anything after it) and the next write is a new base; lines of an
+    /// earlier base are not applied to a later one.
+    #[test]
+    fn a_torn_or_stale_journal_line_is_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut parser = Parser::default();
+        // Enough other entries for the base to outweigh a few lines.
+        let others: String = (0..40)
+            .map(|i| se(&format!("o{i}"), &[&format!("o{i}.example")], ""))
+            .collect();
+        let mut parse = |y: String| {
+            let snap = Snapshot::new(vec![
+                ("/c/a.yaml".into(), y.into_bytes()),
+                ("/c/b.yaml".into(), others.clone().into_bytes()),
+            ]);
+            Arc::new(parser.parse(Arc::new(snap)).unwrap())
+        };
+        let mut al = Allocator::open(dir.path()).unwrap();
+        let c1 = parse([se("a", &["a.example"], ""), se("b", &["b.example"], "")].concat());
+        let p = al.propose_for_at(&c1, t(0));
+        al.commit_for(p, &c1).unwrap();
+        let c2 = parse([se("a", &["a.example"], ""), se("b", &["b2.example"], "")].concat());
+        let p = al.propose_for_at(&c2, t(1));
+        assert!(matches!(p, Proposal::Patched));
+        al.commit_for(p, &c2).unwrap();
+        let two = al.current().clone();
+        let jpath = journal_path(dir.path());
+        let journal = std::fs::read(&jpath).unwrap();
+        assert_eq!(journal.iter().filter(|b| **b == b'\n').count(), 1);
+        assert_eq!(load(dir.path()).unwrap(), two);
+        // A third line cut short by a crash.
+        let c3 = parse([se("a", &["a.example"], ""), se("b", &["b3.example"], "")].concat());
+        let p = al.propose_for_at(&c3, t(2));
+        al.commit_for(p, &c3).unwrap();
+        let full = std::fs::read(&jpath).unwrap();
+        std::fs::write(&jpath, &full[..full.len() - 5]).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), two);
+        let mut al = Allocator::open(dir.path()).unwrap();
+        assert!(al.journal.torn);
+        assert_eq!(al.current(), &two);
+        // The next write replaces base and journal.
+        let p = al.propose_for_at(&c3, t(3));
+        al.commit_for(p, &c3).unwrap();
+        assert!(!jpath.exists());
+        assert_eq!(&load(dir.path()).unwrap(), al.current());
+        // A line of the base before (a crash between the new base's rename
+        // and the journal's removal) is ignored.
+        std::fs::write(&jpath, &journal).unwrap();
+        assert_eq!(&load(dir.path()).unwrap(), al.current());
     }
 }
