@@ -152,7 +152,7 @@ impl Agent {
         t.lap("alloc", &mut at);
         let model = Model::build_from(cfg.clone(), allocation, &NoCgroups, Some(&self.model));
         t.lap("model", &mut at);
-        let p = projection::project(&model, None, BTreeMap::new());
+        let p = projection::project_from(&model, None, BTreeMap::new(), Some(&self.services));
         t.lap("projection", &mut at);
         let mut model = Arc::new(model);
         validate::validate(&model, &p, &projection::Capacity::KERNEL).unwrap();
@@ -168,13 +168,7 @@ impl Agent {
             self.services.remove(&k);
         }
         t.lap("maps", &mut at);
-        let table = HostTable::from_scoped(
-            model.hosts().map(|(h, r)| (h, &r.export_to, &r.v4, &r.v6)),
-            model
-                .workloads()
-                .filter_map(|w| w.address.map(|ip| (ip, w.namespace().to_string()))),
-        )
-        .unwrap();
+        let table = HostTable::from_model(&model, self.dns.as_ref().map(|d| &*d.0)).unwrap();
         let clients = ClientTable::new(model.enrolled().filter_map(|(_, w)| w.address));
         self.dns = Some((Arc::new(table), Arc::new(clients)));
         t.lap("dns", &mut at);

@@ -51,6 +51,11 @@ struct Stages {
     model: Arc<ArcSwap<Model>>,
     clock: StatusClock,
     ready: Arc<AtomicBool>,
+    /// The pinned `services` map and the DNS table are those of the model
+    /// in force, so the next apply patches them for what its model changed
+    /// (false after a failed map write or table build: then built whole).
+    synced: bool,
+    table_current: bool,
 }
 
 impl Reconciler {
@@ -82,6 +87,8 @@ impl Reconciler {
             model,
             clock: StatusClock::load(&opts.agent.state_dir),
             ready,
+            synced: true,
+            table_current: true,
         };
         Ok(Self {
             stages: Some(Box::new(stages)),
@@ -137,7 +144,8 @@ impl Stages {
         let cgroups = CgroupDir {
             root: self.cgroup_root.clone(),
         };
-        // Services of unchanged entries are reused from the model in force.
+        // Patched from the model in force: only what changed is resolved
+        // again, and the stages below patch their output for its delta.
         let model = Model::build_from(cfg.clone(), allocation, &cgroups, Some(&self.model.load()));
         for w in model.warnings() {
             warn!("{w}");
@@ -152,7 +160,12 @@ impl Stages {
                 self.sync.sources().clone()
             }
         };
-        let projection = projection::project(&model, dns_capture(&self.dns), sources);
+        let projection = projection::project_from(
+            &model,
+            dns_capture(&self.dns),
+            sources,
+            self.synced.then(|| self.sync.services()),
+        );
         // Nothing is written unless all of it fits and every waypoint would
         // take it too.
         let mut model = Arc::new(model);
@@ -169,19 +182,22 @@ impl Stages {
         let stats = match self.sync.apply(&projection) {
             Ok(s) => s.total(),
             Err(e) => {
+                self.synced = false;
                 error!(error = %e, "applying config to the kernel maps failed");
                 return;
             }
         };
-        let table = HostTable::from_scoped(
-            model.hosts().map(|(h, r)| (h, &r.export_to, &r.v4, &r.v6)),
-            model
-                .workloads()
-                .filter_map(|w| w.address.map(|ip| (ip, w.namespace().to_string()))),
-        );
-        match table {
-            Ok(t) => self.hosts.store(Arc::new(t)),
-            Err(e) => error!(error = %e, "DNS host table not updated"),
+        self.synced = true;
+        let prev_table = self.table_current.then(|| self.hosts.load_full());
+        match HostTable::from_model(&model, prev_table.as_deref()) {
+            Ok(t) => {
+                self.hosts.store(Arc::new(t));
+                self.table_current = true;
+            }
+            Err(e) => {
+                self.table_current = false;
+                error!(error = %e, "DNS host table not updated");
+            }
         }
         // The node's own addresses are read again too (interfaces change).
         self.dns_clients.store(Arc::new(ClientTable::new(

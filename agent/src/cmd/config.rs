@@ -184,7 +184,7 @@ fn check(dir: &Path) -> anyhow::Result<ExitCode> {
                 Some(h.finish() | 1)
             };
             let d = Arc::new(Model::build(Arc::new(cfg.clone()), &alloc, &stand_in));
-            warnings.extend(d.warnings().iter().map(|w| w.to_string()));
+            warnings.extend(d.warnings().map(|w| w.to_string()));
             // The acceptance step the agent and the waypoint run (policy
             // errors are reported above).
             let projection = validate::projection_of(&d);

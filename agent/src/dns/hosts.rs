@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use hickory_proto::rr::Name;
 
 use super::DnsError;
-use crate::model::ExportTo;
+use crate::model::{CowMap, ExportTo, Model};
 
 /// The live table: the config side calls `store(Arc::new(new_table))`.
 pub type SharedHostTable = Arc<ArcSwap<HostTable>>;
@@ -32,19 +32,21 @@ pub struct HostAddrs {
 }
 
 /// The VIPs one ServiceEntry gives a host, and who sees them.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Scoped {
     export_to: ExportTo,
     addrs: HostAddrs,
 }
 
 /// Lower-case host name (no trailing dot) → VIPs per visibility; client
-/// address → namespace.
-#[derive(Clone, Debug, Default)]
+/// address → namespace. The hosts are [`CowMap`]s: a table patched from
+/// the previous one ([`HostTable::from_model`]) shares every host it did
+/// not change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HostTable {
-    hosts: HashMap<Box<str>, Vec<Scoped>>,
+    hosts: CowMap<Box<str>, Vec<Scoped>>,
     /// `*.suffix` hosts, keyed by `suffix`.
-    wildcards: HashMap<Box<str>, Vec<Scoped>>,
+    wildcards: CowMap<Box<str>, Vec<Scoped>>,
     clients: HashMap<IpAddr, Box<str>>,
 }
 
@@ -123,35 +125,67 @@ impl HostTable {
             HashMap::with_capacity(entries.size_hint().0);
         let mut wildcards: HashMap<Box<str>, Vec<Scoped>> = HashMap::new();
         for (host, export_to, v4, v6) in entries {
-            let export_to = export_to.borrow();
             let (wild, key) = normalize(host.as_ref())?;
             let map = if wild { &mut wildcards } else { &mut hosts };
             let scopes = map.entry(key.into_boxed_str()).or_default();
-            let i = match scopes.iter().position(|s| s.export_to == *export_to) {
-                Some(i) => i,
-                None => {
-                    // Most hosts have one scope: no spare capacity (a pushed-to
-                    // empty Vec reserves four, 320 bytes a host).
-                    scopes.reserve_exact(1);
-                    scopes.push(Scoped {
-                        export_to: export_to.clone(),
-                        addrs: HostAddrs::default(),
-                    });
-                    scopes.len() - 1
-                }
-            };
-            extend_unique(&mut scopes[i].addrs.v4, v4.as_ref());
-            extend_unique(&mut scopes[i].addrs.v6, v6.as_ref());
+            merge(scopes, export_to.borrow(), v4.as_ref(), v6.as_ref());
         }
-        let clients = clients
-            .into_iter()
-            .map(|(ip, ns)| (ip.to_canonical(), ns.into_boxed_str()))
-            .collect();
+        let sorted = |m: HashMap<Box<str>, Vec<Scoped>>| {
+            let mut v: Vec<_> = m.into_iter().collect();
+            v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            CowMap::from_sorted(v)
+        };
         Ok(HostTable {
-            hosts,
-            wildcards,
-            clients,
+            hosts: sorted(hosts),
+            wildcards: sorted(wildcards),
+            clients: clients_of(clients),
         })
+    }
+
+    /// The table of a model's hosts and workloads. With `prev`, the table
+    /// of the model `model` was patched from ([`Model::delta`]), only the
+    /// hosts in the delta are built again; without either, all of them.
+    pub fn from_model(model: &Model, prev: Option<&HostTable>) -> Result<Self, DnsError> {
+        let clients = model
+            .workloads()
+            .filter_map(|w| w.address.map(|ip| (ip, w.namespace().to_string())));
+        let (Some(prev), Some(delta)) = (prev, model.delta()) else {
+            return Self::from_scoped(
+                model.hosts().map(|(h, r)| (h, &r.export_to, &r.v4, &r.v6)),
+                clients,
+            );
+        };
+        let mut t = HostTable {
+            hosts: prev.hosts.clone(),
+            wildcards: prev.wildcards.clone(),
+            clients: clients_of(clients),
+        };
+        let mut done = std::collections::BTreeSet::new();
+        for h in &delta.hosts {
+            let (wild, key) = normalize(h)?;
+            if !done.insert((wild, key.clone())) {
+                continue;
+            }
+            // Every model host that normalizes to this one, in the model's
+            // (sorted) order, as `from_scoped` meets them.
+            let host = if wild {
+                format!("*.{key}")
+            } else {
+                key.clone()
+            };
+            let dotted = format!("{host}.");
+            let mut scopes = Vec::new();
+            for r in model.records_of(&host).chain(model.records_of(&dotted)) {
+                merge(&mut scopes, &r.export_to, &r.v4, &r.v6);
+            }
+            let map = if wild { &mut t.wildcards } else { &mut t.hosts };
+            if scopes.is_empty() {
+                map.remove(key.as_str());
+            } else {
+                map.insert(key.into_boxed_str(), scopes);
+            }
+        }
+        Ok(t)
     }
 
     /// A shareable live handle holding this table.
@@ -251,6 +285,34 @@ impl HostTable {
         }
         Some(Cow::Owned(all))
     }
+}
+
+/// Adds one ServiceEntry's VIPs of a host to its scopes: into the scope of
+/// the same visibility, else a new one.
+fn merge(scopes: &mut Vec<Scoped>, export_to: &ExportTo, v4: &[Ipv4Addr], v6: &[Ipv6Addr]) {
+    let i = match scopes.iter().position(|s| s.export_to == *export_to) {
+        Some(i) => i,
+        None => {
+            // Most hosts have one scope: no spare capacity (a pushed-to
+            // empty Vec reserves four, 320 bytes a host).
+            scopes.reserve_exact(1);
+            scopes.push(Scoped {
+                export_to: export_to.clone(),
+                addrs: HostAddrs::default(),
+            });
+            scopes.len() - 1
+        }
+    };
+    extend_unique(&mut scopes[i].addrs.v4, v4);
+    extend_unique(&mut scopes[i].addrs.v6, v6);
+}
+
+/// Client address (IPv4-mapped as IPv4) → namespace.
+fn clients_of(clients: impl IntoIterator<Item = (IpAddr, String)>) -> HashMap<IpAddr, Box<str>> {
+    clients
+        .into_iter()
+        .map(|(ip, ns)| (ip.to_canonical(), ns.into_boxed_str()))
+        .collect()
 }
 
 fn extend_unique<T: PartialEq + Copy>(into: &mut Vec<T>, from: &[T]) {

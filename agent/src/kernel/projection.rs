@@ -26,7 +26,7 @@ use super::{
     KernelError,
 };
 use crate::config::OutboundMode;
-use crate::model::{Model, WaypointBinding};
+use crate::model::{Model, Service, WaypointBinding};
 
 /// Exact content of every map the agent reconciles, and `meta`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -143,36 +143,37 @@ pub fn project(
     dns: Option<DnsCapture>,
     sources: BTreeMap<CidrAddr, u32>,
 ) -> Projection {
-    let mut services = BTreeMap::new();
-    for (at, svc) in model.vip_ports() {
-        let Some(port) = svc.port(at.port()) else {
-            continue;
-        };
-        let mut flags = 0;
-        // A refused binding still requires a waypoint: `shunt maps` shows
-        // the VIP as never direct (the agent refuses it).
-        if svc.waypoint.required() {
-            flags |= SVC_F_WAYPOINT;
+    project_from(model, dns, sources, None)
+}
+
+/// [`project`], with the services map patched from `prev`, the services
+/// map of the model `model` was patched from (the agent's mirror of the
+/// pinned map after it applied that model): only the VIP:ports in
+/// [`Model::delta`] are projected again, the rest is a copy of plain
+/// values. Without a delta or `prev`, every VIP:port.
+pub fn project_from(
+    model: &Model,
+    dns: Option<DnsCapture>,
+    sources: BTreeMap<CidrAddr, u32>,
+    prev: Option<&BTreeMap<ServiceKey, ServiceValue>>,
+) -> Projection {
+    let services = match (prev, model.delta()) {
+        (Some(prev), Some(delta)) => {
+            let mut services = prev.clone();
+            for &at in &delta.vip_ports {
+                let value = model.service_at(at).and_then(|svc| service_value(at, svc));
+                match value {
+                    Some(v) => services.insert(registry::tcp_key(at), v),
+                    None => services.remove(&registry::tcp_key(at)),
+                };
+            }
+            services
         }
-        if port.protocol.is_http() {
-            flags |= SVC_F_HTTP;
-        }
-        let (waypoint_addr, waypoint_port) = match &svc.waypoint {
-            WaypointBinding::Bound(w) => (addr_bytes(w.addr.ip()), w.addr.port()),
-            _ => ([0; 16], 0),
-        };
-        services.insert(
-            registry::tcp_key(at),
-            ServiceValue {
-                service_id: svc.id,
-                flags,
-                waypoint_addr,
-                waypoint_port,
-                target_port: port.target_port,
-                _pad: [0; 4],
-            },
-        );
-    }
+        _ => model
+            .vip_ports()
+            .filter_map(|(at, svc)| service_value(at, svc).map(|v| (registry::tcp_key(at), v)))
+            .collect(),
+    };
     let dns_flag = if model.mesh.dns_capture {
         ENR_F_DNS_CAPTURE
     } else {
@@ -200,6 +201,33 @@ pub fn project(
         egress_allow: egress_allow(&model.mesh.allowed_egress),
         meta: meta(model.mesh.egress, dns),
     }
+}
+
+/// The `services` value of the service steered at `at` (`None`: it has no
+/// such port).
+fn service_value(at: std::net::SocketAddr, svc: &Service) -> Option<ServiceValue> {
+    let port = svc.port(at.port())?;
+    let mut flags = 0;
+    // A refused binding still requires a waypoint: `shunt maps` shows
+    // the VIP as never direct (the agent refuses it).
+    if svc.waypoint.required() {
+        flags |= SVC_F_WAYPOINT;
+    }
+    if port.protocol.is_http() {
+        flags |= SVC_F_HTTP;
+    }
+    let (waypoint_addr, waypoint_port) = match &svc.waypoint {
+        WaypointBinding::Bound(w) => (addr_bytes(w.addr.ip()), w.addr.port()),
+        _ => ([0; 16], 0),
+    };
+    Some(ServiceValue {
+        service_id: svc.id,
+        flags,
+        waypoint_addr,
+        waypoint_port,
+        target_port: port.target_port,
+        _pad: [0; 4],
+    })
 }
 
 /// What one [`MapSync::apply`] changed.
@@ -252,6 +280,12 @@ impl MapSync {
     /// What `sources` holds now (kept when route lookups fail).
     pub fn sources(&self) -> &BTreeMap<CidrAddr, u32> {
         &self.sources.current
+    }
+
+    /// The `services` map as pinned (after a successful [`MapSync::apply`]:
+    /// the projection applied).
+    pub fn services(&self) -> &BTreeMap<ServiceKey, ServiceValue> {
+        &self.services.current
     }
 
     /// Make every reconciled map and `meta` equal `p`. The allow list is

@@ -12,6 +12,7 @@
 //! unchanged object keeps its ids (and its kernel map entries) across
 //! reloads and restarts.
 
+mod cow;
 pub mod host;
 pub mod mesh;
 pub mod service;
@@ -31,6 +32,7 @@ use crate::config::render::ServiceEntryStatus;
 use crate::config::{labels, Config, ObjectKey, ServiceEntry};
 use crate::identity::SpiffeId;
 
+pub use cow::CowMap;
 pub use mesh::Mesh;
 pub use service::{Destination, Service, ServiceId, ServicePort, Vip};
 pub use status::{now_rfc3339, StatusClock};
@@ -96,17 +98,62 @@ pub struct HostRecord {
     pub export_to: ExportTo,
 }
 
-/// See the module docs. Immutable once built; swapped whole on each change.
+/// Collision and record order of a ServiceEntry: its
+/// [`ServiceEntry::age_key`], owned.
+type Age = (bool, (i64, u32), Arc<std::path::Path>, usize);
+
+fn age_of(se: &ServiceEntry) -> Age {
+    let (none, created, _, doc) = se.age_key();
+    (none, created, se.origin.file.clone(), doc)
+}
+
+/// What the model keeps per ServiceEntry to patch it out again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    age: Age,
+    /// `None`: no id in the allocation yet, not a service.
+    id: Option<ServiceId>,
+    /// Its warnings that do not depend on other entries (fields not
+    /// honoured, resolution); those about VIP:port collisions are
+    /// recomputed when a contender comes or goes.
+    own: Arc<[Warning]>,
+}
+
+/// What a model patched from a previous one changed in the indexes its
+/// consumers project (the kernel's services map, the DNS table), so that
+/// they patch their own output from the previous one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// VIP:ports whose service (or its value) may differ.
+    pub vip_ports: BTreeSet<SocketAddr>,
+    /// Lowercased hosts whose records may differ.
+    pub hosts: BTreeSet<String>,
+}
+
+/// See the module docs. Immutable once built; swapped whole on each
+/// change. Its indexes are [`CowMap`]s: a model patched from the previous
+/// one shares every entry it did not change.
 #[derive(Debug, Default)]
 pub struct Model {
     config: Arc<Config>,
     pub mesh: Mesh,
-    services: BTreeMap<ServiceId, Arc<Service>>,
-    /// Canonical VIP:port (TCP ports only) → its service; older entries win.
-    by_vip: BTreeMap<SocketAddr, ServiceId>,
+    services: CowMap<ServiceId, Arc<Service>>,
+    /// Canonical VIP:port (TCP ports only) → every service on it, oldest
+    /// first: the first one is steered, the others are warned about.
+    claims: CowMap<SocketAddr, Vec<(Age, ServiceId)>>,
     /// Lowercased host → VIPs per ServiceEntry (oldest first), for the DNS
     /// proxy.
-    hosts: HashMap<String, Vec<HostRecord>>,
+    hosts: CowMap<String, Vec<(Age, HostRecord)>>,
+    entries: CowMap<ObjectKey, Entry>,
+    /// Per ServiceEntry with warnings, in age order: its own, then its
+    /// collisions.
+    warned: CowMap<Age, Arc<[Warning]>>,
+    /// Fields not honoured of objects other than ServiceEntries (they are
+    /// the context an incremental build requires unchanged).
+    unused: Arc<[Warning]>,
+    /// Workload warnings (workloads are rebuilt on each build: cgroups
+    /// come and go without a config change).
+    workload_warnings: Vec<Warning>,
     workloads: BTreeMap<WorkloadId, Arc<Workload>>,
     by_addr: HashMap<IpAddr, WorkloadId>,
     by_cgroup: BTreeMap<u64, WorkloadId>,
@@ -118,11 +165,8 @@ pub struct Model {
     /// reused service (a deep copy of 100,000 of them per edit otherwise);
     /// the clock copies one only to change it.
     pub status: BTreeMap<ObjectKey, Arc<ServiceEntryStatus>>,
-    warnings: Vec<Warning>,
-    /// Per service, the ServiceEntry (its address in `config`) it was
-    /// resolved from without a warning: [`Model::build_from`] reuses it
-    /// while the entry is the same object.
-    reusable: HashMap<ServiceId, usize>,
+    /// `Some` when patched from a previous model.
+    delta: Option<Delta>,
 }
 
 impl Model {
@@ -132,32 +176,28 @@ impl Model {
         Self::build_from(cfg, alloc, cgroups, None)
     }
 
-    /// [`Model::build`], reusing the services of `prev` whose ServiceEntry
-    /// is the very same object (the config loader shares unchanged ones
-    /// across reloads) when nothing else a service is resolved from changed
-    /// (mesh, namespaces, gateways, DestinationRules, WorkloadEntries) and
-    /// its id and allocated addresses are the same. The result equals
-    /// [`Model::build`]'s; an edit of one entry then resolves one service.
+    /// [`Model::build`], patched from `prev` when nothing a service is
+    /// resolved from changed besides ServiceEntries (mesh, namespaces,
+    /// gateways, DestinationRules, WorkloadEntries, the API server's
+    /// status): only the entries [`Config::changed_since`] names are
+    /// resolved again, with those whose allocated hosts may have moved to
+    /// or from them, and every other one is shared with `prev`. The result
+    /// equals [`Model::build`]'s; [`Model::delta`] says what differs.
     pub fn build_from(
         cfg: Arc<Config>,
         alloc: &Allocation,
         cgroups: &dyn CgroupResolver,
         prev: Option<&Model>,
     ) -> Model {
-        let prev = prev.filter(|p| same_context(&p.config, &cfg));
-        let mesh = Mesh::from_config(&cfg.mesh);
-        let mut m = Model {
-            mesh,
-            warnings: unused::warnings(&cfg),
-            ..Default::default()
+        let changes = prev
+            // Patching an empty model would only be a slower whole build.
+            .filter(|p| !p.entries.is_empty() && same_context(&p.config, &cfg))
+            .map(|p| (p, cfg.changed_since(&p.config)))
+            .filter(|(_, c)| !c.api_status);
+        let mut m = match changes {
+            Some((p, changes)) => p.patched(&cfg, alloc, &changes.service_entries),
+            None => Self::whole(&cfg, alloc),
         };
-        // Older entries first, so they win VIP:port collisions.
-        let mut order: Vec<&ServiceEntry> = cfg.service_entries.iter().map(|se| &**se).collect();
-        order.sort_by_key(|se| se.age_key());
-        let mut bound = waypoint::Bound::new();
-        for se in order {
-            m.add_service(&cfg, alloc, se, &mut bound, prev);
-        }
         for we in &cfg.workload_entries {
             m.add_workload(&cfg, alloc, cgroups, we);
         }
@@ -165,8 +205,151 @@ impl Model {
         m
     }
 
+    /// The build from scratch: the indexes in ordinary maps, filled in age
+    /// order (each collision found as it happens), then laid into
+    /// [`CowMap`]s in one pass each.
+    fn whole(cfg: &Config, alloc: &Allocation) -> Model {
+        let mut m = Model {
+            mesh: Mesh::from_config(&cfg.mesh),
+            unused: unused::warnings(cfg).into(),
+            ..Default::default()
+        };
+        // Older entries first, so they win VIP:port collisions.
+        let mut order: Vec<&ServiceEntry> = cfg.service_entries.iter().map(|se| &**se).collect();
+        order.sort_by_key(|se| se.age_key());
+        let mut bound = waypoint::Bound::new();
+        let mut entries = Vec::with_capacity(order.len());
+        let mut services = Vec::with_capacity(order.len());
+        let mut warned = Vec::new();
+        let mut claims: BTreeMap<SocketAddr, Vec<(Age, ServiceId)>> = BTreeMap::new();
+        let mut hosts: HashMap<String, Vec<(Age, HostRecord)>> = HashMap::new();
+        for se in order {
+            let r = m.resolve_entry(cfg, alloc, se, &mut bound);
+            m.status.insert(r.key.clone(), r.status);
+            let own: Arc<[Warning]> = r.own.into();
+            let Some(svc) = r.svc else {
+                warned.push((r.age.clone(), own.clone()));
+                entries.push((
+                    r.key,
+                    Entry {
+                        age: r.age,
+                        id: None,
+                        own,
+                    },
+                ));
+                continue;
+            };
+            let id = svc.id;
+            let mut all = own.to_vec();
+            if !Self::indexed(&svc) {
+                all.push(not_programmed(&svc));
+            } else {
+                for (vip, p) in Self::claims_of(&svc) {
+                    let at = SocketAddr::new(vip.ip, p.number);
+                    match claims.entry(at) {
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            v.insert(vec![(r.age.clone(), id)]);
+                        }
+                        std::collections::btree_map::Entry::Occupied(mut o) => {
+                            let winner = o.get()[0].1;
+                            if !o.get().iter().any(|(_, s)| *s == id) {
+                                o.get_mut().push((r.age.clone(), id));
+                            }
+                            all.push(collision(&svc, vip, p, winner));
+                        }
+                    }
+                }
+                for (h, rec) in Self::records(&svc) {
+                    // Most hosts have one record: no spare capacity.
+                    let rs = hosts.entry(h).or_default();
+                    rs.reserve_exact(1);
+                    rs.push((r.age.clone(), rec));
+                }
+            }
+            if !all.is_empty() {
+                warned.push((r.age.clone(), all.into()));
+            }
+            entries.push((
+                r.key,
+                Entry {
+                    age: r.age,
+                    id: Some(id),
+                    own,
+                },
+            ));
+            services.push((id, Arc::new(svc)));
+        }
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        services.sort_unstable_by_key(|s| s.0);
+        let mut hosts: Vec<_> = hosts.into_iter().collect();
+        hosts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        m.entries = CowMap::from_sorted(entries);
+        m.services = CowMap::from_sorted(services);
+        m.warned = CowMap::from_sorted(warned);
+        m.claims = CowMap::from_sorted(claims);
+        m.hosts = CowMap::from_sorted(hosts);
+        m
+    }
+
+    /// `self` with the entries `changed` (and those whose allocated hosts
+    /// may have moved with them) removed and added again from `cfg`.
+    fn patched(&self, cfg: &Config, alloc: &Allocation, changed: &BTreeSet<ObjectKey>) -> Model {
+        let mut m = Model {
+            config: Arc::default(),
+            mesh: self.mesh.clone(),
+            services: self.services.clone(),
+            claims: self.claims.clone(),
+            hosts: self.hosts.clone(),
+            entries: self.entries.clone(),
+            warned: self.warned.clone(),
+            unused: self.unused.clone(),
+            status: self.status.clone(),
+            ..Default::default()
+        };
+        // An allocated host goes to another entry only when one that lists
+        // it changed: its owner now and its owner before are redone too.
+        let mut redo = changed.clone();
+        let mut moved: BTreeSet<&str> = BTreeSet::new();
+        for key in changed {
+            if let Some(svc) = self.service_by_key(key) {
+                moved.extend(svc.hosts.iter().map(String::as_str));
+            }
+        }
+        let mut found = entries_named(cfg, changed);
+        for se in &found {
+            moved.extend(se.spec.hosts.iter().map(String::as_str));
+        }
+        let mut extra: BTreeSet<ObjectKey> = BTreeSet::new();
+        for h in &moved {
+            if let Some(a) = alloc.hosts.get(*h) {
+                extra.insert(a.owner.clone());
+            }
+            for (_, r) in self.hosts.get(&*host::dns_key_ref(h)).into_iter().flatten() {
+                if let Some(s) = self.services.get(&r.service) {
+                    extra.insert(s.key.clone());
+                }
+            }
+        }
+        extra.retain(|k| !redo.contains(k));
+        found.extend(entries_named(cfg, &extra));
+        redo.extend(extra);
+        let mut delta = Delta::default();
+        let mut rewarn = BTreeSet::new();
+        for key in &redo {
+            m.remove_entry(key, &mut delta, &mut rewarn);
+        }
+        found.sort_by_key(|se| se.age_key());
+        let mut bound = waypoint::Bound::new();
+        for se in found {
+            m.add_service(cfg, alloc, se, &mut bound, &mut delta, &mut rewarn);
+        }
+        m.rewarn(rewarn);
+        m.delta = Some(delta);
+        m
+    }
+
     fn warn(&mut self, kind: Kind, object: &ObjectKey, message: String) {
-        self.warnings.push(Warning {
+        self.workload_warnings.push(Warning {
             kind,
             object: object.clone(),
             field: None,
@@ -174,23 +357,19 @@ impl Model {
         });
     }
 
-    fn add_service(
-        &mut self,
+    /// One ServiceEntry resolved (its service, if it has an id), not yet
+    /// indexed.
+    fn resolve_entry(
+        &self,
         cfg: &Config,
         alloc: &Allocation,
         se: &ServiceEntry,
         bound: &mut waypoint::Bound,
-        prev: Option<&Model>,
-    ) {
+    ) -> Resolved {
         let key = se.key();
-        let origin = se as *const ServiceEntry as usize;
-        if let Some((svc, status)) = prev.and_then(|p| p.reusable_service(alloc, se, &key, origin))
-        {
-            self.status.insert(key, status.clone());
-            self.reusable.insert(svc.id, origin);
-            self.index_service(svc.clone());
-            return;
-        }
+        let age = age_of(se);
+        let mut own = Vec::new();
+        unused::service_entry(se, &key, &mut own);
         let binding = waypoint::bind(cfg, &self.mesh.trust_domain, se, bound);
         let mut vips: Vec<Vip> = alloc
             .addresses_of(&key, &se.spec.hosts)
@@ -200,14 +379,13 @@ impl Model {
                 allocated: true,
             })
             .collect();
-        let status = ServiceEntryStatus {
+        let status = Arc::new(ServiceEntryStatus {
             addresses: vips
                 .iter()
                 .map(|v| status::address(&v.host, v.ip))
                 .collect(),
             conditions: vec![status::waypoint_condition(&binding)],
-        };
-        self.status.insert(key.clone(), Arc::new(status));
+        });
         if let Some(first) = se.spec.hosts.first() {
             for ip in service::explicit_ips(se) {
                 let ip = ip.to_canonical();
@@ -223,112 +401,123 @@ impl Model {
         // Collected from a flat_map: no exact size, spare capacity for two.
         vips.shrink_to_fit();
         let Some(id) = alloc.service_id(&key) else {
-            self.warn(
-                Kind::ServiceEntry,
-                &key,
-                "no service id in the allocation yet; not programmed".into(),
-            );
-            return;
+            own.push(Warning {
+                kind: Kind::ServiceEntry,
+                object: key.clone(),
+                field: None,
+                message: "no service id in the allocation yet; not programmed".into(),
+            });
+            return Resolved {
+                key,
+                age,
+                status,
+                svc: None,
+                own,
+            };
         };
-        let warned = self.warnings.len();
         let svc = service::resolve(
             cfg,
             &self.mesh,
             se,
-            key,
+            key.clone(),
             id,
             vips,
             binding,
-            &mut self.warnings,
+            &mut own,
         );
-        if self.warnings.len() == warned {
-            self.reusable.insert(id, origin);
+        Resolved {
+            key,
+            age,
+            status,
+            svc: Some(svc),
+            own,
         }
-        self.index_service(Arc::new(svc));
     }
 
-    /// `prev`'s service for `se` and its status, if [`Model::build_from`]
-    /// may reuse them.
-    fn reusable_service(
-        &self,
+    /// Resolves and indexes one entry into a patched model.
+    fn add_service(
+        &mut self,
+        cfg: &Config,
         alloc: &Allocation,
         se: &ServiceEntry,
-        key: &ObjectKey,
-        origin: usize,
-    ) -> Option<(&Arc<Service>, &Arc<ServiceEntryStatus>)> {
-        let id = alloc.service_id(key)?;
-        if self.reusable.get(&id) != Some(&origin) {
-            return None;
-        }
-        let svc = self.services.get(&id)?;
-        let mut was = svc.vips.iter().filter(|v| v.allocated);
-        let same_vips = alloc
-            .addresses_of(key, &se.spec.hosts)
-            .all(|(h, ip)| was.next().is_some_and(|v| v.ip == ip && v.host == h))
-            && was.next().is_none();
-        if !same_vips || &svc.key != key {
-            return None;
-        }
-        Some((svc, self.status.get(key)?))
+        bound: &mut waypoint::Bound,
+        delta: &mut Delta,
+        rewarn: &mut BTreeSet<ServiceId>,
+    ) {
+        let r = self.resolve_entry(cfg, alloc, se, bound);
+        self.status.insert(r.key.clone(), r.status);
+        let own: Arc<[Warning]> = r.own.into();
+        let Some(svc) = r.svc else {
+            self.warned.insert(r.age.clone(), own.clone());
+            self.entries.insert(
+                r.key,
+                Entry {
+                    age: r.age,
+                    id: None,
+                    own,
+                },
+            );
+            return;
+        };
+        rewarn.insert(svc.id);
+        self.entries.insert(
+            r.key,
+            Entry {
+                age: r.age.clone(),
+                id: Some(svc.id),
+                own,
+            },
+        );
+        self.index_service(Arc::new(svc), r.age, delta, rewarn);
     }
 
-    /// Puts a service into the indexes (VIP:port, hosts), older entries
-    /// first; collisions become warnings.
-    fn index_service(&mut self, svc: Arc<Service>) {
-        let id = svc.id;
-        if svc.resolution == crate::config::Resolution::DynamicDns
-            && matches!(svc.waypoint, WaypointBinding::None)
-        {
-            // Only a waypoint can learn the name a client wants (Istio:
-            // NoWaypointForWildcardService); the pods' DNS stays as it was.
-            self.warn(
-                Kind::ServiceEntry,
-                &svc.key,
-                "resolution DYNAMIC_DNS does not apply until the entry is bound to a waypoint; not programmed".into(),
-            );
-            self.services.insert(id, svc);
-            return;
-        }
-        for vip in &svc.vips {
-            for p in svc.ports.iter().filter(|p| p.is_tcp()) {
-                let at = SocketAddr::new(vip.ip, p.number);
-                match self.by_vip.get(&at) {
-                    None => {
-                        self.by_vip.insert(at, id);
-                    }
-                    Some(other) => {
-                        let msg = format!(
-                            "{} port {} already belongs to an older ServiceEntry (service id {other})",
-                            vip.ip, p.number
-                        );
-                        self.warn(Kind::ServiceEntry, &svc.key, msg);
-                    }
-                }
-            }
-        }
+    /// Whether a service is steered: only a waypoint can learn the name a
+    /// client wants for DYNAMIC_DNS (Istio: NoWaypointForWildcardService);
+    /// the pods' DNS stays as it was.
+    fn indexed(svc: &Service) -> bool {
+        !(svc.resolution == crate::config::Resolution::DynamicDns
+            && matches!(svc.waypoint, WaypointBinding::None))
+    }
+
+    /// Each (VIP, TCP port) of a service, in its order.
+    fn claims_of(svc: &Service) -> impl Iterator<Item = (&Vip, &ServicePort)> + '_ {
+        svc.vips.iter().flat_map(move |vip| {
+            svc.ports
+                .iter()
+                .filter(|p| p.is_tcp())
+                .map(move |p| (vip, p))
+        })
+    }
+
+    /// The VIP:ports a service claims (TCP ports only).
+    fn claimed(svc: &Service) -> impl Iterator<Item = SocketAddr> + '_ {
+        Self::claims_of(svc).map(|(vip, p)| SocketAddr::new(vip.ip, p.number))
+    }
+
+    /// Each lowercased host of a service's allocated VIPs with its record.
+    fn records(svc: &Service) -> Vec<(String, HostRecord)> {
+        let mut out: Vec<(String, HostRecord)> = Vec::new();
         for v in svc.vips.iter().filter(|v| v.allocated) {
-            // Host names are lower case as a rule: no key made for a host
-            // already in the map (each host has two VIPs).
-            let records = match self.hosts.get_mut(&*host::dns_key_ref(&v.host)) {
-                Some(r) => r,
-                None => self.hosts.entry(host::dns_key(&v.host)).or_default(),
+            let key = host::dns_key_ref(&v.host);
+            let i = match out.iter().position(|(h, _)| *h == *key) {
+                Some(i) => i,
+                None => {
+                    out.push((
+                        key.into_owned(),
+                        HostRecord {
+                            service: svc.id,
+                            export_to: svc.export_to.clone(),
+                            ..Default::default()
+                        },
+                    ));
+                    out.len() - 1
+                }
             };
             // Exact capacities: most hosts have one record with one
             // address per family, and a pushed-to empty Vec reserves four
             // (at 100,000 hosts 40 MB of spare capacity here and as much in
             // the DNS table).
-            let r = match records.iter_mut().position(|r| r.service == id) {
-                Some(i) => &mut records[i],
-                None => {
-                    records.reserve_exact(1);
-                    records.push(HostRecord {
-                        service: id,
-                        export_to: svc.export_to.clone(),
-                        ..Default::default()
-                    });
-                    records.last_mut().expect("just pushed")
-                }
-            };
+            let r = &mut out[i].1;
             match v.ip {
                 IpAddr::V4(a) => {
                     r.v4.reserve_exact(1);
@@ -340,9 +529,137 @@ impl Model {
                 }
             }
         }
+        out
+    }
+
+    /// Puts a service into the indexes (VIP:port claims, hosts) in age
+    /// order. Services whose collision warnings may change go to `rewarn`.
+    fn index_service(
+        &mut self,
+        svc: Arc<Service>,
+        age: Age,
+        delta: &mut Delta,
+        rewarn: &mut BTreeSet<ServiceId>,
+    ) {
+        let id = svc.id;
+        if !Self::indexed(&svc) {
+            self.services.insert(id, svc);
+            return;
+        }
+        for at in Self::claimed(&svc) {
+            delta.vip_ports.insert(at);
+            let claim = (age.clone(), id);
+            match self.claims.get_mut(&at) {
+                None => {
+                    self.claims.insert(at, vec![claim]);
+                }
+                Some(c) => {
+                    if c.iter().any(|(_, s)| *s == id) {
+                        continue;
+                    }
+                    let i = c.partition_point(|(a, _)| *a < age);
+                    if i == 0 {
+                        rewarn.extend(c.iter().map(|(_, s)| *s));
+                    }
+                    c.insert(i, claim);
+                }
+            }
+        }
+        for (h, r) in Self::records(&svc) {
+            delta.hosts.insert(h.clone());
+            match self.hosts.get_mut(&*h) {
+                Some(rs) => {
+                    let i = rs.partition_point(|(a, _)| *a < age);
+                    rs.reserve_exact(1);
+                    rs.insert(i, (age.clone(), r));
+                }
+                None => {
+                    self.hosts.insert(h, vec![(age.clone(), r)]);
+                }
+            }
+        }
         self.services.insert(id, svc);
     }
 
+    /// Takes an entry and its service out of every index.
+    fn remove_entry(
+        &mut self,
+        key: &ObjectKey,
+        delta: &mut Delta,
+        rewarn: &mut BTreeSet<ServiceId>,
+    ) {
+        let Some(e) = self.entries.remove(key) else {
+            return;
+        };
+        self.warned.remove(&e.age);
+        self.status.remove(key);
+        let Some(svc) = e.id.and_then(|id| self.services.remove(&id)) else {
+            return;
+        };
+        if !Self::indexed(&svc) {
+            return;
+        }
+        for at in Self::claimed(&svc) {
+            delta.vip_ports.insert(at);
+            let Some(c) = self.claims.get_mut(&at) else {
+                continue;
+            };
+            let Some(i) = c.iter().position(|(_, s)| *s == svc.id) else {
+                continue;
+            };
+            c.remove(i);
+            if c.is_empty() {
+                self.claims.remove(&at);
+            } else if i == 0 {
+                rewarn.extend(c.iter().map(|(_, s)| *s));
+            }
+        }
+        for (h, _) in Self::records(&svc) {
+            let Some(rs) = self.hosts.get_mut(&*h) else {
+                continue;
+            };
+            rs.retain(|(_, r)| r.service != svc.id);
+            if rs.is_empty() {
+                self.hosts.remove(&*h);
+            }
+            delta.hosts.insert(h);
+        }
+    }
+
+    /// Recomputes the warnings of `ids`: their own and their VIP:port
+    /// collisions (each names the oldest entry on the address, as a build
+    /// in age order finds it).
+    fn rewarn(&mut self, ids: BTreeSet<ServiceId>) {
+        for id in ids {
+            let Some(svc) = self.services.get(&id) else {
+                continue;
+            };
+            let Some(e) = self.entries.get(&svc.key) else {
+                continue;
+            };
+            let mut all: Vec<Warning> = e.own.to_vec();
+            if !Self::indexed(svc) {
+                all.push(not_programmed(svc));
+            } else {
+                let mut seen = BTreeSet::new();
+                for (vip, p) in Self::claims_of(svc) {
+                    let at = SocketAddr::new(vip.ip, p.number);
+                    let Some(&(_, winner)) = self.claims.get(&at).and_then(|c| c.first()) else {
+                        continue;
+                    };
+                    if winner != id || !seen.insert(at) {
+                        all.push(collision(svc, vip, p, winner));
+                    }
+                }
+            }
+            let age = e.age.clone();
+            if all.is_empty() {
+                self.warned.remove(&age);
+            } else {
+                self.warned.insert(age, all.into());
+            }
+        }
+    }
     fn add_workload(
         &mut self,
         cfg: &Config,
@@ -461,6 +778,11 @@ impl Model {
     pub fn config(&self) -> &Arc<Config> {
         &self.config
     }
+    /// What differs from the model this one was patched from (`None`: built
+    /// whole, everything may differ).
+    pub fn delta(&self) -> Option<&Delta> {
+        self.delta.as_ref()
+    }
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.services.values()
     }
@@ -468,33 +790,54 @@ impl Model {
         self.services.get(&id)
     }
     pub fn service_by_key(&self, key: &ObjectKey) -> Option<&Arc<Service>> {
-        self.services.values().find(|s| &s.key == key)
+        self.entries
+            .get(key)
+            .and_then(|e| e.id)
+            .and_then(|id| self.services.get(&id))
     }
     /// The service behind a VIP:port (IPv4-mapped addresses as IPv4).
     pub fn service_at(&self, at: SocketAddr) -> Option<&Arc<Service>> {
         let at = SocketAddr::new(at.ip().to_canonical(), at.port());
-        self.by_vip.get(&at).and_then(|id| self.services.get(id))
+        self.claims
+            .get(&at)
+            .and_then(|c| c.first())
+            .and_then(|(_, id)| self.services.get(id))
     }
     /// Every steered VIP:port with its service, in address order.
     pub fn vip_ports(&self) -> impl Iterator<Item = (SocketAddr, &Arc<Service>)> {
-        self.by_vip
-            .iter()
-            .filter_map(|(a, id)| self.services.get(id).map(|s| (*a, s)))
+        self.claims.iter().filter_map(|(a, c)| {
+            c.first()
+                .and_then(|(_, id)| self.services.get(id))
+                .map(|s| (*a, s))
+        })
     }
     /// The DNS view of a name (any case) in its oldest ServiceEntry: its
     /// own host, else the most specific wildcard host covering it.
     pub fn host(&self, name: &str) -> Option<&HostRecord> {
+        self.host_records(name).next()
+    }
+    /// Every record of a lowercased host, oldest ServiceEntry first (exact
+    /// host, else the most specific wildcard covering it).
+    fn host_records(&self, name: &str) -> impl Iterator<Item = &HostRecord> {
         let key = host::dns_key(name);
         self.hosts
-            .get(&key)
-            .or_else(|| host::covering(&key).find_map(|w| self.hosts.get(&w)))
-            .and_then(|r| r.first())
+            .get(&*key)
+            .or_else(|| host::covering(&key).find_map(|w| self.hosts.get(&*w)))
+            .into_iter()
+            .flatten()
+            .map(|(_, r)| r)
+    }
+    /// The records of one lowercased host exactly as it is written (no
+    /// wildcard lookup), oldest ServiceEntry first: what the DNS table
+    /// patches per host in [`Delta::hosts`].
+    pub fn records_of<'a>(&'a self, key: &str) -> impl Iterator<Item = &'a HostRecord> + 'a {
+        self.hosts.get(key).into_iter().flatten().map(|(_, r)| r)
     }
     /// Every (host, record), one per ServiceEntry defining the host.
     pub fn hosts(&self) -> impl Iterator<Item = (&String, &HostRecord)> {
         self.hosts
             .iter()
-            .flat_map(|(h, rs)| rs.iter().map(move |r| (h, r)))
+            .flat_map(|(h, rs)| rs.iter().map(move |(_, r)| (h, r)))
     }
     /// Namespace of the workload at `ip`, for visibility checks.
     pub fn namespace_of(&self, ip: IpAddr) -> Option<&str> {
@@ -522,8 +865,15 @@ impl Model {
             .iter()
             .filter_map(|(c, id)| self.workloads.get(id).map(|w| (*c, w)))
     }
-    pub fn warnings(&self) -> &[Warning] {
-        &self.warnings
+    /// Every warning: per ServiceEntry in age order (fields not honoured,
+    /// resolution, VIP:port collisions), then the other objects' fields not
+    /// honoured in config order, then the workloads'.
+    pub fn warnings(&self) -> impl Iterator<Item = &Warning> + Clone {
+        self.warned
+            .values()
+            .flat_map(|w| w.iter())
+            .chain(self.unused.iter())
+            .chain(self.workload_warnings.iter())
     }
     /// Services bound to the waypoint `gateway`.
     pub fn bound_to<'a>(
@@ -536,6 +886,54 @@ impl Model {
     }
 }
 
+/// One ServiceEntry resolved, before indexing.
+struct Resolved {
+    key: ObjectKey,
+    age: Age,
+    status: Arc<ServiceEntryStatus>,
+    /// `None`: no id in the allocation yet.
+    svc: Option<Service>,
+    own: Vec<Warning>,
+}
+
+/// A DYNAMIC_DNS service without a waypoint (see [`Model::indexed`]).
+fn not_programmed(svc: &Service) -> Warning {
+    Warning {
+        kind: Kind::ServiceEntry,
+        object: svc.key.clone(),
+        field: None,
+        message: "resolution DYNAMIC_DNS does not apply until the entry is bound to a waypoint; not programmed".into(),
+    }
+}
+
+/// `svc` on `vip`:`port` loses to the oldest entry there, `winner`.
+fn collision(svc: &Service, vip: &Vip, port: &ServicePort, winner: ServiceId) -> Warning {
+    Warning {
+        kind: Kind::ServiceEntry,
+        object: svc.key.clone(),
+        field: None,
+        message: format!(
+            "{} port {} already belongs to an older ServiceEntry (service id {winner})",
+            vip.ip, port.number
+        ),
+    }
+}
+
+/// The ServiceEntries of `cfg` with these keys (one pass; a key is made
+/// only for an entry whose name is one of theirs).
+fn entries_named<'a>(cfg: &'a Config, keys: &BTreeSet<ObjectKey>) -> Vec<&'a ServiceEntry> {
+    if keys.is_empty() {
+        return Vec::new();
+    }
+    let names: std::collections::HashSet<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+    cfg.service_entries
+        .iter()
+        .map(|se| &**se)
+        .filter(|se| {
+            names.contains(se.name()) && keys.contains(&ObjectKey::new(se.namespace(), se.name()))
+        })
+        .collect()
+}
 /// Whether everything a service is resolved from, besides its own
 /// ServiceEntry and allocation, is the same in `a` and `b` (a few objects:
 /// compared by value).
@@ -556,5 +954,7 @@ fn is_waypoint_pod(cfg: &Config, ns: &str, labels: &BTreeMap<String, String>) ->
         .is_some_and(|g| g.spec.is_waypoint())
 }
 
+#[cfg(test)]
+mod incremental_tests;
 #[cfg(test)]
 pub(crate) mod tests;

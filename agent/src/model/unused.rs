@@ -3,7 +3,7 @@
 //! that nothing is accepted and silently ignored. Fields shunt honours are
 //! not listed here; fields it cannot honour safely are refused at load.
 
-use crate::config::{Config, Location, ObjectKey, TrafficPolicy, WorkloadEntrySpec};
+use crate::config::{Config, Location, ObjectKey, ServiceEntry, TrafficPolicy, WorkloadEntrySpec};
 
 use super::{Kind, Warning};
 
@@ -14,9 +14,9 @@ const MESH_FIELDS_READ: &[&str] = &[
     "defaultDestinationRuleExportTo",
 ];
 
-/// Every warning for fields set but not honoured, in config order.
-pub(super) fn warnings(cfg: &Config) -> Vec<Warning> {
-    let mut out = Vec::new();
+/// The warnings for fields of one ServiceEntry set but not honoured, to
+/// `out` (the model keeps them with the entry's other warnings).
+pub(super) fn service_entry(se: &ServiceEntry, key: &ObjectKey, out: &mut Vec<Warning>) {
     let mut w = |kind, object: &ObjectKey, field: String, message: &str| {
         out.push(Warning {
             kind,
@@ -25,11 +25,11 @@ pub(super) fn warnings(cfg: &Config) -> Vec<Warning> {
             message: message.to_string(),
         })
     };
-    for se in &cfg.service_entries {
+    {
         if se.spec.location != Some(Location::MeshInternal) && se.spec.endpoints.is_empty() {
-            continue; // nothing to report: no key made
+            return;
         }
-        let key = se.key();
+        let key = key.clone();
         if se.spec.location == Some(Location::MeshInternal) {
             w(
                 Kind::ServiceEntry,
@@ -64,6 +64,20 @@ pub(super) fn warnings(cfg: &Config) -> Vec<Warning> {
             }
         }
     }
+}
+
+/// Every warning for fields set but not honoured of the objects other
+/// than ServiceEntries ([`service_entry`]), in config order.
+pub(super) fn warnings(cfg: &Config) -> Vec<Warning> {
+    let mut out = Vec::new();
+    let mut w = |kind, object: &ObjectKey, field: String, message: &str| {
+        out.push(Warning {
+            kind,
+            object: object.clone(),
+            field: Some(field),
+            message: message.to_string(),
+        })
+    };
     for we in &cfg.workload_entries {
         endpoint(&mut w, Kind::WorkloadEntry, &we.key(), "spec", &we.spec);
     }

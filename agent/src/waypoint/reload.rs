@@ -183,7 +183,6 @@ fn rebuild(
             gateway,
             connect_timeout: timeout,
             previous: Some(prev),
-            idle_budget: None,
         },
     ))
 }

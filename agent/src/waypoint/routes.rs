@@ -15,7 +15,7 @@ use crate::model::{self, Model, Service, ServicePort};
 use crate::policy::{BuildOptions, GatewayRef, PolicySet};
 use crate::upstream::{OriginationSettings, TlsMode, UpstreamConnector};
 
-use super::pool::{IdleBudget, Upstream, UpstreamProtocol};
+use super::pool::{Upstream, UpstreamProtocol};
 use super::WaypointError;
 
 /// One VIP:port this waypoint serves.
@@ -59,8 +59,6 @@ pub struct Routes {
     pub warnings: Vec<String>,
     /// Config digest and allocation generation, for `/config_dump`.
     pub digest: u64,
-    /// The pooled upstream connections' cap, kept across reloads.
-    pub idle_budget: Arc<IdleBudget>,
 }
 
 impl std::fmt::Debug for Routes {
@@ -77,11 +75,8 @@ pub(crate) struct BuildInputs<'a> {
     pub gateway: &'a GatewayRef,
     pub connect_timeout: Duration,
     /// The previous routes: upstreams with identical settings are reused
-    /// so that their pooled connections survive a reload (and its
-    /// [`IdleBudget`] is kept).
+    /// so that their pooled connections survive a reload.
     pub previous: Option<&'a Routes>,
-    /// Without previous routes: the pooled connections' cap.
-    pub idle_budget: Option<Arc<IdleBudget>>,
 }
 
 fn origination(
@@ -203,15 +198,9 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
         &BuildOptions::for_config(cfg, Some(inp.gateway.clone())),
     )
     .map_err(WaypointError::Policy)?;
-    let idle_budget = match (inp.previous, &inp.idle_budget) {
-        (Some(prev), _) => prev.idle_budget.clone(),
-        (None, Some(b)) => b.clone(),
-        (None, None) => Arc::default(),
-    };
     // Workload warnings concern the agent, not the waypoint.
     let mut warnings: Vec<String> = model
         .warnings()
-        .iter()
         .filter(|w| {
             matches!(
                 w.kind,
@@ -280,18 +269,15 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
                                 let connector = UpstreamConnector::new(&settings).map_err(|e| {
                                     WaypointError::Config(format!("{}: {e}", what()))
                                 })?;
-                                Arc::new(
-                                    Upstream::new(
-                                        ukey.clone(),
-                                        host.clone(),
-                                        port.target_port,
-                                        resolve,
-                                        connector,
-                                        protocol,
-                                        inp.connect_timeout,
-                                    )
-                                    .with_idle_budget(idle_budget.clone()),
-                                )
+                                Arc::new(Upstream::new(
+                                    ukey.clone(),
+                                    host.clone(),
+                                    port.target_port,
+                                    resolve,
+                                    connector,
+                                    protocol,
+                                    inp.connect_timeout,
+                                ))
                             }
                         };
                         upstreams.insert(ukey, u.clone());
@@ -333,7 +319,6 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
         vips,
         warnings,
         digest,
-        idle_budget,
     })
 }
 
