@@ -59,6 +59,9 @@ use crate::telemetry::LogLimit;
 /// File name of the persisted state in the state directory.
 pub const STATE_FILE: &str = "vips.json";
 const STATE_VERSION: u32 = 1;
+/// File name of the journal of patches since `vips.json` was written:
+/// an edit appends one line instead of writing 100,000 hosts again.
+pub const JOURNAL_FILE: &str = "vips.journal";
 
 /// How long a removed host's addresses stay reserved for its return (well
 /// above the DNS TTL of 30 s that clients cache answers for).
@@ -265,6 +268,10 @@ struct State<'a> {
     /// Absent in files of older agents: no release time known.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     freed: Vec<FreedRecord>,
+    /// Names this write: only journal lines of the same generation apply
+    /// to it (0 in files of older agents, which had no journal).
+    #[serde(default)]
+    generation: u64,
 }
 
 /// An address whose grace ended, free for another host.
@@ -313,14 +320,14 @@ fn state_path(dir: &Path) -> PathBuf {
 #[derive(Debug)]
 pub struct Reader {
     state_dir: PathBuf,
-    seen: Option<(u64, std::time::SystemTime)>,
+    seen: [Option<(u64, std::time::SystemTime)>; 2],
 }
 
 impl Reader {
     pub fn new(state_dir: &Path) -> Self {
         Reader {
             state_dir: state_dir.to_path_buf(),
-            seen: None,
+            seen: [None, None],
         }
     }
 
@@ -330,32 +337,100 @@ impl Reader {
         load(&self.state_dir)
     }
 
-    /// Whether the file changed since the last [`Reader::read`] (length or
-    /// modification time; the agent replaces it by rename).
+    /// Whether the files changed since the last [`Reader::read`] (length or
+    /// modification time; the agent replaces the base by rename and
+    /// appends to the journal).
     pub fn changed(&self) -> bool {
         self.fingerprint() != self.seen
     }
 
-    fn fingerprint(&self) -> Option<(u64, std::time::SystemTime)> {
-        let m = std::fs::metadata(state_path(&self.state_dir)).ok()?;
-        Some((m.len(), m.modified().ok()?))
+    fn fingerprint(&self) -> [Option<(u64, std::time::SystemTime)>; 2] {
+        let of = |p: PathBuf| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.len(), m.modified().ok()?))
+        };
+        [
+            of(state_path(&self.state_dir)),
+            of(journal_path(&self.state_dir)),
+        ]
     }
 }
 
 /// Reads the persisted allocation without changing anything. A missing file
 /// is an empty allocation (the agent has not run yet).
 pub fn load(state_dir: &Path) -> Result<Allocation, AllocError> {
+    Ok(load_journaled(state_dir)?.0)
+}
+
+/// Where a directory's state stands: the base's generation and size, the
+/// journal's size and whether it ended in a line that does not apply (a
+/// write cut short).
+#[derive(Clone, Copy, Debug, Default)]
+struct Journaled {
+    generation: u64,
+    base_len: u64,
+    journal_len: u64,
+    torn: bool,
+}
+
+/// The base file with the journal's lines of its generation applied.
+fn load_journaled(state_dir: &Path) -> Result<(Allocation, Journaled), AllocError> {
     let path = state_path(state_dir);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Allocation::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((Allocation::default(), Journaled::default()))
+        }
         Err(source) => return Err(AllocError::Io { path, source }),
     };
-    parse_state(&bytes, path)
+    let (mut a, generation) = parse_state_gen(&bytes, path)?;
+    let mut j = Journaled {
+        generation,
+        base_len: bytes.len() as u64,
+        ..Journaled::default()
+    };
+    let jpath = journal_path(state_dir);
+    let journal = match std::fs::read(&jpath) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((a, j)),
+        Err(source) => {
+            return Err(AllocError::Io {
+                path: jpath,
+                source,
+            })
+        }
+    };
+    j.journal_len = journal.len() as u64;
+    for line in journal.split_inclusive(|b| *b == b'\n') {
+        // A line without its newline was cut short: it and what follows
+        // were never committed.
+        let parsed = line
+            .strip_suffix(b"\n")
+            .and_then(|l| serde_json::from_slice::<JournalLine>(l).ok());
+        match parsed {
+            Some(l) if l.generation == generation => l.apply(&mut a),
+            // Of an earlier base (written before this one replaced it).
+            Some(_) => {}
+            None => {
+                j.torn = true;
+                break;
+            }
+        }
+    }
+    Ok((a, j))
+}
+
+fn journal_path(dir: &Path) -> PathBuf {
+    dir.join(JOURNAL_FILE)
 }
 
 /// Reads a persisted allocation from `bytes`; `path` names it in errors.
 fn parse_state(bytes: &[u8], path: PathBuf) -> Result<Allocation, AllocError> {
+    Ok(parse_state_gen(bytes, path)?.0)
+}
+
+/// [`parse_state`] and the file's generation.
+fn parse_state_gen(bytes: &[u8], path: PathBuf) -> Result<(Allocation, u64), AllocError> {
     let st: State = serde_json::from_slice(bytes).map_err(|source| AllocError::Corrupt {
         path: path.clone(),
         source,
@@ -391,7 +466,7 @@ fn parse_state(bytes: &[u8], path: PathBuf) -> Result<Allocation, AllocError> {
             IpAddr::V6(a) => freed_v6.push((a, f.released)),
         }
     }
-    Ok(Allocation {
+    let a = Allocation {
         hosts,
         reserved,
         freed_v4,
@@ -412,10 +487,165 @@ fn parse_state(bytes: &[u8], path: PathBuf) -> Result<Allocation, AllocError> {
         next_v6: Some(st.next_v6),
         next_service_id: st.next_service_id,
         next_workload_id: st.next_workload_id,
-    })
+    };
+    Ok((a, st.generation))
 }
 
-fn to_state(a: &Allocation, prefixes: Prefixes) -> State<'_> {
+/// One committed patch, a line of the journal: the new value of each
+/// record it changed (`None`: gone), and the warnings' edits in order.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JournalLine {
+    generation: u64,
+    hosts: Vec<(String, Option<JournalHost>)>,
+    services: Vec<(ObjectKey, Option<u32>)>,
+    workloads: Vec<(ObjectKey, Option<u32>)>,
+    /// Indices before the removal, ascending.
+    warnings_removed: Vec<usize>,
+    /// Index at insertion, in insertion order.
+    warnings_inserted: Vec<(usize, AllocWarning)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    freed_v4: Option<Vec<(Ipv4Addr, u64)>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    freed_v6: Option<Vec<(Ipv6Addr, u64)>>,
+    next_v4: Option<Ipv4Addr>,
+    next_v6: Option<Ipv6Addr>,
+    next_service_id: u32,
+    next_workload_id: u32,
+}
+
+/// A host's record in the journal (as [`HostRecord`], owned).
+#[derive(Serialize, Deserialize)]
+struct JournalHost {
+    namespace: String,
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    v4: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    v6: Option<Ipv6Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    released: Option<u64>,
+}
+
+impl JournalLine {
+    /// The line of the patch `u` that made `a`.
+    fn of(u: &Undo, a: &Allocation, generation: u64) -> JournalLine {
+        let mut names: Vec<&str> = u
+            .hosts
+            .iter()
+            .map(|(h, _)| h.as_str())
+            .chain(u.reserved.iter().map(|(h, _)| h.as_str()))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let hosts = names
+            .into_iter()
+            .map(|h| {
+                let rec = |x: &HostAlloc, released| JournalHost {
+                    namespace: x.owner.namespace.clone(),
+                    name: x.owner.name.clone(),
+                    v4: x.v4,
+                    v6: x.v6,
+                    released,
+                };
+                let r = match (a.hosts.get(h), a.reserved.get(h)) {
+                    (Some(x), _) => Some(rec(x, None)),
+                    (None, Some((x, t))) => Some(rec(x, Some(*t))),
+                    (None, None) => None,
+                };
+                (h.to_string(), r)
+            })
+            .collect();
+        let ids = |log: &[(ObjectKey, Option<u32>)], m: &HashMap<ObjectKey, u32>| {
+            let mut keys: Vec<&ObjectKey> = log.iter().map(|(k, _)| k).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            keys.into_iter()
+                .map(|k| (k.clone(), m.get(k).copied()))
+                .collect()
+        };
+        JournalLine {
+            generation,
+            hosts,
+            services: ids(&u.service_ids, &a.service_ids),
+            workloads: ids(&u.workload_ids, &a.workload_ids),
+            warnings_removed: u.warnings_removed.iter().map(|(i, _)| *i).collect(),
+            warnings_inserted: u
+                .inserted_at()
+                .into_iter()
+                .zip(&u.warnings_inserted)
+                .map(|(fin, at)| (*at, a.warnings[fin].clone()))
+                .collect(),
+            freed_v4: u
+                .freed_v4
+                .as_ref()
+                .filter(|f| **f != a.freed_v4)
+                .map(|_| a.freed_v4.clone()),
+            freed_v6: u
+                .freed_v6
+                .as_ref()
+                .filter(|f| **f != a.freed_v6)
+                .map(|_| a.freed_v6.clone()),
+            next_v4: a.next_v4,
+            next_v6: a.next_v6,
+            next_service_id: a.next_service_id,
+            next_workload_id: a.next_workload_id,
+        }
+    }
+
+    fn apply(self, a: &mut Allocation) {
+        for (h, r) in self.hosts {
+            a.hosts.remove(&h);
+            a.reserved.remove(&h);
+            if let Some(r) = r {
+                let x = HostAlloc {
+                    owner: ObjectKey {
+                        namespace: r.namespace,
+                        name: r.name,
+                    },
+                    v4: r.v4,
+                    v6: r.v6,
+                };
+                if let Some(t) = r.released {
+                    a.reserved.insert(h, (x, t));
+                } else {
+                    a.hosts.insert(h, x);
+                }
+            }
+        }
+        for (m, log) in [
+            (&mut a.service_ids, self.services),
+            (&mut a.workload_ids, self.workloads),
+        ] {
+            for (k, id) in log {
+                match id {
+                    Some(id) => m.insert(k, id),
+                    None => m.remove(&k),
+                };
+            }
+        }
+        for i in self.warnings_removed.into_iter().rev() {
+            if i < a.warnings.len() {
+                a.warnings.remove(i);
+            }
+        }
+        for (i, w) in self.warnings_inserted {
+            a.warnings.insert(i.min(a.warnings.len()), w);
+        }
+        if let Some(f) = self.freed_v4 {
+            a.freed_v4 = f;
+        }
+        if let Some(f) = self.freed_v6 {
+            a.freed_v6 = f;
+        }
+        a.next_v4 = self.next_v4;
+        a.next_v6 = self.next_v6;
+        a.next_service_id = self.next_service_id;
+        a.next_workload_id = self.next_workload_id;
+    }
+}
+
+fn to_state(a: &Allocation, prefixes: Prefixes, generation: u64) -> State<'_> {
     fn record<'a>(h: &'a str, x: &'a HostAlloc, released: Option<u64>) -> HostRecord<'a> {
         HostRecord {
             host: Cow::Borrowed(h),
@@ -460,6 +690,7 @@ fn to_state(a: &Allocation, prefixes: Prefixes) -> State<'_> {
             .chain(a.freed_v6.iter().map(|(a, t)| (IpAddr::V6(*a), *t)))
             .map(|(address, released)| FreedRecord { address, released })
             .collect(),
+        generation,
     }
 }
 
@@ -481,6 +712,20 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AllocError> {
         }
     }
     Ok(())
+}
+
+/// A generation for a new base file, other than `prev` and 0.
+fn fresh_generation(prev: u64) -> u64 {
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let g = t ^ (u64::from(std::process::id()) << 40);
+    if g == prev || g == 0 {
+        prev.wrapping_add(1).max(1)
+    } else {
+        g
+    }
 }
 
 // ------------------------------------------------------------- allocator
@@ -593,14 +838,22 @@ pub struct Allocator {
     prefixes: Prefixes,
     current: Allocation,
     grace: Duration,
-    /// Hash of the last state written, to skip identical writes.
+    /// Hash of the last state written, to skip identical writes (`None`
+    /// as well once the journal has lines after it).
     written: Option<u64>,
+    /// The state directory's base file and journal.
+    journal: Journaled,
     /// The summary line of a full prefix, at most once a minute.
     exhausted_log: LogLimit,
     /// The config the allocation in force was computed for, when it was
     /// committed through [`Allocator::commit_for`] (see
     /// [`Allocator::propose_for`]).
     basis: Option<Arc<Config>>,
+    /// The undo record of a [`Proposal::Patched`] not committed yet: the
+    /// allocation in force is patched in place (copying 100,000 hosts per
+    /// edit cost more than computing them), and put back by the next call
+    /// unless committed.
+    pending: Option<Box<Undo>>,
 }
 
 /// What [`Allocator::propose_for`] proposes.
@@ -609,6 +862,10 @@ pub enum Proposal {
     /// The allocation in force, which computing again would give unchanged.
     Unchanged,
     New(Box<Allocation>),
+    /// The allocation in force, patched in place for the few entries that
+    /// changed (what computing again gives, see [`Allocator::patch`]);
+    /// undone by the allocator's next call unless committed.
+    Patched,
 }
 
 impl Allocator {
@@ -623,7 +880,7 @@ impl Allocator {
             path: state_dir.to_path_buf(),
             source,
         })?;
-        let current = load(state_dir)?;
+        let (current, journal) = load_journaled(state_dir)?;
         Ok(Allocator {
             dir: Some(state_dir.to_path_buf()),
             follow: false,
@@ -631,8 +888,10 @@ impl Allocator {
             current,
             grace: DEFAULT_GRACE,
             written: None,
+            journal,
             exhausted_log: LogLimit::new(Duration::from_secs(60)),
             basis: None,
+            pending: None,
         })
     }
 
@@ -655,14 +914,16 @@ impl Allocator {
             current,
             grace: DEFAULT_GRACE,
             written: None,
+            journal: Journaled::default(),
             exhausted_log: LogLimit::new(Duration::from_secs(60)),
             basis: None,
+            pending: None,
         })
     }
 
     /// The persisted form of the current allocation (`vips.json`).
     pub fn state_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(&to_state(&self.current, self.prefixes))
+        serde_json::to_vec(&to_state(&self.current, self.prefixes, 0))
             .expect("allocation state serializes")
     }
 
@@ -681,6 +942,8 @@ impl Allocator {
         self
     }
 
+    /// The allocation in force (between [`Allocator::propose_for`] and
+    /// [`Allocator::commit_for`], the proposal's).
     pub fn current(&self) -> &Allocation {
         &self.current
     }
@@ -697,6 +960,7 @@ impl Allocator {
         cfg: &Config,
         now: SystemTime,
     ) -> Result<&Allocation, AllocError> {
+        self.rollback();
         let next = self.propose_at(cfg, now);
         self.commit(next)
     }
@@ -704,7 +968,8 @@ impl Allocator {
     /// The allocation for `cfg`, neither persisted nor in force: a caller
     /// that may still refuse the config [`Allocator::commit`]s it only once
     /// accepted, so a refused config reserves nothing.
-    pub fn propose(&self, cfg: &Config) -> Allocation {
+    pub fn propose(&mut self, cfg: &Config) -> Allocation {
+        self.rollback();
         self.propose_at(cfg, SystemTime::now())
     }
 
@@ -729,11 +994,16 @@ impl Allocator {
     /// reassigned by the computation that made it). Most edits (ports,
     /// labels, endpoints) change no allocation input; this costs a pointer
     /// comparison per unchanged entry instead of the whole computation.
-    pub fn propose_for(&self, cfg: &Arc<Config>) -> Proposal {
+    ///
+    /// When inputs did change, for a few entries (most edits), the
+    /// allocation in force is patched for those ([`Proposal::Patched`]):
+    /// O(changed entries) rather than O(entries).
+    pub fn propose_for(&mut self, cfg: &Arc<Config>) -> Proposal {
         self.propose_for_at(cfg, SystemTime::now())
     }
 
-    fn propose_for_at(&self, cfg: &Arc<Config>, now: SystemTime) -> Proposal {
+    fn propose_for_at(&mut self, cfg: &Arc<Config>, now: SystemTime) -> Proposal {
+        self.rollback();
         let secs = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
@@ -748,8 +1018,10 @@ impl Allocator {
                 .reserved
                 .values()
                 .all(|(_, t)| secs.saturating_sub(*t) < self.grace.as_secs());
-        match &self.basis {
-            Some(b) if fixed_point && same_inputs(b, cfg) => Proposal::Unchanged,
+        let basis = self.basis.clone().filter(|_| fixed_point);
+        match basis {
+            Some(b) if same_inputs(&b, cfg) => Proposal::Unchanged,
+            Some(b) if self.patch(&b, cfg, secs) => Proposal::Patched,
             _ => Proposal::New(Box::new(self.propose_at(cfg, now))),
         }
     }
@@ -757,7 +1029,7 @@ impl Allocator {
     /// The allocation `p` stands for.
     pub fn proposed<'a>(&'a self, p: &'a Proposal) -> &'a Allocation {
         match p {
-            Proposal::Unchanged => &self.current,
+            Proposal::Unchanged | Proposal::Patched => &self.current,
             Proposal::New(a) => a,
         }
     }
@@ -769,8 +1041,25 @@ impl Allocator {
         p: Proposal,
         cfg: &Arc<Config>,
     ) -> Result<&Allocation, AllocError> {
-        if let Proposal::New(next) = p {
-            self.commit(*next)?;
+        match p {
+            Proposal::New(next) => {
+                self.commit(*next)?;
+            }
+            Proposal::Patched => {
+                let undo = self.pending.take().expect("a patch proposed is pending");
+                let new = undo.new_warnings(&self.current);
+                if !new.is_empty() {
+                    self.log_warnings(new.into_iter(), &self.current);
+                }
+                if !undo.is_noop(&self.current) {
+                    if let Err(e) = self.persist_patch(&undo) {
+                        self.pending = Some(undo);
+                        self.rollback();
+                        return Err(e);
+                    }
+                }
+            }
+            Proposal::Unchanged => {}
         }
         self.basis = Some(cfg.clone());
         Ok(&self.current)
@@ -780,9 +1069,11 @@ impl Allocator {
     /// puts it in force. Logs each warning that is new since the previous
     /// one.
     pub fn commit(&mut self, next: Allocation) -> Result<&Allocation, AllocError> {
+        self.rollback();
         self.basis = None;
         if next.warnings != self.current.warnings {
-            self.log_new_warnings(&next);
+            let old: HashSet<&AllocWarning> = self.current.warnings.iter().collect();
+            self.log_warnings(next.warnings.iter().filter(|w| !old.contains(w)), &next);
         }
         // An edit that changes no host, id or reservation (most edits)
         // writes nothing: comparing is much cheaper than serializing.
@@ -790,7 +1081,18 @@ impl Allocator {
             self.current = next;
             return Ok(&self.current);
         }
-        let bytes = serde_json::to_vec(&to_state(&next, self.prefixes))
+        let prev = std::mem::replace(&mut self.current, next);
+        if let Err(e) = self.persist() {
+            self.current = prev;
+            return Err(e);
+        }
+        Ok(&self.current)
+    }
+
+    /// Writes the allocation in force unless it is what was written last:
+    /// a new base file (generation), the journal emptied.
+    fn persist(&mut self) -> Result<(), AllocError> {
+        let mut bytes = serde_json::to_vec(&to_state(&self.current, self.prefixes, 0))
             .expect("allocation state serializes");
         let h = {
             use std::hash::{Hash, Hasher};
@@ -798,26 +1100,98 @@ impl Allocator {
             bytes.hash(&mut h);
             h.finish()
         };
+        // The generation is the last field: written in place of the 0
+        // hashed (it differs in every write).
+        let generation = fresh_generation(self.journal.generation);
+        debug_assert!(bytes.ends_with(b"\"generation\":0}"));
+        bytes.truncate(bytes.len() - 2);
+        bytes.extend_from_slice(format!("{generation}}}").as_bytes());
         if self.written != Some(h) {
             if let Some(dir) = &self.dir {
                 write_atomic(&state_path(dir), &bytes)?;
+                // Its lines name the base before: they apply no more.
+                let _ = std::fs::remove_file(journal_path(dir));
+                self.journal = Journaled {
+                    generation,
+                    base_len: bytes.len() as u64,
+                    journal_len: 0,
+                    torn: false,
+                };
             }
             self.written = Some(h);
         }
-        self.current = next;
-        Ok(&self.current)
+        Ok(())
+    }
+
+    /// Persists the patch `u` that made the allocation in force: one line
+    /// appended to the journal (synced as the base file is), or a new base
+    /// when the journal has grown to a quarter of it, ends in a torn line,
+    /// or there is no base yet.
+    fn persist_patch(&mut self, u: &Undo) -> Result<(), AllocError> {
+        let Some(dir) = self.dir.clone() else {
+            return self.persist();
+        };
+        let j = self.journal;
+        // Generation 0: a base of an older agent, which could write
+        // another 0 after lines of this one.
+        if j.torn || j.base_len == 0 || j.generation == 0 || j.journal_len * 4 > j.base_len {
+            return self.persist();
+        }
+        let mut line = serde_json::to_vec(&JournalLine::of(u, &self.current, j.generation))
+            .expect("journal line serializes");
+        line.push(b'\n');
+        let path = journal_path(&dir);
+        let io = |source| AllocError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        let written = f.write_all(&line).and_then(|()| f.sync_all());
+        if let Err(e) = written {
+            // Cut back to the lines committed; if that fails too, the
+            // next load stops at the torn line and the next write is a
+            // new base.
+            if f.set_len(j.journal_len)
+                .and_then(|()| f.sync_all())
+                .is_err()
+            {
+                self.journal.torn = true;
+            }
+            return Err(io(e));
+        }
+        if j.journal_len == 0 {
+            // The journal's name made durable with it.
+            if let Ok(d) = std::fs::File::open(&dir) {
+                let _ = d.sync_all();
+            }
+        }
+        self.journal.journal_len += line.len() as u64;
+        // The files no longer hold what was hashed.
+        self.written = None;
+        Ok(())
+    }
+
+    /// Puts back the allocation in force if a patch was proposed and not
+    /// committed (its config was refused).
+    fn rollback(&mut self) {
+        if let Some(u) = self.pending.take() {
+            u.undo(&mut self.current);
+        }
     }
 }
 
 impl Allocator {
-    /// Logs what is new in `next`'s warnings: a full prefix as one summary
+    /// Logs `new`, the warnings of `next` new since the previous allocation: a full prefix as one summary
     /// line per family (a config of 100k hosts left ~30k without an IPv4
     /// address, each once a line), rate-limited; other warnings one line
     /// each, the first [`MAX_WARNING_LINES`] of them.
-    fn log_new_warnings(&self, next: &Allocation) {
-        let old: HashSet<&AllocWarning> = self.current.warnings.iter().collect();
+    fn log_warnings<'a>(&self, new: impl Iterator<Item = &'a AllocWarning>, next: &Allocation) {
         let (mut new4, mut new6, mut others) = (0usize, 0usize, 0usize);
-        for w in next.warnings.iter().filter(|w| !old.contains(w)) {
+        for w in new {
             match w {
                 AllocWarning::Exhausted { family, .. } if family == "IPv4" => new4 += 1,
                 AllocWarning::Exhausted { .. } => new6 += 1,
@@ -851,6 +1225,550 @@ impl Allocator {
                 );
             }
         }
+    }
+}
+
+/// Most changed entries an edit may have for [`Allocator::patch`]; more
+/// are computed in full (the patch's lookups scan the entries per key).
+const MAX_PATCHED: usize = 16;
+
+/// What a patch changed in the allocation in force, in order, to put back
+/// if its proposal is not committed. Each record holds the value before.
+#[derive(Debug)]
+pub(crate) struct Undo {
+    hosts: Vec<(String, Option<HostAlloc>)>,
+    reserved: Vec<(String, Option<(HostAlloc, u64)>)>,
+    service_ids: Vec<(ObjectKey, Option<u32>)>,
+    workload_ids: Vec<(ObjectKey, Option<u32>)>,
+    /// Removed first (index in the vector before), then inserted (index at
+    /// insertion, in insertion order).
+    warnings_removed: Vec<(usize, AllocWarning)>,
+    warnings_inserted: Vec<usize>,
+    freed_v4: Option<Vec<(Ipv4Addr, u64)>>,
+    freed_v6: Option<Vec<(Ipv6Addr, u64)>>,
+    next_v4: Option<Ipv4Addr>,
+    next_v6: Option<Ipv6Addr>,
+    next_service_id: u32,
+    next_workload_id: u32,
+}
+
+impl Undo {
+    fn new(a: &Allocation) -> Undo {
+        Undo {
+            hosts: Vec::new(),
+            reserved: Vec::new(),
+            service_ids: Vec::new(),
+            workload_ids: Vec::new(),
+            warnings_removed: Vec::new(),
+            warnings_inserted: Vec::new(),
+            freed_v4: None,
+            freed_v6: None,
+            next_v4: a.next_v4,
+            next_v6: a.next_v6,
+            next_service_id: a.next_service_id,
+            next_workload_id: a.next_workload_id,
+        }
+    }
+
+    fn set_host(&mut self, a: &mut Allocation, h: &str, v: Option<HostAlloc>) {
+        let old = match v {
+            Some(v) => a.hosts.insert(h.to_string(), v),
+            None => a.hosts.remove(h),
+        };
+        self.hosts.push((h.to_string(), old));
+    }
+
+    fn set_reserved(&mut self, a: &mut Allocation, h: &str, v: Option<(HostAlloc, u64)>) {
+        let old = match v {
+            Some(v) => a.reserved.insert(h.to_string(), v),
+            None => a.reserved.remove(h),
+        };
+        self.reserved.push((h.to_string(), old));
+    }
+
+    fn set_id(
+        log: &mut Vec<(ObjectKey, Option<u32>)>,
+        m: &mut HashMap<ObjectKey, u32>,
+        k: &ObjectKey,
+        v: Option<u32>,
+    ) {
+        let old = match v {
+            Some(v) => m.insert(k.clone(), v),
+            None => m.remove(k),
+        };
+        log.push((k.clone(), old));
+    }
+
+    /// Puts `a` back as it was before the patch.
+    fn undo(self, a: &mut Allocation) {
+        fn back<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>, log: Vec<(K, Option<V>)>) {
+            for (k, old) in log.into_iter().rev() {
+                match old {
+                    Some(v) => m.insert(k, v),
+                    None => m.remove(&k),
+                };
+            }
+        }
+        back(&mut a.hosts, self.hosts);
+        back(&mut a.reserved, self.reserved);
+        back(&mut a.service_ids, self.service_ids);
+        back(&mut a.workload_ids, self.workload_ids);
+        for i in self.warnings_inserted.into_iter().rev() {
+            a.warnings.remove(i);
+        }
+        for (i, w) in self.warnings_removed {
+            a.warnings.insert(i, w);
+        }
+        if let Some(f) = self.freed_v4 {
+            a.freed_v4 = f;
+        }
+        if let Some(f) = self.freed_v6 {
+            a.freed_v6 = f;
+        }
+        a.next_v4 = self.next_v4;
+        a.next_v6 = self.next_v6;
+        a.next_service_id = self.next_service_id;
+        a.next_workload_id = self.next_workload_id;
+    }
+
+    /// The patch left `a` as it was (every record holds the value now).
+    fn is_noop(&self, a: &Allocation) -> bool {
+        self.hosts.iter().all(|(k, v)| a.hosts.get(k) == v.as_ref())
+            && self
+                .reserved
+                .iter()
+                .all(|(k, v)| a.reserved.get(k) == v.as_ref())
+            && self
+                .service_ids
+                .iter()
+                .all(|(k, v)| a.service_ids.get(k) == v.as_ref())
+            && self
+                .workload_ids
+                .iter()
+                .all(|(k, v)| a.workload_ids.get(k) == v.as_ref())
+            && self.warnings_removed.len() == self.warnings_inserted.len()
+            && self
+                .warnings_removed
+                .iter()
+                .zip(&self.warnings_inserted)
+                .all(|((i, w), j)| i == j && a.warnings[*j] == *w)
+            && self.freed_v4.as_ref().is_none_or(|f| *f == a.freed_v4)
+            && self.freed_v6.as_ref().is_none_or(|f| *f == a.freed_v6)
+            && self.next_v4 == a.next_v4
+            && self.next_v6 == a.next_v6
+            && self.next_service_id == a.next_service_id
+            && self.next_workload_id == a.next_workload_id
+    }
+
+    /// Where each inserted warning is now, in insertion order (indices
+    /// shift with later insertions: found by replaying them).
+    fn inserted_at(&self) -> Vec<usize> {
+        let mut at: Vec<usize> = Vec::with_capacity(self.warnings_inserted.len());
+        for &i in &self.warnings_inserted {
+            for j in at.iter_mut().filter(|j| **j >= i) {
+                *j += 1;
+            }
+            at.push(i);
+        }
+        at
+    }
+
+    /// The warnings the patch added to `a` that it did not hold before.
+    fn new_warnings<'a>(&self, a: &'a Allocation) -> Vec<&'a AllocWarning> {
+        let removed: HashSet<&AllocWarning> =
+            self.warnings_removed.iter().map(|(_, w)| w).collect();
+        self.inserted_at()
+            .into_iter()
+            .map(|i| &a.warnings[i])
+            .filter(|w| !removed.contains(w))
+            .collect()
+    }
+}
+
+/// The position of each of `keys` in `list` (index and object); `None`
+/// when a key is there twice (a config built by hand).
+#[allow(clippy::type_complexity)]
+fn find_keys<'a, S>(
+    list: &'a [Arc<crate::config::Resource<S>>],
+    keys: &[&ObjectKey],
+) -> Option<Vec<Option<(usize, &'a crate::config::Resource<S>)>>> {
+    let mut out = vec![None; keys.len()];
+    for (i, r) in list.iter().enumerate() {
+        let name = r.name();
+        for (j, k) in keys.iter().enumerate() {
+            if k.name == name && k.namespace == r.namespace() {
+                if out[j].is_some() {
+                    return None;
+                }
+                out[j] = Some((i, &**r));
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The order of step 4 of [`compute`] (and of its `Exhausted` warnings):
+/// entries oldest first, then the host's place in its entry, IPv4 first.
+type Rank<'a> = ((bool, (i64, u32), &'a Path, usize), usize, u8);
+
+impl Allocator {
+    /// Patches the allocation in force (computed for `basis`, and its own
+    /// fixed point) into what [`compute`] gives for `cfg`, touching only the
+    /// entries that changed; records the undo in `pending`. False, with
+    /// nothing changed, for what it does not cover: many changes, host
+    /// conflicts, API status, addresses freed (a zero grace), a follower.
+    /// Why it is the same: with no conflict each host's owner is the one
+    /// entry listing it, so ownership changes only for hosts of changed
+    /// entries; in a fixed point no two hosts share an address and a family
+    /// with an `Exhausted` warning has no free address, and a gone host's
+    /// addresses stay reserved (grace > 0), so step 4 hands out addresses
+    /// only to the changed entries' hosts, in their age order.
+    fn patch(&mut self, basis: &Config, cfg: &Config, now: u64) -> bool {
+        let cur = &self.current;
+        if self.follow
+            || self.grace.as_secs() == 0
+            || basis.api_status.is_some()
+            || cfg.api_status.is_some()
+            || cur.prefixes != Some(self.prefixes)
+            || cur.next_v4.is_none()
+            || cur.next_v6.is_none()
+            || cur
+                .warnings
+                .iter()
+                .any(|w| !matches!(w, AllocWarning::Exhausted { .. }))
+        {
+            return false;
+        }
+        let ch = cfg.changed_since(basis);
+        if ch.service_entries.len() > MAX_PATCHED || ch.workload_entries.len() > MAX_PATCHED {
+            return false;
+        }
+        let keys: Vec<&ObjectKey> = ch.service_entries.iter().collect();
+        let (Some(old), Some(new)) = (
+            find_keys(&basis.service_entries, &keys),
+            find_keys(&cfg.service_entries, &keys),
+        ) else {
+            return false;
+        };
+        let changed = |k: &ObjectKey| ch.service_entries.contains(k);
+        // Hosts the changed entries own now, and will own, oldest first.
+        let mut owned_before: Vec<&str> = Vec::new();
+        for (k, o) in keys.iter().zip(&old) {
+            if let Some((_, se)) = o.filter(|(_, se)| eligible(se)) {
+                for h in &se.spec.hosts {
+                    if cur.hosts.get(h.as_str()).is_some_and(|a| &a.owner == *k)
+                        && !owned_before.contains(&h.as_str())
+                    {
+                        owned_before.push(h.as_str());
+                    }
+                }
+            }
+        }
+        let mut owners: Vec<(&ServiceEntry, &ObjectKey)> = keys
+            .iter()
+            .zip(&new)
+            .filter_map(|(k, n)| n.filter(|(_, se)| eligible(se)).map(|(_, se)| (se, *k)))
+            .collect();
+        owners.sort_by_key(|(se, _)| se.age_key());
+        if owners
+            .windows(2)
+            .any(|w| w[0].0.age_key() == w[1].0.age_key())
+        {
+            return false;
+        }
+        let mut owned_after: Vec<(&str, &ObjectKey, Rank)> = Vec::new();
+        for (se, k) in &owners {
+            for (i, h) in se.spec.hosts.iter().enumerate() {
+                if let Some(o) = owned_after.iter().find(|o| o.0 == h.as_str()) {
+                    if o.1 != *k {
+                        return false; // two changed entries list it
+                    }
+                    continue; // listed twice
+                }
+                if cur
+                    .hosts
+                    .get(h.as_str())
+                    .is_some_and(|a| !changed(&a.owner))
+                {
+                    return false; // an unchanged entry owns it
+                }
+                owned_after.push((h, k, (se.age_key(), i, 0)));
+            }
+        }
+        // The ids of entries added and removed (in the config's order).
+        let mut added_se: Vec<(usize, &ObjectKey)> = Vec::new();
+        let mut removed_se: Vec<&ObjectKey> = Vec::new();
+        for ((k, o), n) in keys.iter().zip(&old).zip(&new) {
+            match (o, n) {
+                (None, Some((i, _))) => added_se.push((*i, k)),
+                (Some(_), None) => removed_se.push(k),
+                _ => {}
+            }
+        }
+        added_se.sort();
+        let wkeys: Vec<&ObjectKey> = ch.workload_entries.iter().collect();
+        let (Some(wold), Some(wnew)) = (
+            find_keys(&basis.workload_entries, &wkeys),
+            find_keys(&cfg.workload_entries, &wkeys),
+        ) else {
+            return false;
+        };
+        let mut added_we: Vec<(usize, &ObjectKey)> = Vec::new();
+        let mut removed_we: Vec<&ObjectKey> = Vec::new();
+        for ((k, o), n) in wkeys.iter().zip(&wold).zip(&wnew) {
+            match (o, n) {
+                (None, Some((i, _))) => added_we.push((*i, k)),
+                (Some(_), None) => removed_we.push(k),
+                _ => {}
+            }
+        }
+        added_we.sort();
+        let exhausted = |fam: &str| {
+            cur.warnings
+                .iter()
+                .any(|w| matches!(w, AllocWarning::Exhausted { family, .. } if family == fam))
+        };
+        let (full4, full6) = (exhausted("IPv4"), exhausted("IPv6"));
+
+        // Checked: from here on the patch is applied.
+        let prefixes = self.prefixes;
+        let a = &mut self.current;
+        let mut u = Undo::new(a);
+        // Warnings of changed entries out; put in again below as computed.
+        let mut i = 0;
+        while i < a.warnings.len() {
+            if changed(a.warnings[i].entry()) {
+                let w = a.warnings.remove(i);
+                // Its index before any removal, for putting it back.
+                u.warnings_removed.push((i + u.warnings_removed.len(), w));
+            } else {
+                i += 1;
+            }
+        }
+        // Hosts gone: reserved from now.
+        for h in &owned_before {
+            if owned_after.iter().any(|o| o.0 == *h) {
+                continue;
+            }
+            let Some(x) = a.hosts.get(*h).cloned() else {
+                continue;
+            };
+            u.set_host(a, h, None);
+            if x.v4.is_some() || x.v6.is_some() {
+                u.set_reserved(a, h, Some((x, now)));
+            }
+        }
+        // Hosts kept or back keep their addresses; the rest need some.
+        let mut need: Vec<(&str, &ObjectKey, Rank)> = Vec::new();
+        for &(h, k, rank) in &owned_after {
+            let prev = match a.hosts.get(h) {
+                Some(x) => Some(x.clone()),
+                None => match a.reserved.get(h) {
+                    Some((x, _)) => {
+                        let x = x.clone();
+                        u.set_reserved(a, h, None);
+                        Some(x)
+                    }
+                    None => None,
+                },
+            };
+            let v4 = prev.as_ref().and_then(|x| x.v4);
+            let v6 = prev.as_ref().and_then(|x| x.v6);
+            if v4.is_none() {
+                need.push((h, k, (rank.0, rank.1, 0)));
+            }
+            if v6.is_none() {
+                need.push((h, k, (rank.0, rank.1, 1)));
+            }
+            let x = HostAlloc {
+                owner: (*k).clone(),
+                v4,
+                v6,
+            };
+            if a.hosts.get(h) != Some(&x) {
+                u.set_host(a, h, Some(x));
+            }
+        }
+        // New addresses: none while a family is exhausted, else from the
+        // pool as [`compute`] builds it.
+        let mut warnings: Vec<(Rank, AllocWarning)> = Vec::new();
+        for fam in [0u8, 1] {
+            let wants: Vec<_> = need.iter().filter(|n| n.2 .2 == fam).collect();
+            if wants.is_empty() {
+                continue;
+            }
+            let family = if fam == 0 { "IPv4" } else { "IPv6" };
+            let full = if fam == 0 { full4 } else { full6 };
+            let mut pool = (!full).then(|| {
+                let (last, cursor) = if fam == 0 {
+                    let last = (1u128 << (32 - prefixes.v4.prefix_len())).saturating_sub(2);
+                    (
+                        last,
+                        a.next_v4.and_then(|x| off_v4(prefixes.v4, x)).unwrap_or(1),
+                    )
+                } else {
+                    let last = if prefixes.v6.prefix_len() == 0 {
+                        u128::MAX
+                    } else {
+                        (1u128 << (128 - prefixes.v6.prefix_len())) - 1
+                    };
+                    (
+                        last,
+                        a.next_v6.and_then(|x| off_v6(prefixes.v6, x)).unwrap_or(1),
+                    )
+                };
+                let mut p = Pool::new(1, last, cursor);
+                let off = |x: &HostAlloc| {
+                    if fam == 0 {
+                        x.v4.and_then(|v| off_v4(prefixes.v4, v))
+                    } else {
+                        x.v6.and_then(|v| off_v6(prefixes.v6, v))
+                    }
+                };
+                if fam == 0 {
+                    for (x, t) in &a.freed_v4 {
+                        if let Some(o) = off_v4(prefixes.v4, *x) {
+                            p.release(o, *t);
+                        }
+                    }
+                } else {
+                    for (x, t) in &a.freed_v6 {
+                        if let Some(o) = off_v6(prefixes.v6, *x) {
+                            p.release(o, *t);
+                        }
+                    }
+                }
+                for x in a.hosts.values().chain(a.reserved.values().map(|(x, _)| x)) {
+                    if let Some(o) = off(x) {
+                        p.claim(o);
+                    }
+                }
+                p
+            });
+            for (h, k, rank) in wants {
+                match pool.as_mut().and_then(Pool::next) {
+                    Some(off) => {
+                        let mut x = a.hosts[*h].clone();
+                        if fam == 0 {
+                            x.v4 = Some(nth_v4(prefixes.v4, off));
+                        } else {
+                            x.v6 = Some(nth_v6(prefixes.v6, off));
+                        }
+                        u.set_host(a, h, Some(x));
+                    }
+                    None => warnings.push((
+                        *rank,
+                        AllocWarning::Exhausted {
+                            entry: (*k).clone(),
+                            host: h.to_string(),
+                            family: family.into(),
+                        },
+                    )),
+                }
+            }
+            if let Some(p) = pool {
+                if fam == 0 {
+                    let f = p
+                        .freed()
+                        .map(|(o, t)| (nth_v4(prefixes.v4, o), t))
+                        .collect();
+                    u.freed_v4 = Some(std::mem::replace(&mut a.freed_v4, f));
+                    a.next_v4 = Some(nth_v4(prefixes.v4, p.cursor));
+                } else {
+                    let f = p
+                        .freed()
+                        .map(|(o, t)| (nth_v6(prefixes.v6, o), t))
+                        .collect();
+                    u.freed_v6 = Some(std::mem::replace(&mut a.freed_v6, f));
+                    a.next_v6 = Some(nth_v6(prefixes.v6, p.cursor));
+                }
+            }
+        }
+        // Exhausted warnings in step 4's order among those kept.
+        if !warnings.is_empty() {
+            warnings.sort_by(|x, y| x.0.cmp(&y.0));
+            let by_key: HashMap<(&str, &str), &ServiceEntry> = if a.warnings.is_empty() {
+                HashMap::new()
+            } else {
+                cfg.service_entries
+                    .iter()
+                    .map(|se| ((se.namespace(), se.name()), &**se))
+                    .collect()
+            };
+            let rank_of = |w: &AllocWarning| -> Option<Rank> {
+                let AllocWarning::Exhausted {
+                    entry,
+                    host,
+                    family,
+                } = w
+                else {
+                    return None;
+                };
+                let se = by_key.get(&(entry.namespace.as_str(), entry.name.as_str()))?;
+                let i = se.spec.hosts.iter().position(|h| h == host)?;
+                Some((se.age_key(), i, u8::from(family != "IPv4")))
+            };
+            for (r, w) in warnings {
+                // Every rank known and none equal (a tie [`compute`] breaks
+                // by config order), else computed in full.
+                let mut ok = true;
+                let at = a.warnings.partition_point(|x| match rank_of(x) {
+                    Some(xr) => xr < r,
+                    None => {
+                        ok = false;
+                        false
+                    }
+                });
+                ok &= a
+                    .warnings
+                    .get(at)
+                    .is_none_or(|x| rank_of(x).is_some_and(|xr| xr != r));
+                if !ok {
+                    u.undo(a);
+                    return false;
+                }
+                a.warnings.insert(at, w);
+                u.warnings_inserted.push(at);
+            }
+        }
+        // Ids: removed entries' out, added ones' from the counters.
+        for k in removed_se {
+            Undo::set_id(&mut u.service_ids, &mut a.service_ids, k, None);
+        }
+        for k in removed_we {
+            Undo::set_id(&mut u.workload_ids, &mut a.workload_ids, k, None);
+        }
+        a.next_service_id = a.next_service_id.max(1);
+        a.next_workload_id = a.next_workload_id.max(1);
+        for (fresh, map, next, log) in [
+            (
+                added_se,
+                &mut a.service_ids,
+                &mut a.next_service_id,
+                &mut u.service_ids,
+            ),
+            (
+                added_we,
+                &mut a.workload_ids,
+                &mut a.next_workload_id,
+                &mut u.workload_ids,
+            ),
+        ] {
+            if fresh.is_empty() {
+                continue;
+            }
+            // As [`assign_ids`]: the ids in use before any fresh one.
+            let taken: HashSet<u32> = map.values().copied().collect();
+            for (_, k) in fresh {
+                while *next == 0 || taken.contains(next) {
+                    *next = next.wrapping_add(1);
+                }
+                Undo::set_id(log, map, k, Some(*next));
+                *next = next.wrapping_add(1);
+            }
+        }
+        self.pending = Some(Box::new(u));
+        true
     }
 }
 
@@ -1830,10 +2748,16 @@ mod incremental_tests {
             inc.commit_for(p, &cfg).unwrap();
             full.allocate_at(&cfg, t(secs)).unwrap();
             assert_eq!(inc.current(), full.current(), "step {i}");
+            // What a restart or a reader finds (base and journal).
             assert_eq!(
-                std::fs::read(state_path(di.path())).unwrap(),
-                std::fs::read(state_path(df.path())).unwrap(),
-                "step {i}: vips.json"
+                &load(di.path()).unwrap(),
+                full.current(),
+                "step {i}: persisted"
+            );
+            assert_eq!(
+                &load(df.path()).unwrap(),
+                full.current(),
+                "step {i}: persisted"
             );
         }
         // The sequence reached what it is about.
@@ -1843,5 +2767,178 @@ mod incremental_tests {
             .warnings
             .iter()
             .any(|w| matches!(w, AllocWarning::HostConflict { .. })));
+    }
+
+    /// Random edit sequences (hosts renamed, shared, entries added and
+    /// removed, made ineligible, aged; workloads; time passing through
+    /// graces; proposals refused): the allocator with its patches gives
+    /// after every committed step what computing in full gives, in memory
+    /// and in `vips.json`; and the patch is taken on many of them.
+    #[test]
+    fn patches_give_what_computing_again_gives() {
+        let prefixes = Prefixes {
+            v4: "10.9.0.0/29".parse().unwrap(), // six addresses
+            v6: "fd00::/123".parse().unwrap(),  // 31
+        };
+        let grace = Duration::from_secs(50);
+        for seed in 1..=12u64 {
+            let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut next = move |n: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % n
+            };
+            let (di, df) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let mut inc = Allocator::open_with(di.path(), prefixes)
+                .unwrap()
+                .with_grace(grace);
+            let mut full = Allocator::open_with(df.path(), prefixes)
+                .unwrap()
+                .with_grace(grace);
+            let mut parser = Parser::default();
+            // Per entry: present, host numbers, age, eligible.
+            let mut ents: Vec<(bool, Vec<u64>, Option<u64>, bool)> = (0..16)
+                .map(|i| (next(3) > 0, vec![i], None, true))
+                .collect();
+            let mut workloads = [false; 4];
+            let (mut secs, mut patched, mut journaled) = (0u64, 0usize, false);
+            for step in 0..60 {
+                for _ in 0..1 + next(2) {
+                    let i = next(16);
+                    let e = &mut ents[i as usize];
+                    // Host numbers of an entry's own, but a few shared.
+                    match next(8) {
+                        0 => e.0 = !e.0,
+                        1 => e.1 = vec![i * 8 + next(8)],
+                        2 => e.1 = vec![i * 8 + next(8), i * 8 + next(8)],
+                        3 => e.2 = Some(next(5)),
+                        4 => e.3 = !e.3,
+                        5 if next(3) == 0 => e.1.push(200 + next(6)),
+                        _ => workloads[next(4) as usize] ^= true,
+                    }
+                }
+                // Mostly within the graces, now and then past them.
+                secs += if next(8) == 0 { next(80) } else { next(3) };
+                let yaml = |range: std::ops::Range<usize>| -> String {
+                    let mut y = String::new();
+                    for (i, (present, hosts, age, el)) in ents[range.clone()].iter().enumerate() {
+                        if !present {
+                            continue;
+                        }
+                        let hosts: Vec<String> = hosts.iter().map(|h| format!("h{h}")).collect();
+                        let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+                        let extra = age
+                            .map(|a| {
+                                format!("  creationTimestamp: \"2020-01-0{}T00:00:00Z\"\n", a + 1)
+                            })
+                            .unwrap_or_default();
+                        let mut doc = se(&format!("s{}", i + range.start), &hosts, &extra);
+                        if !el {
+                            doc = doc.replace(
+                                "  resolution: DNS",
+                                "  addresses: [10.1.1.1]\n  resolution: DNS",
+                            );
+                        }
+                        y.push_str(&doc);
+                    }
+                    y
+                };
+                let mut w = String::new();
+                for (i, on) in workloads.iter().enumerate() {
+                    if *on {
+                        w.push_str(&format!("apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: w{i}, namespace: ns}}\nspec: {{address: 10.0.0.{}}}\n---\n", i + 1));
+                    }
+                }
+                let snap = Snapshot::new(vec![
+                    ("/c/a.yaml".into(), yaml(0..6).into_bytes()),
+                    ("/c/b.yaml".into(), yaml(6..11).into_bytes()),
+                    ("/c/c.yaml".into(), yaml(11..16).into_bytes()),
+                    ("/c/w.yaml".into(), w.into_bytes()),
+                ]);
+                let Ok(cfg) = parser.parse(Arc::new(snap)) else {
+                    continue;
+                };
+                let cfg = Arc::new(cfg);
+                let p = inc.propose_for_at(&cfg, t(secs));
+                patched += usize::from(matches!(p, Proposal::Patched));
+                if next(6) == 0 {
+                    // Refused: nothing of it may remain.
+                    drop(p);
+                    continue;
+                }
+                inc.commit_for(p, &cfg).unwrap();
+                journaled |= inc.journal.journal_len > 0;
+                full.allocate_at(&cfg, t(secs)).unwrap();
+                assert_eq!(inc.current(), full.current(), "seed {seed} step {step}");
+                assert_eq!(
+                    &load(di.path()).unwrap(),
+                    full.current(),
+                    "seed {seed} step {step}: persisted (base and journal)"
+                );
+                if next(20) == 0 {
+                    // A restart resumes from base and journal.
+                    let again = Allocator::open_with(di.path(), prefixes).unwrap();
+                    inc = again.with_grace(grace);
+                }
+            }
+            assert!(patched >= 5, "seed {seed}: only {patched} patches");
+            assert!(
+                journaled || patched == 0,
+                "seed {seed}: no patch was journaled"
+            );
+        }
+    }
+
+    /// The journal after a crash: a line cut short is not applied (nor
+    /// anything after it) and the next write is a new base; lines of an
+    /// earlier base are not applied to a later one.
+    #[test]
+    fn a_torn_or_stale_journal_line_is_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut parser = Parser::default();
+        // Enough other entries for the base to outweigh a few lines.
+        let others: String = (0..40)
+            .map(|i| se(&format!("o{i}"), &[&format!("o{i}.example")], ""))
+            .collect();
+        let mut parse = |y: String| {
+            let snap = Snapshot::new(vec![
+                ("/c/a.yaml".into(), y.into_bytes()),
+                ("/c/b.yaml".into(), others.clone().into_bytes()),
+            ]);
+            Arc::new(parser.parse(Arc::new(snap)).unwrap())
+        };
+        let mut al = Allocator::open(dir.path()).unwrap();
+        let c1 = parse([se("a", &["a.example"], ""), se("b", &["b.example"], "")].concat());
+        let p = al.propose_for_at(&c1, t(0));
+        al.commit_for(p, &c1).unwrap();
+        let c2 = parse([se("a", &["a.example"], ""), se("b", &["b2.example"], "")].concat());
+        let p = al.propose_for_at(&c2, t(1));
+        assert!(matches!(p, Proposal::Patched));
+        al.commit_for(p, &c2).unwrap();
+        let two = al.current().clone();
+        let jpath = journal_path(dir.path());
+        let journal = std::fs::read(&jpath).unwrap();
+        assert_eq!(journal.iter().filter(|b| **b == b'\n').count(), 1);
+        assert_eq!(load(dir.path()).unwrap(), two);
+        // A third line cut short by a crash.
+        let c3 = parse([se("a", &["a.example"], ""), se("b", &["b3.example"], "")].concat());
+        let p = al.propose_for_at(&c3, t(2));
+        al.commit_for(p, &c3).unwrap();
+        let full = std::fs::read(&jpath).unwrap();
+        std::fs::write(&jpath, &full[..full.len() - 5]).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), two);
+        let mut al = Allocator::open(dir.path()).unwrap();
+        assert!(al.journal.torn);
+        assert_eq!(al.current(), &two);
+        // The next write replaces base and journal.
+        let p = al.propose_for_at(&c3, t(3));
+        al.commit_for(p, &c3).unwrap();
+        assert!(!jpath.exists());
+        assert_eq!(&load(dir.path()).unwrap(), al.current());
+        // A line of the base before (a crash between the new base's rename
+        // and the journal's removal) is ignored.
+        std::fs::write(&jpath, &journal).unwrap();
+        assert_eq!(&load(dir.path()).unwrap(), al.current());
     }
 }

@@ -365,14 +365,22 @@ const PER_SOURCE_FLOOR: usize = 4096;
 /// derived from its open-file limit: at least 512, for the fixed part (the
 /// kernel objects' fds, listeners, control socket, admin and metrics
 /// scrapes, the config watcher's reads, netlink and CA/API connections:
-/// under 128) and the DNS proxy's TCP budget (256 connections,
-/// `DnsConfig::max_tcp_connections`); and 5% of the limit for what grows
-/// with load: the agent's HBONE pool connections (one per
-/// `--hbone-max-streams` tunnels, 1% of the budget at the default 100), the
-/// DNS proxy's forwarded queries in flight (one UDP socket each), the
-/// waypoint's idle pooled upstream connections.
+/// under 128), and 5% of the limit for what grows with load: the agent's
+/// HBONE pool connections (one per `--hbone-max-streams` tunnels, 1% of the
+/// budget at the default 100), the waypoint's idle pooled upstream
+/// connections, and the agent's DNS proxy, which gets half of it
+/// ([`dns_fd_share`]).
 pub fn control_plane_reserve(fd_limit: u64) -> u64 {
     (fd_limit / 20).max(512)
+}
+
+/// The agent DNS proxy's share of [`control_plane_reserve`]: half of it
+/// (its forwards in flight and TCP clients, `DnsConfig::fit_fds`), so that
+/// a DNS flood and a connection flood cannot starve each other or the
+/// control plane. 256 fds at limits up to 10,240; the proxy's own maxima
+/// (4,096 forwards, 256 TCP clients per listener) from about 90,000.
+pub fn dns_fd_share(fd_limit: u64) -> usize {
+    usize::try_from(control_plane_reserve(fd_limit) / 2).unwrap_or(usize::MAX)
 }
 
 /// The default share of one source in a budget of `total`: a quarter, at

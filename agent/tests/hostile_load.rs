@@ -3,8 +3,9 @@
 //! ClientHellos beyond its budgets. After each, a legitimate tunnel works
 //! and the process is alive.
 //! And on the real `shunt agent` on the kernel (root; a testbed node): a
-//! pod flooding captured connections beyond its budget, under a low fd
-//! limit, while another pod and a config edit still get through.
+//! pod flooding captured connections beyond its budget, or its DNS proxy
+//! with names to forward, under a low fd limit, while another pod and a
+//! config edit still get through.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -557,6 +558,189 @@ fn a_pod_flooding_captured_connections_is_refused_beyond_its_budget_and_config_s
         Duration::from_secs(20),
         || ping_from(node.pod("app"), vip).ok(),
     )?;
+    Ok(())
+}
+
+/// Sends `n` A queries for random names over `secs` seconds from one
+/// connected UDP socket (captured at connect), never reading answers.
+const DNS_FLOODER: &str = r#"
+import os, socket, struct, sys, time
+dst, n, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((dst, 53))
+print("flood started", flush=True)
+start = time.time()
+for i in range(n):
+    q = struct.pack(">HHHHHH", i & 0xffff, 0x0100, 1, 0, 0, 0)
+    for label in (os.urandom(8).hex(), "flood", "example"):
+        q += bytes([len(label)]) + label.encode()
+    try:
+        s.send(q + b"\x00" + struct.pack(">HH", 1, 1))
+    except OSError:
+        pass
+    lag = start + secs * (i + 1) / n - time.time()
+    if lag > 0:
+        time.sleep(lag)
+print("flood sent", flush=True)
+"#;
+
+/// Session 7's finding: the DNS proxy forwarded up to 4,096 queries at
+/// once, one UDP socket each, whatever the agent's fd limit, so a pod's
+/// flood of names towards a slow upstream could take every fd the captured
+/// connections and the config watcher need. Under a limit of 1024 its
+/// sockets fit in its share (256 fds: 224 forwards) even with a per-client
+/// share set far above that (`--dns-max-inflight-per-client 4096`: the
+/// total still caps it); the flood's excess is dropped and counted, and
+/// another pod's connection and a config edit still get through.
+#[test]
+fn a_dns_flood_under_a_low_fd_limit_stays_in_the_dns_share_and_connections_still_work(
+) -> shunt_testbed::Result<()> {
+    const NOFILE: u64 = 1024;
+    const POD_RESOLVER: &str = "10.96.0.10";
+    const BLACKHOLE_DNS: &str = "192.0.2.53";
+    shunt_agent::sockets::raise_fd_limit()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut node = mesh::node()?;
+    node.add_pod("other")?;
+    let (wp_ip, inet_ip) = (node.pod("wp").ip4.clone(), node.pod("inet").ip4.clone());
+    echo_in(
+        &rt,
+        &node.pod("inet").ns.path(),
+        SocketAddr::new(inet_ip.parse()?, 7000),
+    );
+    let ca_dir = node.work_dir.join("ca");
+    Ca::init(&ca_dir, TD, false)?;
+    node.write_config(
+        "mesh.yaml",
+        "trustDomain: cluster.local\nshunt:\n  dnsCapture: true\n",
+    )?;
+    let mut docs = mesh::base(
+        node.pod("app").workload_entry(mesh::NAMESPACE, "app"),
+        &wp_ip,
+    );
+    docs.push(node.pod("other").workload_entry(mesh::NAMESPACE, "other"));
+    docs.push(echo_entry("echo", "echo.internal", 9000, &inet_ip));
+    node.write_config("00-mesh.yaml", &mesh::docs(&docs))?;
+    // The upstream: bound and never read, so every forward holds its socket
+    // for the whole upstream timeout (no ICMP either).
+    node.ns
+        .ip(&["addr", "add", &format!("{BLACKHOLE_DNS}/32"), "dev", "lo"])?;
+    let mut sink = node.ns.command("python3");
+    sink.args([
+        "-c",
+        &format!("import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{BLACKHOLE_DNS}',53))\nprint('bound',flush=True)\ntime.sleep(3600)"),
+    ]);
+    let sink_log = node.work_dir.join("blackhole.log");
+    // Dropped before `node`: it runs in its namespace.
+    let _sink = shunt_testbed::Proc::spawn("blackhole", sink, &sink_log)?;
+    shunt_testbed::wait_for("blackhole bound", Duration::from_secs(10), || {
+        std::fs::read_to_string(&sink_log)
+            .ok()
+            .filter(|l| l.contains("bound"))
+            .map(|_| ())
+    })?;
+    let (cfg, ca, state) = (
+        node.config_dir().display().to_string(),
+        ca_dir.display().to_string(),
+        node.state_dir.display().to_string(),
+    );
+    let (shunt, nofile) = (
+        env!("CARGO_BIN_EXE_shunt"),
+        format!("--nofile={NOFILE}:{NOFILE}"),
+    );
+    node.start_agent(
+        std::path::Path::new("prlimit"),
+        &[nofile.as_str(), "--", shunt, "agent"],
+        &[
+            "--config-dir",
+            &cfg,
+            "--ca-dir",
+            &ca,
+            "--dns-upstream",
+            BLACKHOLE_DNS,
+            "--dns-max-inflight-per-client",
+            "4096",
+        ],
+    )?;
+    let maps = node.maps()?;
+    let services = || maps.read_services().map(|s| s.len()).unwrap_or(0);
+    let before = shunt_testbed::wait_for("services programmed", Duration::from_secs(20), || {
+        let n = services();
+        (n > 0).then_some(n)
+    })?;
+    let _waypoint =
+        mesh::start_waypoint(&node, None, &mesh::waypoint_args(&cfg, &state, &ca), "info")?;
+    let vip: SocketAddr = "240.240.0.1:9000".parse()?;
+    ping_from(node.pod("other"), vip).expect("other reaches the echo before the flood");
+    let log = node.agents[0].log_text();
+    assert!(
+        log.contains("DNS proxy ready")
+            && log.contains("max_forwards=224")
+            && log.contains("max_forwards_per_client=4096"),
+        "the DNS budgets fitted to the fd limit are logged:\n{log}"
+    );
+
+    // 40,000 names in 10 s: with a 2 s upstream timeout, ~8,000 forwards
+    // would be waiting at once without the fd share.
+    let flood_log = node.work_dir.join("dns-flood.log");
+    let mut flood = node.pod("app").spawn(
+        std::path::Path::new("python3"),
+        &["-c", DNS_FLOODER, POD_RESOLVER, "40000", "10"],
+        &flood_log,
+    )?;
+    shunt_testbed::wait_for("flood started", Duration::from_secs(10), || {
+        flood.log_text().contains("flood started").then_some(())
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
+    let agent_pid = node.agents[0].pid();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{agent_pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let mut peak = fds();
+    // The victims, while the flood runs: a new connection from another pod
+    // and a config edit (the watcher reads the directory).
+    let other = ping_from(node.pod("other"), vip);
+    peak = peak.max(fds());
+    node.write_config(
+        "10-edit.yaml",
+        &echo_entry("echo2", "echo2.internal", 9001, &inet_ip),
+    )?;
+    let after = shunt_testbed::wait_for(
+        "the edit programmed during the flood",
+        Duration::from_secs(30),
+        || {
+            peak = peak.max(fds());
+            let n = services();
+            (n > before).then_some(n)
+        },
+    );
+    let flood_running = !flood.log_text().contains("flood sent");
+    assert!(flood.wait_exit(Duration::from_secs(60)), "flooder exits");
+    let m = agent_metrics(&node);
+    let dropped = metric(&m, r#"shunt_dns_dropped_total{reason="total_budget""#);
+    eprintln!(
+        "agent fds at peak during the flood {peak} of {NOFILE}; other pod: {other:?}; \
+         edit: {after:?}; {dropped} queries dropped for the total budget; flood still \
+         running at the end of the checks: {flood_running}"
+    );
+    assert!(flood_running, "the checks ran during the flood");
+    other.expect("another pod's connection got through during the flood");
+    after.map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; agent log:\n{}",
+            shunt_testbed::tail(&node.work_dir.join("agent-0.log"), 30)
+        )
+    })?;
+    assert!(
+        (peak as u64) < NOFILE - 256,
+        "the DNS proxy's sockets stayed in their share: {peak} fds of {NOFILE}"
+    );
+    assert!(
+        dropped > 0,
+        "the flood's excess was dropped and counted:\n{m}"
+    );
     Ok(())
 }
 

@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -394,6 +395,16 @@ impl Env {
         late: &[(&str, &str)],
         reload_interval: Duration,
     ) -> Env {
+        Env::start_with(extra, late, reload_interval, |_| {}).await
+    }
+
+    /// [`Env::start`], with `options` changing the waypoint's options last.
+    async fn start_with(
+        extra: &[(&str, &str)],
+        late: &[(&str, &str)],
+        reload_interval: Duration,
+        options: impl FnOnce(&mut WaypointOptions),
+    ) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let ca_dir = dir.path().join("ca");
         let cfg_dir = dir.path().join("config");
@@ -442,6 +453,7 @@ impl Env {
         ));
         opts.upstream_timeout = Duration::from_secs(5);
         opts.reload_interval = reload_interval;
+        options(&mut opts);
         let wp = WaypointServer::start(opts).await.unwrap();
         let ids = IdentityManager::new(ca, TD, IdentityConfig::default()).unwrap();
         let client = HboneClient::new(ids.clone(), ClientSettings::default());
@@ -1709,4 +1721,101 @@ async fn a_vip_the_agent_writes_after_the_waypoint_started_is_routed_within_a_se
         "routed {:?} after vips.json was written",
         written.elapsed()
     );
+}
+
+/// An HTTP/1.1 upstream that answers each request after `delay`, counting
+/// the connections it accepted and those still open.
+async fn slow_upstream(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (a, o) = (accepted.clone(), open.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            o.fetch_add(1, Ordering::SeqCst);
+            let o = o.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+                o.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, accepted, open)
+}
+
+/// Pooled upstream connections hold fds that no tunnel counts once their
+/// request is done; the waypoint keeps at most half of its fd reserve of
+/// them (`pool::IdleBudget`). Here a reserve of 4: 5 requests at once need
+/// 5 upstream connections, 2 stay pooled and the other 3 close after their
+/// response; the next 5 reuse the 2 and open 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_upstream_connections_stay_within_half_the_fd_reserve() {
+    let (up, accepted, open) = slow_upstream(Duration::from_millis(300)).await;
+    let entry = ServiceEntry {
+        name: "pooled",
+        namespace: NS,
+        hosts: &["pooled.example"],
+        ports: &[Port {
+            number: 80,
+            name: "http",
+            protocol: "HTTP",
+            target_port: Some(up.port()),
+        }],
+        resolution: "STATIC",
+        endpoints: &["127.0.0.1"],
+        ..Default::default()
+    }
+    .yaml();
+    let env = Arc::new(
+        Env::start_with(
+            &[("30-pooled.yaml", &entry)],
+            &[],
+            Duration::from_millis(100),
+            |o| {
+                o.server.fd_budget = Some(shunt_agent::sockets::FdBudget {
+                    total: 10_000,
+                    per_source: 10_000,
+                    fd_limit: 20_000,
+                    reserve: 4,
+                })
+            },
+        )
+        .await,
+    );
+    let open_now = || open.load(Ordering::SeqCst);
+    let wait_open = |n: usize| async move {
+        for _ in 0..100 {
+            if open_now() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{} upstream connections open, expected {n}", open_now());
+    };
+    for (round, want_accepted) in [(1, 5), (2, 8)] {
+        let mut clients = tokio::task::JoinSet::new();
+        for _ in 0..5 {
+            let env = env.clone();
+            clients.spawn(async move {
+                let mut c = env.h1(CURL, "pooled.example").await;
+                send(&mut c, "GET", "/", "pooled.example").await
+            });
+        }
+        while let Some(r) = clients.join_next().await {
+            assert_eq!(r.unwrap(), (200, "ok".to_string()), "round {round}");
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            want_accepted,
+            "round {round}: upstream connections opened"
+        );
+        wait_open(2).await;
+    }
 }

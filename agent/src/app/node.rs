@@ -65,8 +65,11 @@ pub struct DnsSettings {
     pub port: u16,
     /// Where other names are forwarded.
     pub upstreams: Vec<SocketAddr>,
-    /// Forwarded queries in flight per client address.
-    pub max_inflight_per_client: usize,
+    /// Forwarded queries in flight per client address; `None`: a quarter
+    /// of what the fd limit allows, at most
+    /// [`crate::dns::DEFAULT_MAX_INFLIGHT_PER_CLIENT`]
+    /// ([`DnsConfig::fit_fds`]).
+    pub max_inflight_per_client: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -256,10 +259,29 @@ pub async fn run_with(
             SocketAddr::new(opts.dns.addr6.into(), opts.dns.port),
         ];
         let mut config = DnsConfig::new(listen, opts.dns.upstreams.clone());
-        config.max_inflight_per_client = opts.dns.max_inflight_per_client;
+        // Its sockets fit in its share of the fd limit (the captured
+        // connections' budget is what the reserve leaves).
+        let fd_limit = crate::sockets::fd_limit().map_err(crate::dns::DnsError::FdLimit)?;
+        config.fit_fds(
+            crate::sockets::dns_fd_share(fd_limit),
+            opts.dns.max_inflight_per_client,
+        );
         config.clients = dns_clients.clone();
+        let (inflight, per_client, tcp) = (
+            config.max_inflight,
+            config.max_inflight_per_client,
+            config.max_tcp_connections,
+        );
         let proxy = Arc::new(DnsProxy::start(config, hosts.clone(), metrics.dns()).await?);
-        info!(listen = ?proxy.local_addrs(), upstreams = ?opts.dns.upstreams, "DNS proxy ready");
+        info!(
+            listen = ?proxy.local_addrs(),
+            upstreams = ?opts.dns.upstreams,
+            max_forwards = inflight,
+            max_forwards_per_client = per_client,
+            max_tcp_per_listener = tcp,
+            fd_limit,
+            "DNS proxy ready"
+        );
         // Once a successor took over (its DNS sockets are bound by then),
         // new queries go to it only; this proxy answers what it has queued
         // until the drain ends.
@@ -337,7 +359,15 @@ pub async fn run_with(
         }),
         (None, None) => unreachable!("a client is built whenever no handler is given"),
     };
-    agent.serve(handler).await?;
+    // On a worker thread, not `block_on`'s: each accepted connection's
+    // task then starts in that worker's LIFO slot instead of the injection
+    // queue, which woke a parked worker (a futex wake and two context
+    // switches) for every connection.
+    match tokio::spawn(agent.serve(handler)).await {
+        Ok(served) => served?,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("capture server task: {e}"),
+    }
     drop(admin);
     Ok(())
 }

@@ -20,6 +20,7 @@ use crate::policy::GatewayRef;
 use crate::telemetry::Metrics;
 
 use crate::waypoint::l4::TunnelHandler;
+use crate::waypoint::pool::IdleBudget;
 use crate::waypoint::reload::reload_loop;
 use crate::waypoint::{routes, Routes, Shared, WaypointError, WaypointOptions};
 
@@ -136,6 +137,13 @@ impl WaypointServer {
                 gateway: &gateway,
                 connect_timeout: opts.upstream_timeout,
                 previous: None,
+                // Pooled upstream connections hold fds no tunnel counts:
+                // half of the reserve the fd budget keeps.
+                idle_budget: opts.server.fd_budget.map(|b| {
+                    Arc::new(IdleBudget::new(
+                        usize::try_from(b.reserve / 2).unwrap_or(usize::MAX),
+                    ))
+                }),
             },
         )?;
         for w in &snap.warnings {

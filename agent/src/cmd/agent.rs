@@ -105,8 +105,10 @@ pub struct Args {
     no_dns: bool,
     /// Forwarded DNS queries in flight per client address; beyond, that
     /// client's queries are dropped (ServiceEntry answers never are).
-    #[arg(long, env = "SHUNT_DNS_MAX_INFLIGHT_PER_CLIENT", default_value_t = shunt_agent::dns::DEFAULT_MAX_INFLIGHT_PER_CLIENT)]
-    dns_max_inflight_per_client: usize,
+    /// Default: 256, or a quarter of the forwards the DNS proxy's share of
+    /// the open-file limit allows when that is less (a limit under ~20,000).
+    #[arg(long, env = "SHUNT_DNS_MAX_INFLIGHT_PER_CLIENT", value_parser = clap::value_parser!(u64).range(1..))]
+    dns_max_inflight_per_client: Option<u64>,
     /// Prometheus /metrics listener.
     #[arg(long, env = "SHUNT_METRICS_ADDR", default_value = "[::]:15020")]
     metrics_addr: SocketAddr,
@@ -261,7 +263,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             addr6: args.dns_addr6,
             port: args.dns_port,
             upstreams,
-            max_inflight_per_client: args.dns_max_inflight_per_client,
+            max_inflight_per_client: args
+                .dns_max_inflight_per_client
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         },
         admin: AdminAddrs {
             metrics: Some(args.metrics_addr),

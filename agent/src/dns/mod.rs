@@ -46,6 +46,8 @@ pub enum DnsError {
     NoNameserver { path: PathBuf },
     #[error("invalid --dns-upstream {value:?}: expected IP or IP:PORT ([IPv6]:PORT)")]
     UpstreamAddress { value: String },
+    #[error("reading the open-file limit (RLIMIT_NOFILE) for the DNS proxy's budgets: {0}")]
+    FdLimit(std::io::Error),
     #[error("DNS proxy needs at least one upstream resolver")]
     NoUpstream,
     #[error("DNS proxy needs at least one listen address")]

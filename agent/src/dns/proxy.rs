@@ -63,9 +63,33 @@ impl DnsConfig {
             clients: ClientTable::node_only().into_shared(),
         }
     }
+
+    /// Fits the proxy's sockets into `fds`, its share of the process's
+    /// open files ([`crate::sockets::dns_fd_share`]): a forwarded query
+    /// holds one (its UDP socket, then its TCP one after TC, never both), a
+    /// TCP client one. The defaults of [`DnsConfig::new`] are the most it
+    /// takes; a smaller share shrinks the TCP budget to an eighth of it
+    /// (across the listeners) and the forwards to the rest, and the
+    /// per-client share to a quarter of the forwards unless `per_client`
+    /// was given. Without this, 4,096 forwards and 512 TCP clients could
+    /// take every fd of an agent under a limit of a few thousand.
+    pub fn fit_fds(&mut self, fds: usize, per_client: Option<usize>) {
+        let listeners = self.listen.len().max(1);
+        self.max_tcp_connections = self.max_tcp_connections.min(fds / 8 / listeners).max(1);
+        self.max_inflight = self
+            .max_inflight
+            .min(fds.saturating_sub(self.max_tcp_connections * listeners))
+            .max(1);
+        self.max_inflight_per_client = per_client.unwrap_or_else(|| {
+            DEFAULT_MAX_INFLIGHT_PER_CLIENT
+                .min(self.max_inflight / 4)
+                .max(1)
+        });
+    }
 }
 
-/// Default of [`DnsConfig::max_inflight_per_client`]: a pod's resolver
+/// Default of [`DnsConfig::max_inflight_per_client`] (when the fd share
+/// allows, see [`DnsConfig::fit_fds`]): a pod's resolver
 /// rarely has more than a few queries outstanding; 256 at a 2 s timeout
 /// still forwards over 100 queries a second to a blackholed upstream.
 pub const DEFAULT_MAX_INFLIGHT_PER_CLIENT: usize = 256;
@@ -667,4 +691,73 @@ async fn exchange_tcp(
         return Err(ExchangeError::Mismatch);
     }
     Ok((buf, msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sockets::{control_plane_reserve, dns_fd_share};
+
+    fn fitted(fd_limit: u64, per_client: Option<usize>) -> DnsConfig {
+        let listen = vec![
+            "169.254.20.10:53".parse().unwrap(),
+            "[fd73:6875:6e74::53]:53".parse().unwrap(),
+        ];
+        let mut c = DnsConfig::new(listen, vec!["192.0.2.53:53".parse().unwrap()]);
+        c.fit_fds(dns_fd_share(fd_limit), per_client);
+        c
+    }
+
+    /// The fds the proxy can hold at once.
+    fn fds(c: &DnsConfig) -> usize {
+        c.max_inflight + c.max_tcp_connections * c.listen.len()
+    }
+
+    #[test]
+    fn the_dns_budgets_fit_in_their_share_of_the_fd_limit() {
+        for fd_limit in [1024, 4096, 10_240, 20_000, 65_536] {
+            let c = fitted(fd_limit, None);
+            assert!(
+                fds(&c) <= dns_fd_share(fd_limit),
+                "{fd_limit}: {} fds in a share of {}",
+                fds(&c),
+                dns_fd_share(fd_limit)
+            );
+            assert!(dns_fd_share(fd_limit) as u64 <= control_plane_reserve(fd_limit) / 2);
+            assert!(
+                c.max_inflight_per_client <= c.max_inflight / 4,
+                "{fd_limit}"
+            );
+            assert!(c.max_tcp_connections >= 1 && c.max_inflight_per_client >= 1);
+        }
+        // 1024: a share of 256, 16 TCP clients per listener, 224 forwards.
+        let c = fitted(1024, None);
+        assert_eq!(
+            (
+                c.max_tcp_connections,
+                c.max_inflight,
+                c.max_inflight_per_client
+            ),
+            (16, 224, 56)
+        );
+    }
+
+    #[test]
+    fn a_large_fd_limit_keeps_the_proxys_own_maxima() {
+        let c = fitted(1 << 20, None);
+        assert_eq!(
+            (
+                c.max_tcp_connections,
+                c.max_inflight,
+                c.max_inflight_per_client
+            ),
+            (256, 4096, DEFAULT_MAX_INFLIGHT_PER_CLIENT)
+        );
+    }
+
+    #[test]
+    fn an_explicit_per_client_share_is_kept() {
+        assert_eq!(fitted(1024, Some(200)).max_inflight_per_client, 200);
+        assert_eq!(fitted(1 << 20, Some(1000)).max_inflight_per_client, 1000);
+    }
 }

@@ -47,7 +47,10 @@ pub(super) fn address(host: &str, ip: std::net::IpAddr) -> StatusAddress {
 /// allocation so that the CLI shows the agent's times.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StatusClock {
-    seen: BTreeMap<ObjectKey, Vec<StatusCondition>>,
+    /// Per entry, the status last stamped (its conditions carry the times):
+    /// the model's own `Arc`, so an entry whose status the next model reuses
+    /// is recognised by pointer, and the times are not held twice.
+    seen: BTreeMap<ObjectKey, Arc<ServiceEntryStatus>>,
 }
 
 /// File name of the persisted condition times in the state directory.
@@ -70,7 +73,13 @@ impl StatusClock {
         StatusClock {
             seen: recs
                 .into_iter()
-                .map(|r| (ObjectKey::new(&r.namespace, &r.name), r.conditions))
+                .map(|r| {
+                    let st = ServiceEntryStatus {
+                        addresses: Vec::new(),
+                        conditions: r.conditions,
+                    };
+                    (ObjectKey::new(&r.namespace, &r.name), Arc::new(st))
+                })
                 .collect(),
         }
     }
@@ -87,10 +96,10 @@ impl StatusClock {
         let recs: Vec<Record> = self
             .seen
             .iter()
-            .map(|(k, c)| Record {
+            .map(|(k, st)| Record {
                 namespace: &k.namespace,
                 name: &k.name,
-                conditions: c,
+                conditions: &st.conditions,
             })
             .collect();
         let path = state_dir.join(STATUS_FILE);
@@ -102,49 +111,65 @@ impl StatusClock {
     /// Fills `lastTransitionTime` of every condition: kept when status and
     /// reason are unchanged, else `now` (RFC 3339). Returns whether anything
     /// changed (worth saving). Both maps are in key order, so they are
-    /// walked side by side; an entry whose conditions are unchanged keeps
-    /// its record (no copy of 100,000 of them per edit).
+    /// walked side by side; an entry whose status is the one stamped last
+    /// (reused by the model from the previous one) costs a pointer
+    /// comparison, and the clock is updated in place for the others.
     pub fn stamp(
         &mut self,
         status: &mut BTreeMap<ObjectKey, Arc<ServiceEntryStatus>>,
         now: &str,
     ) -> bool {
-        let mut changed = self.seen.len() != status.len();
-        let mut old = std::mem::take(&mut self.seen).into_iter().peekable();
-        let mut next = Vec::with_capacity(status.len());
+        let mut changed = false;
+        let mut gone: Vec<ObjectKey> = Vec::new();
+        let mut added: Vec<(ObjectKey, Arc<ServiceEntryStatus>)> = Vec::new();
+        let mut old = self.seen.iter_mut().peekable();
         for (k, st) in status.iter_mut() {
-            while old.next_if(|(ok, _)| ok < k).is_some() {}
-            let prev = old.next_if(|(ok, _)| ok == k);
-            let conds = prev.as_ref().map(|(_, c)| c.as_slice());
+            while let Some((ok, _)) = old.next_if(|(ok, _)| *ok < k) {
+                gone.push(ok.clone());
+            }
+            let prev = old.next_if(|(ok, _)| *ok == k).map(|(_, p)| p);
+            if let Some(p) = &prev {
+                if Arc::ptr_eq(p, st) {
+                    continue;
+                }
+            }
+            let conds = prev.as_ref().map(|p| p.conditions.as_slice());
             // The time each condition gets; a status already carrying
             // them (reused from the previous model) is left shared.
             let time = |c: &StatusCondition| {
                 let p = conds.and_then(|o| o.iter().find(|p| p.type_ == c.type_));
                 match p {
                     Some(p) if p.status == c.status && p.reason == c.reason => {
-                        (p.last_transition_time.as_deref(), false)
+                        (p.last_transition_time.clone(), false)
                     }
-                    _ => (Some(now), true),
+                    _ => (Some(now.to_string()), true),
                 }
             };
             let stale = st.conditions.iter().any(|c| {
                 let (t, new) = time(c);
-                new || c.last_transition_time.as_deref() != t
+                new || c.last_transition_time != t
             });
             if stale {
-                for c in &mut Arc::make_mut(st).conditions {
-                    let (t, new) = time(c);
+                let times: Vec<_> = st.conditions.iter().map(time).collect();
+                for (c, (t, new)) in Arc::make_mut(st).conditions.iter_mut().zip(times) {
                     changed |= new;
-                    c.last_transition_time = t.map(str::to_string);
+                    c.last_transition_time = t;
                 }
             }
-            next.push(match prev {
-                Some((ok, oc)) if oc == st.conditions => (ok, oc),
-                _ => (k.clone(), st.conditions.clone()),
-            });
+            match prev {
+                Some(p) => *p = st.clone(),
+                None => {
+                    changed = true;
+                    added.push((k.clone(), st.clone()));
+                }
+            }
         }
-        // Already in key order: built in one pass.
-        self.seen = next.into_iter().collect();
+        gone.extend(old.map(|(k, _)| k.clone()));
+        changed |= !gone.is_empty();
+        for k in gone {
+            self.seen.remove(&k);
+        }
+        self.seen.extend(added);
         changed
     }
 }
@@ -158,8 +183,71 @@ pub fn now_rfc3339() -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_not_bound_message_names_the_label() {
         assert!(super::NOT_BOUND.contains(crate::config::labels::USE_WAYPOINT));
+    }
+
+    fn status(reason: u64, msg: u64) -> Arc<ServiceEntryStatus> {
+        Arc::new(ServiceEntryStatus {
+            addresses: Vec::new(),
+            conditions: vec![StatusCondition {
+                last_transition_time: None,
+                message: format!("m{msg}").into(),
+                reason: format!("r{reason}").into(),
+                status: "True".into(),
+                type_: WAYPOINT_BOUND.into(),
+            }],
+        })
+    }
+
+    /// Random model statuses in sequence, each the previous one with a few
+    /// entries added, removed or changed and the rest reused (as the model
+    /// does): the clock stamping by pointer gives what a clock that knows
+    /// only the saved times (loaded, so nothing is shared) gives, status by
+    /// status, and says the same about what changed.
+    #[test]
+    fn stamping_reused_statuses_gives_what_stamping_from_the_file_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut clock = StatusClock::default();
+        let mut model: BTreeMap<ObjectKey, Arc<ServiceEntryStatus>> = BTreeMap::new();
+        for step in 0..300 {
+            let now = format!("2030-01-01T00:00:{:02}Z", step % 60);
+            let mut st = model.clone();
+            for _ in 0..next(4) {
+                let k = ObjectKey::new("ns", &format!("s{}", next(40)));
+                match next(4) {
+                    0 => {
+                        st.remove(&k);
+                    }
+                    // A status built again (not reused), maybe the same.
+                    _ => {
+                        st.insert(k, status(next(3), next(2)));
+                    }
+                }
+            }
+            let mut fresh = st.clone();
+            // Built again without sharing, as from a model built cold.
+            for v in fresh.values_mut() {
+                *v = Arc::new((**v).clone());
+            }
+            let mut cold = StatusClock::load(dir.path());
+            let a = clock.stamp(&mut st, &now);
+            let b = cold.stamp(&mut fresh, &now);
+            assert_eq!(st, fresh, "step {step}");
+            assert_eq!(clock, cold, "step {step}");
+            assert_eq!(a, b, "step {step}");
+            clock.save(dir.path()).unwrap();
+            model = st;
+        }
     }
 }

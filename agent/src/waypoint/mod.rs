@@ -20,7 +20,7 @@ mod body;
 mod framing;
 pub(crate) mod l4;
 mod l7;
-mod pool;
+pub(crate) mod pool;
 pub(crate) mod reload;
 pub(crate) mod routes;
 pub mod sni;

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,6 +90,66 @@ struct Idle {
     send: H1,
     peer: SocketAddr,
     local: SocketAddr,
+    /// Its place in the [`IdleBudget`] once pooled.
+    slot: Option<IdleSlot>,
+}
+
+/// The pooled HTTP/1.1 upstream connections of the whole waypoint (all
+/// upstreams, every wildcard name), counted from the moment one is pooled
+/// until it closes. Each holds an fd that no tunnel's budget counts once its
+/// request is done: without a cap, 64 per upstream times every entry and
+/// every wildcard name (up to [`MAX_NAMES`] each) could outgrow the fd
+/// limit. Beyond the cap a connection serves its request and is not pooled
+/// (it closes after its response). `shunt waypoint` sets half of its fd
+/// reserve ([`crate::sockets::dns_fd_share`]'s rule); unlimited by default.
+#[derive(Debug)]
+pub struct IdleBudget {
+    limit: usize,
+    held: AtomicUsize,
+}
+
+impl Default for IdleBudget {
+    fn default() -> Self {
+        IdleBudget::new(usize::MAX)
+    }
+}
+
+impl IdleBudget {
+    pub fn new(limit: usize) -> Self {
+        IdleBudget {
+            limit,
+            held: AtomicUsize::new(0),
+        }
+    }
+
+    /// Connections pooled now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn try_take(self: &Arc<Self>) -> Option<IdleSlot> {
+        self.held
+            .try_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| IdleSlot(self.clone()))
+    }
+}
+
+/// One pooled connection's place in the [`IdleBudget`], given back when
+/// the connection is dropped.
+#[derive(Debug)]
+struct IdleSlot(Arc<IdleBudget>);
+
+impl Drop for IdleSlot {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 pub struct Upstream {
@@ -100,6 +161,8 @@ pub struct Upstream {
     protocol: UpstreamProtocol,
     timeout: Duration,
     idle: Mutex<Vec<Idle>>,
+    /// Shared by every upstream of the waypoint.
+    idle_budget: Arc<IdleBudget>,
     h2: tokio::sync::Mutex<Option<(H2, SocketAddr, SocketAddr)>>,
     /// `Destination::Dynamic`: the child upstream of each name.
     children: Mutex<HashMap<String, Arc<Upstream>>>,
@@ -131,6 +194,7 @@ impl Upstream {
         timeout: Duration,
     ) -> Self {
         Upstream {
+            idle_budget: Arc::default(),
             key,
             host,
             port,
@@ -143,6 +207,12 @@ impl Upstream {
             children: Mutex::new(HashMap::new()),
             cached: None,
         }
+    }
+
+    /// Pools its connections within `budget` (the waypoint's, shared).
+    pub fn with_idle_budget(mut self, budget: Arc<IdleBudget>) -> Self {
+        self.idle_budget = budget;
+        self
     }
 
     /// Whether the destination is the name each client sends.
@@ -184,6 +254,7 @@ impl Upstream {
             self.protocol,
             self.timeout,
         );
+        child.idle_budget = self.idle_budget.clone();
         child.cached = Some(Mutex::new(None));
         let child = Arc::new(child);
         children.insert(name, child.clone());
@@ -357,6 +428,7 @@ impl Upstream {
             send,
             peer: c.peer,
             local: c.local,
+            slot: None,
         })
     }
 
@@ -380,7 +452,12 @@ impl Upstream {
                     // reports it ready, after this response has been read.
                     let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
                     if idle.len() < MAX_IDLE {
-                        idle.push(c);
+                        if c.slot.is_none() {
+                            c.slot = self.idle_budget.try_take();
+                        }
+                        if c.slot.is_some() {
+                            idle.push(c);
+                        }
                     }
                     drop(idle);
                     return Ok(Sent {

@@ -183,6 +183,7 @@ fn rebuild(
             gateway,
             connect_timeout: timeout,
             previous: Some(prev),
+            idle_budget: None,
         },
     ))
 }

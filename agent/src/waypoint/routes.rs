@@ -15,7 +15,7 @@ use crate::model::{self, Model, Service, ServicePort};
 use crate::policy::{BuildOptions, GatewayRef, PolicySet};
 use crate::upstream::{OriginationSettings, TlsMode, UpstreamConnector};
 
-use super::pool::{Upstream, UpstreamProtocol};
+use super::pool::{IdleBudget, Upstream, UpstreamProtocol};
 use super::WaypointError;
 
 /// One VIP:port this waypoint serves.
@@ -59,6 +59,8 @@ pub struct Routes {
     pub warnings: Vec<String>,
     /// Config digest and allocation generation, for `/config_dump`.
     pub digest: u64,
+    /// The pooled upstream connections' cap, kept across reloads.
+    pub idle_budget: Arc<IdleBudget>,
 }
 
 impl std::fmt::Debug for Routes {
@@ -75,8 +77,11 @@ pub(crate) struct BuildInputs<'a> {
     pub gateway: &'a GatewayRef,
     pub connect_timeout: Duration,
     /// The previous routes: upstreams with identical settings are reused
-    /// so that their pooled connections survive a reload.
+    /// so that their pooled connections survive a reload (and its
+    /// [`IdleBudget`] is kept).
     pub previous: Option<&'a Routes>,
+    /// Without previous routes: the pooled connections' cap.
+    pub idle_budget: Option<Arc<IdleBudget>>,
 }
 
 fn origination(
@@ -198,6 +203,11 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
         &BuildOptions::for_config(cfg, Some(inp.gateway.clone())),
     )
     .map_err(WaypointError::Policy)?;
+    let idle_budget = match (inp.previous, &inp.idle_budget) {
+        (Some(prev), _) => prev.idle_budget.clone(),
+        (None, Some(b)) => b.clone(),
+        (None, None) => Arc::default(),
+    };
     // Workload warnings concern the agent, not the waypoint.
     let mut warnings: Vec<String> = model
         .warnings()
@@ -269,15 +279,18 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
                                 let connector = UpstreamConnector::new(&settings).map_err(|e| {
                                     WaypointError::Config(format!("{}: {e}", what()))
                                 })?;
-                                Arc::new(Upstream::new(
-                                    ukey.clone(),
-                                    host.clone(),
-                                    port.target_port,
-                                    resolve,
-                                    connector,
-                                    protocol,
-                                    inp.connect_timeout,
-                                ))
+                                Arc::new(
+                                    Upstream::new(
+                                        ukey.clone(),
+                                        host.clone(),
+                                        port.target_port,
+                                        resolve,
+                                        connector,
+                                        protocol,
+                                        inp.connect_timeout,
+                                    )
+                                    .with_idle_budget(idle_budget.clone()),
+                                )
                             }
                         };
                         upstreams.insert(ukey, u.clone());
@@ -319,6 +332,7 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
         vips,
         warnings,
         digest,
+        idle_budget,
     })
 }
 

@@ -84,8 +84,7 @@ fn main() {
             port: 53,
             upstreams: dns_upstream,
             max_inflight_per_client: arg(&args, "--dns-max-inflight-per-client")
-                .map(|n| n.parse().expect("--dns-max-inflight-per-client"))
-                .unwrap_or(shunt_agent::dns::DEFAULT_MAX_INFLIGHT_PER_CLIENT),
+                .map(|n| n.parse().expect("--dns-max-inflight-per-client")),
         },
         admin: AdminAddrs {
             metrics: arg(&args, "--metrics-addr").map(|a| a.parse().expect("--metrics-addr")),
