@@ -1,6 +1,9 @@
 //! Live reload: polls a config directory and publishes each new valid
-//! `Config`. Polling (not inotify) works on every filesystem, including
-//! ConfigMap volumes whose files are swapped by symlink renames.
+//! `Config`. Polling works on every filesystem, including ConfigMap volumes
+//! whose files are swapped by symlink renames; an inotify watch on the
+//! directory only wakes the poll early ([`Wakeup`]), so that an edit is read
+//! within milliseconds instead of at the next tick, and the poll stays the
+//! one source of truth.
 //!
 //! Each poll compares a cheap fingerprint (names, sizes, mtimes); when it
 //! changes the files whose fingerprint changed are read and their content
@@ -14,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures::{FutureExt, StreamExt};
+use inotify::{EventStream, Inotify, WatchMask};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -23,6 +28,62 @@ use super::{load, Config, ConfigError, Parser, Snapshot};
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(300);
 /// Re-hash contents at least this often (in polls) even if metadata is equal.
 const FULL_EVERY: u32 = 10;
+/// After a directory event, how long the writer gets to finish its burst
+/// (an editor's write and rename, kubelet's symlink swap) before the read.
+const SETTLE: Duration = Duration::from_millis(10);
+
+/// Wakes the poll when something in the directory is written, renamed,
+/// removed or touched. Not `IN_CREATE`/`IN_MODIFY`: they fire before a
+/// file's content is complete, and reading then would reject a half-written
+/// file. Without inotify (no instances left, a filesystem without events)
+/// the poll alone runs, as before.
+struct Wakeup(Option<EventStream<[u8; 4096]>>);
+
+impl Wakeup {
+    fn watch(dir: &Path) -> Wakeup {
+        let open = || -> std::io::Result<EventStream<[u8; 4096]>> {
+            let ino = Inotify::init()?;
+            ino.watches().add(
+                dir,
+                WatchMask::CLOSE_WRITE
+                    | WatchMask::MOVED_TO
+                    | WatchMask::MOVED_FROM
+                    | WatchMask::DELETE
+                    | WatchMask::ATTRIB,
+            )?;
+            ino.into_event_stream([0; 4096])
+        };
+        match open() {
+            Ok(s) => Wakeup(Some(s)),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "no inotify watch on the config directory; edits are read at the next poll");
+                Wakeup(None)
+            }
+        }
+    }
+
+    /// Resolves on the next event (never without a watch), then lets the
+    /// burst settle and takes what else arrived meanwhile.
+    async fn changed(&mut self) {
+        let Some(events) = &mut self.0 else {
+            return std::future::pending().await;
+        };
+        match events.next().await {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "config directory events failed; polling only");
+                self.0 = None;
+                return;
+            }
+            None => {
+                self.0 = None;
+                return;
+            }
+        }
+        tokio::time::sleep(SETTLE).await;
+        while let Some(Some(Ok(_))) = events.next().now_or_never() {}
+    }
+}
 
 /// Handle of the watcher task; dropping it stops the task.
 pub struct ConfigWatcher {
@@ -110,6 +171,7 @@ impl ConfigWatcher {
     /// at once), then polls it every `interval` on a tokio task. Must be
     /// called inside a tokio runtime.
     pub fn spawn(dir: PathBuf, interval: Duration) -> ConfigWatcher {
+        let mut wakeup = Wakeup::watch(&dir);
         let mut st = State {
             dir,
             fingerprint: None,
@@ -137,7 +199,10 @@ impl ConfigWatcher {
             tick.tick().await;
             let mut n = 0u32;
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = wakeup.changed() => tick.reset(),
+                }
                 n = n.wrapping_add(1);
                 let full = n.is_multiple_of(FULL_EVERY);
                 let (back, out) = match tokio::task::spawn_blocking(move || {
@@ -313,4 +378,41 @@ fn hash_str(s: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     s.hash(&mut h);
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Read on the directory's event: with an hourly poll, only the inotify
+    /// wake-up can publish the edit.
+    #[tokio::test]
+    async fn an_edit_is_read_on_the_directory_event_not_at_the_next_poll() {
+        let d = tempfile::tempdir().unwrap();
+        let mesh = |td: &str| format!("trustDomain: {td}\n");
+        std::fs::write(d.path().join("mesh.yaml"), mesh("a.local")).unwrap();
+        let mut w = ConfigWatcher::spawn(d.path().to_path_buf(), Duration::from_secs(3600));
+        assert_eq!(w.current().expect("valid").trust_domain(), "a.local");
+        // An editor's save: a new file renamed over the old one.
+        std::fs::write(d.path().join(".mesh.yaml.swp"), mesh("b.local")).unwrap();
+        std::fs::rename(d.path().join(".mesh.yaml.swp"), d.path().join("mesh.yaml")).unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            w.config
+                .wait_for(|c| c.as_ref().is_some_and(|c| c.trust_domain() == "b.local")),
+        )
+        .await
+        .expect("published on the event, long before the hourly poll")
+        .unwrap();
+        // An edit in place (written and closed) too.
+        std::fs::write(d.path().join("mesh.yaml"), mesh("c.local")).unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            w.config
+                .wait_for(|c| c.as_ref().is_some_and(|c| c.trust_domain() == "c.local")),
+        )
+        .await
+        .expect("an in-place write is published on its event")
+        .unwrap();
+    }
 }
