@@ -109,7 +109,9 @@ pub fn waypoints(model: &Model) -> Vec<GatewayRef> {
 }
 
 /// Capacity of `projection` (the agent's own, or [`projection_of`]) and
-/// every waypoint's routes.
+/// every waypoint's routes. A model patched from the model in force (see
+/// [`Model::delta`]) has its routes checked for the services it resolved
+/// again, and those with TLS settings (files to read again).
 pub fn validate(
     model: &Arc<Model>,
     projection: &Projection,
@@ -117,7 +119,9 @@ pub fn validate(
 ) -> Result<(), Rejected> {
     let mut out = check_capacity(projection, limits);
     for gateway in waypoints(model) {
-        if let Err(error) = crate::waypoint::check_routes(model.clone(), &gateway) {
+        let changed = model.delta().map(|d| &d.services);
+        if let Err(error) = crate::waypoint::check_changed_routes(model.clone(), &gateway, changed)
+        {
             out.push(Rejection::Waypoint { gateway, error });
         }
     }

@@ -232,3 +232,59 @@ fn a_patched_model_equals_a_fresh_build_after_every_random_edit() {
         assert_eq!(patched_steps, 100, "every step patched, seed {seed}");
     }
 }
+
+/// The acceptance step of a patched model checks the services it resolved
+/// again: an edit that makes a bound entry's STATIC endpoint a name is
+/// refused as a build from scratch refuses it.
+#[test]
+fn a_patched_model_is_refused_for_an_edit_its_waypoint_cannot_route() {
+    let entry = |endpoint: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: db, namespace: a, labels: {{istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: infra}}}}\nspec:\n  hosts: [db.example]\n  ports: [{{number: 5432, name: tcp, protocol: TCP}}]\n  resolution: STATIC\n  endpoints: [{endpoint}]\n---\n")
+    };
+    let snap = |endpoint: &str| {
+        Arc::new(Snapshot::new(vec![
+            (PathBuf::from("gw.yaml"), GW.as_bytes().to_vec()),
+            (PathBuf::from("se.yaml"), entry(endpoint).into_bytes()),
+            (
+                PathBuf::from("z.yaml"),
+                yaml(9, &other_entry()).into_bytes(),
+            ),
+        ]))
+    };
+    let state = tempfile::tempdir().unwrap();
+    let mut al = Allocator::open(state.path()).unwrap();
+    let mut parser = Parser::default();
+    let c1 = Arc::new(parser.parse(snap("{address: 10.0.0.1}")).unwrap());
+    let m1 = Model::build(c1.clone(), al.allocate(&c1).unwrap(), &NoCgroups);
+    let p1 = crate::validate::projection_of(&m1);
+    let m1 = Arc::new(m1);
+    crate::validate::validate(&m1, &p1, &projection::Capacity::KERNEL).unwrap();
+    let c2 = Arc::new(parser.parse(snap("")).unwrap());
+    let a2 = al.allocate(&c2).unwrap().clone();
+    let m2 = Arc::new(Model::build_from(c2, &a2, &NoCgroups, Some(&m1)));
+    assert!(m2.delta().is_some(), "patched");
+    let p2 = crate::validate::projection_of(&m2);
+    let e = crate::validate::validate(&m2, &p2, &projection::Capacity::KERNEL)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ServiceEntry a/db") && e.contains("STATIC without endpoints"),
+        "{e}"
+    );
+}
+
+/// An unrelated entry, so that the edited one is not the model's only one.
+fn other_entry() -> Entry {
+    Entry {
+        live: true,
+        file: 9,
+        ns: "b",
+        created: None,
+        hosts: vec!["h1.example"],
+        ports: vec![80],
+        addresses: Vec::new(),
+        waypoint: true,
+        dynamic: false,
+        stat: false,
+    }
+}

@@ -128,6 +128,8 @@ pub struct Delta {
     pub vip_ports: BTreeSet<SocketAddr>,
     /// Lowercased hosts whose records may differ.
     pub hosts: BTreeSet<String>,
+    /// Services resolved again (every other one is the previous model's).
+    pub services: BTreeSet<ServiceId>,
 }
 
 /// See the module docs. Immutable once built; swapped whole on each
@@ -542,6 +544,7 @@ impl Model {
         rewarn: &mut BTreeSet<ServiceId>,
     ) {
         let id = svc.id;
+        delta.services.insert(id);
         if !Self::indexed(&svc) {
             self.services.insert(id, svc);
             return;
@@ -779,7 +782,9 @@ impl Model {
         &self.config
     }
     /// What differs from the model this one was patched from (`None`: built
-    /// whole, everything may differ).
+    /// whole, everything may differ). Callers patch only from the model in
+    /// force, which passed [`crate::validate::validate`]: that check then
+    /// looks at the delta's services only.
     pub fn delta(&self) -> Option<&Delta> {
         self.delta.as_ref()
     }

@@ -131,6 +131,11 @@ impl Service {
         self.tls.get(&(host.to_string(), port))
     }
 
+    /// Whether any (host, port) has DestinationRule TLS settings.
+    pub fn has_tls(&self) -> bool {
+        !self.tls.is_empty()
+    }
+
     /// Whether the upstream is found from the host name itself (DNS
     /// without endpoints), so that a client naming another host of the
     /// entry would reach another server.

@@ -41,7 +41,7 @@ use crate::telemetry::{AccessLogger, LogFormat, Metrics};
 
 pub use crate::app::waypoint::WaypointServer;
 pub use l7::RBAC_DENIED_BODY;
-pub use routes::{check as check_routes, Routes, Target};
+pub use routes::{check as check_routes, check_changed as check_changed_routes, Routes, Target};
 
 // For `crate::fuzzing` only.
 pub(crate) use framing::{Guard as FramingGuard, Verdicts as FramingVerdicts};

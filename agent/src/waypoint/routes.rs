@@ -127,6 +127,17 @@ fn origination(
 /// refuses. At 100,000 entries building the routes only to drop them cost
 /// the agent as much as the waypoint's own build.
 pub fn check(model: Arc<Model>, gateway: &GatewayRef) -> Result<(), WaypointError> {
+    check_changed(model, gateway, None)
+}
+
+/// [`check`] of a model whose services outside `changed` passed it before
+/// (unchanged, the same `Arc`s): those are skipped unless they have TLS
+/// settings, whose files are read again.
+pub fn check_changed(
+    model: Arc<Model>,
+    gateway: &GatewayRef,
+    changed: Option<&std::collections::BTreeSet<model::ServiceId>>,
+) -> Result<(), WaypointError> {
     let cfg = model.config();
     let metas: Vec<_> = cfg
         .authorization_policies
@@ -142,6 +153,9 @@ pub fn check(model: Arc<Model>, gateway: &GatewayRef) -> Result<(), WaypointErro
     let mut seen: HashSet<String> = HashSet::new();
     let key = ObjectKey::new(&gateway.namespace, &gateway.name);
     for svc in model.bound_to(&key) {
+        if changed.is_some_and(|c| !c.contains(&svc.id)) && !svc.has_tls() {
+            continue;
+        }
         for port in svc.ports.iter().filter(|p| p.is_tcp()) {
             for vip in &svc.vips {
                 let host = &vip.host;
