@@ -44,17 +44,43 @@ pub(super) fn address(host: &str, ip: std::net::IpAddr) -> StatusAddress {
 
 /// Keeps each condition's `lastTransitionTime` across reloads: it changes
 /// only when the condition's status or reason changes. Persisted next to the
-/// allocation so that the CLI shows the agent's times.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// allocation so that the CLI shows the agent's times: a base file and a
+/// journal of the entries changed since it (an edit appends a few lines
+/// instead of writing 100,000 records again).
+#[derive(Clone, Debug, Default)]
 pub struct StatusClock {
     /// Per entry, the status last stamped (its conditions carry the times):
     /// the model's own `Arc`, so an entry whose status the next model reuses
     /// is recognised by pointer, and the times are not held twice.
     seen: BTreeMap<ObjectKey, Arc<ServiceEntryStatus>>,
+    /// Entries whose record changed since the last save.
+    dirty: Vec<ObjectKey>,
+    files: Files,
+}
+
+/// Equal times: what the clock holds, not how it was saved.
+impl PartialEq for StatusClock {
+    fn eq(&self, other: &Self) -> bool {
+        self.seen == other.seen
+    }
+}
+impl Eq for StatusClock {}
+
+/// The base file's generation (journal lines of another do not apply to
+/// it; 0: a bare list of an older agent) and sizes.
+#[derive(Clone, Copy, Debug, Default)]
+struct Files {
+    generation: u64,
+    base_len: u64,
+    journal_len: u64,
+    /// The journal ended in a line cut short.
+    torn: bool,
 }
 
 /// File name of the persisted condition times in the state directory.
 pub const STATUS_FILE: &str = "status.json";
+/// Entries changed since `status.json` was written, one line each.
+pub const STATUS_JOURNAL: &str = "status.journal";
 
 #[derive(serde::Deserialize)]
 struct StatusRecord {
@@ -63,29 +89,121 @@ struct StatusRecord {
     conditions: Vec<StatusCondition>,
 }
 
+/// The base file: a list (older agents) or the list with its generation.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Base {
+    Generation {
+        generation: u64,
+        records: Vec<StatusRecord>,
+    },
+    List(Vec<StatusRecord>),
+}
+
+/// One changed entry; `conditions: None` when it is gone.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JournalLine<'a> {
+    generation: u64,
+    namespace: Cow<'a, str>,
+    name: Cow<'a, str>,
+    conditions: Option<Cow<'a, [StatusCondition]>>,
+}
+
+fn record(conditions: Vec<StatusCondition>) -> Arc<ServiceEntryStatus> {
+    Arc::new(ServiceEntryStatus {
+        addresses: Vec::new(),
+        conditions,
+    })
+}
+
 impl StatusClock {
     /// Reads persisted times; missing or unreadable state starts empty.
     pub fn load(state_dir: &Path) -> Self {
-        let recs: Vec<StatusRecord> = std::fs::read(state_dir.join(STATUS_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        StatusClock {
-            seen: recs
-                .into_iter()
-                .map(|r| {
-                    let st = ServiceEntryStatus {
-                        addresses: Vec::new(),
-                        conditions: r.conditions,
+        let mut clock = StatusClock::default();
+        let Ok(bytes) = std::fs::read(state_dir.join(STATUS_FILE)) else {
+            return clock;
+        };
+        let (generation, recs) = match serde_json::from_slice(&bytes) {
+            Ok(Base::Generation {
+                generation,
+                records,
+            }) => (generation, records),
+            Ok(Base::List(records)) => (0, records),
+            Err(_) => return clock,
+        };
+        clock.seen = recs
+            .into_iter()
+            .map(|r| (ObjectKey::new(&r.namespace, &r.name), record(r.conditions)))
+            .collect();
+        clock.files = Files {
+            generation,
+            base_len: bytes.len() as u64,
+            ..Files::default()
+        };
+        let Ok(journal) = std::fs::read(state_dir.join(STATUS_JOURNAL)) else {
+            return clock;
+        };
+        clock.files.journal_len = journal.len() as u64;
+        for line in journal.split_inclusive(|b| *b == b'\n') {
+            let parsed = line
+                .strip_suffix(b"\n")
+                .and_then(|l| serde_json::from_slice::<JournalLine>(l).ok());
+            match parsed {
+                Some(l) if generation != 0 && l.generation == generation => {
+                    let k = ObjectKey::new(&l.namespace, &l.name);
+                    match l.conditions {
+                        Some(c) => clock.seen.insert(k, record(c.into_owned())),
+                        None => clock.seen.remove(&k),
                     };
-                    (ObjectKey::new(&r.namespace, &r.name), Arc::new(st))
-                })
-                .collect(),
+                }
+                Some(_) => {}
+                None => {
+                    clock.files.torn = true;
+                    break;
+                }
+            }
         }
+        clock
     }
 
-    /// Writes the times (temp file + rename).
-    pub fn save(&self, state_dir: &Path) -> std::io::Result<()> {
+    /// Writes the times: the entries changed since the last save appended
+    /// to the journal, or (at first, after a torn line, or once the journal
+    /// is a quarter of the base) a new base (temp file + rename) and no
+    /// journal.
+    pub fn save(&mut self, state_dir: &Path) -> std::io::Result<()> {
+        let f = self.files;
+        if f.generation != 0 && !f.torn && f.journal_len * 4 <= f.base_len {
+            let mut lines = Vec::new();
+            for k in &self.dirty {
+                let line = JournalLine {
+                    generation: f.generation,
+                    namespace: Cow::Borrowed(&k.namespace),
+                    name: Cow::Borrowed(&k.name),
+                    conditions: self.seen.get(k).map(|st| Cow::Borrowed(&st.conditions[..])),
+                };
+                serde_json::to_writer(&mut lines, &line).expect("serializes");
+                lines.push(b'\n');
+            }
+            if (f.journal_len + lines.len() as u64) * 4 <= f.base_len {
+                use std::io::Write;
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(state_dir.join(STATUS_JOURNAL))?;
+                if let Err(e) = file.write_all(&lines) {
+                    // Cut back to the lines written before, else the next
+                    // load stops at the torn one and the next save
+                    // writes a new base.
+                    if file.set_len(f.journal_len).is_err() {
+                        self.files.torn = true;
+                    }
+                    return Err(e);
+                }
+                self.files.journal_len += lines.len() as u64;
+                self.dirty.clear();
+                return Ok(());
+            }
+        }
         // Borrowed: the records are only serialized.
         #[derive(serde::Serialize)]
         struct Record<'a> {
@@ -93,19 +211,39 @@ impl StatusClock {
             name: &'a str,
             conditions: &'a [StatusCondition],
         }
-        let recs: Vec<Record> = self
-            .seen
-            .iter()
-            .map(|(k, st)| Record {
-                namespace: &k.namespace,
-                name: &k.name,
-                conditions: &st.conditions,
-            })
-            .collect();
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            generation: u64,
+            records: Vec<Record<'a>>,
+        }
+        let generation = fresh_generation(f.generation);
+        let out = Out {
+            generation,
+            records: self
+                .seen
+                .iter()
+                .map(|(k, st)| Record {
+                    namespace: &k.namespace,
+                    name: &k.name,
+                    conditions: &st.conditions,
+                })
+                .collect(),
+        };
+        let bytes = serde_json::to_vec(&out).expect("serializes");
         let path = state_dir.join(STATUS_FILE);
         let tmp = state_dir.join(format!("{STATUS_FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec(&recs).expect("serializes"))?;
-        std::fs::rename(tmp, path)
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(tmp, path)?;
+        // Its lines name the base before: they apply no more.
+        let _ = std::fs::remove_file(state_dir.join(STATUS_JOURNAL));
+        self.files = Files {
+            generation,
+            base_len: bytes.len() as u64,
+            journal_len: 0,
+            torn: false,
+        };
+        self.dirty.clear();
+        Ok(())
     }
 
     /// Fills `lastTransitionTime` of every condition: kept when status and
@@ -120,6 +258,8 @@ impl StatusClock {
         now: &str,
     ) -> bool {
         let mut changed = false;
+        // Without a base of this clock's yet, the next save writes one.
+        let track = self.files.generation != 0;
         let mut gone: Vec<ObjectKey> = Vec::new();
         let mut added: Vec<(ObjectKey, Arc<ServiceEntryStatus>)> = Vec::new();
         let mut old = self.seen.iter_mut().peekable();
@@ -157,9 +297,17 @@ impl StatusClock {
                 }
             }
             match prev {
-                Some(p) => *p = st.clone(),
+                Some(p) => {
+                    if track && p.conditions != st.conditions {
+                        self.dirty.push(k.clone());
+                    }
+                    *p = st.clone();
+                }
                 None => {
                     changed = true;
+                    if track {
+                        self.dirty.push(k.clone());
+                    }
                     added.push((k.clone(), st.clone()));
                 }
             }
@@ -168,9 +316,26 @@ impl StatusClock {
         changed |= !gone.is_empty();
         for k in gone {
             self.seen.remove(&k);
+            if track {
+                self.dirty.push(k);
+            }
         }
         self.seen.extend(added);
         changed
+    }
+}
+
+/// A generation for a new base file, other than `prev` and 0.
+fn fresh_generation(prev: u64) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let g = t ^ (u64::from(std::process::id()) << 40);
+    if g == prev || g == 0 {
+        prev.wrapping_add(1).max(1)
+    } else {
+        g
     }
 }
 
@@ -249,5 +414,43 @@ mod tests {
             clock.save(dir.path()).unwrap();
             model = st;
         }
+    }
+
+    /// A journal line cut short (a crash) is not applied, nor what follows;
+    /// the next save writes a new base. A line of an earlier base is not
+    /// applied to a later one.
+    #[test]
+    fn a_torn_or_stale_status_journal_line_is_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = |i: usize| ObjectKey::new("ns", &format!("s{i}"));
+        let mut st: BTreeMap<ObjectKey, Arc<ServiceEntryStatus>> =
+            (0..40).map(|i| (k(i), status(0, 0))).collect();
+        let mut clock = StatusClock::default();
+        clock.stamp(&mut st, "2030-01-01T00:00:00Z");
+        clock.save(dir.path()).unwrap();
+        let base = std::fs::read(dir.path().join(STATUS_FILE)).unwrap();
+        st.insert(k(1), status(1, 0));
+        assert!(clock.stamp(&mut st, "2030-01-01T00:00:01Z"));
+        clock.save(dir.path()).unwrap();
+        assert_eq!(std::fs::read(dir.path().join(STATUS_FILE)).unwrap(), base);
+        let jpath = dir.path().join(STATUS_JOURNAL);
+        let one = std::fs::read(&jpath).unwrap();
+        assert_eq!(StatusClock::load(dir.path()), clock);
+        let after_one = clock.clone();
+        st.insert(k(2), status(1, 0));
+        assert!(clock.stamp(&mut st, "2030-01-01T00:00:02Z"));
+        clock.save(dir.path()).unwrap();
+        let two = std::fs::read(&jpath).unwrap();
+        std::fs::write(&jpath, &two[..two.len() - 3]).unwrap();
+        let mut loaded = StatusClock::load(dir.path());
+        assert_eq!(loaded, after_one);
+        assert!(loaded.files.torn);
+        loaded.stamp(&mut st, "2030-01-01T00:00:03Z");
+        loaded.save(dir.path()).unwrap();
+        assert!(!jpath.exists());
+        assert_eq!(StatusClock::load(dir.path()), loaded);
+        // The first base's line, left by a crash before its removal.
+        std::fs::write(&jpath, &one).unwrap();
+        assert_eq!(StatusClock::load(dir.path()), loaded);
     }
 }
