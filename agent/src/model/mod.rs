@@ -184,7 +184,12 @@ impl Model {
     /// status): only the entries [`Config::changed_since`] names are
     /// resolved again, with those whose allocated hosts may have moved to
     /// or from them, and every other one is shared with `prev`. The result
-    /// equals [`Model::build`]'s; [`Model::delta`] says what differs.
+    /// equals [`Model::build`]'s, provided `alloc` differs from the
+    /// allocation `prev` was built from only in the hosts of the changed
+    /// entries (true of the agent's own allocator); a caller whose
+    /// allocation can move on its own (the waypoint reading the agent's)
+    /// passes `prev` only while it has not. [`Model::delta`] says what
+    /// differs.
     pub fn build_from(
         cfg: Arc<Config>,
         alloc: &Allocation,

@@ -55,12 +55,14 @@ pub(crate) fn lags(cfg: &Config, alloc: &Allocation) -> bool {
 
 /// The allocation for `cfg`: read now and, while it lags behind `cfg`,
 /// again each time the agent rewrites it, for up to [`ALLOCATION_WAIT`] or
-/// until a newer config arrives (which is then applied next).
+/// until a newer config arrives (which is then applied next). With it,
+/// whether the files changed since the reader's last read.
 async fn allocation_for(
     cfg: &Config,
     alloc: &mut crate::alloc::Reader,
     newer: &watch::Receiver<Option<Arc<Config>>>,
-) -> Result<Allocation, AllocError> {
+) -> Result<(Allocation, bool), AllocError> {
+    let mut changed = alloc.changed();
     let mut a = alloc.read()?;
     let deadline = tokio::time::Instant::now() + ALLOCATION_WAIT;
     while lags(cfg, &a)
@@ -69,10 +71,11 @@ async fn allocation_for(
     {
         tokio::time::sleep(LAGGING_POLL).await;
         if alloc.changed() {
+            changed = true;
             a = alloc.read()?;
         }
     }
-    Ok(a)
+    Ok((a, changed))
 }
 
 /// Rebuilds the snapshot on each new valid config or allocation change; a
@@ -88,6 +91,9 @@ pub(crate) async fn reload_loop(
     interval: Duration,
 ) {
     let mut cfg_rx = watcher.config.clone();
+    // The routes in force were built from an older allocation than the
+    // reader's last read (a reload that read a new one was refused).
+    let mut unsettled = false;
     loop {
         let poll = if lagging { LAGGING_POLL } else { interval };
         tokio::select! {
@@ -101,10 +107,10 @@ pub(crate) async fn reload_loop(
         };
         // From the API, addresses come with the config (ServiceEntry status).
         let read = match cfg.api_status {
-            Some(_) => Ok(crate::alloc::from_status(&cfg)),
+            Some(_) => Ok((crate::alloc::from_status(&cfg), false)),
             None => allocation_for(&cfg, &mut alloc, &cfg_rx).await,
         };
-        let allocation = match read {
+        let (allocation, moved) = match read {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "reading the allocation; previous config stays in force");
@@ -117,8 +123,13 @@ pub(crate) async fn reload_loop(
         let gateway = shared.gateway.clone();
         // Seconds of CPU at 100,000 entries: off the runtime's workers,
         // which keep serving tunnels meanwhile.
+        // The model is patched from the one in force only for the entries
+        // whose objects changed: an allocation the agent rewrote (a VIP
+        // for an entry the waypoint already had) needs a whole build.
+        let patch = !(moved || unsettled);
+        unsettled = true;
         let built = tokio::task::spawn_blocking(move || {
-            rebuild(cfg, &allocation, &gateway, timeout, &prev)
+            rebuild(cfg, &allocation, &gateway, timeout, &prev, patch)
         })
         .await;
         let built = match built {
@@ -142,6 +153,7 @@ pub(crate) async fn reload_loop(
                     policies = s.policies.len(),
                     "waypoint config applied"
                 );
+                unsettled = false;
                 let old = shared.routes.swap(Arc::new(s));
                 shared.changed.send_modify(|v| *v += 1);
                 // The old routes are as big as the new: freed off the
@@ -163,12 +175,13 @@ fn rebuild(
     gateway: &crate::policy::GatewayRef,
     timeout: Duration,
     prev: &routes::Routes,
+    patch: bool,
 ) -> Option<Result<routes::Routes, super::WaypointError>> {
     let model = Arc::new(Model::build_from(
         cfg,
         allocation,
         &NoCgroups,
-        Some(&prev.model),
+        patch.then_some(&*prev.model),
     ));
     // The agent's acceptance step: a config the agent refuses (too big
     // for its maps, refused by another waypoint) is refused here too.
