@@ -419,6 +419,75 @@ fn echo_entry(name: &str, host: &str, port: u16, endpoint: &str) -> String {
     .yaml()
 }
 
+/// The flood tests' mesh: the pods `app` (the flooder) and `other`, the
+/// echo upstream behind the waypoint at [`FloodMesh::vip`], a CA, the config
+/// with `mesh_yaml`, the real agent under an fd limit of [`FLOOD_NOFILE`]
+/// with `agent_args`, and the waypoint. Fields drop in order: the waypoint
+/// before the node whose pod it runs in.
+struct FloodMesh {
+    _waypoint: shunt_testbed::Proc,
+    node: shunt_testbed::Node,
+    _rt: tokio::runtime::Runtime,
+    vip: SocketAddr,
+    /// Services programmed once the agent applied the config.
+    services_before: usize,
+}
+
+const FLOOD_NOFILE: u64 = 1024;
+
+impl FloodMesh {
+    fn start(mesh_yaml: &str, agent_args: &[&str]) -> shunt_testbed::Result<FloodMesh> {
+        shunt_agent::sockets::raise_fd_limit()?;
+        let rt = tokio::runtime::Runtime::new()?;
+        let mut node = mesh::node()?;
+        node.add_pod("other")?;
+        let (wp_ip, inet_ip) = (node.pod("wp").ip4.clone(), node.pod("inet").ip4.clone());
+        echo_in(
+            &rt,
+            &node.pod("inet").ns.path(),
+            SocketAddr::new(inet_ip.parse()?, 7000),
+        );
+        let ca_dir = node.work_dir.join("ca");
+        Ca::init(&ca_dir, TD, false)?;
+        node.write_config("mesh.yaml", mesh_yaml)?;
+        let mut docs = mesh::base(
+            node.pod("app").workload_entry(mesh::NAMESPACE, "app"),
+            &wp_ip,
+        );
+        docs.push(node.pod("other").workload_entry(mesh::NAMESPACE, "other"));
+        docs.push(echo_entry("echo", "echo.internal", 9000, &inet_ip));
+        node.write_config("00-mesh.yaml", &mesh::docs(&docs))?;
+        let (cfg, ca, state) = (
+            node.config_dir().display().to_string(),
+            ca_dir.display().to_string(),
+            node.state_dir.display().to_string(),
+        );
+        let nofile = format!("--nofile={FLOOD_NOFILE}:{FLOOD_NOFILE}");
+        let mut args = vec!["--config-dir", &cfg, "--ca-dir", &ca];
+        args.extend_from_slice(agent_args);
+        node.start_agent(
+            std::path::Path::new("prlimit"),
+            &[nofile.as_str(), "--", env!("CARGO_BIN_EXE_shunt"), "agent"],
+            &args,
+        )?;
+        let maps = node.maps()?;
+        let services_before =
+            shunt_testbed::wait_for("services programmed", Duration::from_secs(20), || {
+                let n = maps.read_services().map(|s| s.len()).unwrap_or(0);
+                (n > 0).then_some(n)
+            })?;
+        let waypoint =
+            mesh::start_waypoint(&node, None, &mesh::waypoint_args(&cfg, &state, &ca), "info")?;
+        Ok(FloodMesh {
+            _waypoint: waypoint,
+            node,
+            _rt: rt,
+            vip: "240.240.0.1:9000".parse()?,
+            services_before,
+        })
+    }
+}
+
 /// #14's finding: a pod's connect loop filled every fd of the agent, and
 /// the config watcher's reads and the netlink lookups failed with EMFILE
 /// while it lasted. Under a low fd limit (1024: a budget of 512), a pod
@@ -430,60 +499,20 @@ fn a_pod_flooding_captured_connections_is_refused_beyond_its_budget_and_config_s
 ) -> shunt_testbed::Result<()> {
     const FLOOD: usize = 1500;
     const PER_SOURCE: usize = 150;
-    const NOFILE: u64 = 1024;
-    shunt_agent::sockets::raise_fd_limit()?;
-    let rt = tokio::runtime::Runtime::new()?;
-    let mut node = mesh::node()?;
-    node.add_pod("other")?;
-    let (wp_ip, inet_ip) = (node.pod("wp").ip4.clone(), node.pod("inet").ip4.clone());
-    echo_in(
-        &rt,
-        &node.pod("inet").ns.path(),
-        SocketAddr::new(inet_ip.parse()?, 7000),
-    );
-    let ca_dir = node.work_dir.join("ca");
-    Ca::init(&ca_dir, TD, false)?;
-    node.write_config("mesh.yaml", "trustDomain: cluster.local\n")?;
-    let mut docs = mesh::base(
-        node.pod("app").workload_entry(mesh::NAMESPACE, "app"),
-        &wp_ip,
-    );
-    docs.push(node.pod("other").workload_entry(mesh::NAMESPACE, "other"));
-    docs.push(echo_entry("echo", "echo.internal", 9000, &inet_ip));
-    node.write_config("00-mesh.yaml", &mesh::docs(&docs))?;
-    let (cfg, ca, state) = (
-        node.config_dir().display().to_string(),
-        ca_dir.display().to_string(),
-        node.state_dir.display().to_string(),
-    );
-    let (shunt, nofile) = (
-        env!("CARGO_BIN_EXE_shunt"),
-        format!("--nofile={NOFILE}:{NOFILE}"),
-    );
+    const NOFILE: u64 = FLOOD_NOFILE;
     let per_source = PER_SOURCE.to_string();
-    node.start_agent(
-        std::path::Path::new("prlimit"),
-        &[nofile.as_str(), "--", shunt, "agent"],
+    let m = FloodMesh::start(
+        "trustDomain: cluster.local\n",
         &[
-            "--config-dir",
-            &cfg,
-            "--ca-dir",
-            &ca,
             "--no-dns",
             "--max-captured-connections-per-source",
             &per_source,
         ],
     )?;
+    let (node, vip, before) = (&m.node, m.vip, m.services_before);
     let maps = node.maps()?;
     let services = || maps.read_services().map(|s| s.len()).unwrap_or(0);
-    let before = shunt_testbed::wait_for("services programmed", Duration::from_secs(20), || {
-        let n = services();
-        (n > 0).then_some(n)
-    })?;
-    // Dropped before `node`: it runs in one of its pods.
-    let _waypoint =
-        mesh::start_waypoint(&node, None, &mesh::waypoint_args(&cfg, &state, &ca), "info")?;
-    let vip: SocketAddr = "240.240.0.1:9000".parse()?;
+    let inet_ip = node.pod("inet").ip4.clone();
     ping_from(node.pod("app"), vip).expect("app reaches the echo before the flood");
 
     let mut flood = in_netns(&node.pod("app").ns.path(), || {
@@ -526,7 +555,7 @@ fn a_pod_flooding_captured_connections_is_refused_beyond_its_budget_and_config_s
             carried += 1;
         }
     }
-    let m = agent_metrics(&node);
+    let m = agent_metrics(node);
     let refused = metric(
         &m,
         r#"shunt_refused_connections_total{listener="capture",reason="per_source_limit"}"#,
@@ -595,82 +624,25 @@ print("flood sent", flush=True)
 #[test]
 fn a_dns_flood_under_a_low_fd_limit_stays_in_the_dns_share_and_connections_still_work(
 ) -> shunt_testbed::Result<()> {
-    const NOFILE: u64 = 1024;
+    const NOFILE: u64 = FLOOD_NOFILE;
     const POD_RESOLVER: &str = "10.96.0.10";
     const BLACKHOLE_DNS: &str = "192.0.2.53";
-    shunt_agent::sockets::raise_fd_limit()?;
-    let rt = tokio::runtime::Runtime::new()?;
-    let mut node = mesh::node()?;
-    node.add_pod("other")?;
-    let (wp_ip, inet_ip) = (node.pod("wp").ip4.clone(), node.pod("inet").ip4.clone());
-    echo_in(
-        &rt,
-        &node.pod("inet").ns.path(),
-        SocketAddr::new(inet_ip.parse()?, 7000),
-    );
-    let ca_dir = node.work_dir.join("ca");
-    Ca::init(&ca_dir, TD, false)?;
-    node.write_config(
-        "mesh.yaml",
+    let m = FloodMesh::start(
         "trustDomain: cluster.local\nshunt:\n  dnsCapture: true\n",
-    )?;
-    let mut docs = mesh::base(
-        node.pod("app").workload_entry(mesh::NAMESPACE, "app"),
-        &wp_ip,
-    );
-    docs.push(node.pod("other").workload_entry(mesh::NAMESPACE, "other"));
-    docs.push(echo_entry("echo", "echo.internal", 9000, &inet_ip));
-    node.write_config("00-mesh.yaml", &mesh::docs(&docs))?;
-    // The upstream: bound and never read, so every forward holds its socket
-    // for the whole upstream timeout (no ICMP either).
-    node.ns
-        .ip(&["addr", "add", &format!("{BLACKHOLE_DNS}/32"), "dev", "lo"])?;
-    let mut sink = node.ns.command("python3");
-    sink.args([
-        "-c",
-        &format!("import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{BLACKHOLE_DNS}',53))\nprint('bound',flush=True)\ntime.sleep(3600)"),
-    ]);
-    let sink_log = node.work_dir.join("blackhole.log");
-    // Dropped before `node`: it runs in its namespace.
-    let _sink = shunt_testbed::Proc::spawn("blackhole", sink, &sink_log)?;
-    shunt_testbed::wait_for("blackhole bound", Duration::from_secs(10), || {
-        std::fs::read_to_string(&sink_log)
-            .ok()
-            .filter(|l| l.contains("bound"))
-            .map(|_| ())
-    })?;
-    let (cfg, ca, state) = (
-        node.config_dir().display().to_string(),
-        ca_dir.display().to_string(),
-        node.state_dir.display().to_string(),
-    );
-    let (shunt, nofile) = (
-        env!("CARGO_BIN_EXE_shunt"),
-        format!("--nofile={NOFILE}:{NOFILE}"),
-    );
-    node.start_agent(
-        std::path::Path::new("prlimit"),
-        &[nofile.as_str(), "--", shunt, "agent"],
         &[
-            "--config-dir",
-            &cfg,
-            "--ca-dir",
-            &ca,
             "--dns-upstream",
             BLACKHOLE_DNS,
             "--dns-max-inflight-per-client",
             "4096",
         ],
     )?;
+    let (node, vip, before) = (&m.node, m.vip, m.services_before);
     let maps = node.maps()?;
     let services = || maps.read_services().map(|s| s.len()).unwrap_or(0);
-    let before = shunt_testbed::wait_for("services programmed", Duration::from_secs(20), || {
-        let n = services();
-        (n > 0).then_some(n)
-    })?;
-    let _waypoint =
-        mesh::start_waypoint(&node, None, &mesh::waypoint_args(&cfg, &state, &ca), "info")?;
-    let vip: SocketAddr = "240.240.0.1:9000".parse()?;
+    let inet_ip = node.pod("inet").ip4.clone();
+    // Every forward holds its socket for the whole upstream timeout.
+    // Dropped before `m`: it runs in the node's namespace.
+    let _sink = node.blackhole_dns(BLACKHOLE_DNS)?;
     ping_from(node.pod("other"), vip).expect("other reaches the echo before the flood");
     let log = node.agents[0].log_text();
     assert!(
@@ -718,7 +690,7 @@ fn a_dns_flood_under_a_low_fd_limit_stays_in_the_dns_share_and_connections_still
     );
     let flood_running = !flood.log_text().contains("flood sent");
     assert!(flood.wait_exit(Duration::from_secs(60)), "flooder exits");
-    let m = agent_metrics(&node);
+    let m = agent_metrics(node);
     let dropped = metric(&m, r#"shunt_dns_dropped_total{reason="total_budget""#);
     eprintln!(
         "agent fds at peak during the flood {peak} of {NOFILE}; other pod: {other:?}; \

@@ -234,6 +234,26 @@ impl Node {
         Ok(log)
     }
 
+    /// A DNS upstream at `addr` (port 53, on the node's loopback) that is
+    /// bound and never reads: every query forwarded to it waits out the
+    /// upstream timeout, and no ICMP answers it either. Drop the process
+    /// before the node (it runs in its namespace).
+    pub fn blackhole_dns(&self, addr: &str) -> Result<Proc> {
+        self.ns
+            .ip(&["addr", "add", &format!("{addr}/32"), "dev", "lo"])?;
+        let mut sink = self.ns.command("python3");
+        sink.args([
+            "-c",
+            &format!("import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{addr}',53))\nprint('bound',flush=True)\ntime.sleep(3600)"),
+        ]);
+        let log = self.work_dir.join("blackhole.log");
+        let proc = Proc::spawn("blackhole", sink, &log)?;
+        wait_for("blackhole bound", Duration::from_secs(10), || {
+            proc.log_text().contains("bound").then_some(())
+        })?;
+        Ok(proc)
+    }
+
     /// Let the node route between its pods (waypoint, "internet").
     pub fn enable_forwarding(&self) -> Result<()> {
         let out = self

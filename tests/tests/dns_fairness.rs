@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use shunt_testbed::{wait_for, Node, Proc, Result};
+use shunt_testbed::{wait_for, Node, Result};
 
 /// What the pods' resolv.conf names: only DNS capture makes it answer.
 const POD_RESOLVER: &str = "10.96.0.10";
@@ -89,21 +89,7 @@ fn a_random_name_flood_from_one_pod_leaves_another_pods_service_entry_lookups_an
     node.write_config("10-services.yaml", &entries.join("---\n"))?;
 
     // The blackholed upstream: bound, never read, so no ICMP either.
-    node.ns
-        .ip(&["addr", "add", &format!("{BLACKHOLE_DNS}/32"), "dev", "lo"])?;
-    let mut sink = node.ns.command("python3");
-    sink.args([
-        "-c",
-        &format!("import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{BLACKHOLE_DNS}',53))\nprint('bound',flush=True)\ntime.sleep(3600)"),
-    ]);
-    let sink_log = node.work_dir.join("blackhole.log");
-    node.agents.push(Proc::spawn("blackhole", sink, &sink_log)?);
-    wait_for("blackhole bound", Duration::from_secs(10), || {
-        std::fs::read_to_string(&sink_log)
-            .ok()
-            .filter(|l| l.contains("bound"))
-            .map(|_| ())
-    })?;
+    node.agents.push(node.blackhole_dns(BLACKHOLE_DNS)?);
 
     let dir = node.config_dir().display().to_string();
     let bin = shunt_testbed::echo_agent_bin();
