@@ -367,20 +367,21 @@ const PER_SOURCE_FLOOR: usize = 4096;
 /// scrapes, the config watcher's reads, netlink and CA/API connections:
 /// under 128), and 5% of the limit for what grows with load: the agent's
 /// HBONE pool connections (one per `--hbone-max-streams` tunnels, 1% of the
-/// budget at the default 100), the waypoint's idle pooled upstream
-/// connections, and the agent's DNS proxy, which gets half of it
-/// ([`dns_fd_share`]).
+/// budget at the default 100), and, in half of it each ([`load_share`]),
+/// the agent's DNS proxy and the waypoint's pooled upstream connections.
 pub fn control_plane_reserve(fd_limit: u64) -> u64 {
     (fd_limit / 20).max(512)
 }
 
-/// The agent DNS proxy's share of [`control_plane_reserve`]: half of it
-/// (its forwards in flight and TCP clients, `DnsConfig::fit_fds`), so that
-/// a DNS flood and a connection flood cannot starve each other or the
-/// control plane. 256 fds at limits up to 10,240; the proxy's own maxima
-/// (4,096 forwards, 256 TCP clients per listener) from about 90,000.
-pub fn dns_fd_share(fd_limit: u64) -> usize {
-    usize::try_from(control_plane_reserve(fd_limit) / 2).unwrap_or(usize::MAX)
+/// Half of a `reserve` ([`control_plane_reserve`]), for the part of a process's own work
+/// that grows with load: the agent's DNS proxy (its forwards in flight and
+/// TCP clients, `DnsConfig::fit_fds`), the waypoint's pooled upstream
+/// connections (`waypoint::pool::IdleBudget`). So a DNS flood or a pool
+/// grown over many names cannot starve the connections or the control
+/// plane. 256 fds at limits up to 10,240; the DNS proxy's own maxima (4,096
+/// forwards, 256 TCP clients per listener) from about 90,000.
+pub fn load_share(reserve: u64) -> usize {
+    usize::try_from(reserve / 2).unwrap_or(usize::MAX)
 }
 
 /// The default share of one source in a budget of `total`: a quarter, at

@@ -263,7 +263,7 @@ pub async fn run_with(
         // connections' budget is what the reserve leaves).
         let fd_limit = crate::sockets::fd_limit().map_err(crate::dns::DnsError::FdLimit)?;
         config.fit_fds(
-            crate::sockets::dns_fd_share(fd_limit),
+            crate::sockets::load_share(crate::sockets::control_plane_reserve(fd_limit)),
             opts.dns.max_inflight_per_client,
         );
         config.clients = dns_clients.clone();

@@ -139,11 +139,10 @@ impl WaypointServer {
                 previous: None,
                 // Pooled upstream connections hold fds no tunnel counts:
                 // half of the reserve the fd budget keeps.
-                idle_budget: opts.server.fd_budget.map(|b| {
-                    Arc::new(IdleBudget::new(
-                        usize::try_from(b.reserve / 2).unwrap_or(usize::MAX),
-                    ))
-                }),
+                idle_budget: opts
+                    .server
+                    .fd_budget
+                    .map(|b| Arc::new(IdleBudget::new(crate::sockets::load_share(b.reserve)))),
             },
         )?;
         for w in &snap.warnings {

@@ -65,7 +65,7 @@ impl DnsConfig {
     }
 
     /// Fits the proxy's sockets into `fds`, its share of the process's
-    /// open files ([`crate::sockets::dns_fd_share`]): a forwarded query
+    /// open files ([`crate::sockets::load_share`]): a forwarded query
     /// holds one (its UDP socket, then its TCP one after TC, never both), a
     /// TCP client one. The defaults of [`DnsConfig::new`] are the most it
     /// takes; a smaller share shrinks the TCP budget to an eighth of it
@@ -696,7 +696,7 @@ async fn exchange_tcp(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sockets::{control_plane_reserve, dns_fd_share};
+    use crate::sockets::{control_plane_reserve, load_share};
 
     fn fitted(fd_limit: u64, per_client: Option<usize>) -> DnsConfig {
         let listen = vec![
@@ -704,8 +704,13 @@ mod tests {
             "[fd73:6875:6e74::53]:53".parse().unwrap(),
         ];
         let mut c = DnsConfig::new(listen, vec!["192.0.2.53:53".parse().unwrap()]);
-        c.fit_fds(dns_fd_share(fd_limit), per_client);
+        c.fit_fds(share(fd_limit), per_client);
         c
+    }
+
+    /// The DNS proxy's share under `fd_limit`, as the agent gives it.
+    fn share(fd_limit: u64) -> usize {
+        load_share(control_plane_reserve(fd_limit))
     }
 
     /// The fds the proxy can hold at once.
@@ -718,12 +723,11 @@ mod tests {
         for fd_limit in [1024, 4096, 10_240, 20_000, 65_536] {
             let c = fitted(fd_limit, None);
             assert!(
-                fds(&c) <= dns_fd_share(fd_limit),
+                fds(&c) <= share(fd_limit),
                 "{fd_limit}: {} fds in a share of {}",
                 fds(&c),
-                dns_fd_share(fd_limit)
+                share(fd_limit)
             );
-            assert!(dns_fd_share(fd_limit) as u64 <= control_plane_reserve(fd_limit) / 2);
             assert!(
                 c.max_inflight_per_client <= c.max_inflight / 4,
                 "{fd_limit}"

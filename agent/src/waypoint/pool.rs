@@ -101,7 +101,7 @@ struct Idle {
 /// every wildcard name (up to [`MAX_NAMES`] each) could outgrow the fd
 /// limit. Beyond the cap a connection serves its request and is not pooled
 /// (it closes after its response). `shunt waypoint` sets half of its fd
-/// reserve ([`crate::sockets::dns_fd_share`]'s rule); unlimited by default.
+/// reserve ([`crate::sockets::load_share`]); unlimited by default.
 #[derive(Debug)]
 pub struct IdleBudget {
     limit: usize,
