@@ -27,7 +27,7 @@ use mimalloc::MiMalloc;
 use shunt_agent::alloc::Allocator;
 use shunt_agent::config::{Config, Parser, Snapshot};
 use shunt_agent::dns::{ClientTable, HostTable};
-use shunt_agent::kernel::{projection, reconcile::plan};
+use shunt_agent::kernel::{projection, reconcile::Mirror};
 use shunt_agent::model::{now_rfc3339, Model, NoCgroups, StatusClock};
 use shunt_agent::validate;
 
@@ -107,10 +107,15 @@ struct Agent {
     state: PathBuf,
     alloc: Allocator,
     model: Arc<Model>,
-    services: BTreeMap<shunt_common::ServiceKey, shunt_common::ServiceValue>,
+    services: shunt_agent::model::CowMap<shunt_common::ServiceKey, shunt_common::ServiceValue>,
     clock: StatusClock,
     parser: Parser,
     snap: Option<Arc<Snapshot>>,
+    /// The previous model being freed (joined before the next read, so
+    /// heap figures do not race it).
+    freeing: Option<std::thread::JoinHandle<()>>,
+    /// Size and mtime of each file at the last read.
+    seen: std::collections::HashMap<PathBuf, (u64, std::time::SystemTime)>,
     /// What the agent keeps for its DNS proxy.
     dns: Option<(Arc<HostTable>, Arc<ClientTable>)>,
 }
@@ -135,9 +140,34 @@ impl Times {
 }
 
 impl Agent {
+    /// Waits for the previous model to be freed.
+    fn settle(&mut self) {
+        if let Some(f) = self.freeing.take() {
+            f.join().unwrap();
+        }
+    }
+
     fn load(&mut self, dir: &Path, t: &mut Times) -> Arc<Config> {
+        self.settle();
+        PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
         let mut at = Instant::now();
-        let snap = Arc::new(Snapshot::read(dir).unwrap());
+        // As the config watcher reads: a file whose size and mtime are as
+        // at the last read is taken from the previous snapshot.
+        let stat = |p: &Path| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.len(), m.modified().ok()?))
+        };
+        let seen = std::mem::take(&mut self.seen);
+        let snap = Snapshot::read_reusing(dir, self.snap.as_deref(), |p| {
+            seen.get(p).is_some_and(|s| Some(*s) == stat(p))
+        })
+        .unwrap();
+        self.seen = snap
+            .files
+            .iter()
+            .filter_map(|(p, _)| Some((p.clone(), stat(p)?)))
+            .collect();
+        let snap = Arc::new(snap);
         t.lap("read", &mut at);
         let cfg = Arc::new(self.parser.parse(snap.clone()).unwrap());
         self.snap = Some(snap);
@@ -159,14 +189,15 @@ impl Agent {
         t.lap("validate", &mut at);
         self.alloc.commit_for(proposal, cfg).unwrap();
         t.lap("persist", &mut at);
-        let pl = plan(&self.services, &p.services);
+        let pl = self.services.plan(&p.services);
         let changed = pl.upserts.len() + pl.removals.len();
         for (k, v) in pl.upserts {
-            self.services.insert(k, v);
+            self.services.put(k, v);
         }
         for k in pl.removals {
-            self.services.remove(&k);
+            self.services.delete(&k);
         }
+        self.services.settle(&p.services);
         t.lap("maps", &mut at);
         let table = HostTable::from_model(&model, self.dns.as_ref().map(|d| &*d.0)).unwrap();
         let clients = ClientTable::new(model.enrolled().filter_map(|(_, w)| w.address));
@@ -178,8 +209,10 @@ impl Agent {
             self.clock.save(&self.state).unwrap();
         }
         t.lap("status", &mut at);
-        // The old model's drop happens on the apply thread too.
-        self.model = model;
+        // As the reconciler does: the old model is freed on another thread.
+        let old = std::mem::replace(&mut self.model, model);
+        self.freeing = Some(std::thread::spawn(move || drop(old)));
+        drop(p);
         t.lap("drop", &mut at);
         changed
     }
@@ -251,10 +284,12 @@ fn main() {
         alloc: Allocator::open(&state).unwrap(),
         state,
         model: Arc::new(Model::default()),
-        services: BTreeMap::new(),
+        services: Default::default(),
         clock: StatusClock::default(),
         parser: Parser::default(),
         snap: None,
+        seen: Default::default(),
+        freeing: None,
         dns: None,
     };
     let base = LIVE.load(Ordering::Relaxed);
@@ -264,6 +299,7 @@ fn main() {
     let changed = a.apply(&cfg, &mut t);
     let peak = t.0.iter().map(|x| x.3).fold(0.0, f64::max);
     drop(cfg);
+    a.settle();
     print(
         "cold",
         &t,
@@ -298,6 +334,7 @@ fn main() {
             }
         }
     }
+    a.settle();
     println!(
         "after edits: heap {:.0} MB; RSS {} MB, peak {} MB",
         live_mb(),
@@ -313,12 +350,14 @@ fn main() {
         let changed = a.apply(&cfg, &mut t);
         drop(cfg);
         print("remove all", &t, &format!("(map writes {changed})"));
+        a.settle();
         println!(
             "after removal: heap {:.0} MB; RSS {} MB",
             live_mb(),
             rss_kb("VmRSS:") / 1024
         );
     }
+    a.settle();
     // Where the kept heap is: each holder dropped in turn (a holder shared
     // with a later one frees only what is its own).
     let mut parts = Vec::new();

@@ -86,7 +86,8 @@ fn projection(services: &[(&str, u32)], cidrs: &[&str]) -> Projection {
 }
 
 fn assert_pinned_equals(maps: &PinnedMaps, p: &Projection) -> Result<()> {
-    assert_eq!(maps.read_services()?, p.services);
+    let services: std::collections::BTreeMap<_, _> = p.services.iter().map(|(k, v)| (*k, *v)).collect();
+    assert_eq!(maps.read_services()?, services);
     assert_eq!(maps.read_enrolled()?, p.enrolled);
     assert_eq!(maps.read_sources()?, p.sources);
     assert_eq!(maps.read_egress_allow()?, p.egress_allow);

@@ -26,12 +26,14 @@ use super::{
     KernelError,
 };
 use crate::config::OutboundMode;
-use crate::model::{Model, Service, WaypointBinding};
+use crate::model::{CowMap, Model, Service, WaypointBinding};
 
 /// Exact content of every map the agent reconciles, and `meta`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Projection {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    /// A [`CowMap`]: patched from the mirror of the pinned map, it shares
+    /// every chunk an edit did not touch (see [`project_from`]).
+    pub services: CowMap<ServiceKey, ServiceValue>,
     pub enrolled: BTreeMap<u64, EnrolledValue>,
     /// Workload address → the interface it must arrive on.
     pub sources: BTreeMap<CidrAddr, u32>,
@@ -155,7 +157,7 @@ pub fn project_from(
     model: &Model,
     dns: Option<DnsCapture>,
     sources: BTreeMap<CidrAddr, u32>,
-    prev: Option<&BTreeMap<ServiceKey, ServiceValue>>,
+    prev: Option<&CowMap<ServiceKey, ServiceValue>>,
 ) -> Projection {
     let services = match (prev, model.delta()) {
         (Some(prev), Some(delta)) => {
@@ -169,10 +171,23 @@ pub fn project_from(
             }
             services
         }
-        _ => model
-            .vip_ports()
-            .filter_map(|(at, svc)| service_value(at, svc).map(|v| (registry::tcp_key(at), v)))
-            .collect(),
+        _ => {
+            let mut all: Vec<_> = model
+                .vip_ports()
+                .filter_map(|(at, svc)| service_value(at, svc).map(|v| (registry::tcp_key(at), v)))
+                .collect();
+            // VIP:port order is not the key's order. Stable, and the last
+            // of equal keys wins, as collecting into a map would.
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut sorted: Vec<(ServiceKey, ServiceValue)> = Vec::with_capacity(all.len());
+            for kv in all {
+                match sorted.last_mut() {
+                    Some(last) if last.0 == kv.0 => *last = kv,
+                    _ => sorted.push(kv),
+                }
+            }
+            CowMap::from_sorted(sorted)
+        }
     };
     let dns_flag = if model.mesh.dns_capture {
         ENR_F_DNS_CAPTURE
@@ -250,7 +265,12 @@ impl SyncStats {
 /// The reconciled pinned maps with their mirrors, which start from the
 /// pinned state: a restarted agent changes only what differs.
 pub struct MapSync {
-    services: Mirrored<HashHandle<Services>, ServiceKey, ServiceValue>,
+    services: Mirrored<
+        HashHandle<Services>,
+        ServiceKey,
+        ServiceValue,
+        CowMap<ServiceKey, ServiceValue>,
+    >,
     enrolled: Mirrored<HashHandle<Enrolled>, u64, EnrolledValue>,
     sources: Mirrored<HashHandle<Sources>, CidrAddr, u32>,
     egress_allow: Mirrored<LpmHandle<EgressAllow>, LpmKey, u8>,
@@ -284,7 +304,7 @@ impl MapSync {
 
     /// The `services` map as pinned (after a successful [`MapSync::apply`]:
     /// the projection applied).
-    pub fn services(&self) -> &BTreeMap<ServiceKey, ServiceValue> {
+    pub fn services(&self) -> &CowMap<ServiceKey, ServiceValue> {
         &self.services.current
     }
 
@@ -331,12 +351,15 @@ mod tests {
         let (m, _) = model_of(&cfg, &|cg: &str| (cg == "shunt/curl").then_some(1001));
         let p = project(&m, None, BTreeMap::new());
         assert_eq!(p.services.len(), 2);
-        let v = p.services[&registry::tcp_key(at("240.240.0.1:80"))];
+        let v = p.services.get(&registry::tcp_key(at("240.240.0.1:80"))).copied().unwrap();
         assert_eq!(v.flags, SVC_F_WAYPOINT | SVC_F_HTTP);
         assert_eq!(v.waypoint_addr, v4_mapped([10, 244, 1, 18]));
         assert_eq!(v.waypoint_port, 15008);
         assert_eq!(v.target_port, 80);
-        assert_eq!(p.services[&registry::tcp_key(at("[2001:2::1]:80"))], v);
+        assert_eq!(
+            p.services.get(&registry::tcp_key(at("[2001:2::1]:80"))),
+            Some(&v)
+        );
         assert_eq!(p.enrolled.len(), 1);
         assert_eq!(p.enrolled[&1001].flags, ENR_F_DNS_CAPTURE);
         assert_eq!(p.meta.egress_mode, EGRESS_ALLOW_ANY);

@@ -15,6 +15,7 @@ use aya::maps::{lpm_trie, HashMap, LpmTrie, MapData, MapError};
 use shunt_common::CidrAddr;
 
 use super::{registry::LpmKey, KernelError};
+use crate::model::{CowMap, Difference};
 
 /// What one reconcile pass changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +85,71 @@ where
     p
 }
 
+/// A mirror of a map's content: what [`reconcile`] plans against and
+/// keeps up to date.
+pub trait Mirror<K, V>: Sized {
+    fn from_entries(entries: BTreeMap<K, V>) -> Self;
+    fn plan(&self, desired: &Self) -> Plan<K, V>;
+    fn put(&mut self, k: K, v: V);
+    fn delete(&mut self, k: &K);
+    /// Every write of a plan from `desired` succeeded: the mirror equals
+    /// `desired`, and may take its layout (see [`CowMap`]).
+    fn settle(&mut self, desired: &Self);
+}
+
+impl<K: Ord + Copy, V: PartialEq + Copy> Mirror<K, V> for BTreeMap<K, V> {
+    fn from_entries(entries: BTreeMap<K, V>) -> Self {
+        entries
+    }
+    fn plan(&self, desired: &Self) -> Plan<K, V> {
+        plan(self, desired)
+    }
+    fn put(&mut self, k: K, v: V) {
+        self.insert(k, v);
+    }
+    fn delete(&mut self, k: &K) {
+        self.remove(k);
+    }
+    fn settle(&mut self, _: &Self) {}
+}
+
+/// The big map (`services`, 258,000 entries at 100,000 ServiceEntries):
+/// the projection patches a clone of the mirror, so the plan skips the
+/// chunks they still share, and the mirror then shares the projection's.
+impl<K: Ord + Copy, V: PartialEq + Copy> Mirror<K, V> for CowMap<K, V> {
+    fn from_entries(entries: BTreeMap<K, V>) -> Self {
+        CowMap::from_sorted(entries)
+    }
+    fn plan(&self, desired: &Self) -> Plan<K, V> {
+        let mut p = Plan {
+            upserts: Vec::new(),
+            removals: Vec::new(),
+            added: 0,
+        };
+        for d in self.differences(desired) {
+            match d {
+                Difference::Upsert(k, v) => {
+                    if !self.contains_key(k) {
+                        p.added += 1;
+                    }
+                    p.upserts.push((*k, *v));
+                }
+                Difference::Removal(k) => p.removals.push(*k),
+            }
+        }
+        p
+    }
+    fn put(&mut self, k: K, v: V) {
+        self.insert(k, v);
+    }
+    fn delete(&mut self, k: &K) {
+        self.remove(k);
+    }
+    fn settle(&mut self, desired: &Self) {
+        *self = desired.clone();
+    }
+}
+
 /// A kernel map that can be reconciled.
 pub trait Target<K, V> {
     fn put(&mut self, k: &K, v: &V) -> Result<(), MapError>;
@@ -123,42 +189,50 @@ impl<V: aya::Pod> Target<LpmKey, V> for LpmTrie<MapData, CidrAddr, V> {
 }
 
 /// A map and the mirror of its content, read from the pinned state.
-pub struct Mirrored<T, K, V> {
+pub struct Mirrored<T, K, V, M = BTreeMap<K, V>> {
     pub map: T,
-    pub current: BTreeMap<K, V>,
+    pub current: M,
     name: &'static str,
+    _entries: std::marker::PhantomData<(K, V)>,
 }
 
-impl<T, K, V> Mirrored<T, K, V>
+impl<T, K, V, M> Mirrored<T, K, V, M>
 where
     T: Target<K, V>,
     K: Ord + Copy,
     V: PartialEq + Copy,
+    M: Mirror<K, V>,
 {
     pub fn new(map: T, name: &'static str) -> Result<Self, KernelError> {
         let current = map.entries().map_err(KernelError::map(name, "iterate"))?;
-        Ok(Self { map, current, name })
+        Ok(Self {
+            map,
+            current: M::from_entries(current),
+            name,
+            _entries: std::marker::PhantomData,
+        })
     }
 
     /// Make the map equal `desired` (see the module doc).
-    pub fn reconcile(&mut self, desired: &BTreeMap<K, V>) -> Result<Diff, KernelError> {
+    pub fn reconcile(&mut self, desired: &M) -> Result<Diff, KernelError> {
         reconcile(&mut self.map, &mut self.current, desired, self.name)
     }
 }
 
 /// Make `map` equal `desired`; `current` is the caller's mirror of it.
-pub fn reconcile<T, K, V>(
+pub fn reconcile<T, K, V, M>(
     map: &mut T,
-    current: &mut BTreeMap<K, V>,
-    desired: &BTreeMap<K, V>,
+    current: &mut M,
+    desired: &M,
     name: &'static str,
 ) -> Result<Diff, KernelError>
 where
     T: Target<K, V>,
     K: Ord + Copy,
     V: PartialEq + Copy,
+    M: Mirror<K, V>,
 {
-    let p = plan(current, desired);
+    let p = current.plan(desired);
     let mut diff = Diff {
         added: p.added,
         updated: p.upserts.len() - p.added,
@@ -166,7 +240,7 @@ where
     };
     for (k, v) in &p.upserts {
         map.put(k, v).map_err(KernelError::map(name, "insert"))?;
-        current.insert(*k, *v);
+        current.put(*k, *v);
     }
     let mut failed = 0;
     let mut first = None;
@@ -180,11 +254,14 @@ where
                 continue;
             }
         }
-        current.remove(k);
+        current.delete(k);
         diff.removed += 1;
     }
     match first {
-        None => Ok(diff),
+        None => {
+            current.settle(desired);
+            Ok(diff)
+        }
         Some(source) => Err(KernelError::Remove {
             map: name,
             failed,

@@ -174,6 +174,98 @@ impl<K: Ord + Clone, V: Clone> CowMap<K, V> {
     }
 }
 
+/// One difference between two maps, from [`CowMap::differences`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Difference<'a, K, V> {
+    /// In the other map only, or with another value there: the other's.
+    Upsert(&'a K, &'a V),
+    /// In this map only.
+    Removal(&'a K),
+}
+
+impl<K: Ord, V: PartialEq> CowMap<K, V> {
+    /// What turns `self` into `other`, in key order. Chunks the two share
+    /// (one was cloned from the other and patched) are skipped whole
+    /// without looking at their entries, so the cost is O(n / CHUNK) plus
+    /// the entries of the chunks that differ.
+    pub fn differences<'a>(&'a self, other: &'a Self) -> Vec<Difference<'a, K, V>> {
+        let mut out = Vec::new();
+        let (mut a, mut b) = (Cursor::new(&self.chunks), Cursor::new(&other.chunks));
+        loop {
+            // Both at the start of the same chunk: equal, skip it.
+            if let (Some(x), Some(y)) = (a.whole(), b.whole()) {
+                if Arc::ptr_eq(x, y) {
+                    a.skip_chunk();
+                    b.skip_chunk();
+                    continue;
+                }
+            }
+            match (a.peek(), b.peek()) {
+                (None, None) => return out,
+                (Some((k, _)), None) => {
+                    out.push(Difference::Removal(k));
+                    a.advance();
+                }
+                (None, Some((k, v))) => {
+                    out.push(Difference::Upsert(k, v));
+                    b.advance();
+                }
+                (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                    std::cmp::Ordering::Less => {
+                        out.push(Difference::Removal(ka));
+                        a.advance();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        out.push(Difference::Upsert(kb, vb));
+                        b.advance();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if va != vb {
+                            out.push(Difference::Upsert(kb, vb));
+                        }
+                        a.advance();
+                        b.advance();
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// A position in a chunk list.
+struct Cursor<'a, K, V> {
+    chunks: &'a [Arc<Vec<(K, V)>>],
+    chunk: usize,
+    at: usize,
+}
+
+impl<'a, K, V> Cursor<'a, K, V> {
+    fn new(chunks: &'a [Arc<Vec<(K, V)>>]) -> Self {
+        Self {
+            chunks,
+            chunk: 0,
+            at: 0,
+        }
+    }
+    /// The current chunk, if the cursor is at its first entry.
+    fn whole(&self) -> Option<&'a Arc<Vec<(K, V)>>> {
+        (self.at == 0).then(|| self.chunks.get(self.chunk)).flatten()
+    }
+    fn skip_chunk(&mut self) {
+        self.chunk += 1;
+        self.at = 0;
+    }
+    fn peek(&self) -> Option<&'a (K, V)> {
+        self.chunks.get(self.chunk).map(|c| &c[self.at])
+    }
+    fn advance(&mut self) {
+        self.at += 1;
+        if self.at == self.chunks[self.chunk].len() {
+            self.skip_chunk();
+        }
+    }
+}
+
 impl<K: Ord + Clone, V: Clone> FromIterator<(K, V)> for CowMap<K, V> {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(it: I) -> Self {
         let mut m = Self::new();
@@ -188,6 +280,64 @@ impl<K: Ord + Clone, V: Clone> FromIterator<(K, V)> for CowMap<K, V> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    /// The differences of a patched clone are exactly the plain diff of
+    /// the two maps' contents, whatever chunks were split or copied.
+    #[test]
+    fn differences_of_a_patched_clone_are_the_plain_diff() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut base: CowMap<u32, u32> = CowMap::from_sorted((0..5000).map(|k| (k * 2, k)));
+        for round in 0..50 {
+            let mut patched = base.clone();
+            for _ in 0..(next() % 200) {
+                let k = (next() % 11_000) as u32;
+                match next() % 3 {
+                    0 => {
+                        patched.remove(&k);
+                    }
+                    1 => {
+                        patched.insert(k, round);
+                    }
+                    _ => {
+                        if let Some(v) = patched.get_mut(&k) {
+                            *v = v.wrapping_add(0); // copies the chunk, same value
+                        }
+                    }
+                }
+            }
+            let (a, b): (BTreeMap<_, _>, BTreeMap<_, _>) = (
+                base.iter().map(|(k, v)| (*k, *v)).collect(),
+                patched.iter().map(|(k, v)| (*k, *v)).collect(),
+            );
+            let mut want = Vec::new();
+            for (k, v) in &b {
+                if a.get(k) != Some(v) {
+                    want.push((*k, Some(*v)));
+                }
+            }
+            for k in a.keys().filter(|k| !b.contains_key(k)) {
+                want.push((*k, None));
+            }
+            want.sort();
+            let mut got: Vec<_> = base
+                .differences(&patched)
+                .into_iter()
+                .map(|d| match d {
+                    Difference::Upsert(k, v) => (*k, Some(*v)),
+                    Difference::Removal(k) => (*k, None),
+                })
+                .collect();
+            got.sort();
+            assert_eq!(got, want, "round {round}");
+            base = patched;
+        }
+    }
 
     /// Random inserts and removes against a BTreeMap, with clones kept
     /// along the way unchanged by later writes to the original.

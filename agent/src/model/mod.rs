@@ -32,7 +32,7 @@ use crate::config::render::ServiceEntryStatus;
 use crate::config::{labels, Config, ObjectKey, ServiceEntry};
 use crate::identity::SpiffeId;
 
-pub use cow::CowMap;
+pub use cow::{CowMap, Difference};
 pub use mesh::Mesh;
 pub use service::{Destination, Service, ServiceId, ServicePort, Vip};
 pub use status::{now_rfc3339, StatusClock};
