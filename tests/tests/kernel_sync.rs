@@ -86,7 +86,8 @@ fn projection(services: &[(&str, u32)], cidrs: &[&str]) -> Projection {
 }
 
 fn assert_pinned_equals(maps: &PinnedMaps, p: &Projection) -> Result<()> {
-    let services: std::collections::BTreeMap<_, _> = p.services.iter().map(|(k, v)| (*k, *v)).collect();
+    let services: std::collections::BTreeMap<_, _> =
+        p.services.iter().map(|(k, v)| (*k, *v)).collect();
     assert_eq!(maps.read_services()?, services);
     assert_eq!(maps.read_enrolled()?, p.enrolled);
     assert_eq!(maps.read_sources()?, p.sources);

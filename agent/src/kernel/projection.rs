@@ -265,12 +265,8 @@ impl SyncStats {
 /// The reconciled pinned maps with their mirrors, which start from the
 /// pinned state: a restarted agent changes only what differs.
 pub struct MapSync {
-    services: Mirrored<
-        HashHandle<Services>,
-        ServiceKey,
-        ServiceValue,
-        CowMap<ServiceKey, ServiceValue>,
-    >,
+    services:
+        Mirrored<HashHandle<Services>, ServiceKey, ServiceValue, CowMap<ServiceKey, ServiceValue>>,
     enrolled: Mirrored<HashHandle<Enrolled>, u64, EnrolledValue>,
     sources: Mirrored<HashHandle<Sources>, CidrAddr, u32>,
     egress_allow: Mirrored<LpmHandle<EgressAllow>, LpmKey, u8>,
@@ -351,7 +347,11 @@ mod tests {
         let (m, _) = model_of(&cfg, &|cg: &str| (cg == "shunt/curl").then_some(1001));
         let p = project(&m, None, BTreeMap::new());
         assert_eq!(p.services.len(), 2);
-        let v = p.services.get(&registry::tcp_key(at("240.240.0.1:80"))).copied().unwrap();
+        let v = p
+            .services
+            .get(&registry::tcp_key(at("240.240.0.1:80")))
+            .copied()
+            .unwrap();
         assert_eq!(v.flags, SVC_F_WAYPOINT | SVC_F_HTTP);
         assert_eq!(v.waypoint_addr, v4_mapped([10, 244, 1, 18]));
         assert_eq!(v.waypoint_port, 15008);

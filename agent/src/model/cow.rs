@@ -249,7 +249,9 @@ impl<'a, K, V> Cursor<'a, K, V> {
     }
     /// The current chunk, if the cursor is at its first entry.
     fn whole(&self) -> Option<&'a Arc<Vec<(K, V)>>> {
-        (self.at == 0).then(|| self.chunks.get(self.chunk)).flatten()
+        (self.at == 0)
+            .then(|| self.chunks.get(self.chunk))
+            .flatten()
     }
     fn skip_chunk(&mut self) {
         self.chunk += 1;

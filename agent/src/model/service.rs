@@ -293,6 +293,14 @@ pub fn destination_rule<'a>(
         .or_else(|| pick(root, &exported))
 }
 
+/// Whether `dr` can give any service TLS settings (see [`tls_of`]): a
+/// config without such a rule has no service with TLS.
+pub fn sets_tls(dr: &DestinationRule) -> bool {
+    dr.spec.traffic_policy.as_ref().is_some_and(|tp| {
+        tp.tls.is_some() || tp.port_level_settings.iter().any(|pl| pl.tls.is_some())
+    })
+}
+
 /// TLS settings of the applicable DestinationRule for (host, port):
 /// port-level settings override the rule's default.
 fn tls_of(dr: &DestinationRule, port: u16) -> Option<ClientTls> {

@@ -19,6 +19,8 @@ use crate::config::meta::ObjectMeta;
 const GROUP_NETWORKING: &str = "networking.istio.io";
 const GROUP_GATEWAY: &str = "gateway.networking.k8s.io";
 use crate::config::WAYPOINT_CLASS;
+/// The condition key of the SNI match (`sni_reachable` needs the targets' ports).
+pub(super) const SNI_KEY: &str = "connection.sni";
 
 /// One request attribute and the compiled values it is compared with.
 #[derive(Debug)]
@@ -874,7 +876,7 @@ impl Builder<'_> {
                 "source.serviceAccount" => Kind::ServiceAccount(this.service_accounts(&vf, vals)),
                 "source.trustDomain" => Kind::TrustDomain(this.trust_domains(&vf, vals)),
                 "destination.port" => Kind::Port(this.ports(&vf, vals)),
-                "connection.sni" => Kind::Sni(this.strs(&vf, vals, true)),
+                SNI_KEY => Kind::Sni(this.strs(&vf, vals, true)),
                 "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter" => {
                     this.values_ok(&vf, vals);
                     Kind::NoJwt

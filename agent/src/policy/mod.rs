@@ -76,11 +76,19 @@ impl BuildOptions {
     /// exactly as the waypoint does.
     pub fn for_config(cfg: &crate::config::Config, waypoint: Option<GatewayRef>) -> Self {
         let root_namespace = crate::model::Mesh::from_config(&cfg.mesh).root_namespace;
-        // Only the entries a policy names are looked up (`sni_reachable`):
-        // a map of every entry cost 200,000 strings at 100,000 entries.
+        // Only the entries a policy with a `connection.sni` condition names
+        // are looked up (`sni_reachable`, the one reader): a map of every
+        // entry cost 200,000 strings at 100,000 entries.
         let targeted: std::collections::HashSet<(&str, &str)> = cfg
             .authorization_policies
             .iter()
+            .filter(|p| {
+                p.spec
+                    .rules
+                    .iter()
+                    .flatten()
+                    .any(|r| r.when.iter().any(|c| c.key == compile::SNI_KEY))
+            })
             .flat_map(|p| {
                 let ns = p.namespace();
                 p.spec
@@ -94,8 +102,14 @@ impl BuildOptions {
                     })
             })
             .collect();
-        let service_tls = cfg
-            .service_entries
+        // No such policy targets an entry (most configs): no walk of every
+        // entry either (each one hashed cost ~25 ms at 100,000).
+        let candidates = if targeted.is_empty() {
+            &[][..]
+        } else {
+            &cfg.service_entries[..]
+        };
+        let service_tls = candidates
             .iter()
             .filter(|se| targeted.contains(&(se.namespace(), se.name())))
             .map(|se| {
