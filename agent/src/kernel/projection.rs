@@ -178,7 +178,7 @@ pub fn project_from(
                 .collect();
             // VIP:port order is not the key's order. Stable, and the last
             // of equal keys wins, as collecting into a map would.
-            all.sort_by(|a, b| a.0.cmp(&b.0));
+            all.sort_by_key(|kv| kv.0);
             let mut sorted: Vec<(ServiceKey, ServiceValue)> = Vec::with_capacity(all.len());
             for kv in all {
                 match sorted.last_mut() {
