@@ -16,7 +16,7 @@ const HOSTS: usize = 400;
 /// Everything the agent reconciles into the kernel, as pinned now.
 fn snapshot(maps: &PinnedMaps) -> Result<Projection> {
     Ok(Projection {
-        services: maps.read_services()?,
+        services: shunt_agent::model::CowMap::from_sorted(maps.read_services()?),
         enrolled: maps.read_enrolled()?,
         sources: maps.read_sources()?,
         egress_allow: maps.read_egress_allow()?,
