@@ -12,9 +12,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::kernel::projection::{self, Capacity, Projection};
-use crate::model::Model;
+use crate::model::{CowMap, Model};
 use crate::policy::GatewayRef;
 use crate::waypoint::WaypointError;
+use shunt_common::{ServiceKey, ServiceValue};
 
 /// One reason a config is refused.
 #[derive(Debug)]
@@ -86,12 +87,21 @@ pub fn check_capacity(p: &Projection, limits: &Capacity) -> Vec<Rejection> {
 /// write maps (the waypoint, `config check`): each workload address one
 /// `sources` entry, as the reconciler's route lookups give.
 pub fn projection_of(model: &Model) -> Projection {
+    projection_from(model, None)
+}
+
+/// [`projection_of`] with the services map patched from `prev`, that of
+/// the model `model` was patched from (see [`projection::project_from`]).
+pub fn projection_from(
+    model: &Model,
+    prev: Option<&CowMap<ServiceKey, ServiceValue>>,
+) -> Projection {
     let oifs: HashMap<_, _> = model
         .workloads()
         .filter_map(|w| w.address)
         .map(|a| (a, 0))
         .collect();
-    projection::project(model, None, projection::sources(&oifs))
+    projection::project_from(model, None, projection::sources(&oifs), prev)
 }
 
 /// The waypoints (istio-waypoint Gateways) of the model's config.

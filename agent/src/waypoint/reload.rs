@@ -128,6 +128,7 @@ pub(crate) async fn reload_loop(
         // for an entry the waypoint already had) needs a whole build.
         let patch = !(moved || unsettled);
         unsettled = true;
+        let started = std::time::Instant::now();
         let built = tokio::task::spawn_blocking(move || {
             rebuild(cfg, &allocation, &gateway, timeout, &prev, patch)
         })
@@ -151,6 +152,7 @@ pub(crate) async fn reload_loop(
                     service_entries,
                     services = s.targets.len(),
                     policies = s.policies.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
                     "waypoint config applied"
                 );
                 unsettled = false;
@@ -185,12 +187,13 @@ fn rebuild(
     ));
     // The agent's acceptance step: a config the agent refuses (too big
     // for its maps, refused by another waypoint) is refused here too.
-    let projection = validate::projection_of(&model);
+    let projection =
+        validate::projection_from(&model, patch.then_some(prev.projected.as_ref()).flatten());
     if let Err(e) = validate::validate(&model, &projection, &Capacity::KERNEL) {
         tracing::error!("waypoint config rejected: {e}");
         return None;
     }
-    Some(routes::build(
+    let built = routes::build(
         model,
         &routes::BuildInputs {
             gateway,
@@ -198,5 +201,9 @@ fn rebuild(
             previous: Some(prev),
             idle_budget: None,
         },
-    ))
+    );
+    Some(built.map(|mut r| {
+        r.projected = Some(projection.services);
+        r
+    }))
 }

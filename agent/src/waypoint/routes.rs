@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{ClientTls, ObjectKey, Protocol, TlsMode as DrTlsMode};
-use crate::model::{self, Model, Service, ServicePort};
+use crate::model::{self, CowMap, Model, Service, ServicePort};
 use crate::policy::{BuildOptions, GatewayRef, PolicySet};
 use crate::upstream::{OriginationSettings, TlsMode, UpstreamConnector};
+use shunt_common::{ServiceKey, ServiceValue};
 
 use super::pool::{IdleBudget, Upstream, UpstreamProtocol};
 use super::WaypointError;
@@ -61,6 +62,10 @@ pub struct Routes {
     pub digest: u64,
     /// The pooled upstream connections' cap, kept across reloads.
     pub idle_budget: Arc<IdleBudget>,
+    /// The kernel `services` map the agent would write for `model`, once
+    /// the reload's acceptance step computed it: the next reload patches
+    /// it (a whole projection cost ~100 ms at 100,000 entries).
+    pub projected: Option<CowMap<ServiceKey, ServiceValue>>,
 }
 
 impl std::fmt::Debug for Routes {
@@ -363,6 +368,7 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
         warnings,
         digest,
         idle_budget,
+        projected: None,
     })
 }
 
