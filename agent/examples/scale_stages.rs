@@ -7,11 +7,12 @@
 //! Run with a non-LTO optimised profile, e.g.
 //! `CARGO_PROFILE_BENCH_LTO=false CARGO_PROFILE_BENCH_CODEGEN_UNITS=16
 //! CARGO_PROFILE_BENCH_OPT_LEVEL=2 cargo run --profile bench -p shunt-agent
-//! --example scale_stages -- [--mem] [--remove] [N] [REPS]`. `--mem` adds
+//! --example scale_stages -- [--mem | --time] [--remove] [N] [REPS]`. `--mem` adds
 //! each stage's live heap after it and its peak during it, `[live/peak]`
-//! in MB (counted over mimalloc, the binary's allocator); `--remove` ends
-//! with every generated file removed; the end of a run breaks the kept
-//! heap down by holder. For RSS as the binary has it, give mimalloc the
+//! in MB (counted over mimalloc, the binary's allocator); `--time` turns
+//! the counting off (its shared atomics double the parallel parse's time;
+//! use it for timings); `--remove` ends with every generated file removed;
+//! the end of a run breaks the kept heap down by holder. For RSS as the binary has it, give mimalloc the
 //! binary's options: `MIMALLOC_PURGE_DELAY=0 MIMALLOC_ARENA_EAGER_COMMIT=0`
 //! (`main.rs` sets them as defaults; without them RSS reads ~1.3x higher).
 
@@ -44,6 +45,9 @@ const PER_FILE: usize = 1000;
 struct Counting;
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+/// Off with `--time`: the counters are atomics shared by the parse's
+/// threads, which doubles its time (heap figures then read 0).
+static COUNT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 // SAFETY: every call is forwarded to mimalloc unchanged; the counters only
 // observe sizes.
@@ -67,12 +71,14 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         // SAFETY: a block mimalloc gave out with this layout, forwarded.
         unsafe { MiMalloc.dealloc(p, l) };
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        if COUNT.load(Ordering::Relaxed) {
+            LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
         // SAFETY: a block mimalloc gave out with this layout, forwarded.
         let q = unsafe { MiMalloc.realloc(p, l, new) };
-        if !q.is_null() {
+        if !q.is_null() && COUNT.load(Ordering::Relaxed) {
             LIVE.fetch_sub(l.size(), Ordering::Relaxed);
             grow(new);
         }
@@ -81,6 +87,9 @@ unsafe impl GlobalAlloc for Counting {
 }
 
 fn grow(n: usize) {
+    if !COUNT.load(Ordering::Relaxed) {
+        return;
+    }
     let live = LIVE.fetch_add(n, Ordering::Relaxed) + n;
     PEAK.fetch_max(live, Ordering::Relaxed);
 }
@@ -250,6 +259,10 @@ fn print(label: &str, t: &Times, extra: &str) {
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--time") {
+        args.remove(i);
+        COUNT.store(false, Ordering::Relaxed);
+    }
     if let Some(i) = args.iter().position(|a| a == "--mem") {
         args.remove(i);
         MEM.store(true, Ordering::Relaxed);

@@ -16,6 +16,7 @@ use serde_yaml_ng::Value;
 
 use super::changes::ObjectRef;
 use super::meta::ObjectMeta;
+use super::strict::Strict;
 use super::*;
 
 /// The YAML files of a directory at one moment, with a content hash.
@@ -357,18 +358,14 @@ impl ParsedFile {
     }
 
     fn parse_new(path: &Path, bytes: &[u8], hash: u64) -> ParsedFile {
+        Self::parse_with(path, bytes, hash, true)
+    }
+
+    /// `fast`: try [`ParsedFile::parse_fast`] first (off only in tests that
+    /// compare the two paths).
+    fn parse_with(path: &Path, bytes: &[u8], hash: u64, fast: bool) -> ParsedFile {
         let file: Arc<Path> = Arc::from(path);
-        let mut b = Builder {
-            file: file.clone(),
-            out: ParsedFile {
-                path: file.clone(),
-                hash,
-                mesh: None,
-                objects: Vec::new(),
-                problems: Vec::new(),
-                ignored_kinds: BTreeMap::new(),
-            },
-        };
+        let mut b = Builder::new(file.clone(), hash);
         let is_mesh = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -383,6 +380,9 @@ impl ParsedFile {
         if is_mesh {
             b.mesh(text);
             return b.out;
+        }
+        if let Some(f) = fast.then(|| Self::parse_fast(&file, text, hash)).flatten() {
+            return f;
         }
         // One libyaml pass; only text it refuses is tried again with
         // flow-context IPv6 scalars quoted.
@@ -407,6 +407,129 @@ impl ParsedFile {
             b.problem(Some(n + 1), None, None, e.to_string());
         }
         b.out
+    }
+}
+
+impl ParsedFile {
+    /// The fast path: every document deserialized straight from libyaml's
+    /// events ([`Strict`]), without a value tree. `None` as soon as one
+    /// document needs the tree (it does not deserialize, or is of a kind or
+    /// version shunt does not read): the file is then parsed the slow way
+    /// from the start, so its problems read as they always have. Only
+    /// `apiVersion` and `kind` first, in either order, take this path.
+    fn parse_fast(file: &Arc<Path>, text: &str, hash: u64) -> Option<ParsedFile> {
+        let mut b = Builder::new(file.clone(), hash);
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let origin = Origin {
+                file: file.clone(),
+                doc: i + 1,
+            };
+            // An empty document is skipped, as the slow path skips a null.
+            if let Some(f) = Option::<Fast>::deserialize(Strict::new(doc)).ok()? {
+                b.fast(f, origin);
+            }
+        }
+        Some(b.out)
+    }
+}
+
+/// One document of a kind shunt reads, deserialized on the fast path.
+enum Fast {
+    Namespace(Doc<Value>),
+    ServiceEntry(Doc<ServiceEntrySpec>),
+    /// Boxed: a DestinationRuleSpec is ten times the others' size.
+    DestinationRule(Box<Doc<DestinationRuleSpec>>),
+    WorkloadEntry(Doc<WorkloadEntrySpec>),
+    AuthorizationPolicy(Doc<authz::AuthorizationPolicySpec>),
+    Gateway(Doc<GatewaySpec>),
+}
+
+impl<'de> Deserialize<'de> for Fast {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Fast, D::Error> {
+        d.deserialize_map(FastVisitor)
+    }
+}
+
+struct FastVisitor;
+
+impl<'de> serde::de::Visitor<'de> for FastVisitor {
+    type Value = Fast;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a Kubernetes object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Fast, A::Error> {
+        use serde::de::Error;
+        let mut entry = || -> Result<(String, String), A::Error> {
+            let k = m
+                .next_key::<String>()?
+                .ok_or_else(|| A::Error::custom("empty"))?;
+            Ok((k, m.next_value::<String>()?))
+        };
+        let (k1, v1) = entry()?;
+        let (k2, v2) = entry()?;
+        let (api, kind) = match (k1.as_str(), k2.as_str()) {
+            ("apiVersion", "kind") => (v1, v2),
+            ("kind", "apiVersion") => (v2, v1),
+            _ => return Err(A::Error::custom("apiVersion and kind are not first")),
+        };
+        let (group, version) = api.rsplit_once('/').unwrap_or(("", api.as_str()));
+        match kind_of(group, &kind) {
+            Some((versions, _)) if versions.contains(&version) => {}
+            _ => return Err(A::Error::custom("a kind or version for the slow path")),
+        }
+        fn rest<'de, S: Deserialize<'de> + Default, A: serde::de::MapAccess<'de>>(
+            m: A,
+            api_version: String,
+            kind: String,
+        ) -> Result<Doc<S>, A::Error> {
+            let r = Rest::<S>::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
+            Ok(Doc {
+                api_version,
+                kind,
+                metadata: r.metadata,
+                spec: r.spec,
+                status: r.status,
+            })
+        }
+        Ok(match kind.as_str() {
+            "Namespace" => Fast::Namespace(rest(m, api, kind)?),
+            "ServiceEntry" => Fast::ServiceEntry(rest(m, api, kind)?),
+            "DestinationRule" => Fast::DestinationRule(Box::new(rest(m, api, kind)?)),
+            "WorkloadEntry" => Fast::WorkloadEntry(rest(m, api, kind)?),
+            "AuthorizationPolicy" => Fast::AuthorizationPolicy(rest(m, api, kind)?),
+            "Gateway" => Fast::Gateway(rest(m, api, kind)?),
+            _ => unreachable!("kind_of knows these kinds only"),
+        })
+    }
+}
+
+/// [`Doc`] after its `apiVersion` and `kind`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Rest<S> {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<S>,
+    #[serde(default)]
+    status: Option<Value>,
+}
+
+/// The versions shunt reads of a kind, and whether it is namespaced;
+/// `None` for a kind it ignores.
+fn kind_of(group: &str, kind: &str) -> Option<(&'static [&'static str], bool)> {
+    const ISTIO3: &[&str] = &["v1", "v1beta1", "v1alpha3"];
+    const V1B1: &[&str] = &["v1", "v1beta1"];
+    match (group, kind) {
+        ("", "Namespace") => Some((&["v1"], false)),
+        ("networking.istio.io", "ServiceEntry")
+        | ("networking.istio.io", "DestinationRule")
+        | ("networking.istio.io", "WorkloadEntry") => Some((ISTIO3, true)),
+        ("security.istio.io", "AuthorizationPolicy") => Some((V1B1, true)),
+        ("gateway.networking.k8s.io", "Gateway") => Some((V1B1, true)),
+        _ => None,
     }
 }
 
@@ -543,6 +666,20 @@ struct Ctx<'a> {
 }
 
 impl Builder {
+    fn new(file: Arc<Path>, hash: u64) -> Builder {
+        Builder {
+            file: file.clone(),
+            out: ParsedFile {
+                path: file,
+                hash,
+                mesh: None,
+                objects: Vec::new(),
+                problems: Vec::new(),
+                ignored_kinds: BTreeMap::new(),
+            },
+        }
+    }
+
     fn problem(
         &mut self,
         doc: Option<usize>,
@@ -637,23 +774,13 @@ impl Builder {
             name
         };
         let (group, version) = api.rsplit_once('/').unwrap_or(("", api.as_str()));
-        const ISTIO3: &[&str] = &["v1", "v1beta1", "v1alpha3"];
-        const V1B1: &[&str] = &["v1", "v1beta1"];
-        let (versions, namespaced): (&[&str], bool) = match (group, kind.as_str()) {
-            ("", "Namespace") => (&["v1"], false),
-            ("networking.istio.io", "ServiceEntry")
-            | ("networking.istio.io", "DestinationRule")
-            | ("networking.istio.io", "WorkloadEntry") => (ISTIO3, true),
-            ("security.istio.io", "AuthorizationPolicy") => (V1B1, true),
-            ("gateway.networking.k8s.io", "Gateway") => (V1B1, true),
-            _ => {
-                *self
-                    .out
-                    .ignored_kinds
-                    .entry(format!("{kind}.{group}"))
-                    .or_default() += 1;
-                return;
-            }
+        let Some((versions, namespaced)) = kind_of(group, &kind) else {
+            *self
+                .out
+                .ignored_kinds
+                .entry(format!("{kind}.{group}"))
+                .or_default() += 1;
+            return;
         };
         let object = if namespaced {
             let ns = mget("namespace");
@@ -737,6 +864,85 @@ impl Builder {
                 return None;
             }
         };
+        self.resource(doc, ctx, spec_required, kind)
+    }
+
+    /// A fast path's document (see [`ParsedFile::parse_fast`]), checked and
+    /// validated as [`Builder::document`] does the same object.
+    fn fast(&mut self, f: Fast, origin: Origin) {
+        fn ctx<'a, S>(d: &Doc<S>, origin: &'a Origin, namespaced: bool) -> Ctx<'a> {
+            let name = match d.metadata.name.as_str() {
+                "" => "<unnamed>",
+                n => n,
+            };
+            let object = if namespaced {
+                let ns = match d.metadata.namespace.as_deref() {
+                    None | Some("") => "default",
+                    Some(ns) => ns,
+                };
+                format!("{} {ns}/{name}", d.kind)
+            } else {
+                format!("{} {name}", d.kind)
+            };
+            Ctx { origin, object }
+        }
+        let obj = match f {
+            Fast::Namespace(d) => {
+                let c = ctx(&d, &origin, false);
+                self.resource(d, &c, false, "Namespace")
+                    .map(|r| Object::Namespace(Arc::new(r)))
+            }
+            Fast::ServiceEntry(mut d) => {
+                if let Some(s) = &mut d.spec {
+                    s.shrink_to_fit();
+                }
+                let c = ctx(&d, &origin, true);
+                self.resource(d, &c, true, "ServiceEntry").map(|r| {
+                    self.validate_se(&r, &c);
+                    Object::ServiceEntry(Arc::new(r))
+                })
+            }
+            Fast::DestinationRule(d) => {
+                let c = ctx(&d, &origin, true);
+                self.resource(*d, &c, true, "DestinationRule").map(|r| {
+                    self.validate_dr(&r, &c);
+                    Object::DestinationRule(Arc::new(r))
+                })
+            }
+            Fast::WorkloadEntry(d) => {
+                let c = ctx(&d, &origin, true);
+                self.resource(d, &c, true, "WorkloadEntry").map(|r| {
+                    self.validate_we(&r, &c);
+                    Object::WorkloadEntry(Arc::new(r))
+                })
+            }
+            Fast::AuthorizationPolicy(d) => {
+                let c = ctx(&d, &origin, true);
+                self.resource(d, &c, false, "AuthorizationPolicy").map(|r| {
+                    self.validate_ap(&r, &c);
+                    Object::AuthorizationPolicy(Arc::new(r))
+                })
+            }
+            Fast::Gateway(d) => {
+                let c = ctx(&d, &origin, true);
+                self.resource(d, &c, true, "Gateway").map(|r| {
+                    self.validate_gw(&r, &c);
+                    Object::Gateway(Arc::new(r))
+                })
+            }
+        };
+        self.out.objects.extend(obj);
+    }
+
+    /// Checks a deserialized document's metadata; `None` when it has
+    /// problems that make it unusable.
+    fn resource<S: Default>(
+        &mut self,
+        doc: Doc<S>,
+        ctx: &Ctx,
+        spec_required: bool,
+        kind: &'static str,
+    ) -> Option<Resource<S>> {
         let mut ok = true;
         if doc.metadata.name.is_empty() {
             self.at(ctx, "metadata.name", "missing");
@@ -1268,4 +1474,237 @@ pub(crate) fn is_host(h: &str) -> bool {
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         })
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    //! The fast path must read exactly what the value tree reads whenever it
+    //! succeeds (it gives up on anything else; see `strict.rs`).
+    use super::*;
+
+    /// Objects, problems and ignored kinds, as text.
+    fn view(f: &ParsedFile) -> String {
+        format!("{:#?}\n{:#?}\n{:?}", f.objects, f.problems, f.ignored_kinds)
+    }
+
+    fn both(text: &str) -> (Option<String>, String) {
+        let path = Path::new("dir/x.yaml");
+        let file: Arc<Path> = Arc::from(path);
+        let fast = ParsedFile::parse_fast(&file, text, 0).map(|f| view(&f));
+        let slow = view(&ParsedFile::parse_with(path, text.as_bytes(), 0, false));
+        (fast, slow)
+    }
+
+    /// Every YAML file of the repository (examples, fixtures, deploy).
+    fn corpus() -> Vec<(PathBuf, String)> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut out = Vec::new();
+        let mut dirs = vec![root];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().to_string();
+                if p.is_dir() {
+                    if !name.starts_with('.') && name != "target" {
+                        dirs.push(p);
+                    }
+                } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+                    if let Ok(t) = std::fs::read_to_string(&p) {
+                        out.push((p, t));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    const SE: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: se-1
+  namespace: ns-1
+  labels:
+    istio.io/use-waypoint: egress-gateway
+    team: a
+  creationTimestamp: \"2026-01-02T03:04:05Z\"
+spec:
+  hosts:
+  - s1.example
+  - \"*.w.example\"
+  addresses: [240.240.1.1/32, 10.0.0.0/8]
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  - {number: 443, name: tls, protocol: TLS, targetPort: 8443}
+  resolution: DNS
+  location: MESH_EXTERNAL
+  exportTo: [\".\"]
+  endpoints:
+  - address: 10.1.2.3
+    ports: {http: 8080}
+    labels: {a: b}
+---
+kind: DestinationRule
+apiVersion: networking.istio.io/v1
+metadata: {name: dr-1, namespace: ns-1}
+spec:
+  host: s1.example
+  trafficPolicy:
+    tls:
+      mode: SIMPLE
+      sni: s1.example
+";
+
+    #[test]
+    fn the_corpus_reads_the_same_and_mostly_takes_the_fast_path() {
+        let mut fast = 0;
+        let files = corpus();
+        assert!(files.len() > 20, "found {} YAML files", files.len());
+        for (p, text) in &files {
+            let (f, slow) = both(text);
+            if let Some(f) = f {
+                assert_eq!(f, slow, "{}", p.display());
+                fast += 1;
+            }
+        }
+        assert!(both(SE).0.is_some(), "the sample takes the fast path");
+        // Most of them are configs shunt reads; the rest (other kinds,
+        // bad inputs) fall back.
+        assert!(fast * 3 >= files.len(), "{fast} of {} fast", files.len());
+    }
+
+    /// xorshift with a fixed seed per run, so a failure reproduces.
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    /// Values and lines that the stream and the tree could read apart.
+    const SCALARS: &[&str] = &[
+        "123",
+        "0x50",
+        "1_000",
+        "-1",
+        "1.5",
+        ".inf",
+        "true",
+        "yes",
+        "~",
+        "null",
+        "\"null\"",
+        "",
+        "\"123\"",
+        "'x'",
+        "[a, 1]",
+        "{a: 1}",
+        "!foo x",
+        "!!str 12",
+        "&a x",
+        "*a",
+        "2026-01-02",
+        "\"::1\"",
+        "[::1]",
+        "|\n    block",
+        "0o17",
+        "NaN",
+    ];
+
+    #[test]
+    fn mutated_documents_read_the_same_whenever_the_fast_path_succeeds() {
+        let mut texts: Vec<String> = corpus().into_iter().map(|(_, t)| t).collect();
+        texts.push(SE.to_string());
+        let mut rng = Rng(0x5eed_1234_abcd_0001);
+        let (mut fast, mut tried) = (0, 0);
+        for round in 0..4000 {
+            let base = &texts[rng.below(texts.len())];
+            let mut lines: Vec<String> = base.lines().map(str::to_string).collect();
+            if lines.is_empty() {
+                continue;
+            }
+            for _ in 0..1 + rng.below(3) {
+                let i = rng.below(lines.len());
+                match rng.below(5) {
+                    // Replace a value.
+                    0 | 1 => {
+                        if let Some(c) = lines[i].find(": ") {
+                            let v = SCALARS[rng.below(SCALARS.len())];
+                            lines[i] = format!("{}: {v}", &lines[i][..c]);
+                        } else if let Some(d) = lines[i].find("- ") {
+                            let v = SCALARS[rng.below(SCALARS.len())];
+                            lines[i] = format!("{}- {v}", &lines[i][..d]);
+                        }
+                    }
+                    // A duplicate key (or list item).
+                    2 => {
+                        let l = lines[i].clone();
+                        lines.insert(i, l);
+                    }
+                    3 => {
+                        lines.remove(i);
+                    }
+                    // A key the types do not know, or a swapped line.
+                    _ => {
+                        let j = rng.below(lines.len());
+                        lines.swap(i, j);
+                    }
+                }
+                if lines.is_empty() {
+                    break;
+                }
+            }
+            let text = lines.join("\n");
+            let (f, slow) = both(&text);
+            tried += 1;
+            if let Some(f) = f {
+                fast += 1;
+                assert_eq!(f, slow, "round {round}, text:\n{text}");
+            }
+        }
+        // Enough mutants succeed on the fast path to mean something (about
+        // one in ten: most mutations break the document).
+        assert!(fast * 20 >= tried, "{fast} of {tried} fast");
+    }
+
+    #[test]
+    fn what_the_tree_refuses_the_fast_path_leaves_to_it() {
+        for text in [
+            // A number where a string is wanted: the stream would read "123".
+            SE.replace("name: se-1", "name: 123"),
+            SE.replace("- s1.example", "- true"),
+            // Duplicate keys: the stream would keep the last.
+            SE.replace("    team: a", "    team: a\n    team: b"),
+            SE.replace(
+                "  resolution: DNS",
+                "  resolution: DNS\n  resolution: STATIC",
+            ),
+            // A number as a field's name: serde would read `4` as the
+            // index of `resolution`; the tree refuses it.
+            SE.replace("  resolution: DNS", "  4: DNS"),
+            // kind and apiVersion not first.
+            SE.replacen(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n",
+                "kind: ServiceEntry\nspec2: 1\napiVersion: networking.istio.io/v1\n",
+                1,
+            ),
+        ] {
+            let (f, slow) = both(&text);
+            assert!(f.is_none(), "took the fast path:\n{text}");
+            assert!(
+                slow.contains("Problem"),
+                "the slow path finds a problem:\n{text}\n{slow}"
+            );
+        }
+        // A tag: the tree reads the tagged string (and so does shunt); the
+        // fast path leaves it to the tree.
+        let (f, slow) = both(&SE.replace("  - s1.example", "  - !h s1.example"));
+        assert!(f.is_none());
+        assert_eq!(slow, both(SE).1);
+    }
 }

@@ -11,6 +11,7 @@ pub mod kube;
 mod load;
 pub mod meta;
 pub mod render;
+mod strict;
 pub mod types;
 pub mod watch;
 
