@@ -11,8 +11,8 @@ pub struct ObjectMeta {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
     /// RFC 3339; decides VIP collisions (the older entry keeps its address).
@@ -27,5 +27,106 @@ impl ObjectMeta {
     /// Namespace, defaulting like kubectl does.
     pub fn ns(&self) -> &str {
         self.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+/// `metadata.labels`: a sorted list with no spare capacity. Most objects
+/// have none or two, and a `BTreeMap` node holds room for eleven (~640
+/// bytes per labelled object; 40,000 of them at 100,000 ServiceEntries).
+/// Reads as a map does: the last of duplicate keys wins.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Labels(Box<[(String, String)]>);
+
+impl Labels {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn find(&self, k: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(x, _)| x.as_str().cmp(k))
+    }
+    pub fn get(&self, k: &str) -> Option<&String> {
+        self.find(k).ok().map(|i| &self.0[i].1)
+    }
+    pub fn contains_key(&self, k: &str) -> bool {
+        self.find(k).is_ok()
+    }
+    /// Sets `k` to `v`, returning the value it replaces.
+    pub fn insert(&mut self, k: String, v: String) -> Option<String> {
+        match self.find(&k) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, v)),
+            Err(i) => {
+                let mut all = std::mem::take(&mut self.0).into_vec();
+                all.insert(i, (k, v));
+                self.0 = all.into_boxed_slice();
+                None
+            }
+        }
+    }
+    /// In key order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&String, &String)> + Clone {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl FromIterator<(String, String)> for Labels {
+    /// The last of duplicate keys wins, as in a map.
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(it: I) -> Self {
+        let mut all: Vec<(String, String)> = it.into_iter().collect();
+        // Stable: equal keys keep their order, and the last one is kept.
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out: Vec<(String, String)> = Vec::with_capacity(all.len());
+        for kv in all {
+            match out.last_mut() {
+                Some(last) if last.0 == kv.0 => *last = kv,
+                _ => out.push(kv),
+            }
+        }
+        Labels(out.into_boxed_slice())
+    }
+}
+
+impl From<BTreeMap<String, String>> for Labels {
+    fn from(m: BTreeMap<String, String>) -> Self {
+        Labels(m.into_iter().collect())
+    }
+}
+
+impl<'a> IntoIterator for &'a Labels {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, String)>,
+        fn(&'a (String, String)) -> (&'a String, &'a String),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Labels;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Labels, A::Error> {
+                let mut all = Vec::with_capacity(m.size_hint().unwrap_or(0));
+                while let Some(kv) = m.next_entry::<String, String>()? {
+                    all.push(kv);
+                }
+                Ok(all.into_iter().collect())
+            }
+        }
+        d.deserialize_map(V)
     }
 }
