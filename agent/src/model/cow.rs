@@ -174,6 +174,14 @@ impl<K: Ord + Clone, V: Clone> CowMap<K, V> {
     }
 }
 
+impl<K: Ord + Clone + Borrow<Q>, Q: Ord + ?Sized, V: Clone> std::ops::Index<&Q> for CowMap<K, V> {
+    type Output = V;
+    /// The value of `k`; panics if there is none, as a `BTreeMap` does.
+    fn index(&self, k: &Q) -> &V {
+        self.get(k).expect("no entry for the key in the CowMap")
+    }
+}
+
 /// One difference between two maps, from [`CowMap::differences`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Difference<'a, K, V> {

@@ -165,8 +165,10 @@ pub struct Model {
     /// Per ServiceEntry, without `lastTransitionTime` until a
     /// [`StatusClock`] stamps it. Shared with the previous model for a
     /// reused service (a deep copy of 100,000 of them per edit otherwise);
-    /// the clock copies one only to change it.
-    pub status: BTreeMap<ObjectKey, Arc<ServiceEntryStatus>>,
+    /// the clock copies one only to change it. A [`CowMap`], so that the
+    /// clock keeps the statuses it stamped as a clone sharing its chunks,
+    /// and finds what changed without a walk of every entry.
+    pub status: CowMap<ObjectKey, Arc<ServiceEntryStatus>>,
     /// `Some` when patched from a previous model.
     delta: Option<Delta>,
 }
@@ -230,9 +232,10 @@ impl Model {
         let mut warned = Vec::new();
         let mut claims: BTreeMap<SocketAddr, Vec<(Age, ServiceId)>> = BTreeMap::new();
         let mut hosts: HashMap<String, Vec<(Age, HostRecord)>> = HashMap::new();
+        let mut status = Vec::with_capacity(order.len());
         for se in order {
             let r = m.resolve_entry(cfg, alloc, se, &mut bound);
-            m.status.insert(r.key.clone(), r.status);
+            status.push((r.key.clone(), r.status));
             let own: Arc<[Warning]> = r.own.into();
             let Some(svc) = r.svc else {
                 warned.push((r.age.clone(), own.clone()));
@@ -287,10 +290,12 @@ impl Model {
             services.push((id, Arc::new(svc)));
         }
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        status.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         services.sort_unstable_by_key(|s| s.0);
         let mut hosts: Vec<_> = hosts.into_iter().collect();
         hosts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         m.entries = CowMap::from_sorted(entries);
+        m.status = CowMap::from_sorted(status);
         m.services = CowMap::from_sorted(services);
         m.warned = CowMap::from_sorted(warned);
         m.claims = CowMap::from_sorted(claims);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::config::render::{ServiceEntryStatus, StatusAddress, StatusCondition, WAYPOINT_BOUND};
 use crate::config::ObjectKey;
 
+use super::cow::{CowMap, Difference};
 use super::waypoint::WaypointBinding;
 
 /// The message of an entry without a waypoint (most of them: one text).
@@ -52,7 +53,7 @@ pub struct StatusClock {
     /// Per entry, the status last stamped (its conditions carry the times):
     /// the model's own `Arc`, so an entry whose status the next model reuses
     /// is recognised by pointer, and the times are not held twice.
-    seen: BTreeMap<ObjectKey, Arc<ServiceEntryStatus>>,
+    seen: CowMap<ObjectKey, Arc<ServiceEntryStatus>>,
     /// Entries whose record changed since the last save.
     dirty: Vec<ObjectKey>,
     files: Files,
@@ -131,10 +132,11 @@ impl StatusClock {
             Ok(Base::List(records)) => (0, records),
             Err(_) => return clock,
         };
-        clock.seen = recs
+        let recs: BTreeMap<ObjectKey, Arc<ServiceEntryStatus>> = recs
             .into_iter()
             .map(|r| (ObjectKey::new(&r.namespace, &r.name), record(r.conditions)))
             .collect();
+        clock.seen = CowMap::from_sorted(recs);
         clock.files = Files {
             generation,
             base_len: bytes.len() as u64,
@@ -248,32 +250,39 @@ impl StatusClock {
 
     /// Fills `lastTransitionTime` of every condition: kept when status and
     /// reason are unchanged, else `now` (RFC 3339). Returns whether anything
-    /// changed (worth saving). Both maps are in key order, so they are
-    /// walked side by side; an entry whose status is the one stamped last
-    /// (reused by the model from the previous one) costs a pointer
-    /// comparison, and the clock is updated in place for the others.
+    /// changed (worth saving). The clock keeps what it stamped as a clone
+    /// of `status`, so the entries to look at are [`CowMap::differences`]
+    /// from it: the chunks a model patched from the previous one shares
+    /// with it are skipped whole, and an entry whose status is the one
+    /// stamped last costs a pointer comparison.
     pub fn stamp(
         &mut self,
-        status: &mut BTreeMap<ObjectKey, Arc<ServiceEntryStatus>>,
+        status: &mut CowMap<ObjectKey, Arc<ServiceEntryStatus>>,
         now: &str,
     ) -> bool {
         let mut changed = false;
         // Without a base of this clock's yet, the next save writes one.
         let track = self.files.generation != 0;
-        let mut gone: Vec<ObjectKey> = Vec::new();
-        let mut added: Vec<(ObjectKey, Arc<ServiceEntryStatus>)> = Vec::new();
-        let mut old = self.seen.iter_mut().peekable();
-        for (k, st) in status.iter_mut() {
-            while let Some((ok, _)) = old.next_if(|(ok, _)| *ok < k) {
-                gone.push(ok.clone());
-            }
-            let prev = old.next_if(|(ok, _)| *ok == k).map(|(_, p)| p);
-            if let Some(p) = &prev {
-                if Arc::ptr_eq(p, st) {
-                    continue;
+        let diffs: Vec<(ObjectKey, bool)> = self
+            .seen
+            .differences(status)
+            .into_iter()
+            .map(|d| match d {
+                Difference::Upsert(k, _) => (k.clone(), true),
+                Difference::Removal(k) => (k.clone(), false),
+            })
+            .collect();
+        for (k, present) in diffs {
+            if !present {
+                changed = true;
+                if track {
+                    self.dirty.push(k);
                 }
+                continue;
             }
-            let conds = prev.as_ref().map(|p| p.conditions.as_slice());
+            let prev = self.seen.get(&k);
+            let st = status.get_mut(&k).expect("an upsert is in the new map");
+            let conds = prev.map(|p| p.conditions.as_slice());
             // The time each condition gets; a status already carrying
             // them (reused from the previous model) is left shared.
             let time = |c: &StatusCondition| {
@@ -299,28 +308,18 @@ impl StatusClock {
             match prev {
                 Some(p) => {
                     if track && p.conditions != st.conditions {
-                        self.dirty.push(k.clone());
+                        self.dirty.push(k);
                     }
-                    *p = st.clone();
                 }
                 None => {
                     changed = true;
                     if track {
-                        self.dirty.push(k.clone());
+                        self.dirty.push(k);
                     }
-                    added.push((k.clone(), st.clone()));
                 }
             }
         }
-        gone.extend(old.map(|(k, _)| k.clone()));
-        changed |= !gone.is_empty();
-        for k in gone {
-            self.seen.remove(&k);
-            if track {
-                self.dirty.push(k);
-            }
-        }
-        self.seen.extend(added);
+        self.seen = status.clone();
         changed
     }
 }
@@ -384,7 +383,7 @@ mod tests {
             rng % n
         };
         let mut clock = StatusClock::default();
-        let mut model: BTreeMap<ObjectKey, Arc<ServiceEntryStatus>> = BTreeMap::new();
+        let mut model: CowMap<ObjectKey, Arc<ServiceEntryStatus>> = CowMap::new();
         for step in 0..300 {
             let now = format!("2030-01-01T00:00:{:02}Z", step % 60);
             let mut st = model.clone();
@@ -400,11 +399,9 @@ mod tests {
                     }
                 }
             }
-            let mut fresh = st.clone();
             // Built again without sharing, as from a model built cold.
-            for v in fresh.values_mut() {
-                *v = Arc::new((**v).clone());
-            }
+            let mut fresh =
+                CowMap::from_sorted(st.iter().map(|(k, v)| (k.clone(), Arc::new((**v).clone()))));
             let mut cold = StatusClock::load(dir.path());
             let a = clock.stamp(&mut st, &now);
             let b = cold.stamp(&mut fresh, &now);
@@ -423,7 +420,7 @@ mod tests {
     fn a_torn_or_stale_status_journal_line_is_not_applied() {
         let dir = tempfile::tempdir().unwrap();
         let k = |i: usize| ObjectKey::new("ns", &format!("s{i}"));
-        let mut st: BTreeMap<ObjectKey, Arc<ServiceEntryStatus>> =
+        let mut st: CowMap<ObjectKey, Arc<ServiceEntryStatus>> =
             (0..40).map(|i| (k(i), status(0, 0))).collect();
         let mut clock = StatusClock::default();
         clock.stamp(&mut st, "2030-01-01T00:00:00Z");
