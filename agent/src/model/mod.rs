@@ -141,11 +141,13 @@ pub struct Model {
     pub mesh: Mesh,
     services: CowMap<ServiceId, Arc<Service>>,
     /// Canonical VIP:port (TCP ports only) → every service on it, oldest
-    /// first: the first one is steered, the others are warned about.
-    claims: CowMap<SocketAddr, Vec<(Age, ServiceId)>>,
+    /// first: the first one is steered, the others are warned about. The
+    /// ages are the entries' ([`Model::age_of`]), not copied here (most
+    /// VIP:ports have one service).
+    claims: CowMap<SocketAddr, Vec<ServiceId>>,
     /// Lowercased host → VIPs per ServiceEntry (oldest first), for the DNS
     /// proxy.
-    hosts: CowMap<String, Vec<(Age, HostRecord)>>,
+    hosts: CowMap<String, Vec<HostRecord>>,
     entries: CowMap<ObjectKey, Entry>,
     /// Per ServiceEntry with warnings, in age order: its own, then its
     /// collisions.
@@ -230,8 +232,8 @@ impl Model {
         let mut entries = Vec::with_capacity(order.len());
         let mut services = Vec::with_capacity(order.len());
         let mut warned = Vec::new();
-        let mut claims: BTreeMap<SocketAddr, Vec<(Age, ServiceId)>> = BTreeMap::new();
-        let mut hosts: HashMap<String, Vec<(Age, HostRecord)>> = HashMap::new();
+        let mut claims: BTreeMap<SocketAddr, Vec<ServiceId>> = BTreeMap::new();
+        let mut hosts: HashMap<String, Vec<HostRecord>> = HashMap::new();
         let mut status = Vec::with_capacity(order.len());
         for se in order {
             let r = m.resolve_entry(cfg, alloc, se, &mut bound);
@@ -258,12 +260,12 @@ impl Model {
                     let at = SocketAddr::new(vip.ip, p.number);
                     match claims.entry(at) {
                         std::collections::btree_map::Entry::Vacant(v) => {
-                            v.insert(vec![(r.age.clone(), id)]);
+                            v.insert(vec![id]);
                         }
                         std::collections::btree_map::Entry::Occupied(mut o) => {
-                            let winner = o.get()[0].1;
-                            if !o.get().iter().any(|(_, s)| *s == id) {
-                                o.get_mut().push((r.age.clone(), id));
+                            let winner = o.get()[0];
+                            if !o.get().contains(&id) {
+                                o.get_mut().push(id);
                             }
                             all.push(collision(&svc, vip, p, winner));
                         }
@@ -273,7 +275,7 @@ impl Model {
                     // Most hosts have one record: no spare capacity.
                     let rs = hosts.entry(h).or_default();
                     rs.reserve_exact(1);
-                    rs.push((r.age.clone(), rec));
+                    rs.push(rec);
                 }
             }
             if !all.is_empty() {
@@ -336,7 +338,7 @@ impl Model {
             if let Some(a) = alloc.hosts.get(*h) {
                 extra.insert(a.owner.clone());
             }
-            for (_, r) in self.hosts.get(&*host::dns_key_ref(h)).into_iter().flatten() {
+            for r in self.hosts.get(&*host::dns_key_ref(h)).into_iter().flatten() {
                 if let Some(s) = self.services.get(&r.service) {
                     extra.insert(s.key.clone());
                 }
@@ -559,35 +561,43 @@ impl Model {
             self.services.insert(id, svc);
             return;
         }
+        // Where `age` goes among services on one VIP:port or host (oldest
+        // first).
+        let older = |m: &Model, other: ServiceId| m.age_of(other).is_some_and(|a| *a < age);
         for at in Self::claimed(&svc) {
             delta.vip_ports.insert(at);
-            let claim = (age.clone(), id);
-            match self.claims.get_mut(&at) {
+            let at_ = self
+                .claims
+                .get(&at)
+                .map(|c| (c.contains(&id), c.partition_point(|s| older(self, *s))));
+            match at_ {
                 None => {
-                    self.claims.insert(at, vec![claim]);
+                    self.claims.insert(at, vec![id]);
                 }
-                Some(c) => {
-                    if c.iter().any(|(_, s)| *s == id) {
-                        continue;
-                    }
-                    let i = c.partition_point(|(a, _)| *a < age);
+                Some((true, _)) => {}
+                Some((false, i)) => {
+                    let c = self.claims.get_mut(&at).expect("found above");
                     if i == 0 {
-                        rewarn.extend(c.iter().map(|(_, s)| *s));
+                        rewarn.extend(c.iter().copied());
                     }
-                    c.insert(i, claim);
+                    c.insert(i, id);
                 }
             }
         }
         for (h, r) in Self::records(&svc) {
             delta.hosts.insert(h.clone());
-            match self.hosts.get_mut(&*h) {
-                Some(rs) => {
-                    let i = rs.partition_point(|(a, _)| *a < age);
+            let at = self
+                .hosts
+                .get(&*h)
+                .map(|rs| rs.partition_point(|o| older(self, o.service)));
+            match at {
+                Some(i) => {
+                    let rs = self.hosts.get_mut(&*h).expect("found above");
                     rs.reserve_exact(1);
-                    rs.insert(i, (age.clone(), r));
+                    rs.insert(i, r);
                 }
                 None => {
-                    self.hosts.insert(h, vec![(age.clone(), r)]);
+                    self.hosts.insert(h, vec![r]);
                 }
             }
         }
@@ -617,21 +627,21 @@ impl Model {
             let Some(c) = self.claims.get_mut(&at) else {
                 continue;
             };
-            let Some(i) = c.iter().position(|(_, s)| *s == svc.id) else {
+            let Some(i) = c.iter().position(|s| *s == svc.id) else {
                 continue;
             };
             c.remove(i);
             if c.is_empty() {
                 self.claims.remove(&at);
             } else if i == 0 {
-                rewarn.extend(c.iter().map(|(_, s)| *s));
+                rewarn.extend(c.iter().copied());
             }
         }
         for (h, _) in Self::records(&svc) {
             let Some(rs) = self.hosts.get_mut(&*h) else {
                 continue;
             };
-            rs.retain(|(_, r)| r.service != svc.id);
+            rs.retain(|r| r.service != svc.id);
             if rs.is_empty() {
                 self.hosts.remove(&*h);
             }
@@ -657,7 +667,7 @@ impl Model {
                 let mut seen = BTreeSet::new();
                 for (vip, p) in Self::claims_of(svc) {
                     let at = SocketAddr::new(vip.ip, p.number);
-                    let Some(&(_, winner)) = self.claims.get(&at).and_then(|c| c.first()) else {
+                    let Some(&winner) = self.claims.get(&at).and_then(|c| c.first()) else {
                         continue;
                     };
                     if winner != id || !seen.insert(at) {
@@ -810,19 +820,24 @@ impl Model {
             .and_then(|e| e.id)
             .and_then(|id| self.services.get(&id))
     }
+    /// The collision and record order of an indexed service: its entry's.
+    fn age_of(&self, id: ServiceId) -> Option<&Age> {
+        let svc = self.services.get(&id)?;
+        self.entries.get(&svc.key).map(|e| &e.age)
+    }
     /// The service behind a VIP:port (IPv4-mapped addresses as IPv4).
     pub fn service_at(&self, at: SocketAddr) -> Option<&Arc<Service>> {
         let at = SocketAddr::new(at.ip().to_canonical(), at.port());
         self.claims
             .get(&at)
             .and_then(|c| c.first())
-            .and_then(|(_, id)| self.services.get(id))
+            .and_then(|id| self.services.get(id))
     }
     /// Every steered VIP:port with its service, in address order.
     pub fn vip_ports(&self) -> impl Iterator<Item = (SocketAddr, &Arc<Service>)> {
         self.claims.iter().filter_map(|(a, c)| {
             c.first()
-                .and_then(|(_, id)| self.services.get(id))
+                .and_then(|id| self.services.get(id))
                 .map(|s| (*a, s))
         })
     }
@@ -840,19 +855,18 @@ impl Model {
             .or_else(|| host::covering(&key).find_map(|w| self.hosts.get(&*w)))
             .into_iter()
             .flatten()
-            .map(|(_, r)| r)
     }
     /// The records of one lowercased host exactly as it is written (no
     /// wildcard lookup), oldest ServiceEntry first: what the DNS table
     /// patches per host in [`Delta::hosts`].
     pub fn records_of<'a>(&'a self, key: &str) -> impl Iterator<Item = &'a HostRecord> + 'a {
-        self.hosts.get(key).into_iter().flatten().map(|(_, r)| r)
+        self.hosts.get(key).into_iter().flatten()
     }
     /// Every (host, record), one per ServiceEntry defining the host.
     pub fn hosts(&self) -> impl Iterator<Item = (&String, &HostRecord)> {
         self.hosts
             .iter()
-            .flat_map(|(h, rs)| rs.iter().map(move |(_, r)| (h, r)))
+            .flat_map(|(h, rs)| rs.iter().map(move |r| (h, r)))
     }
     /// Namespace of the workload at `ip`, for visibility checks.
     pub fn namespace_of(&self, ip: IpAddr) -> Option<&str> {

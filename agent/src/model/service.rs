@@ -3,7 +3,7 @@
 //! rules for which entries get auto-allocated addresses and which
 //! DestinationRule applies to a host.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::config::{
@@ -96,8 +96,9 @@ pub struct Service {
     pub selects_workloads: bool,
     pub waypoint: WaypointBinding,
     /// TLS origination per (host, port) from DestinationRules, with the
-    /// entry's `subjectAltNames` where the rule names none.
-    tls: HashMap<(String, u16), ClientTls>,
+    /// entry's `subjectAltNames` where the rule names none. A `BTreeMap`:
+    /// empty for most services, and 24 bytes against a `HashMap`'s 48.
+    tls: BTreeMap<(String, u16), ClientTls>,
 }
 
 impl Service {
@@ -361,7 +362,7 @@ pub(super) fn resolve(
     let proxy_ns = waypoint
         .waypoint()
         .map_or(se.namespace(), |w| w.gateway.namespace.as_str());
-    let mut tls = HashMap::new();
+    let mut tls = BTreeMap::new();
     let mut unapplied: Vec<ObjectKey> = Vec::new();
     // Without DestinationRules there is nothing to look up per host and port.
     let hosts = if cfg.destination_rules.is_empty() {
