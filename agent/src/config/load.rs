@@ -546,7 +546,9 @@ fn assemble(snap: Arc<Snapshot>, files: Vec<Arc<ParsedFile>>) -> Result<Config, 
     // reading the object), checks across objects after them.
     let mut problems: Vec<(u8, Problem)> = Vec::new();
     let total: usize = files.iter().map(|f| f.objects.len()).sum();
-    let mut seen: HashMap<(&'static str, &str, &str), &Origin> = HashMap::with_capacity(total);
+    // foldhash: SipHash over the three names was ~8% of an edit at 100k.
+    let mut seen: HashMap<(&'static str, &str, &str), &Origin, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(total, Default::default());
     let mut warned_kinds = HashSet::new();
     for f in &files {
         problems.extend(f.problems.iter().map(|p| (1, p.clone())));
