@@ -14,7 +14,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     alloc::Allocator,
@@ -133,14 +133,32 @@ impl Reconciler {
     }
 }
 
+/// Milliseconds per stage of one apply, for its debug line.
+struct Laps(Instant);
+
+impl Laps {
+    fn new(t: Instant) -> Laps {
+        Laps(t)
+    }
+    /// Since the previous lap.
+    fn next(&mut self) -> u64 {
+        let now = Instant::now();
+        let ms = now.duration_since(self.0).as_millis() as u64;
+        self.0 = now;
+        ms
+    }
+}
+
 impl Stages {
     fn apply(&mut self, cfg: &Arc<Config>, rt: &tokio::runtime::Handle) {
         let started = Instant::now();
+        let mut laps = Laps::new(started);
         // Allocate, validate, then persist: a refused config must not keep
         // addresses reserved for its new hosts.
         // Most edits change no allocation input: then nothing is computed.
         let proposal = self.alloc.propose_for(cfg);
         let allocation = self.alloc.proposed(&proposal);
+        let alloc_ms = laps.next();
         let cgroups = CgroupDir {
             root: self.cgroup_root.clone(),
         };
@@ -150,6 +168,7 @@ impl Stages {
         for w in model.warnings() {
             warn!("{w}");
         }
+        let model_ms = laps.next();
         // Each workload address → the interface it must arrive on (the
         // route back to it), for the spoofing check in sk_lookup.
         let addrs: Vec<IpAddr> = model.workloads().filter_map(|w| w.address).collect();
@@ -166,6 +185,7 @@ impl Stages {
             sources,
             self.synced.then(|| self.sync.services()),
         );
+        let project_ms = laps.next();
         // Nothing is written unless all of it fits and every waypoint would
         // take it too.
         let mut model = Arc::new(model);
@@ -173,6 +193,7 @@ impl Stages {
             error!("{e}");
             return;
         }
+        let validate_ms = laps.next();
         // The DNS table reads only the model: it is built on another core
         // while the allocation is persisted and the maps written (~60 ms of
         // a cold start at 100k), and published only after them, so no name
@@ -203,6 +224,7 @@ impl Stages {
             (written, table)
         });
         let Some(stats) = written else { return };
+        let write_ms = laps.next();
         self.synced = true;
         match table {
             Ok(t) => {
@@ -218,6 +240,7 @@ impl Stages {
         self.dns_clients.store(Arc::new(ClientTable::new(
             model.enrolled().filter_map(|(_, w)| w.address),
         )));
+        let dns_ms = laps.next();
         let stamped = Arc::get_mut(&mut model)
             .is_some_and(|m| self.clock.stamp(&mut m.status, &now_rfc3339()));
         if stamped {
@@ -225,8 +248,13 @@ impl Stages {
                 warn!(error = %e, "saving status times");
             }
         }
+        let status_ms = laps.next();
         let old = self.model.swap(model);
         self.ready.store(true, std::sync::atomic::Ordering::Release);
+        debug!(
+            alloc_ms,
+            model_ms, project_ms, validate_ms, write_ms, dns_ms, status_ms, "config apply stages"
+        );
         info!(
             services = projection.services.len(),
             enrolled = projection.enrolled.len(),

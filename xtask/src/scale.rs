@@ -527,6 +527,10 @@ fn measure(a: &Args, shunt: &Path, out_dir: &Path) -> Result<Value> {
     };
     let cold_agent_s = (t_capturing.max(t_applied) - t0) as f64 / 1e6;
     eprintln!("[scale] agent: applied after {cold_agent_s:.2} s: {applied}");
+    // With SHUNT_LOG=info,shunt_agent::reconcile=debug in the environment.
+    if let Some((_, l)) = log_lines(&alog, "config apply stages").first() {
+        eprintln!("[scale] agent: {l}");
+    }
 
     eprintln!("[scale] cold start of the waypoint");
     let wlog = node.work_dir.join("waypoint.log");
