@@ -107,6 +107,17 @@ fn age_of(se: &ServiceEntry) -> Age {
     (none, created, se.origin.file.clone(), doc)
 }
 
+/// Warnings as kept per entry; most entries have none, and those share
+/// one empty list (an `Arc` of an empty `Vec` is an allocation each).
+fn shared(own: Vec<Warning>) -> Arc<[Warning]> {
+    static NONE: std::sync::LazyLock<Arc<[Warning]>> = std::sync::LazyLock::new(|| Arc::new([]));
+    if own.is_empty() {
+        NONE.clone()
+    } else {
+        own.into()
+    }
+}
+
 /// What the model keeps per ServiceEntry to patch it out again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Entry {
@@ -238,7 +249,7 @@ impl Model {
         for se in order {
             let r = m.resolve_entry(cfg, alloc, se, &mut bound);
             status.push((r.key.clone(), r.status));
-            let own: Arc<[Warning]> = r.own.into();
+            let own = shared(r.own);
             let Some(svc) = r.svc else {
                 warned.push((r.age.clone(), own.clone()));
                 entries.push((
@@ -460,7 +471,7 @@ impl Model {
     ) {
         let r = self.resolve_entry(cfg, alloc, se, bound);
         self.status.insert(r.key.clone(), r.status);
-        let own: Arc<[Warning]> = r.own.into();
+        let own = shared(r.own);
         let Some(svc) = r.svc else {
             self.warned.insert(r.age.clone(), own.clone());
             self.entries.insert(

@@ -81,15 +81,17 @@ pub enum Destination {
 pub struct Service {
     pub id: ServiceId,
     pub key: ObjectKey,
-    pub hosts: Vec<String>,
+    /// Boxed slices here (16 bytes, no spare capacity, against a `Vec`'s
+    /// 24): with them a `Service` fits mimalloc's 256-byte class.
+    pub hosts: Box<[String]>,
     /// Auto-allocated VIPs (host order, IPv4 first), then explicit
     /// single-IP `spec.addresses`.
     pub vips: Vec<Vip>,
-    pub ports: Vec<ServicePort>,
+    pub ports: Box<[ServicePort]>,
     pub resolution: Resolution,
     pub location: Location,
-    pub endpoints: Vec<Endpoint>,
-    pub subject_alt_names: Vec<String>,
+    pub endpoints: Box<[Endpoint]>,
+    pub subject_alt_names: Box<[String]>,
     /// Namespaces that see this entry (DNS answers, connects).
     pub export_to: ExportTo,
     /// Endpoints come from `workloadSelector` (matching WorkloadEntries).
@@ -442,13 +444,13 @@ pub(super) fn resolve(
     Service {
         id,
         key,
-        hosts: se.spec.hosts.clone(),
+        hosts: se.spec.hosts.as_slice().into(),
         vips,
-        ports,
+        ports: ports.into(),
         resolution: se.spec.resolution(),
         location: se.spec.location.unwrap_or(Location::MeshExternal),
-        endpoints,
-        subject_alt_names: se.spec.subject_alt_names.clone(),
+        endpoints: endpoints.into(),
+        subject_alt_names: se.spec.subject_alt_names.as_slice().into(),
         export_to: ExportTo::resolve(
             &se.spec.export_to,
             se.namespace(),

@@ -335,7 +335,7 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
                 let names = if svc.destination_derives_from_host() {
                     vec![host.clone()]
                 } else {
-                    svc.hosts.clone()
+                    svc.hosts.to_vec()
                 };
                 let t = Arc::new(Target {
                     service: svc.clone(),
