@@ -2,6 +2,7 @@
 //! its renderings (YAML like `kubectl get -o yaml`, and a short table).
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::{Mapping, Value};
@@ -14,8 +15,32 @@ use super::ServiceEntry;
 pub struct ServiceEntryStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<StatusAddress>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<StatusCondition>,
+    /// Shared between entries whose conditions are equal: the
+    /// [`StatusClock`](crate::model::StatusClock) stamps most of 100,000
+    /// entries with one condition and one time, and keeps one list of it.
+    #[serde(default, skip_serializing_if = "is_empty", with = "shared_list")]
+    pub conditions: Arc<[StatusCondition]>,
+}
+
+fn is_empty<T>(l: &Arc<[T]>) -> bool {
+    l.is_empty()
+}
+
+/// An `Arc<[T]>` as a list (serde's own needs its `rc` feature).
+mod shared_list {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(l: &Arc<[T]>, s: S) -> Result<S::Ok, S::Error> {
+        l[..].serialize(s)
+    }
+
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Arc<[T]>, D::Error> {
+        Vec::<T>::deserialize(d).map(Arc::from)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -289,14 +289,15 @@ fn render_seed_status_yaml_and_table() {
                 value: "2001:2::1".into(),
             },
         ],
-        conditions: vec![StatusCondition {
+        conditions: [StatusCondition {
             last_transition_time: Some("2024-10-27T00:45:08.374915129Z".into()),
             message: "Successfully attached to waypoint common-infrastructure/egress-gateway"
                 .into(),
             reason: "WaypointAccepted".into(),
             status: "True".into(),
             type_: WAYPOINT_BOUND.into(),
-        }],
+        }]
+        .into(),
     };
     let y = render_yaml(se, &st);
     let want_status = "status:

@@ -409,7 +409,7 @@ impl Model {
                 .iter()
                 .map(|v| status::address(&v.host, v.ip))
                 .collect(),
-            conditions: vec![status::waypoint_condition(&binding)],
+            conditions: status::conditions(&binding),
         });
         if let Some(first) = se.spec.hosts.first() {
             for ip in service::explicit_ips(se) {

@@ -36,6 +36,39 @@ pub(super) fn waypoint_condition(b: &WaypointBinding) -> StatusCondition {
     }
 }
 
+/// The conditions of a binding, not stamped yet; those of an unbound entry
+/// (most of them) are one list.
+pub(super) fn conditions(b: &WaypointBinding) -> Arc<[StatusCondition]> {
+    static NONE: std::sync::LazyLock<Arc<[StatusCondition]>> =
+        std::sync::LazyLock::new(|| Arc::new([waypoint_condition(&WaypointBinding::None)]));
+    match b {
+        WaypointBinding::None => NONE.clone(),
+        _ => Arc::new([waypoint_condition(b)]),
+    }
+}
+
+/// Equal condition lists given one `Arc`: an apply stamps most entries
+/// with the same condition and time (and a restart loads them so). The
+/// last few lists made are looked at.
+#[derive(Default)]
+struct Shared(Vec<Arc<[StatusCondition]>>);
+
+impl Shared {
+    const KEEP: usize = 8;
+
+    fn get(&mut self, conditions: Vec<StatusCondition>) -> Arc<[StatusCondition]> {
+        if let Some(s) = self.0.iter().rev().find(|s| ***s == conditions[..]) {
+            return s.clone();
+        }
+        let s: Arc<[StatusCondition]> = conditions.into();
+        if self.0.len() == Self::KEEP {
+            self.0.remove(0);
+        }
+        self.0.push(s.clone());
+        s
+    }
+}
+
 pub(super) fn address(host: &str, ip: std::net::IpAddr) -> StatusAddress {
     StatusAddress {
         host: host.to_string(),
@@ -110,7 +143,7 @@ struct JournalLine<'a> {
     conditions: Option<Cow<'a, [StatusCondition]>>,
 }
 
-fn record(conditions: Vec<StatusCondition>) -> Arc<ServiceEntryStatus> {
+fn record(conditions: Arc<[StatusCondition]>) -> Arc<ServiceEntryStatus> {
     Arc::new(ServiceEntryStatus {
         addresses: Vec::new(),
         conditions,
@@ -132,9 +165,13 @@ impl StatusClock {
             Ok(Base::List(records)) => (0, records),
             Err(_) => return clock,
         };
+        let mut shared = Shared::default();
         let recs: BTreeMap<ObjectKey, Arc<ServiceEntryStatus>> = recs
             .into_iter()
-            .map(|r| (ObjectKey::new(&r.namespace, &r.name), record(r.conditions)))
+            .map(|r| {
+                let k = ObjectKey::new(&r.namespace, &r.name);
+                (k, record(shared.get(r.conditions)))
+            })
             .collect();
         clock.seen = CowMap::from_sorted(recs);
         clock.files = Files {
@@ -154,7 +191,7 @@ impl StatusClock {
                 Some(l) if generation != 0 && l.generation == generation => {
                     let k = ObjectKey::new(&l.namespace, &l.name);
                     match l.conditions {
-                        Some(c) => clock.seen.insert(k, record(c.into_owned())),
+                        Some(c) => clock.seen.insert(k, record(shared.get(c.into_owned()))),
                         None => clock.seen.remove(&k),
                     };
                 }
@@ -227,7 +264,7 @@ impl StatusClock {
                 .map(|(k, st)| Record {
                     namespace: &k.namespace,
                     name: &k.name,
-                    conditions: &st.conditions,
+                    conditions: &st.conditions[..],
                 })
                 .collect(),
         };
@@ -263,6 +300,7 @@ impl StatusClock {
         let mut changed = false;
         // Without a base of this clock's yet, the next save writes one.
         let track = self.files.generation != 0;
+        let mut shared = Shared::default();
         let diffs: Vec<(ObjectKey, bool)> = self
             .seen
             .differences(status)
@@ -282,7 +320,7 @@ impl StatusClock {
             }
             let prev = self.seen.get(&k);
             let st = status.get_mut(&k).expect("an upsert is in the new map");
-            let conds = prev.map(|p| p.conditions.as_slice());
+            let conds = prev.map(|p| &p.conditions[..]);
             // The time each condition gets; a status already carrying
             // them (reused from the previous model) is left shared.
             let time = |c: &StatusCondition| {
@@ -299,11 +337,19 @@ impl StatusClock {
                 new || c.last_transition_time != t
             });
             if stale {
-                let times: Vec<_> = st.conditions.iter().map(time).collect();
-                for (c, (t, new)) in Arc::make_mut(st).conditions.iter_mut().zip(times) {
-                    changed |= new;
-                    c.last_transition_time = t;
-                }
+                let stamped = st
+                    .conditions
+                    .iter()
+                    .map(|c| {
+                        let (t, new) = time(c);
+                        changed |= new;
+                        StatusCondition {
+                            last_transition_time: t,
+                            ..c.clone()
+                        }
+                    })
+                    .collect();
+                Arc::make_mut(st).conditions = shared.get(stamped);
             }
             match prev {
                 Some(p) => {
@@ -363,7 +409,8 @@ mod tests {
                 reason: format!("r{reason}").into(),
                 status: "True".into(),
                 type_: WAYPOINT_BOUND.into(),
-            }],
+            }]
+            .into(),
         })
     }
 

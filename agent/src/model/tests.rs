@@ -730,7 +730,8 @@ fn status_clock_keeps_times_until_the_condition_changes() {
         .all(|(k, s)| std::sync::Arc::ptr_eq(s, &again[k])));
     // Unbinding changes the condition, so the time moves.
     let mut changed = again.clone();
-    std::sync::Arc::make_mut(changed.get_mut(&k).unwrap()).conditions[0].status = "False".into();
+    let st = std::sync::Arc::make_mut(changed.get_mut(&k).unwrap());
+    std::sync::Arc::make_mut(&mut st.conditions)[0].status = "False".into();
     assert!(clock.stamp(&mut changed, "2030-01-01T00:00:00Z"));
     assert_eq!(
         changed[&k].conditions[0].last_transition_time.as_deref(),

@@ -280,7 +280,7 @@ fn desired(
                 .collect()
         })
         .unwrap_or_default();
-    for c in &ours.conditions {
+    for c in ours.conditions.iter() {
         let mut c = c.clone();
         let prev = have.and_then(|h| h.condition(&c.type_));
         c.last_transition_time = match prev {
@@ -293,7 +293,7 @@ fn desired(
     }
     let want = ServiceEntryStatus {
         addresses: ours.addresses.clone(),
-        conditions,
+        conditions: conditions.into(),
     };
     let same = have.is_some_and(|h| {
         h.addresses == want.addresses
