@@ -396,28 +396,32 @@ impl Model {
         let mut own = Vec::new();
         unused::service_entry(se, &key, &mut own);
         let binding = waypoint::bind(cfg, &self.mesh.trust_domain, se, bound);
-        let mut vips: Vec<Vip> = alloc
-            .addresses_of(&key, &se.spec.hosts)
-            .map(|(host, ip)| Vip {
-                ip,
-                host: host.to_string(),
-                allocated: true,
+        let hosts = &se.spec.hosts;
+        let mut vips: Vec<Vip> = (0..hosts.len())
+            .flat_map(|i| {
+                alloc
+                    .addresses_of(&key, &hosts[i..=i])
+                    .map(move |(_, ip)| Vip {
+                        ip,
+                        host: i as u32,
+                        allocated: true,
+                    })
             })
             .collect();
         let status = Arc::new(ServiceEntryStatus {
             addresses: vips
                 .iter()
-                .map(|v| status::address(&v.host, v.ip))
+                .map(|v| status::address(&hosts[v.host as usize], v.ip))
                 .collect(),
             conditions: status::conditions(&binding),
         });
-        if let Some(first) = se.spec.hosts.first() {
+        if !hosts.is_empty() {
             for ip in service::explicit_ips(se) {
                 let ip = ip.to_canonical();
                 if !vips.iter().any(|v| v.ip == ip) {
                     vips.push(Vip {
                         ip,
-                        host: first.clone(),
+                        host: 0,
                         allocated: false,
                     });
                 }
@@ -523,7 +527,7 @@ impl Model {
     fn records(svc: &Service) -> Vec<(String, HostRecord)> {
         let mut out: Vec<(String, HostRecord)> = Vec::new();
         for v in svc.vips.iter().filter(|v| v.allocated) {
-            let key = host::dns_key_ref(&v.host);
+            let key = host::dns_key_ref(svc.vip_host(v));
             let i = match out.iter().position(|(h, _)| *h == *key) {
                 Some(i) => i,
                 None => {

@@ -24,9 +24,11 @@ pub type ServiceId = u32;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vip {
     pub ip: IpAddr,
-    /// The host this VIP was allocated for; explicit `spec.addresses` stand
-    /// for the entry's first host (SNI, Host default, `destination_service`).
-    pub host: String,
+    /// The host this VIP was allocated for, as its index in the service's
+    /// `hosts` ([`Service::vip_host`]; not a copy of the name); explicit
+    /// `spec.addresses` stand for the entry's first host (SNI, Host
+    /// default, `destination_service`).
+    pub host: u32,
     /// Auto-allocated (shown in `status.addresses`) or explicit.
     pub allocated: bool,
 }
@@ -123,7 +125,11 @@ impl Service {
         self.vips
             .iter()
             .find(|v| v.ip == ip)
-            .map(|v| v.host.as_str())
+            .map(|v| self.vip_host(v))
+    }
+    /// The host one of its VIPs stands for.
+    pub fn vip_host(&self, v: &Vip) -> &str {
+        &self.hosts[v.host as usize]
     }
     /// The DestinationRule TLS settings for (host, port), if any.
     pub fn tls_for(&self, host: &str, port: u16) -> Option<&ClientTls> {

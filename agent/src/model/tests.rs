@@ -759,7 +759,10 @@ fn a_bound_dynamic_dns_wildcard_gets_vips_and_answers_names_below_it_after_exact
     let (m, _) = model_of(&cfg, &NoCgroups);
     let wild = m.service_by_key(&ObjectKey::new("infra", "wild")).unwrap();
     assert_eq!(wild.vips.len(), 2, "one IPv4 and one IPv6 VIP");
-    assert!(wild.vips.iter().all(|v| v.host == "*.example.com"));
+    assert!(wild
+        .vips
+        .iter()
+        .all(|v| wild.vip_host(v) == "*.example.com"));
     assert_eq!(
         wild.destination("*.example.com", wild.port(443).unwrap()),
         Ok(Destination::Dynamic)

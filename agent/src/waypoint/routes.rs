@@ -179,7 +179,7 @@ pub fn check_changed(
         }
         for port in svc.ports.iter().filter(|p| p.is_tcp()) {
             for vip in &svc.vips {
-                let host = &vip.host;
+                let host = svc.vip_host(vip);
                 let what = || format!("ServiceEntry {} host {host} port {}", svc.key, port.number);
                 let resolve = svc
                     .destination(host, port)
@@ -272,7 +272,7 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
         for port in svc.ports.iter().filter(|p| p.is_tcp()) {
             let http = port.protocol.is_http() || (sp.needs_http() && !port.declared);
             for vip in &svc.vips {
-                let host = &vip.host;
+                let host = svc.vip_host(vip);
                 // Made only for an error or a TLS upstream.
                 let what = || format!("ServiceEntry {} host {host} port {}", svc.key, port.number);
                 let resolve = svc
@@ -317,7 +317,7 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
                                 Arc::new(
                                     Upstream::new(
                                         ukey.clone(),
-                                        host.clone(),
+                                        host.to_string(),
                                         port.target_port,
                                         resolve,
                                         connector,
@@ -333,13 +333,13 @@ pub(crate) fn build(model: Arc<Model>, inp: &BuildInputs<'_>) -> Result<Routes, 
                     }
                 };
                 let names = if svc.destination_derives_from_host() {
-                    vec![host.clone()]
+                    vec![host.to_string()]
                 } else {
                     svc.hosts.to_vec()
                 };
                 let t = Arc::new(Target {
                     service: svc.clone(),
-                    host: host.clone(),
+                    host: host.to_string(),
                     port: port.clone(),
                     http,
                     upstream,
