@@ -2595,7 +2595,7 @@ pub(crate) mod tests {
         for i in 0..n {
             let mut s = base.clone();
             s.metadata.name = format!("s{i}");
-            s.spec.hosts = vec![format!("h{i}.example")];
+            s.spec.hosts = [format!("h{i}.example")].into();
             s.origin.doc = i;
             c.service_entries.push(std::sync::Arc::new(s));
         }
@@ -2662,7 +2662,7 @@ pub(crate) mod tests {
         for i in 0..100_000 {
             let mut s = base.clone();
             s.metadata.name = format!("s{i}");
-            s.spec.hosts = vec![format!("h{i}.example")];
+            s.spec.hosts = [format!("h{i}.example")].into();
             s.origin.doc = i;
             c.service_entries.push(std::sync::Arc::new(s));
         }

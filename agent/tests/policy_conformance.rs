@@ -162,7 +162,7 @@ fn policies(c: &Case) -> Result<Vec<(ObjectMeta, AuthorizationPolicySpec)>, Stri
                 serde_yaml_ng::from_value(spec).map_err(|e| format!("policy {}: {e}", p.name))?;
             let mut meta = ObjectMeta {
                 name: p.name.clone(),
-                namespace: Some(p.namespace.clone()),
+                namespace: Some(p.namespace.as_str().into()),
                 ..Default::default()
             };
             if p.dry_run {

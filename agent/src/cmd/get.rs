@@ -398,7 +398,7 @@ fn object_value<S: serde::Serialize>(
     m.insert("apiVersion".into(), api_version.into());
     m.insert("kind".into(), kind.into());
     let mut meta = r.metadata.clone();
-    meta.namespace = Some(r.namespace().to_string());
+    meta.namespace = Some(r.namespace().into());
     m.insert("metadata".into(), serde_yaml_ng::to_value(&meta)?);
     m.insert("spec".into(), serde_yaml_ng::to_value(&r.spec)?);
     Ok(Value::Mapping(m))

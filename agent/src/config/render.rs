@@ -82,7 +82,7 @@ fn object_value(se: &ServiceEntry, status: &ServiceEntryStatus) -> Value {
     m.insert("apiVersion".into(), "networking.istio.io/v1".into());
     m.insert("kind".into(), "ServiceEntry".into());
     let mut meta = se.metadata.clone();
-    meta.namespace = Some(se.namespace().to_string());
+    meta.namespace = Some(se.namespace().into());
     m.insert(
         "metadata".into(),
         serde_yaml_ng::to_value(&meta).unwrap_or(Value::Null),
@@ -144,7 +144,7 @@ impl TableRow {
         TableRow {
             namespace: se.namespace().to_string(),
             name: se.name().to_string(),
-            hosts: se.spec.hosts.clone(),
+            hosts: se.spec.hosts.to_vec(),
             addresses,
             waypoint,
             bound: status

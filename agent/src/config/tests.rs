@@ -43,7 +43,7 @@ fn seed_examples_parse() {
         se.key(),
         ObjectKey::new("common-infrastructure", "httpbin.org")
     );
-    assert_eq!(se.spec.hosts, vec!["httpbin.org"]);
+    assert_eq!(&se.spec.hosts[..], ["httpbin.org"]);
     assert_eq!(se.spec.resolution(), Resolution::Dns);
     assert_eq!(se.spec.ports[0].number, Port(80));
     assert_eq!(se.spec.ports[0].protocol(), Protocol::Http);
@@ -142,7 +142,7 @@ fn istio_documented_examples_parse() {
     assert_eq!(mongo.namespace(), "default");
     assert_eq!(mongo.spec.resolution(), Resolution::Static);
     assert_eq!(mongo.spec.location, Some(Location::MeshInternal));
-    assert_eq!(mongo.spec.addresses, vec!["192.192.192.192/24"]);
+    assert_eq!(&mongo.spec.addresses[..], ["192.192.192.192/24"]);
     assert_eq!(mongo.spec.ports[0].protocol(), Protocol::Mongo);
     assert_eq!(mongo.spec.endpoints.len(), 2);
     let dns = se("external-svc-dns");
@@ -461,7 +461,7 @@ fn istio_accepts_these_and_so_does_shunt() {
     let cfg = Config::load_dir(d.path()).unwrap();
     let se = &cfg.service_entries[0];
     assert_eq!(
-        se.spec.addresses,
+        &se.spec.addresses[..],
         ["::1", "::2", "fd00::/8", "2001:db8::10"]
     );
     // protocol "" is unset: inferred from the port name, as Istio does.

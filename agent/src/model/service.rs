@@ -396,7 +396,7 @@ pub(super) fn resolve(
             // upstream's certificate when the rule names none.
             if matches!(t.mode, TlsMode::Simple | TlsMode::Mutual) && t.subject_alt_names.is_empty()
             {
-                t.subject_alt_names = se.spec.subject_alt_names.clone();
+                t.subject_alt_names = se.spec.subject_alt_names.to_vec();
             }
             tls.insert((h.clone(), p.number), t);
         }
@@ -450,13 +450,13 @@ pub(super) fn resolve(
     Service {
         id,
         key,
-        hosts: se.spec.hosts.as_slice().into(),
+        hosts: se.spec.hosts.clone(),
         vips,
         ports: ports.into(),
         resolution: se.spec.resolution(),
         location: se.spec.location.unwrap_or(Location::MeshExternal),
         endpoints: endpoints.into(),
-        subject_alt_names: se.spec.subject_alt_names.as_slice().into(),
+        subject_alt_names: se.spec.subject_alt_names.clone(),
         export_to: ExportTo::resolve(
             &se.spec.export_to,
             se.namespace(),
