@@ -13,7 +13,7 @@
 //! the counting off (its shared atomics double the parallel parse's time;
 //! use it for timings); `--remove` ends with every generated file removed;
 //! the end of a run breaks the kept heap down by holder. For RSS as the binary has it, give mimalloc the
-//! binary's options: `MIMALLOC_PURGE_DELAY=0 MIMALLOC_ARENA_EAGER_COMMIT=0`
+//! binary's options: `MIMALLOC_PURGE_DELAY=10 MIMALLOC_ARENA_EAGER_COMMIT=0`
 //! (`main.rs` sets them as defaults; without them RSS reads ~1.3x higher).
 
 use std::alloc::{GlobalAlloc, Layout};
