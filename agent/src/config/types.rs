@@ -407,12 +407,6 @@ impl ServiceEntrySpec {
     pub fn resolution(&self) -> Resolution {
         self.resolution.unwrap_or_default()
     }
-
-    /// Drops the lists' spare capacity: nothing left to do, the lists are
-    /// boxed slices (deserialized from libyaml's events a `Vec`'s length is
-    /// not known ahead, so a one-host list held four).
-    // The parse (load.rs) still calls it; the two can go together.
-    pub(crate) fn shrink_to_fit(&mut self) {}
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
