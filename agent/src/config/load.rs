@@ -1640,6 +1640,9 @@ spec:
         "|\n    block",
         "0o17",
         "NaN",
+        "!!null \"null\"",
+        "!!int \"5\"",
+        "99999999999999999999",
     ];
 
     #[test]
@@ -1727,6 +1730,12 @@ spec:
                 "the slow path finds a problem:\n{text}\n{slow}"
             );
         }
+        // A quoted null as the status: the stream calls it present, the
+        // tree reads `None`.
+        let with_status = SE.replacen("\n---\n", "\nstatus: !!null \"null\"\n---\n", 1);
+        let (f, slow) = both(&with_status);
+        assert!(f.is_none(), "took the fast path:\n{with_status}");
+        assert_eq!(slow, both(SE).1);
         // A tag: the tree reads the tagged string (and so does shunt); the
         // fast path leaves it to the tree.
         let (f, slow) = both(&SE.replace("  - s1.example", "  - !h s1.example"));

@@ -7,14 +7,17 @@
 //! The two differ where the stream is lenient: it hands any scalar to a
 //! string field (`name: 123` reads "123"; the tree has a number there and
 //! refuses it) and keeps the last of duplicate map keys (the tree refuses
-//! them). So every request goes through `deserialize_any`, the call the
-//! tree is built with, and:
+//! them). So every request but an option's and a newtype's goes through
+//! `deserialize_any`, the call the tree is built with, and:
 //! - strings, identifiers and chars accept only scalars that resolve to a
 //!   string;
 //! - every mapping refuses a key it has seen (by a 64-bit hash: a collision
 //!   only sends the file down the slow path);
-//! - what the tree would treat in its own way (enums and tags, bytes, a
-//!   null where a list or map is wanted) is refused.
+//! - what the tree would treat in its own way is refused: enums and tags,
+//!   bytes, integers beyond 64 bits (the tree has no place for them), a null
+//!   inside an option's `Some` (the tree's `None`). A null where a list or
+//!   map is wanted (the tree's empty one) reaches the target visitor as a
+//!   unit, which every list and map visitor refuses.
 //!
 //! A refusal is not a finding: the caller parses the file again through the
 //! tree, which reports the problem in its usual words. So the fast path only
@@ -30,11 +33,18 @@ pub(super) struct Strict<'k, D> {
     de: D,
     /// Set when this deserializes a map key: the key's hash is written here.
     key: Option<&'k mut Option<u64>>,
+    /// Inside an option's `Some`: a null here (`!!null "null"`, which the
+    /// stream calls present) is the tree's `None`.
+    not_null: bool,
 }
 
 impl<D> Strict<'static, D> {
     pub(super) fn new(de: D) -> Self {
-        Strict { de, key: None }
+        Strict {
+            de,
+            key: None,
+            not_null: false,
+        }
     }
 }
 
@@ -58,7 +68,12 @@ enum Want {
 macro_rules! through_any {
     ($want:expr => $($m:ident),+ $(,)?) => {$(
         fn $m<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
-            self.de.deserialize_any(Wrap { v, want: $want, key: self.key })
+            self.de.deserialize_any(Wrap {
+                v,
+                want: $want,
+                key: self.key,
+                not_null: self.not_null,
+            })
         }
     )+};
 }
@@ -83,13 +98,15 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Strict<'_, D> {
     fn deserialize_byte_buf<V: Visitor<'de>>(self, _: V) -> Result<V::Value, D::Error> {
         Err(refuse("bytes"))
     }
-    /// The stream's own: it reads null exactly as the tree's `Value::Null`
-    /// (plain `~`, `null`, empty; a quoted "null" is a string in both).
+    /// The stream's own: its `None` (plain `~`, `null`, empty) is the
+    /// tree's `Value::Null`; what it calls present but the tree reads as
+    /// null (a quoted scalar tagged `!!null`) is refused inside the `Some`.
     fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
         self.de.deserialize_option(Wrap {
             v,
             want: Want::Any,
             key: self.key,
+            not_null: self.not_null,
         })
     }
     fn deserialize_unit_struct<V: Visitor<'de>>(
@@ -110,6 +127,7 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for Strict<'_, D> {
                 v,
                 want: Want::Any,
                 key: self.key,
+                not_null: self.not_null,
             },
         )
     }
@@ -152,6 +170,7 @@ struct Wrap<'k, V> {
     v: V,
     want: Want,
     key: Option<&'k mut Option<u64>>,
+    not_null: bool,
 }
 
 impl<V> Wrap<'_, V> {
@@ -160,6 +179,12 @@ impl<V> Wrap<'_, V> {
             Want::Any => Ok(()),
             Want::Str => Err(refuse("not a string")),
         }
+    }
+    fn null<E: de::Error>(&self) -> Result<(), E> {
+        if self.not_null {
+            return Err(refuse("a null the tree reads as none"));
+        }
+        self.scalar()
     }
     fn record(&mut self, s: &str) {
         if let Some(k) = self.key.as_deref_mut() {
@@ -186,9 +211,18 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Wrap<'_, V> {
 
     scalar!(
         visit_bool: bool, visit_i8: i8, visit_i16: i16, visit_i32: i32, visit_i64: i64,
-        visit_i128: i128, visit_u8: u8, visit_u16: u16, visit_u32: u32, visit_u64: u64,
-        visit_u128: u128, visit_f32: f32, visit_f64: f64, visit_char: char,
+        visit_u8: u8, visit_u16: u16, visit_u32: u32, visit_u64: u64,
+        visit_f32: f32, visit_f64: f64, visit_char: char,
     );
+
+    /// Beyond 64 bits: the tree refuses the whole file, while a target
+    /// that ignores its value (`IgnoredAny`) would take it.
+    fn visit_i128<E: de::Error>(self, _: i128) -> Result<V::Value, E> {
+        Err(refuse("an integer beyond 64 bits"))
+    }
+    fn visit_u128<E: de::Error>(self, _: u128) -> Result<V::Value, E> {
+        Err(refuse("an integer beyond 64 bits"))
+    }
 
     fn visit_str<E: de::Error>(mut self, s: &str) -> Result<V::Value, E> {
         self.record(s);
@@ -206,16 +240,20 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Wrap<'_, V> {
         Err(refuse("bytes"))
     }
     fn visit_none<E: de::Error>(self) -> Result<V::Value, E> {
-        self.scalar()?;
+        self.null()?;
         self.v.visit_none()
     }
     fn visit_unit<E: de::Error>(self) -> Result<V::Value, E> {
-        self.scalar()?;
+        self.null()?;
         self.v.visit_unit()
     }
     fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<V::Value, D::Error> {
         self.scalar()?;
-        self.v.visit_some(Strict::new(d))
+        self.v.visit_some(Strict {
+            de: d,
+            key: None,
+            not_null: true,
+        })
     }
     fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<V::Value, D::Error> {
         self.scalar()?;
@@ -249,6 +287,7 @@ impl<'de, T: DeserializeSeed<'de>> DeserializeSeed<'de> for Seed<'_, T> {
         self.seed.deserialize(Strict {
             de: d,
             key: self.key,
+            not_null: false,
         })
     }
 }
