@@ -364,7 +364,7 @@ mod tests {
         let [wild, echo] = &cfg.service_entries[..] else {
             panic!("two entries: {:?}", cfg.service_entries);
         };
-        assert_eq!(wild.spec.hosts, ["*.example.com"]);
+        assert_eq!(&wild.spec.hosts[..], ["*.example.com"]);
         assert!(wild.spec.endpoints.is_empty());
         assert_eq!(
             echo.spec.ports[0].target_port,
