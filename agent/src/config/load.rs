@@ -434,7 +434,12 @@ impl ParsedFile {
 }
 
 /// One document of a kind shunt reads, deserialized on the fast path.
-enum Fast {
+struct Fast {
+    kind: KindInfo,
+    doc: FastDoc,
+}
+
+enum FastDoc {
     Namespace(Doc<Value>),
     ServiceEntry(Doc<ServiceEntrySpec>),
     /// Boxed: a DestinationRuleSpec is ten times the others' size.
@@ -475,10 +480,10 @@ impl<'de> serde::de::Visitor<'de> for FastVisitor {
             _ => return Err(A::Error::custom("apiVersion and kind are not first")),
         };
         let (group, version) = api.rsplit_once('/').unwrap_or(("", api.as_str()));
-        match kind_of(group, &kind) {
-            Some((versions, _)) if versions.contains(&version) => {}
+        let info = match kind_of(group, &kind) {
+            Some(k) if k.versions.contains(&version) => k,
             _ => return Err(A::Error::custom("a kind or version for the slow path")),
-        }
+        };
         fn rest<'de, S: Deserialize<'de> + Default, A: serde::de::MapAccess<'de>>(
             m: A,
             api_version: String,
@@ -493,15 +498,16 @@ impl<'de> serde::de::Visitor<'de> for FastVisitor {
                 status: r.status,
             })
         }
-        Ok(match kind.as_str() {
-            "Namespace" => Fast::Namespace(rest(m, api, kind)?),
-            "ServiceEntry" => Fast::ServiceEntry(rest(m, api, kind)?),
-            "DestinationRule" => Fast::DestinationRule(Box::new(rest(m, api, kind)?)),
-            "WorkloadEntry" => Fast::WorkloadEntry(rest(m, api, kind)?),
-            "AuthorizationPolicy" => Fast::AuthorizationPolicy(rest(m, api, kind)?),
-            "Gateway" => Fast::Gateway(rest(m, api, kind)?),
+        let doc = match kind.as_str() {
+            "Namespace" => FastDoc::Namespace(rest(m, api, kind)?),
+            "ServiceEntry" => FastDoc::ServiceEntry(rest(m, api, kind)?),
+            "DestinationRule" => FastDoc::DestinationRule(Box::new(rest(m, api, kind)?)),
+            "WorkloadEntry" => FastDoc::WorkloadEntry(rest(m, api, kind)?),
+            "AuthorizationPolicy" => FastDoc::AuthorizationPolicy(rest(m, api, kind)?),
+            "Gateway" => FastDoc::Gateway(rest(m, api, kind)?),
             _ => unreachable!("kind_of knows these kinds only"),
-        })
+        };
+        Ok(Fast { kind: info, doc })
     }
 }
 
@@ -517,18 +523,34 @@ struct Rest<S> {
     status: Option<Value>,
 }
 
-/// The versions shunt reads of a kind, and whether it is namespaced;
-/// `None` for a kind it ignores.
-fn kind_of(group: &str, kind: &str) -> Option<(&'static [&'static str], bool)> {
+/// What the parse needs to know of a kind shunt reads (both paths read it
+/// here, so they cannot disagree).
+#[derive(Clone, Copy)]
+struct KindInfo {
+    versions: &'static [&'static str],
+    namespaced: bool,
+    /// A missing `spec` is a problem (else the spec's default).
+    spec_required: bool,
+}
+
+/// `None` for a kind shunt ignores.
+fn kind_of(group: &str, kind: &str) -> Option<KindInfo> {
     const ISTIO3: &[&str] = &["v1", "v1beta1", "v1alpha3"];
     const V1B1: &[&str] = &["v1", "v1beta1"];
+    let k = |versions, namespaced, spec_required| {
+        Some(KindInfo {
+            versions,
+            namespaced,
+            spec_required,
+        })
+    };
     match (group, kind) {
-        ("", "Namespace") => Some((&["v1"], false)),
+        ("", "Namespace") => k(&["v1"], false, false),
         ("networking.istio.io", "ServiceEntry")
         | ("networking.istio.io", "DestinationRule")
-        | ("networking.istio.io", "WorkloadEntry") => Some((ISTIO3, true)),
-        ("security.istio.io", "AuthorizationPolicy") => Some((V1B1, true)),
-        ("gateway.networking.k8s.io", "Gateway") => Some((V1B1, true)),
+        | ("networking.istio.io", "WorkloadEntry") => k(ISTIO3, true, true),
+        ("security.istio.io", "AuthorizationPolicy") => k(V1B1, true, false),
+        ("gateway.networking.k8s.io", "Gateway") => k(V1B1, true, true),
         _ => None,
     }
 }
@@ -776,7 +798,7 @@ impl Builder {
             name
         };
         let (group, version) = api.rsplit_once('/').unwrap_or(("", api.as_str()));
-        let Some((versions, namespaced)) = kind_of(group, &kind) else {
+        let Some(info) = kind_of(group, &kind) else {
             *self
                 .out
                 .ignored_kinds
@@ -784,7 +806,8 @@ impl Builder {
                 .or_default() += 1;
             return;
         };
-        let object = if namespaced {
+        let (versions, spec) = (info.versions, info.spec_required);
+        let object = if info.namespaced {
             let ns = mget("namespace");
             let ns = if ns.is_empty() { "default".into() } else { ns };
             format!("{kind} {ns}/{name}")
@@ -812,34 +835,34 @@ impl Builder {
         }
         let obj = match kind.as_str() {
             "Namespace" => self
-                .typed::<Value>(v, &ctx, false, "Namespace")
+                .typed::<Value>(v, &ctx, spec, "Namespace")
                 .map(|r| Object::Namespace(Arc::new(r))),
             "ServiceEntry" => self
-                .typed::<ServiceEntrySpec>(v, &ctx, true, "ServiceEntry")
+                .typed::<ServiceEntrySpec>(v, &ctx, spec, "ServiceEntry")
                 .map(|r| {
                     self.validate_se(&r, &ctx);
                     Object::ServiceEntry(Arc::new(r))
                 }),
             "DestinationRule" => self
-                .typed::<DestinationRuleSpec>(v, &ctx, true, "DestinationRule")
+                .typed::<DestinationRuleSpec>(v, &ctx, spec, "DestinationRule")
                 .map(|r| {
                     self.validate_dr(&r, &ctx);
                     Object::DestinationRule(Arc::new(r))
                 }),
             "WorkloadEntry" => self
-                .typed::<WorkloadEntrySpec>(v, &ctx, true, "WorkloadEntry")
+                .typed::<WorkloadEntrySpec>(v, &ctx, spec, "WorkloadEntry")
                 .map(|r| {
                     self.validate_we(&r, &ctx);
                     Object::WorkloadEntry(Arc::new(r))
                 }),
             "AuthorizationPolicy" => self
-                .typed::<authz::AuthorizationPolicySpec>(v, &ctx, false, "AuthorizationPolicy")
+                .typed::<authz::AuthorizationPolicySpec>(v, &ctx, spec, "AuthorizationPolicy")
                 .map(|r| {
                     self.validate_ap(&r, &ctx);
                     Object::AuthorizationPolicy(Arc::new(r))
                 }),
             "Gateway" => self
-                .typed::<GatewaySpec>(v, &ctx, true, "Gateway")
+                .typed::<GatewaySpec>(v, &ctx, spec, "Gateway")
                 .map(|r| {
                     self.validate_gw(&r, &ctx);
                     Object::Gateway(Arc::new(r))
@@ -888,43 +911,45 @@ impl Builder {
             };
             Ctx { origin, object }
         }
-        let obj = match f {
-            Fast::Namespace(d) => {
-                let c = ctx(&d, &origin, false);
-                self.resource(d, &c, false, "Namespace")
+        let Fast { kind, doc } = f;
+        let (ns, spec) = (kind.namespaced, kind.spec_required);
+        let obj = match doc {
+            FastDoc::Namespace(d) => {
+                let c = ctx(&d, &origin, ns);
+                self.resource(d, &c, spec, "Namespace")
                     .map(|r| Object::Namespace(Arc::new(r)))
             }
-            Fast::ServiceEntry(d) => {
-                let c = ctx(&d, &origin, true);
-                self.resource(d, &c, true, "ServiceEntry").map(|r| {
+            FastDoc::ServiceEntry(d) => {
+                let c = ctx(&d, &origin, ns);
+                self.resource(d, &c, spec, "ServiceEntry").map(|r| {
                     self.validate_se(&r, &c);
                     Object::ServiceEntry(Arc::new(r))
                 })
             }
-            Fast::DestinationRule(d) => {
-                let c = ctx(&d, &origin, true);
-                self.resource(*d, &c, true, "DestinationRule").map(|r| {
+            FastDoc::DestinationRule(d) => {
+                let c = ctx(&d, &origin, ns);
+                self.resource(*d, &c, spec, "DestinationRule").map(|r| {
                     self.validate_dr(&r, &c);
                     Object::DestinationRule(Arc::new(r))
                 })
             }
-            Fast::WorkloadEntry(d) => {
-                let c = ctx(&d, &origin, true);
-                self.resource(d, &c, true, "WorkloadEntry").map(|r| {
+            FastDoc::WorkloadEntry(d) => {
+                let c = ctx(&d, &origin, ns);
+                self.resource(d, &c, spec, "WorkloadEntry").map(|r| {
                     self.validate_we(&r, &c);
                     Object::WorkloadEntry(Arc::new(r))
                 })
             }
-            Fast::AuthorizationPolicy(d) => {
-                let c = ctx(&d, &origin, true);
-                self.resource(d, &c, false, "AuthorizationPolicy").map(|r| {
+            FastDoc::AuthorizationPolicy(d) => {
+                let c = ctx(&d, &origin, ns);
+                self.resource(d, &c, spec, "AuthorizationPolicy").map(|r| {
                     self.validate_ap(&r, &c);
                     Object::AuthorizationPolicy(Arc::new(r))
                 })
             }
-            Fast::Gateway(d) => {
-                let c = ctx(&d, &origin, true);
-                self.resource(d, &c, true, "Gateway").map(|r| {
+            FastDoc::Gateway(d) => {
+                let c = ctx(&d, &origin, ns);
+                self.resource(d, &c, spec, "Gateway").map(|r| {
                     self.validate_gw(&r, &c);
                     Object::Gateway(Arc::new(r))
                 })
