@@ -436,10 +436,12 @@ impl ParsedFile {
 /// One document of a kind shunt reads, deserialized on the fast path.
 struct Fast {
     kind: KindInfo,
-    doc: FastDoc,
+    doc: TypedDoc,
 }
 
-enum FastDoc {
+/// A document deserialized into its kind's type, by either path; checked
+/// and kept by [`Builder::object`].
+enum TypedDoc {
     Namespace(Doc<Value>),
     ServiceEntry(Doc<ServiceEntrySpec>),
     /// Boxed: a DestinationRuleSpec is ten times the others' size.
@@ -447,6 +449,20 @@ enum FastDoc {
     WorkloadEntry(Doc<WorkloadEntrySpec>),
     AuthorizationPolicy(Doc<authz::AuthorizationPolicySpec>),
     Gateway(Doc<GatewaySpec>),
+}
+
+impl TypedDoc {
+    /// Its `kind` and metadata.
+    fn head(&self) -> (&str, &ObjectMeta) {
+        match self {
+            TypedDoc::Namespace(d) => (&d.kind, &d.metadata),
+            TypedDoc::ServiceEntry(d) => (&d.kind, &d.metadata),
+            TypedDoc::DestinationRule(d) => (&d.kind, &d.metadata),
+            TypedDoc::WorkloadEntry(d) => (&d.kind, &d.metadata),
+            TypedDoc::AuthorizationPolicy(d) => (&d.kind, &d.metadata),
+            TypedDoc::Gateway(d) => (&d.kind, &d.metadata),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Fast {
@@ -499,12 +515,12 @@ impl<'de> serde::de::Visitor<'de> for FastVisitor {
             })
         }
         let doc = match kind.as_str() {
-            "Namespace" => FastDoc::Namespace(rest(m, api, kind)?),
-            "ServiceEntry" => FastDoc::ServiceEntry(rest(m, api, kind)?),
-            "DestinationRule" => FastDoc::DestinationRule(Box::new(rest(m, api, kind)?)),
-            "WorkloadEntry" => FastDoc::WorkloadEntry(rest(m, api, kind)?),
-            "AuthorizationPolicy" => FastDoc::AuthorizationPolicy(rest(m, api, kind)?),
-            "Gateway" => FastDoc::Gateway(rest(m, api, kind)?),
+            "Namespace" => TypedDoc::Namespace(rest(m, api, kind)?),
+            "ServiceEntry" => TypedDoc::ServiceEntry(rest(m, api, kind)?),
+            "DestinationRule" => TypedDoc::DestinationRule(Box::new(rest(m, api, kind)?)),
+            "WorkloadEntry" => TypedDoc::WorkloadEntry(rest(m, api, kind)?),
+            "AuthorizationPolicy" => TypedDoc::AuthorizationPolicy(rest(m, api, kind)?),
+            "Gateway" => TypedDoc::Gateway(rest(m, api, kind)?),
             _ => unreachable!("kind_of knows these kinds only"),
         };
         Ok(Fast { kind: info, doc })
@@ -833,127 +849,95 @@ impl Builder {
             );
             return;
         }
-        let obj = match kind.as_str() {
-            "Namespace" => self
-                .typed::<Value>(v, &ctx, spec, "Namespace")
-                .map(|r| Object::Namespace(Arc::new(r))),
-            "ServiceEntry" => self
-                .typed::<ServiceEntrySpec>(v, &ctx, spec, "ServiceEntry")
-                .map(|r| {
-                    self.validate_se(&r, &ctx);
-                    Object::ServiceEntry(Arc::new(r))
-                }),
+        let doc = match kind.as_str() {
+            "Namespace" => self.typed(v, &ctx).map(TypedDoc::Namespace),
+            "ServiceEntry" => self.typed(v, &ctx).map(TypedDoc::ServiceEntry),
             "DestinationRule" => self
-                .typed::<DestinationRuleSpec>(v, &ctx, spec, "DestinationRule")
-                .map(|r| {
-                    self.validate_dr(&r, &ctx);
-                    Object::DestinationRule(Arc::new(r))
-                }),
-            "WorkloadEntry" => self
-                .typed::<WorkloadEntrySpec>(v, &ctx, spec, "WorkloadEntry")
-                .map(|r| {
-                    self.validate_we(&r, &ctx);
-                    Object::WorkloadEntry(Arc::new(r))
-                }),
-            "AuthorizationPolicy" => self
-                .typed::<authz::AuthorizationPolicySpec>(v, &ctx, spec, "AuthorizationPolicy")
-                .map(|r| {
-                    self.validate_ap(&r, &ctx);
-                    Object::AuthorizationPolicy(Arc::new(r))
-                }),
-            "Gateway" => self
-                .typed::<GatewaySpec>(v, &ctx, spec, "Gateway")
-                .map(|r| {
-                    self.validate_gw(&r, &ctx);
-                    Object::Gateway(Arc::new(r))
-                }),
+                .typed(v, &ctx)
+                .map(|d| TypedDoc::DestinationRule(Box::new(d))),
+            "WorkloadEntry" => self.typed(v, &ctx).map(TypedDoc::WorkloadEntry),
+            "AuthorizationPolicy" => self.typed(v, &ctx).map(TypedDoc::AuthorizationPolicy),
+            "Gateway" => self.typed(v, &ctx).map(TypedDoc::Gateway),
             _ => unreachable!("kind matched above"),
         };
-        self.out.objects.extend(obj);
+        if let Some(doc) = doc {
+            self.object(doc, &ctx, spec);
+        }
     }
 
-    /// Deserializes a document into its typed form and checks its metadata.
-    /// `None` when it has problems that make it unusable.
-    fn typed<S: DeserializeOwned + Default>(
-        &mut self,
-        v: Value,
-        ctx: &Ctx,
-        spec_required: bool,
-        kind: &'static str,
-    ) -> Option<Resource<S>> {
-        let doc: Doc<S> = match serde_path_to_error::deserialize(v) {
-            Ok(d) => d,
+    /// Deserializes a document's tree into its typed form; `None` (and the
+    /// problem, at its field) when it does not fit.
+    fn typed<S: DeserializeOwned + Default>(&mut self, v: Value, ctx: &Ctx) -> Option<Doc<S>> {
+        match serde_path_to_error::deserialize(v) {
+            Ok(d) => Some(d),
             Err(e) => {
                 let field = path_of(e.path()).unwrap_or_default();
                 self.at(ctx, field, e.into_inner().to_string());
-                return None;
+                None
             }
-        };
-        self.resource(doc, ctx, spec_required, kind)
+        }
     }
 
-    /// A fast path's document (see [`ParsedFile::parse_fast`]), checked and
-    /// validated as [`Builder::document`] does the same object.
+    /// A fast path's document (see [`ParsedFile::parse_fast`]), named as
+    /// [`Builder::document`] names it from the tree.
     fn fast(&mut self, f: Fast, origin: Origin) {
-        fn ctx<'a, S>(d: &Doc<S>, origin: &'a Origin, namespaced: bool) -> Ctx<'a> {
-            let name = match d.metadata.name.as_str() {
-                "" => "<unnamed>",
-                n => n,
+        let (kind, meta) = f.doc.head();
+        let name = match meta.name.as_str() {
+            "" => "<unnamed>",
+            n => n,
+        };
+        let object = if f.kind.namespaced {
+            let ns = match meta.namespace.as_deref() {
+                None | Some("") => "default",
+                Some(ns) => ns,
             };
-            let object = if namespaced {
-                let ns = match d.metadata.namespace.as_deref() {
-                    None | Some("") => "default",
-                    Some(ns) => ns,
-                };
-                format!("{} {ns}/{name}", d.kind)
-            } else {
-                format!("{} {name}", d.kind)
-            };
-            Ctx { origin, object }
-        }
-        let Fast { kind, doc } = f;
-        let (ns, spec) = (kind.namespaced, kind.spec_required);
+            format!("{kind} {ns}/{name}")
+        } else {
+            format!("{kind} {name}")
+        };
+        let ctx = Ctx {
+            origin: &origin,
+            object,
+        };
+        self.object(f.doc, &ctx, f.kind.spec_required);
+    }
+
+    /// Checks a typed document's metadata, validates it and keeps it (both
+    /// paths end here).
+    fn object(&mut self, doc: TypedDoc, ctx: &Ctx, spec_required: bool) {
         let obj = match doc {
-            FastDoc::Namespace(d) => {
-                let c = ctx(&d, &origin, ns);
-                self.resource(d, &c, spec, "Namespace")
-                    .map(|r| Object::Namespace(Arc::new(r)))
+            TypedDoc::Namespace(d) => self
+                .resource(d, ctx, spec_required, "Namespace")
+                .map(|r| Object::Namespace(Arc::new(r))),
+            TypedDoc::ServiceEntry(d) => {
+                self.resource(d, ctx, spec_required, "ServiceEntry")
+                    .map(|r| {
+                        self.validate_se(&r, ctx);
+                        Object::ServiceEntry(Arc::new(r))
+                    })
             }
-            FastDoc::ServiceEntry(d) => {
-                let c = ctx(&d, &origin, ns);
-                self.resource(d, &c, spec, "ServiceEntry").map(|r| {
-                    self.validate_se(&r, &c);
-                    Object::ServiceEntry(Arc::new(r))
-                })
-            }
-            FastDoc::DestinationRule(d) => {
-                let c = ctx(&d, &origin, ns);
-                self.resource(*d, &c, spec, "DestinationRule").map(|r| {
-                    self.validate_dr(&r, &c);
+            TypedDoc::DestinationRule(d) => self
+                .resource(*d, ctx, spec_required, "DestinationRule")
+                .map(|r| {
+                    self.validate_dr(&r, ctx);
                     Object::DestinationRule(Arc::new(r))
-                })
-            }
-            FastDoc::WorkloadEntry(d) => {
-                let c = ctx(&d, &origin, ns);
-                self.resource(d, &c, spec, "WorkloadEntry").map(|r| {
-                    self.validate_we(&r, &c);
+                }),
+            TypedDoc::WorkloadEntry(d) => self
+                .resource(d, ctx, spec_required, "WorkloadEntry")
+                .map(|r| {
+                    self.validate_we(&r, ctx);
                     Object::WorkloadEntry(Arc::new(r))
-                })
-            }
-            FastDoc::AuthorizationPolicy(d) => {
-                let c = ctx(&d, &origin, ns);
-                self.resource(d, &c, spec, "AuthorizationPolicy").map(|r| {
-                    self.validate_ap(&r, &c);
+                }),
+            TypedDoc::AuthorizationPolicy(d) => self
+                .resource(d, ctx, spec_required, "AuthorizationPolicy")
+                .map(|r| {
+                    self.validate_ap(&r, ctx);
                     Object::AuthorizationPolicy(Arc::new(r))
-                })
-            }
-            FastDoc::Gateway(d) => {
-                let c = ctx(&d, &origin, ns);
-                self.resource(d, &c, spec, "Gateway").map(|r| {
-                    self.validate_gw(&r, &c);
-                    Object::Gateway(Arc::new(r))
-                })
-            }
+                }),
+            TypedDoc::Gateway(d) => self.resource(d, ctx, spec_required, "Gateway").map(|r| {
+                self.validate_gw(&r, ctx);
+                Object::Gateway(Arc::new(r))
+            }),
         };
         self.out.objects.extend(obj);
     }
