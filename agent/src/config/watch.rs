@@ -8,11 +8,15 @@
 //! Each poll compares a cheap fingerprint (names, sizes, mtimes); when it
 //! changes the files whose fingerprint changed are read and their content
 //! hashed (the others are taken from the last snapshot), and every
-//! `FULL_EVERY` polls, in case an edit kept size and mtime, all of them. Only a new content hash is
+//! `FULL_EVERY` polls, in case an edit kept size and mtime, all of them;
+//! a file an inotify event names is read whatever its metadata (a rewrite
+//! of the same size within one tick of the coarse mtime clock keeps
+//! both). Only a new content hash is
 //! parsed, and of it only the files whose content changed (the watcher's
 //! [`Parser`] keeps the others' parse). An invalid directory is logged with all its problems, published on
 //! `rejected`, and the previous good config stays in force.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -63,25 +67,30 @@ impl Wakeup {
     }
 
     /// Resolves on the next event (never without a watch), then lets the
-    /// burst settle and takes what else arrived meanwhile.
-    async fn changed(&mut self) {
+    /// burst settle and takes what else arrived meanwhile: the names of the
+    /// files the events were about.
+    async fn changed(&mut self) -> Vec<OsString> {
         let Some(events) = &mut self.0 else {
             return std::future::pending().await;
         };
+        let mut named = Vec::new();
         match events.next().await {
-            Some(Ok(_)) => {}
+            Some(Ok(ev)) => named.extend(ev.name),
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "config directory events failed; polling only");
                 self.0 = None;
-                return;
+                return named;
             }
             None => {
                 self.0 = None;
-                return;
+                return named;
             }
         }
         tokio::time::sleep(SETTLE).await;
-        while let Some(Some(Ok(_))) = events.next().now_or_never() {}
+        while let Some(Some(Ok(ev))) = events.next().now_or_never() {
+            named.extend(ev.name);
+        }
+        named
     }
 }
 
@@ -180,7 +189,7 @@ impl ConfigWatcher {
             parser: Parser::default(),
             last: None,
         };
-        let (cfg, rej) = match st.poll(true) {
+        let (cfg, rej) = match st.poll(true, &[]) {
             Outcome::Valid(c) => (Some(c), None),
             Outcome::Invalid(e) => (None, Some(e)),
             Outcome::Unchanged | Outcome::Recovered => (None, None),
@@ -199,14 +208,17 @@ impl ConfigWatcher {
             tick.tick().await;
             let mut n = 0u32;
             loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = wakeup.changed() => tick.reset(),
-                }
+                let named = tokio::select! {
+                    _ = tick.tick() => Vec::new(),
+                    named = wakeup.changed() => {
+                        tick.reset();
+                        named
+                    }
+                };
                 n = n.wrapping_add(1);
                 let full = n.is_multiple_of(FULL_EVERY);
                 let (back, out) = match tokio::task::spawn_blocking(move || {
-                    let o = st.poll(full);
+                    let o = st.poll(full, &named);
                     (st, o)
                 })
                 .await
@@ -304,15 +316,18 @@ fn fingerprint(dir: &Path) -> Option<Fingerprint> {
 }
 
 impl State {
-    fn poll(&mut self, full: bool) -> Outcome {
+    /// `named`: files a directory event named, read whatever their
+    /// metadata says.
+    fn poll(&mut self, full: bool, named: &[OsString]) -> Outcome {
         let started = std::time::Instant::now();
         let fp = fingerprint(&self.dir);
-        if !full && fp.is_some() && fp == self.fingerprint {
+        if !full && named.is_empty() && fp.is_some() && fp == self.fingerprint {
             return Outcome::Unchanged;
         }
         // Outside full polls a file whose name, size and mtime are as when
-        // it was last read is taken as read then.
+        // it was last read, and that no event named, is taken as read then.
         let same = |p: &Path| match (&self.last, &fp) {
+            _ if p.file_name().is_some_and(|f| named.iter().any(|n| n == f)) => false,
             (Some((_, old)), Some(new)) if !full => {
                 let at =
                     |v: &Fingerprint| v.iter().find(|(q, _, _)| q == p).map(|(_, l, m)| (*l, *m));
@@ -413,6 +428,25 @@ mod tests {
         )
         .await
         .expect("an in-place write is published on its event")
+        .unwrap();
+        // A rewrite that keeps size and mtime (as one within a tick of the
+        // coarse mtime clock does): the event names the file, so it is read.
+        let p = d.path().join("mesh.yaml");
+        let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+        std::fs::write(&p, mesh("d.local")).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            w.config
+                .wait_for(|c| c.as_ref().is_some_and(|c| c.trust_domain() == "d.local")),
+        )
+        .await
+        .expect("a rewrite with the same size and mtime is published on its event")
         .unwrap();
     }
 }
